@@ -1,0 +1,53 @@
+"""``textsegment`` command line: a thin adapter over the library.
+
+Each sub-command lives in its own module exposing ``register(subparsers)``; it translates
+arguments, shows progress and calls the library. Any ``TextSegmentError`` becomes one line on
+stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Optional, Sequence
+
+from .. import __version__
+from ..errors import TextSegmentError
+
+COMMANDS = ("info", "phantom")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="textsegment",
+        description="Text-prompted CT segmentation with layer-wise saliency. Research use only; not for diagnosis.",
+    )
+    parser.add_argument("--version", action="version", version=f"textsegment {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name}").register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except TextSegmentError as exc:
+        print(f"textsegment {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"textsegment {args.command}: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

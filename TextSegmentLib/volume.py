@@ -1,0 +1,158 @@
+"""The one volume type every layer of TextSegment passes around.
+
+Conventions (the same as ITK/SimpleITK and DICOM, so nothing is flipped silently):
+
+* ``array`` is indexed ``[k, j, i]`` = ``(z, y, x)``: slice, row, column. CT values are HU.
+* ``spacing`` and ``origin`` are given in index order ``(i, j, k)`` = ``(x, y, z)``, in mm.
+* ``direction`` is a 3×3 matrix whose **columns** are the LPS unit vectors of the i, j, k axes.
+* The physical point of voxel ``(i, j, k)`` is ``origin + direction @ (spacing * (i, j, k))`` in
+  **LPS** (patient Left, Posterior, Superior positive) — the DICOM/ITK frame. Slicer works in RAS;
+  ``ijk_to_ras()`` gives that matrix (the first two rows negated), and the MRML bridge uses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from .errors import InputError
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class DicomInfo:
+    """Identifiers a DICOM-derived volume keeps so outputs (e.g. DICOM SEG) can reference it."""
+
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+    frame_of_reference_uid: str = ""
+    sop_instance_uids: tuple[str, ...] = ()  # one per slice, in array (k) order
+    sop_class_uid: str = ""
+    patient_id: str = ""
+    patient_name: str = ""
+    series_description: str = ""
+    series_number: Optional[int] = None
+    files: tuple[str, ...] = ()  # one per slice, in array (k) order
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3D image with its physical geometry; see the module docstring for the conventions."""
+
+    array: np.ndarray
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: np.ndarray = field(default_factory=lambda: np.eye(3))
+    modality: Optional[str] = None
+    dicom: Optional[DicomInfo] = None
+    source: Optional[str] = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        array = np.asarray(self.array)
+        if array.ndim != 3:
+            raise InputError(
+                f"{self.source or 'volume'}: expected a 3D image, got {array.ndim}D with shape {array.shape}"
+            )
+        object.__setattr__(self, "array", array)
+        object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
+        object.__setattr__(self, "origin", tuple(float(o) for o in self.origin))
+        direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+        object.__setattr__(self, "direction", direction)
+        if len(self.spacing) != 3 or any(not np.isfinite(s) or s <= 0 for s in self.spacing):
+            raise InputError(f"{self.source or 'volume'}: spacing must be three positive numbers, got {self.spacing}")
+
+    # geometry -----------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def size_ijk(self) -> tuple[int, int, int]:
+        """Size in index order (i, j, k), as ITK reports it."""
+        z, y, x = self.array.shape
+        return (x, y, z)
+
+    def ijk_to_lps(self) -> np.ndarray:
+        """4×4 homogeneous matrix mapping (i, j, k, 1) to LPS millimetres."""
+        m = np.eye(4)
+        m[:3, :3] = self.direction @ np.diag(self.spacing)
+        m[:3, 3] = self.origin
+        return m
+
+    def ijk_to_ras(self) -> np.ndarray:
+        """4×4 homogeneous matrix mapping (i, j, k, 1) to RAS millimetres (Slicer's frame)."""
+        return LPS_TO_RAS @ self.ijk_to_lps()
+
+    def physical_points(self, ijk: np.ndarray) -> np.ndarray:
+        """LPS coordinates of an (N, 3) array of (i, j, k) indices."""
+        ijk = np.asarray(ijk, dtype=np.float64).reshape(-1, 3)
+        m = self.ijk_to_lps()
+        return ijk @ m[:3, :3].T + m[:3, 3]
+
+    def same_geometry(self, other: "Volume", *, atol: float = 1e-4) -> bool:
+        return (
+            self.shape == other.shape
+            and np.allclose(self.spacing, other.spacing, atol=atol)
+            and np.allclose(self.origin, other.origin, atol=atol)
+            and np.allclose(self.direction, other.direction, atol=atol)
+        )
+
+    # derived volumes ----------------------------------------------------------------------
+    def with_array(self, array: np.ndarray, **changes: Any) -> "Volume":
+        """A volume on the same grid (geometry and DICOM identity kept) holding ``array``."""
+        if tuple(np.shape(array)) != self.shape:
+            raise ValueError(f"array shape {np.shape(array)} does not match the volume grid {self.shape}")
+        return dataclasses.replace(self, array=np.asarray(array), **changes)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready summary used by ``textsegment info`` and the logs."""
+        a = self.array
+        info: dict[str, Any] = {
+            "source": self.source,
+            "modality": self.modality,
+            "shape_zyx": list(self.shape),
+            "spacing_xyz_mm": [round(s, 6) for s in self.spacing],
+            "origin_lps_mm": [round(o, 6) for o in self.origin],
+            "direction": [[round(float(v), 6) for v in row] for row in self.direction],
+            "orientation": orientation_code(self.direction),
+            "dtype": str(a.dtype),
+            "value_range": [float(np.min(a)), float(np.max(a))] if a.size else None,
+        }
+        if self.dicom is not None:
+            info["dicom"] = {
+                "study_instance_uid": self.dicom.study_instance_uid,
+                "series_instance_uid": self.dicom.series_instance_uid,
+                "series_description": self.dicom.series_description,
+                "series_number": self.dicom.series_number,
+                "patient_id": self.dicom.patient_id,
+                "files": len(self.dicom.files),
+            }
+        if self.metadata:
+            info["metadata"] = {k: v for k, v in self.metadata.items() if _jsonable(v)}
+        return info
+
+
+def orientation_code(direction: np.ndarray) -> str:
+    """Three-letter LPS code of where the i, j, k axes point, e.g. ``'LPS'`` for the identity."""
+    letters = (("L", "R"), ("P", "A"), ("S", "I"))
+    code = ""
+    for col in np.asarray(direction).T:
+        axis = int(np.argmax(np.abs(col)))
+        code += letters[axis][0 if col[axis] > 0 else 1]
+    return code
+
+
+def direction_from_axes(axes: Sequence[Sequence[float]]) -> np.ndarray:
+    """Direction matrix from the i, j, k axis vectors (LPS), orthonormalised."""
+    m = np.asarray(axes, dtype=np.float64).T
+    q, r = np.linalg.qr(m)
+    return q * np.sign(np.diag(r))
+
+
+def _jsonable(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool, type(None), list, dict))
