@@ -1,0 +1,178 @@
+"""The inference engine on a constructed model whose right answer is known exactly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from TextSegmentLib.engine import segment
+from TextSegmentLib.errors import Cancelled, InputError
+from TextSegmentLib.models.base import ModelOutput, TextFeatures, TextSegmentationModel
+from TextSegmentLib.progress import CancelToken
+from TextSegmentLib.volume import Volume, direction_from_axes
+
+VOCAB = {"bright": 0, "dark": 1}
+
+
+@dataclass
+class Config:
+    image_size: int = 32
+
+
+class WindowModel(TextSegmentationModel):
+    """'bright' segments what the bone window shows above mid-grey; 'dark' the complement inside the body.
+
+    The answer depends only on each pixel, so the right mask is known exactly in physical space.
+    """
+
+    tap_names = ("pixels",)
+
+    def __init__(self, image_size: int = 32, oom_above: int | None = None) -> None:
+        super().__init__()
+        self.config = Config(image_size)
+        self.scale = nn.Parameter(torch.tensor(40.0))
+        self.oom_above = oom_above
+        self.batches: list[int] = []
+
+    def encode_text(self, prompts, aux_prompts=None):
+        ids = torch.tensor([VOCAB[p] for p in prompts])
+        return TextFeatures(pooled=nn.functional.one_hot(ids, 2).float())
+
+    def forward(self, images, text, *, taps=None):
+        if self.oom_above is not None and images.shape[0] > self.oom_above:
+            raise torch.OutOfMemoryError("injected")
+        self.batches.append(images.shape[0])
+        bone = images[:, 2:3]
+        sign = text.pooled[:, :1, None, None] * 2 - 1  # +1 bright, -1 dark
+        logits = self.scale * sign * (bone - 0.5)
+        return ModelOutput(logits=logits, taps={"pixels": images} if taps else {})
+
+
+def cube_volume(direction=np.eye(3), *, shape=(10, 32, 32)) -> Volume:
+    """A soft-tissue body with a bright bone cube near patient left, placed in physical space."""
+    vol = Volume(np.zeros(shape, np.int16), spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0), direction=direction)
+    z, y, x = np.indices(shape)
+    pts = vol.physical_points(np.stack([x.ravel(), y.ravel(), z.ravel()], axis=1)).reshape(*shape, 3)
+    centre = pts.reshape(-1, 3).mean(axis=0)
+    rel = pts - centre
+    hu = np.full(shape, 40, np.int16)
+    cube = (np.abs(rel[..., 0] - 6) < 4) & (np.abs(rel[..., 1]) < 5) & (np.abs(rel[..., 2]) < 6)
+    hu[cube] = 1200
+    return vol.with_array(hu), cube
+
+
+DIRECTIONS = {
+    "identity": np.eye(3),
+    "flip_x": np.diag([-1.0, 1.0, 1.0]),
+    "flip_y": np.diag([1.0, -1.0, 1.0]),
+    "oblique": direction_from_axes([[np.cos(0.2), np.sin(0.2), 0], [-np.sin(0.2), np.cos(0.2), 0], [0, 0, 1]]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DIRECTIONS))
+def test_masks_land_on_the_object_in_physical_space(name):
+    volume, cube = cube_volume(DIRECTIONS[name])
+    run = segment(volume, ["bright", "dark"], model=WindowModel(), device="cpu")
+    assert run.results[0].mask.same_geometry(volume)
+    np.testing.assert_array_equal(run.results[0].mask.array.astype(bool), cube)
+    np.testing.assert_array_equal(run.results[1].mask.array.astype(bool), ~cube)
+    assert run.results[0].probability.array.dtype == np.float32
+
+
+def test_resize_path_round_trips_to_the_source_grid():
+    volume, cube = cube_volume(shape=(6, 48, 40))
+    run = segment(volume, "bright", model=WindowModel(image_size=32), device="cpu")
+    mask = run.results[0].mask.array.astype(bool)
+    assert mask.shape == volume.shape
+    dice = 2 * (mask & cube).sum() / (mask.sum() + cube.sum())
+    assert dice > 0.9
+
+
+def test_batch_size_does_not_change_the_masks():
+    volume, _ = cube_volume()
+    one = segment(volume, ["bright", "dark"], model=WindowModel(), device="cpu", batch_size=1)
+    many = segment(volume, ["bright", "dark"], model=WindowModel(), device="cpu", batch_size=7)
+    for a, b in zip(one.results, many.results):
+        np.testing.assert_array_equal(a.mask.array, b.mask.array)
+        np.testing.assert_allclose(a.probability.array, b.probability.array, atol=1e-6)
+
+
+def test_progress_is_monotonic_and_reaches_one():
+    volume, _ = cube_volume()
+    seen = []
+    segment(volume, "bright", model=WindowModel(), device="cpu", batch_size=3, progress=lambda f, m: seen.append(f))
+    assert seen == sorted(seen)
+    assert seen[-1] == 1.0
+    assert len(seen) >= 1 + 10 // 3
+
+
+def test_cancel_between_batches_returns_nothing():
+    volume, _ = cube_volume()
+    token = CancelToken()
+    model = WindowModel()
+
+    def on_progress(fraction, message):
+        if fraction > 0:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        segment(volume, "bright", model=model, device="cpu", batch_size=2, progress=on_progress, cancel=token)
+    assert len(model.batches) == 1
+
+
+def test_injected_out_of_memory_halves_the_batch_and_finishes():
+    volume, cube = cube_volume()
+    model = WindowModel(oom_above=3)  # rows = slices × prompts
+    run = segment(volume, "bright", model=model, device="cpu", batch_size=8)
+    assert run.batch_size == 2
+    assert any("out of memory" in w for w in run.warnings)
+    np.testing.assert_array_equal(run.results[0].mask.array.astype(bool), cube)
+
+
+def test_empty_slices_are_skipped_and_stay_empty():
+    volume, _ = cube_volume()
+    hu = volume.array.copy()
+    hu[:3] = -1000
+    model = WindowModel()
+    run = segment(volume.with_array(hu), "dark", model=model, device="cpu", batch_size=100)
+    assert run.skipped_slices == 3
+    assert sum(model.batches) == 7
+    assert run.results[0].mask.array[:3].sum() == 0
+
+
+def test_text_is_encoded_once_per_prompt_across_calls(monkeypatch):
+    volume, _ = cube_volume()
+    model = WindowModel()
+    calls = []
+    original = model.encode_text
+    monkeypatch.setattr(model, "encode_text", lambda p, a=None: calls.append(list(p)) or original(p, a))
+    segment(volume, ["bright"], model=model, device="cpu")
+    segment(volume, ["bright", "dark"], model=model, device="cpu")
+    assert calls == [["bright"], ["dark"]]
+
+
+@pytest.mark.parametrize("prompts", [[], [""], ["   "]])
+def test_empty_prompts_are_refused(prompts):
+    volume, _ = cube_volume()
+    with pytest.raises(InputError, match="prompt"):
+        segment(volume, prompts, model=WindowModel(), device="cpu")
+
+
+def test_nan_volume_is_refused():
+    volume, _ = cube_volume()
+    bad = volume.with_array(np.where(volume.array > 0, np.nan, 0.0))
+    with pytest.raises(InputError, match="NaN"):
+        segment(bad, "bright", model=WindowModel(), device="cpu")
+
+
+def test_cleanup_keeps_the_largest_component():
+    volume, cube = cube_volume()
+    hu = volume.array.copy()
+    hu[0, 0, 0] = 1200  # a speck far from the cube
+    run = segment(volume.with_array(hu), "bright", model=WindowModel(), device="cpu", largest_component=True,
+                  skip_empty_slices=False)
+    np.testing.assert_array_equal(run.results[0].mask.array.astype(bool), cube)

@@ -1,0 +1,271 @@
+"""Slice-by-slice inference: volume → preprocess → model → probability maps and masks on the source grid.
+
+The engine owns everything that is not the network: slicing in canonical orientation, windowing,
+aspect-preserving fitting and its inverse, batching, text caching, device and AMP choice, CUDA
+out-of-memory back-off, cancel and progress. It writes nothing: results come back as ``Volume`` s
+on the input grid and the adapters (CLI, Slicer) decide where they go.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import InputError, TextSegmentError
+from .preprocess import fit_to_square, inverse_fit, slice_plan, window_composite
+from .progress import CancelToken, MonotonicProgress, ProgressCallback, check_cancel
+from .volume import Volume
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WINDOWS = ("abdomen", "lung", "bone")
+AIR_HU = -500.0  # a slice with no voxel above this holds no body: nothing to segment there
+CPU_BATCH = 4
+CUDA_BATCH = 32
+
+
+@dataclass(frozen=True)
+class SegmentationResult:
+    """One prompt's output on the input grid."""
+
+    prompt: str
+    probability: Volume  # float32 in [0, 1]
+    mask: Volume  # uint8, 1 inside
+    aux_prompt: Optional[str] = None
+
+    @property
+    def voxels(self) -> int:
+        return int(self.mask.array.sum())
+
+    @property
+    def volume_ml(self) -> float:
+        return self.voxels * float(np.prod(self.mask.spacing)) / 1000.0
+
+
+@dataclass
+class SegmentationRun:
+    """Everything one call produced, plus how it ran (for logs, reports and benchmarks)."""
+
+    results: list[SegmentationResult]
+    device: str
+    batch_size: int
+    seconds: float
+    slices: int
+    skipped_slices: int
+    warnings: list[str] = field(default_factory=list)
+    features: Any = None  # what a ``features_sink`` collected (saliency), if one was given
+
+    def __getitem__(self, index: int) -> SegmentationResult:
+        return self.results[index]
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+
+def segment(
+    volume: Volume,
+    prompts: Union[str, Sequence[str]],
+    *,
+    model: Any,
+    aux_prompts: Optional[Sequence[Optional[str]]] = None,
+    device: str = "auto",
+    batch_size: Union[int, str] = "auto",
+    axis: str = "axial",
+    windows: Sequence[str] = DEFAULT_WINDOWS,
+    threshold: float = 0.5,
+    skip_empty_slices: bool = True,
+    largest_component: bool = False,
+    fill_holes: bool = False,
+    amp: Union[bool, str] = "auto",
+    progress: Optional[ProgressCallback] = None,
+    cancel: Union[CancelToken, Callable[[], bool], None] = None,
+    features_sink: Optional[Any] = None,
+) -> SegmentationRun:
+    """Segment every prompt in ``volume`` with ``model``, slice by slice along ``axis``.
+
+    ``features_sink`` (used by saliency) receives ``sink.begin(...)``, then per batch
+    ``sink.consume(slice_indices, prompt_rows, output, fit)`` with the model's feature taps from the
+    *same* forward pass, then ``sink.finish(...)``; what it returns lands in ``run.features``.
+    Raises ``Cancelled`` (nothing returned) when ``cancel`` fires between batches.
+    """
+    import torch
+
+    from .devices import select_device
+    from .postprocess import clean_mask
+
+    prompt_list = _validate_prompts(prompts)
+    aux_list = _validate_aux(aux_prompts, len(prompt_list))
+    if not 0.0 < threshold < 1.0:
+        raise InputError(f"threshold must lie strictly between 0 and 1, got {threshold}")
+    if not np.all(np.isfinite(volume.array)):
+        raise InputError(f"{volume.source or 'volume'}: contains NaN or infinite values")
+
+    started = time.perf_counter()
+    report = MonotonicProgress(progress)
+    warnings: list[str] = []
+    target = select_device(device)
+    size = int(model.image_size)
+    use_amp = target.type == "cuda" and amp in ("auto", True)
+
+    plan = slice_plan(volume, axis=axis)
+    slices_hu = plan.extract(volume.array)
+    n_slices = slices_hu.shape[0]
+    wanted = np.arange(n_slices)
+    if skip_empty_slices:
+        wanted = wanted[slices_hu.reshape(n_slices, -1).max(axis=1) > AIR_HU]
+    skipped = n_slices - len(wanted)
+
+    batch = _initial_batch_size(batch_size, target)
+    model = model.to(target).eval()
+    text = _encode_text_cached(model, prompt_list, aux_list)
+    probabilities = np.zeros((len(prompt_list),) + slices_hu.shape, dtype=np.float32)
+    if features_sink is not None:
+        features_sink.begin(volume=volume, plan=plan, prompts=prompt_list, model=model)
+
+    report(0.0, f"segmenting {len(wanted)} slices × {len(prompt_list)} prompt(s) on {target}")
+    done = skipped
+    position = 0
+    while position < len(wanted):
+        check_cancel(cancel)
+        indices = wanted[position : position + batch]
+        try:
+            chunk = _run_batch(
+                model, text, slices_hu[indices], indices, plan=plan, size=size, windows=windows,
+                device=target, use_amp=use_amp, features_sink=features_sink,
+            )
+        except torch.OutOfMemoryError:
+            if target.type == "cuda":
+                torch.cuda.empty_cache()
+            if batch > 1:
+                batch = max(1, batch // 2)
+                message = f"out of memory on {target}: retrying with batch size {batch}"
+            elif target.type == "cuda":
+                target, use_amp = torch.device("cpu"), False
+                model = model.to(target)
+                text = text.to(target)
+                message = "CUDA out of memory even at batch size 1: continuing on the CPU (slower)"
+            else:
+                raise TextSegmentError(
+                    "out of memory on the CPU even at batch size 1: close other programs, crop the volume, "
+                    "or use a smaller model"
+                ) from None
+            log.warning(message)
+            warnings.append(message)
+            continue
+        probabilities[:, indices] = chunk
+        position += len(indices)
+        done += len(indices)
+        report(done / n_slices * 0.95, f"slice {done}/{n_slices}")
+
+    check_cancel(cancel)
+    features = None
+    if features_sink is not None:
+        features = features_sink.finish()
+    results = []
+    for p, prompt in enumerate(prompt_list):
+        prob = plan.restore(probabilities[p])
+        mask = (prob >= threshold).astype(np.uint8)
+        if largest_component or fill_holes:
+            mask = clean_mask(mask, largest_component=largest_component, fill_holes=fill_holes)
+        results.append(
+            SegmentationResult(
+                prompt=prompt,
+                probability=volume.with_array(prob, metadata={"prompt": prompt}),
+                mask=volume.with_array(mask, metadata={"prompt": prompt}),
+                aux_prompt=aux_list[p],
+            )
+        )
+    report(1.0, "done")
+    return SegmentationRun(
+        results=results,
+        device=str(target),
+        batch_size=batch,
+        seconds=time.perf_counter() - started,
+        slices=n_slices,
+        skipped_slices=skipped,
+        warnings=warnings,
+        features=features,
+    )
+
+
+def _run_batch(model, text, slices_hu, indices, *, plan, size, windows, device, use_amp, features_sink) -> np.ndarray:
+    """Probabilities (P, B, H, W) on the slice grid for one batch of slices and every prompt."""
+    import torch
+
+    n_prompts = len(text)
+    images = torch.from_numpy(window_composite(slices_hu, windows=windows))
+    fitted, fit = fit_to_square(images, size=size, pixel_spacing=plan.pixel_spacing)
+    b = fitted.shape[0]
+    # every image paired with every prompt: rows ordered prompt-major
+    images_rep = fitted.to(device).repeat(n_prompts, 1, 1, 1)
+    rows = torch.arange(n_prompts, device=device).repeat_interleave(b)
+    with torch.inference_mode(), torch.autocast(device_type=device.type, enabled=use_amp):
+        output = model(images_rep, text.index(rows), taps=features_sink.taps if features_sink else None)
+    probs = torch.sigmoid(output.logits.float())[:, 0]
+    if features_sink is not None:
+        features_sink.consume(indices=indices, prompt_rows=rows, output=output, fit=fit)
+    probs = probs.cpu().reshape(n_prompts, b, *probs.shape[1:])
+    return np.stack([inverse_fit(p, fit, mode="linear").clamp_(0, 1).numpy() for p in probs])
+
+
+_TEXT_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _encode_text_cached(model, prompts: list[str], aux: list[Optional[str]]):
+    """Encode each (prompt, aux) pair once per model, across calls (Slicer re-runs the same prompts)."""
+    import torch
+
+    cache = _TEXT_CACHE.setdefault(model, {})
+    missing = [(p, a) for p, a in zip(prompts, aux) if (p, a) not in cache]
+    if missing:
+        with torch.inference_mode():
+            encoded = model.encode_text([p for p, _ in missing], [a for _, a in missing])
+        for i, key in enumerate(missing):
+            cache[key] = encoded.index([i])
+    parts = [cache[(p, a)] for p, a in zip(prompts, aux)]
+    from .models.base import TextFeatures
+
+    def cat(name):
+        values = [getattr(t, name) for t in parts]
+        return None if values[0] is None else torch.cat(values, dim=0)
+
+    return TextFeatures(pooled=cat("pooled"), tokens=cat("tokens"), mask=cat("mask")).to(model.device)
+
+
+def _initial_batch_size(batch_size: Union[int, str], device) -> int:
+    if batch_size == "auto":
+        return CUDA_BATCH if device.type == "cuda" else CPU_BATCH
+    try:
+        value = int(batch_size)
+    except (TypeError, ValueError):
+        raise InputError(f"batch size must be a positive integer or 'auto', got {batch_size!r}") from None
+    if value < 1:
+        raise InputError(f"batch size must be a positive integer or 'auto', got {batch_size!r}")
+    return value
+
+
+def _validate_prompts(prompts: Union[str, Sequence[str]]) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    cleaned = [" ".join(str(p).split()) for p in prompts]
+    if not cleaned:
+        raise InputError("no prompt given: type what to segment, e.g. 'liver' or 'left kidney excluding the cyst'")
+    for original, prompt in zip(prompts, cleaned):
+        if not prompt:
+            raise InputError(f"empty prompt {original!r}: type what to segment, e.g. 'spleen'")
+    return cleaned
+
+
+def _validate_aux(aux: Optional[Sequence[Optional[str]]], n: int) -> list[Optional[str]]:
+    if aux is None:
+        return [None] * n
+    if isinstance(aux, str):
+        aux = [aux]
+    if len(aux) != n:
+        raise InputError(f"got {len(aux)} auxiliary prompt(s) for {n} prompt(s): give one per prompt (or none)")
+    return [(" ".join(a.split()) or None) if a is not None else None for a in aux]
