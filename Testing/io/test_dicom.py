@@ -1,0 +1,278 @@
+"""DICOM: discovery, series choice, geometry against SimpleITK, and the awkward real-world cases."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from TextSegmentLib.errors import InputError, NotCTError
+from TextSegmentLib.io import dicom, list_series, read_label_map, read_volume
+
+TOTALSEG = "dicom/totalseg_example_ct_dicom"
+DIRTESTS = "dicom/pydicom_dicomdirtests"
+CT5N_UID = "1.3.6.1.4.1.5962.1.1.0.0.0.1194734704.16302.0.6"
+SCOUT_UID = "1.3.6.1.4.1.5962.1.1.0.0.0.1194734704.16302.0.2"
+MR_SINGLE_UID = "1.3.6.1.4.1.5962.1.1.0.0.0.1196533885.18148.0.15"
+
+
+@pytest.fixture(scope="module")
+def totalseg_ct(shared_data):
+    return read_volume(shared_data / TOTALSEG / "series")  # 20 × 512², JPEG 2000: read once
+
+
+def _sitk_series(files):
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(f) for f in files])
+    return reader.Execute()
+
+
+def _assert_same_as_sitk(volume, image):
+    assert volume.size_ijk == image.GetSize()
+    np.testing.assert_allclose(volume.spacing, image.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(volume.origin, image.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(volume.direction.ravel(), image.GetDirection(), atol=1e-6)
+    np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(image))
+
+
+def test_totalseg_series_matches_simpleitk(shared_data, totalseg_ct):
+    folder = shared_data / TOTALSEG / "series"
+    gdcm_order = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder))
+
+    _assert_same_as_sitk(totalseg_ct, _sitk_series(gdcm_order))
+    assert totalseg_ct.shape == (20, 512, 512) and totalseg_ct.array.dtype == np.int16
+    assert totalseg_ct.modality == "CT"
+    assert totalseg_ct.array.min() == -1024  # rescale intercept applied
+
+
+def test_totalseg_identity_comes_from_file_meta(shared_data, totalseg_ct):
+    info = totalseg_ct.dicom
+    assert len(info.files) == len(info.sop_instance_uids) == 20
+    for file, uid in zip(info.files, info.sop_instance_uids):
+        assert uid and uid == pydicom.dcmread(file, stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID
+    z = [float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]) for f in info.files]
+    assert z == sorted(z)  # files listed in array order
+    assert info.series_instance_uid == "" and totalseg_ct.metadata["series_key"].startswith("nouid-")
+    assert info.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2"
+
+
+def test_reference_segmentation_lands_on_the_same_anatomy(shared_data, totalseg_ct):
+    labels = read_label_map(shared_data / TOTALSEG / "example_seg_dicom.nii.gz")
+    assert not labels.same_geometry(totalseg_ct)  # stored y-flipped
+
+    # physical space: map each labelled voxel's LPS point into the CT grid
+    to_ct = np.linalg.inv(totalseg_ct.ijk_to_lps())
+    hu = {}
+    for label in (1, 32):  # spleen, vertebra T12
+        points = labels.physical_points(np.argwhere(labels.array == label)[:, ::-1])
+        i, j, k = np.rint(points @ to_ct[:3, :3].T + to_ct[:3, 3]).astype(int).T
+        hu[label] = np.median(totalseg_ct.array[k, j, i])
+    assert 50 < hu[1] < 120  # contrast-enhanced spleen
+    assert hu[32] > 150  # bone
+
+    # and the same with SimpleITK resampling onto the CT grid
+    reference = sitk.GetImageFromArray(totalseg_ct.array)
+    reference.SetSpacing(totalseg_ct.spacing)
+    reference.SetOrigin(totalseg_ct.origin)
+    reference.SetDirection(totalseg_ct.direction.ravel())
+    moving = sitk.ReadImage(str(shared_data / TOTALSEG / "example_seg_dicom.nii.gz"))
+    resampled = sitk.GetArrayFromImage(sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkNearestNeighbor))
+    np.testing.assert_array_equal(resampled, np.flip(labels.array, axis=1))
+
+
+def test_dicomdir_lists_every_series(shared_data):
+    series = list_series(shared_data / DIRTESTS / "DICOMDIR")
+
+    assert len(series) == 13 and sum(s.n_files for s in series) == 31
+    assert sorted(s.modality for s in series).count("MR") == 7
+    assert {s.modality for s in series} == {"CT", "MR", "CR"}
+    scout = next(s for s in series if s.key == SCOUT_UID)
+    assert scout.is_localizer and scout.orientations == 2
+
+
+def test_dicomdir_tree_with_several_studies_asks_which_series(shared_data):
+    with pytest.raises(InputError, match="series_uid") as info:
+        read_volume(shared_data / DIRTESTS / "DICOMDIR")
+    assert CT5N_UID in str(info.value)
+
+
+def test_dicomdir_series_by_uid_matches_simpleitk(shared_data):
+    volume = read_volume(shared_data / DIRTESTS / "DICOMDIR", series_uid=CT5N_UID)
+
+    assert volume.shape == (5, 16, 16)
+    _assert_same_as_sitk(volume, _sitk_series(volume.dicom.files))
+    assert volume.dicom.series_instance_uid == CT5N_UID
+    assert volume.metadata["non_uniform_spacing"] is False
+
+
+def test_ct_chosen_over_localizer_and_other_modalities(shared_data):
+    assert read_volume(shared_data / DIRTESTS / "98892001").dicom.series_instance_uid == CT5N_UID  # not the scout
+    crs_and_ct = read_volume(shared_data / DIRTESTS / "77654033")  # three CR radiographs + a CT
+    assert crs_and_ct.modality == "CT" and crs_and_ct.shape == (4, 16, 16)
+
+
+def test_localizer_with_mixed_orientations_is_not_a_volume(shared_data):
+    with pytest.raises(InputError, match="orientations"):
+        read_volume(shared_data / DIRTESTS / "98892001", series_uid=SCOUT_UID)
+
+
+def test_unknown_series_uid(shared_data):
+    with pytest.raises(InputError, match="no series '1.2.3'"):
+        read_volume(shared_data / DIRTESTS / "98892001", series_uid="1.2.3")
+
+
+def test_mr_only_study_is_not_ct(shared_data, tmp_path):
+    for file in (shared_data / DIRTESTS / "98892003").rglob("*"):  # an MR-only study, flattened
+        if file.is_file():
+            shutil.copy(file, tmp_path / f"{file.parent.name}_{file.name}")
+
+    with pytest.raises(NotCTError, match="not CT") as info:
+        read_volume(tmp_path)
+    message = str(info.value)
+    assert str(tmp_path) in message and "MR" in message and "allow_non_ct=True" in message and "--allow-non-ct" in message
+
+    mr = read_volume(tmp_path, allow_non_ct=True, series_uid=MR_SINGLE_UID)
+    assert mr.modality == "MR" and mr.shape == (1, 16, 16)
+    with pytest.raises(NotCTError):
+        read_volume(tmp_path, series_uid=MR_SINGLE_UID)  # naming the series is no override
+
+
+def test_uneven_spacing_is_reported_and_not_resampled(shared_data, caplog):
+    folder = shared_data / "dicom/monai_CT_DICOM_tiny"
+    with caplog.at_level(logging.WARNING):
+        volume = read_volume(folder)
+
+    positions = sorted(float(pydicom.dcmread(f).ImagePositionPatient[2]) for f in folder.iterdir())
+    assert volume.shape == (4, 16, 16)  # nothing inserted or interpolated
+    assert volume.metadata["non_uniform_spacing"] is True
+    np.testing.assert_allclose(volume.metadata["slice_positions_mm"], positions)
+    assert volume.spacing[2] == pytest.approx((positions[-1] - positions[0]) / 3)  # SimpleITK's rule
+    assert volume.metadata["max_spacing_deviation_mm"] > 100
+    assert any("uneven" in r.getMessage() and "NOT resampled" in r.getMessage() for r in caplog.records)
+
+
+def test_missing_modality_is_ct_when_hu_like(shared_data, caplog):
+    with caplog.at_level(logging.WARNING):
+        volume = read_volume(shared_data / "dicom/lungmask_minimal_header")
+    assert volume.modality == "CT" and volume.shape == (2, 512, 512)
+    assert "no Modality tag" in volume.metadata["modality_assumed"]
+    assert any("no Modality tag" in r.getMessage() for r in caplog.records)
+
+
+def test_missing_modality_without_hu_is_refused(shared_data, tmp_path):
+    for file in (shared_data / "dicom/lungmask_minimal_header").iterdir():
+        ds = pydicom.dcmread(file)
+        ds.RescaleIntercept = 3000  # every value now far above air
+        ds.save_as(tmp_path / file.name)
+    with pytest.raises(NotCTError, match="do not look like Hounsfield"):
+        read_volume(tmp_path)
+
+
+@pytest.mark.parametrize("target", ["pydicom_CT_small", "pydicom_CT_small/CT_small.dcm"])
+def test_one_slice_series_is_a_volume(shared_data, target):
+    volume = read_volume(shared_data / "dicom" / target)
+    assert volume.shape == (1, 128, 128)
+    assert volume.spacing[2] == 5.0  # SpacingBetweenSlices
+    assert volume.metadata["single_slice"] is True
+
+
+def test_rtstruct_beside_the_ct_is_ignored(shared_data):
+    folder = shared_data / "dicom/rtutils_mock_ct_rtstruct"
+    series = list_series(folder)
+    assert sorted((s.modality, s.is_image) for s in series) == [("CT", True), ("RTSTRUCT", False)]
+
+    volume = read_volume(folder)
+    assert volume.shape == (2, 512, 512) and volume.spacing[2] == pytest.approx(5.0)
+    assert all("rt.dcm" not in f for f in volume.dicom.files)
+
+
+def test_seg_objects_beside_the_ct_are_ignored(shared_data):
+    volume = read_volume(shared_data / "dicom/dcmqi_ct3slice")
+    assert volume.shape == (3, 512, 512)
+    _assert_same_as_sitk(volume, _sitk_series(volume.dicom.files))
+
+
+def test_series_keys_without_uid_are_stable(shared_data):
+    first = list_series(shared_data / TOTALSEG / "series")
+    again = list_series(shared_data / TOTALSEG)
+    assert len(first) == 1 and first[0].n_files == 20 and first[0].series_instance_uid == ""
+    assert first[0].key == again[0].key and first[0].key.startswith("nouid-")
+
+
+def test_pixels_fall_back_to_simpleitk(shared_data, monkeypatch):
+    folder = shared_data / "dicom/rtutils_mock_ct_rtstruct"
+    expected = read_volume(folder).array
+
+    def no_decoder(*args, **kwargs):
+        raise NotImplementedError("no pixel data handler for this transfer syntax")
+
+    monkeypatch.setattr(dicom, "apply_modality_lut", no_decoder)
+    fallback = read_volume(folder)
+    np.testing.assert_array_equal(fallback.array, expected)
+    assert fallback.array.dtype == np.int16
+
+
+def test_truncated_pixel_data_names_the_file(shared_data, tmp_path):
+    for file in (shared_data / "dicom/rtutils_mock_ct_rtstruct").glob("ct_*.dcm"):
+        shutil.copy(file, tmp_path / file.name)
+    broken = tmp_path / "ct_2.dcm"
+    broken.write_bytes(broken.read_bytes()[:200_000])
+    with pytest.raises(InputError, match="cannot decode the pixel data") as info:
+        read_volume(tmp_path)
+    assert str(broken) in str(info.value)
+
+
+def test_garbage_behind_a_dicom_signature(tmp_path):
+    garbage = tmp_path / "image.dcm"
+    garbage.write_bytes(b"\0" * 128 + b"DICM" + bytes(range(256)) * 4)
+    with pytest.raises(InputError, match="corrupt DICOM") as info:
+        read_volume(garbage)
+    assert str(garbage) in str(info.value)
+    with pytest.raises(InputError, match="1 corrupt DICOM file"):
+        read_volume(tmp_path)
+
+
+def test_two_slices_at_one_position_are_refused(shared_data, tmp_path):
+    source = shared_data / "dicom/rtutils_mock_ct_rtstruct/ct_1.dcm"
+    shutil.copy(source, tmp_path / "a.dcm")
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(tmp_path / "b.dcm")
+    with pytest.raises(InputError, match="same position"):
+        read_volume(tmp_path)
+
+
+def test_broken_dicomdir(shared_data):
+    with pytest.raises(InputError, match="cannot parse this DICOMDIR"):
+        list_series(shared_data / DIRTESTS / "DICOMDIR-nopatient")
+
+
+def test_dicom_objects_without_images(shared_data):
+    with pytest.raises(InputError, match="hold no images"):
+        read_volume(shared_data / DIRTESTS / "TINY_ALPHA" / "DICOMDIR")
+
+
+def test_oblique_series_with_rectangular_pixels_matches_simpleitk(shared_data, tmp_path):
+    template = pydicom.dcmread(next((shared_data / "dicom/monai_CT_DICOM_tiny").iterdir()))
+    rotation = np.array([[0.8, -0.6, 0.0], [0.36, 0.48, -0.8], [0.48, 0.64, 0.6]])  # orthonormal, oblique
+    row, col = rotation[0], rotation[1]
+    normal = np.cross(row, col)
+    for k in (2, 0, 3, 1):  # written out of order
+        ds = template.copy()
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.InstanceNumber = 10 - k
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row, *col)]
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in np.array([10.0, -20.0, 30.0]) + 2.5 * k * normal]
+        ds.PixelSpacing = ["0.5", "0.8"]  # rows 0.5 mm apart, columns 0.8 mm apart
+        ds.save_as(tmp_path / f"slice{k}")
+
+    volume = read_volume(tmp_path)
+
+    assert volume.spacing == pytest.approx((0.8, 0.5, 2.5))
+    np.testing.assert_allclose(volume.direction, np.column_stack([row, col, normal]), atol=1e-6)
+    _assert_same_as_sitk(volume, _sitk_series(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(tmp_path))))
+    assert [f.split("slice")[-1] for f in volume.dicom.files] == ["0", "1", "2", "3"]

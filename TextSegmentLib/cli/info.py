@@ -1,0 +1,84 @@
+"""``textsegment info PATH [--json]``: what a CT file or DICOM folder holds, before anything is run on it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="describe a CT volume or DICOM folder: series, geometry, modality, values")
+    p.add_argument("path", help="image file (NIfTI, NRRD, MHA), DICOM folder, DICOMDIR or DICOM file")
+    p.add_argument("--series", metavar="UID", default=None, help="DICOM: describe this series (UID or key from the list)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = gather(Path(args.path), series_uid=args.series)
+    print(json.dumps(report, indent=2) if args.json else format_text(report))
+    return 0
+
+
+def gather(path: Path, *, series_uid: str | None = None) -> dict[str, Any]:
+    """The DICOM series list (for DICOM input) and the volume chosen by default, non-CT included."""
+    from ..io import is_dicom_input, list_series, read_volume
+
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    report: dict[str, Any] = {"path": str(path)}
+    if is_dicom_input(path):
+        report["series"] = [s.to_dict() for s in list_series(path)]
+    try:
+        volume = read_volume(path, allow_non_ct=True, series_uid=series_uid)
+    except InputError as exc:
+        if "series" not in report or series_uid:
+            raise
+        report["volume_error"] = str(exc)  # the list is still worth showing, e.g. several studies in one folder
+    else:
+        report["volume"] = volume.describe()
+    return report
+
+
+def format_text(report: dict[str, Any]) -> str:
+    lines = [report["path"]]
+    series = report.get("series")
+    if series is not None:
+        lines.append(f"DICOM: {len(series)} series")
+        for s in series:
+            size = f"{s['columns']}x{s['rows']}" if s["rows"] else "-"
+            lines.append(
+                f"  {s['key']}  {s['modality'] or '??':<8} {s['n_files']:>4} files  {size:>9}  "
+                f"{s['description'] or '(no description)'}  [patient {s['patient_id'] or '?'}]"
+            )
+    if "volume_error" in report:
+        lines.append(f"no default volume: {report['volume_error']}")
+    volume = report.get("volume")
+    if volume:
+        x, y, z = volume["spacing_xyz_mm"]
+        nz, ny, nx = volume["shape_zyx"]
+        lo, hi = volume["value_range"]
+        dicom = volume.get("dicom") or {}
+        meta = volume.get("metadata") or {}
+        lines += [
+            "volume" + (f" (series {meta.get('series_key')})" if "series_key" in meta else ""),
+            f"  modality     {volume['modality'] or 'unknown (values do not look like HU)'}"
+            + (f"  [assumed: {meta['modality_assumed']}]" if "modality_assumed" in meta else ""),
+            f"  size x,y,z   {nx} x {ny} x {nz} voxels",
+            f"  spacing      {x:g} x {y:g} x {z:g} mm",
+            f"  origin LPS   {', '.join(f'{o:g}' for o in volume['origin_lps_mm'])} mm",
+            f"  orientation  {volume['orientation']}  (LPS letters the i, j, k axes point toward)",
+            f"  values       {lo:g} .. {hi:g} ({volume['dtype']})",
+        ]
+        if dicom:
+            lines.append(f"  DICOM        {dicom['files']} files, series {dicom['series_instance_uid'] or '(no UID)'}")
+        if meta.get("non_uniform_spacing"):
+            off = meta["max_spacing_deviation_mm"]
+            lines.append(f"  warning      uneven slice gaps (up to {off:.3g} mm off); stacked, not resampled")
+        if "slice_shear_mm" in meta:
+            lines.append(f"  warning      slices drift {meta['slice_shear_mm']:.3g} mm sideways (gantry tilt?)")
+    return "\n".join(lines)

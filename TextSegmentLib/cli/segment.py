@@ -1,0 +1,62 @@
+"""``textsegment segment CT --prompt ... --out DIR``: one label map, its legend and one probability map per prompt."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("segment", help="segment a CT with one or more text prompts")
+    p.add_argument("input", help="CT file (NIfTI, NRRD, MHA) or DICOM folder")
+    p.add_argument("--prompt", "-p", action="append", required=True, help="what to segment (repeat for several)")
+    p.add_argument("--aux-prompt", action="append", default=None,
+                   help="auxiliary description per prompt (TGC-Net); repeat in the order of --prompt")
+    p.add_argument("--out", "-o", required=True, help="output folder (created; existing files are never replaced "
+                   "unless --overwrite)")
+    add_model_arguments(p)
+    p.add_argument("--axis", choices=("axial", "coronal", "sagittal"), default="axial")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--cleanup", action="store_true", help="keep the largest 3D component and fill holes")
+    p.add_argument("--keep-empty-slices", action="store_true", help="also run on slices with no body in them")
+    p.add_argument("--allow-non-ct", action="store_true", help="run on a series that is not CT (results unreliable)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Model, weights and device options shared by every command that runs a model."""
+    p.add_argument("--model", "-m", default="freqmedclip-tiny", help="model preset (see `textsegment weights list`)")
+    p.add_argument("--weights", "-w", default=None,
+                   help="weights id, checkpoint path, or 'random' (meaningless output; tests and benchmarks only)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cuda, cuda:N or cpu")
+    p.add_argument("--batch-size", default="auto", help="slices per batch, or auto")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..engine import segment
+    from ..io import read_volume
+    from ..weights import load_model
+    from ..export import check_outputs_free, write_segmentation
+    from .progressbar import progress_bar
+
+    out_dir = Path(args.out)
+    volume = read_volume(args.input, allow_non_ct=args.allow_non_ct)
+    check_outputs_free(out_dir, overwrite=args.overwrite)
+    model = load_model(args.model, weights=args.weights, device=args.device)
+    with progress_bar(disable=args.quiet) as bar:
+        run_ = segment(
+            volume, args.prompt, model=model, aux_prompts=args.aux_prompt, device=args.device,
+            batch_size=args.batch_size, axis=args.axis, threshold=args.threshold,
+            skip_empty_slices=not args.keep_empty_slices, largest_component=args.cleanup,
+            fill_holes=args.cleanup, progress=bar,
+        )
+    written = write_segmentation(run_, out_dir=out_dir, model_name=args.model, weights=args.weights, overwrite=args.overwrite)
+    for warning in run_.warnings:
+        print(f"warning: {warning}")
+    for result in run_.results:
+        print(f"{result.prompt!r}: {result.voxels} voxels, {result.volume_ml:.1f} ml")
+    print(f"wrote {len(written)} files to {out_dir} in {run_.seconds:.1f} s on {run_.device}")
+    return 0
+

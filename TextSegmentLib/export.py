@@ -1,0 +1,104 @@
+"""Writers for a segmentation run: one label map, its JSON legend and one probability map per prompt.
+
+Overlapping prompts ("liver" and "liver tumour") cannot share one label map, so each voxel takes
+the label of the prompt with the highest probability among those whose mask covers it; the
+probability maps keep the full, overlapping answer.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from . import __version__
+from .errors import OutputExistsError
+
+LABEL_MAP = "segmentation.nii.gz"
+LEGEND = "segmentation.json"
+PROBABILITY_DIR = "probabilities"
+
+
+def check_outputs_free(out_dir: Path, *, overwrite: bool = False) -> None:
+    """Fail before any work is done if the run would have to replace existing outputs."""
+    out_dir = Path(out_dir)
+    if overwrite or not out_dir.exists():
+        return
+    taken = [p for p in (out_dir / LABEL_MAP, out_dir / LEGEND, out_dir / PROBABILITY_DIR) if p.exists()]
+    if taken:
+        raise OutputExistsError(
+            f"{out_dir}: holds results already ({', '.join(p.name for p in taken)}); "
+            "choose another --out folder or pass --overwrite"
+        )
+
+
+def slug(text: str, *, max_length: int = 48) -> str:
+    """A file-name-safe form of a prompt."""
+    s = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+    return (s[:max_length].rstrip("_") or "prompt")
+
+
+def label_map(run: Any) -> np.ndarray:
+    """uint8/uint16 map: 0 background, i+1 where prompt i wins (highest probability among covering masks)."""
+    masks = np.stack([r.mask.array.astype(bool) for r in run.results])
+    probs = np.stack([r.probability.array for r in run.results])
+    probs = np.where(masks, probs, -1.0)
+    winner = np.argmax(probs, axis=0) + 1
+    dtype = np.uint8 if len(run.results) < 255 else np.uint16
+    return np.where(masks.any(axis=0), winner, 0).astype(dtype)
+
+
+def write_segmentation(
+    run: Any,
+    *,
+    out_dir: Path,
+    model_name: str,
+    weights: Optional[str],
+    overwrite: bool = False,
+    extra_legend: Optional[dict] = None,
+) -> list[Path]:
+    """Write the label map, legend and probability maps of ``run`` into ``out_dir``; returns the paths."""
+    from .io.writers import write_float_map, write_json, write_label_map
+
+    out_dir = Path(out_dir)
+    check_outputs_free(out_dir, overwrite=overwrite)
+    reference = run.results[0].mask
+    written = [write_label_map(reference.with_array(label_map(run)), out_dir / LABEL_MAP, overwrite=overwrite)]
+    entries = []
+    used: set[str] = set()
+    for i, result in enumerate(run.results):
+        name = slug(result.prompt)
+        while name in used:
+            name += "_"
+        used.add(name)
+        prob_path = out_dir / PROBABILITY_DIR / f"{i + 1:02d}_{name}.nii.gz"
+        written.append(write_float_map(result.probability, prob_path, overwrite=overwrite))
+        entries.append(
+            {
+                "label": i + 1,
+                "prompt": result.prompt,
+                "aux_prompt": result.aux_prompt,
+                "voxels": result.voxels,
+                "volume_ml": round(result.volume_ml, 3),
+                "probability_map": str(prob_path.relative_to(out_dir)),
+            }
+        )
+    legend = {
+        "labels": entries,
+        "label_map": LABEL_MAP,
+        "overlaps": "each voxel takes the label of the most probable prompt among those covering it",
+        "model": model_name,
+        "weights": weights,
+        "device": run.device,
+        "seconds": round(run.seconds, 3),
+        "source": reference.source,
+        "textsegment_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "notice": "Research use only; not for diagnosis.",
+    }
+    legend.update(extra_legend or {})
+    written.append(write_json(legend, out_dir / LEGEND, overwrite=overwrite))
+    return written

@@ -1,0 +1,475 @@
+"""DICOM: find the series in a folder, DICOMDIR or file, pick the CT one, and stack it into a Volume.
+
+pydicom reads the headers (fast: pixels are skipped) and groups files by SeriesInstanceUID. Heavily
+anonymised exports may leave that UID empty; such files are grouped by a key built from what they
+still share (study, frame of reference, modality, description, orientation, matrix size, folder).
+
+Reading a series follows the DICOM geometry, the same way ITK/SimpleITK does:
+
+* slices are sorted by their ImagePositionPatient projected on the slice normal (row × column);
+* the origin is the first slice's position, the direction columns are row, column and normal;
+* the slice spacing is (last − first) / (n − 1). When the gaps differ (missing slices, uneven
+  acquisition) the slices are still stacked in order at that mean spacing — **nothing is resampled** —
+  and a warning is logged and recorded in ``Volume.metadata`` (``non_uniform_spacing``, the real
+  ``slice_positions_mm`` and the largest deviation) so a caller can refuse or resample explicitly;
+* a one-slice series is a valid (1, H, W) volume whose slice spacing is SpacingBetweenSlices, else
+  SliceThickness, else 1 mm;
+* pixels are decoded by pydicom (pylibjpeg handles JPEG 2000); a file pydicom has no decoder for is
+  handed to SimpleITK/GDCM. Rescale slope/intercept are applied per slice; the result is int16 when
+  every value is an integer that fits, float32 otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut
+
+from ..errors import InputError, NotCTError
+from ..volume import DicomInfo, Volume
+
+log = logging.getLogger(__name__)
+
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+# Objects that may sit beside images in a study but are not images we can stack.
+NON_IMAGE_MODALITIES = frozenset({"RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SEG", "SR", "PR", "KO", "REG", "DOC"})
+POSITION_TOLERANCE_MM = 0.01
+ORIENTATION_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One series found on disk: what ``textsegment info`` lists and what ``read_series`` reads."""
+
+    key: str  # the SeriesInstanceUID, or "nouid-…" when the files have none
+    series_instance_uid: str
+    modality: str  # "" when the tag is missing
+    description: str
+    series_number: Optional[int]
+    study_instance_uid: str
+    patient_id: str
+    patient_name: str
+    frame_of_reference_uid: str
+    sop_class_uid: str
+    image_type: tuple[str, ...]
+    rows: Optional[int]
+    columns: Optional[int]
+    files: tuple[str, ...]
+    is_image: bool
+    orientations: int  # distinct slice orientations: 1 for a volume, more for e.g. a 3-plane localizer
+
+    @property
+    def n_files(self) -> int:
+        return len(self.files)
+
+    @property
+    def is_localizer(self) -> bool:
+        return "LOCALIZER" in self.image_type
+
+    def to_dict(self, *, with_files: bool = False) -> dict[str, Any]:
+        """JSON-ready; the file list only when asked (a series may hold thousands)."""
+        data = asdict(self)
+        files = data.pop("files")
+        data.update(image_type=list(self.image_type), n_files=len(files))
+        if with_files:
+            data["files"] = list(files)
+        return data
+
+
+# discovery ------------------------------------------------------------------------------------
+def is_dicom_file(path: Path) -> bool:
+    """True when the file carries the DICOM Part 10 signature ("DICM" after the 128-byte preamble)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def is_dicomdir(path: Path) -> bool:
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.name.upper() == "DICOMDIR":
+        return True
+    if not is_dicom_file(path):
+        return False
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+    except Exception:  # noqa: BLE001 - an unreadable header is simply "not a DICOMDIR"
+        return False
+    return str(meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS
+
+
+def is_dicom_input(path: Path) -> bool:
+    """A folder, a DICOMDIR or a DICOM file: anything ``list_series`` can take."""
+    path = Path(path)
+    return path.is_dir() or is_dicomdir(path) or (path.is_file() and is_dicom_file(path))
+
+
+def list_series(path: Path | str) -> list[SeriesInfo]:
+    """Every series under a folder (searched recursively), in a DICOMDIR, or of a single DICOM file.
+
+    Files that are not DICOM (no "DICM" signature) are skipped quietly; DICOM files whose header
+    cannot be parsed are skipped with a warning. Raises ``InputError`` when nothing usable is found.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    headers, corrupt = [], []
+    single_file = path.is_file() and not is_dicomdir(path)
+    for file in _candidate_files(path):
+        header = _read_header(file, strict=single_file)
+        if header is None:
+            corrupt.append(file)
+        elif _sop_class(header) != DICOMDIR_SOP_CLASS:
+            headers.append((file, header))
+    if not headers:
+        what = "folder" if path.is_dir() else "DICOMDIR"
+        skipped = f" ({len(corrupt)} corrupt DICOM file(s) skipped, e.g. {corrupt[0]})" if corrupt else ""
+        raise InputError(
+            f"{path}: no readable DICOM files in this {what}{skipped}; point at a folder of DICOM files or an image file"
+        )
+    groups: dict[str, list[tuple[Path, Any]]] = {}
+    for file, header in headers:
+        groups.setdefault(_series_key(file, header), []).append((file, header))
+    series = [_series_info(key, members) for key, members in groups.items()]
+    series.sort(key=lambda s: (s.patient_id, s.study_instance_uid, s.series_number is None, s.series_number or 0, s.key))
+    return series
+
+
+def _candidate_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and is_dicom_file(p))
+    if is_dicomdir(path):
+        return _dicomdir_files(path)
+    if not is_dicom_file(path):
+        raise InputError(f"{path}: not a DICOM file (no DICM signature) and not a known image format")
+    return [path]
+
+
+def _dicomdir_files(path: Path) -> list[Path]:
+    from pydicom.fileset import FileSet
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fileset = FileSet(pydicom.dcmread(path))
+            files = [Path(instance.path) for instance in fileset]
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a broken DICOMDIR
+        raise InputError(
+            f"{path}: cannot parse this DICOMDIR ({exc}); point at the folder that holds the images instead"
+        ) from exc
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise InputError(f"{path}: the DICOMDIR lists {len(missing)} file(s) that do not exist, e.g. {missing[0]}")
+    return sorted(files)
+
+
+def _read_header(file: Path, *, strict: bool) -> Optional[Any]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns on every odd element; we judge the result below
+            header = pydicom.dcmread(file, stop_before_pixels=True)
+        if not _sop_class(header):
+            raise InvalidDicomError("no SOP Class UID in the file meta or the dataset")
+        return header
+    except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError) as exc:
+        if strict:
+            raise InputError(f"{file}: corrupt DICOM file ({exc})") from exc
+        log.warning("%s: skipped, corrupt DICOM file (%s)", file, exc)
+        return None
+
+
+def _text(header: Any, keyword: str) -> str:
+    value = header.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+def _sop_class(header: Any) -> str:
+    return _text(header, "SOPClassUID") or _meta(header, "MediaStorageSOPClassUID")
+
+
+def _sop_instance(header: Any) -> str:
+    """Anonymisers may blank the dataset's UID and leave the file meta's copy: fall back to it."""
+    return _text(header, "SOPInstanceUID") or _meta(header, "MediaStorageSOPInstanceUID")
+
+
+def _meta(header: Any, keyword: str) -> str:
+    return str(getattr(header, "file_meta", {}).get(keyword, "") or "").strip()
+
+
+def _int_or_none(value: Any) -> Optional[int]:
+    try:
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _series_key(file: Path, header: Any) -> str:
+    uid = _text(header, "SeriesInstanceUID")
+    if uid:
+        return uid
+    orientation = header.get("ImageOrientationPatient")
+    parts = (
+        _text(header, "StudyInstanceUID"),
+        _text(header, "FrameOfReferenceUID"),
+        _text(header, "Modality"),
+        _text(header, "SeriesDescription"),
+        _text(header, "SeriesNumber"),
+        ",".join(f"{float(v):.3f}" for v in orientation) if orientation else "",
+        _text(header, "Rows"),
+        _text(header, "Columns"),
+        str(file.parent.resolve()),
+    )
+    return "nouid-" + hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
+
+
+def _series_info(key: str, members: list[tuple[Path, Any]]) -> SeriesInfo:
+    first = members[0][1]
+    modality = _text(first, "Modality").upper()
+    is_image = modality not in NON_IMAGE_MODALITIES and "Rows" in first and "Columns" in first
+    image_type = first.get("ImageType") or ()
+    if isinstance(image_type, str):
+        image_type = (image_type,)
+    return SeriesInfo(
+        key=key,
+        series_instance_uid=_text(first, "SeriesInstanceUID"),
+        modality=modality,
+        description=_text(first, "SeriesDescription"),
+        series_number=_int_or_none(first.get("SeriesNumber")),
+        study_instance_uid=_text(first, "StudyInstanceUID"),
+        patient_id=_text(first, "PatientID"),
+        patient_name=_text(first, "PatientName"),
+        frame_of_reference_uid=_text(first, "FrameOfReferenceUID"),
+        sop_class_uid=_sop_class(first),
+        image_type=tuple(str(t).upper() for t in image_type),
+        rows=_int_or_none(first.get("Rows")),
+        columns=_int_or_none(first.get("Columns")),
+        files=tuple(str(f) for f, _ in sorted(members, key=lambda m: str(m[0]))),
+        is_image=is_image,
+        orientations=len({_orientation_key(h) for _, h in members} - {None}),
+    )
+
+
+def _orientation_key(header: Any) -> Optional[tuple[float, ...]]:
+    values = header.get("ImageOrientationPatient")
+    return tuple(round(float(v), 3) for v in values) if values else None
+
+
+# choosing -------------------------------------------------------------------------------------
+def choose_series(
+    series: Sequence[SeriesInfo], *, source: Path | str, series_uid: Optional[str] = None, allow_non_ct: bool = False
+) -> SeriesInfo:
+    """The series to read: the one asked for, else the CT image series.
+
+    Without ``series_uid``: non-image objects (RTSTRUCT, SEG, …) are ignored; CT series are preferred,
+    then image series with no Modality tag (their values are checked for HU later); localizers
+    (ImageType LOCALIZER) and series mixing orientations only when nothing else is left; among
+    equals, the one with the most files.
+    CT series from different patients or studies are not guessed between: an ``InputError`` asks for
+    ``series_uid``. A study with no CT raises ``NotCTError`` unless ``allow_non_ct``.
+    """
+    if series_uid:
+        matches = [s for s in series if series_uid in (s.key, s.series_instance_uid)]
+        if not matches:
+            keys = ", ".join(s.key for s in series)
+            raise InputError(f"{source}: no series {series_uid!r} here; available: {keys}")
+        return matches[0]
+    images = [s for s in series if s.is_image]
+    if not images:
+        found = ", ".join(f"{s.modality or 'no modality'} ({s.n_files} files)" for s in series)
+        raise InputError(f"{source}: no image series to read; the DICOM objects here hold no images: {found}")
+    ct_like = [s for s in images if s.modality in ("CT", "")]
+    if not ct_like:
+        if not allow_non_ct:
+            modalities = sorted({s.modality for s in images})
+            found = ", ".join(f"{m} ({sum(s.modality == m for s in images)} series)" for m in modalities)
+            raise NotCTError(
+                f"{source}: not CT: this study holds {found} and no CT series; TextSegment's models are trained on CT. "
+                "To read it anyway pass allow_non_ct=True (CLI: --allow-non-ct)."
+            )
+        ct_like = images
+
+    def tier(s: SeriesInfo) -> tuple[bool, bool, bool]:
+        return (not s.is_localizer, s.orientations <= 1, s.modality == "CT")
+
+    ranked = sorted(ct_like, key=lambda s: (tier(s), s.n_files), reverse=True)
+    best = ranked[0]
+    rivals = [s for s in ranked if tier(s) == tier(best)]
+    studies = {(s.patient_id, s.study_instance_uid) for s in rivals}
+    if len(studies) > 1:
+        listing = "; ".join(
+            f"{s.key} ({s.modality or 'no modality'}, {s.n_files} files, {s.description or 'no description'})" for s in rivals
+        )
+        raise InputError(
+            f"{source}: holds {len(rivals)} candidate series from {len(studies)} different patients/studies; "
+            f"choose one with series_uid (CLI: --series): {listing}"
+        )
+    if len(rivals) > 1:
+        log.warning("%s: %d candidate series; reading %s (%d files, the most)", source, len(rivals), best.key, best.n_files)
+    return best
+
+
+# reading --------------------------------------------------------------------------------------
+def read_series(series: SeriesInfo, *, source: Path | str) -> Volume:
+    """Stack one series into a Volume (geometry rules in the module docstring). No CT check here."""
+    if not series.is_image:
+        raise InputError(f"{source}: series {series.key} is a {series.modality or 'non-image'} object, not an image series")
+    slices = [_read_slice(Path(f)) for f in series.files]
+    _check_stackable(slices, series=series, source=source)
+    row, col = slices[0].orientation[:3], slices[0].orientation[3:]
+    normal = np.cross(row, col)
+    slices.sort(key=lambda s: (float(np.dot(s.position, normal)), s.instance_number))
+    z_spacing, metadata = _slice_spacing(slices, normal, source=source)
+    header = slices[0].header
+    return Volume(
+        array=np.stack([s.pixels for s in slices]),  # int16 unless some slice needed float32
+        spacing=(slices[0].pixel_spacing[1], slices[0].pixel_spacing[0], z_spacing),
+        origin=tuple(slices[0].position),
+        direction=np.column_stack([row, col, normal]),
+        modality=_text(header, "Modality").upper() or None,
+        dicom=DicomInfo(
+            study_instance_uid=_text(header, "StudyInstanceUID"),
+            series_instance_uid=_text(header, "SeriesInstanceUID"),
+            frame_of_reference_uid=_text(header, "FrameOfReferenceUID"),
+            sop_instance_uids=tuple(_sop_instance(s.header) for s in slices),
+            sop_class_uid=_sop_class(header),
+            patient_id=_text(header, "PatientID"),
+            patient_name=_text(header, "PatientName"),
+            series_description=_text(header, "SeriesDescription"),
+            series_number=_int_or_none(header.get("SeriesNumber")),
+            files=tuple(str(s.file) for s in slices),
+        ),
+        source=str(source),
+        metadata={"format": "DICOM", "series_key": series.key, **metadata},
+    )
+
+
+def _check_stackable(slices: list["_Slice"], *, series: SeriesInfo, source: Path | str) -> None:
+    first = slices[0]
+    for s in slices[1:]:
+        if s.shape != first.shape or not np.allclose(s.pixel_spacing, first.pixel_spacing, atol=1e-4):
+            raise InputError(
+                f"{s.file}: matrix {s.shape} / pixel spacing {s.pixel_spacing} differ from {first.shape} / "
+                f"{first.pixel_spacing} in {first.file}; the series cannot be stacked"
+            )
+        if not np.allclose(s.orientation, first.orientation, atol=ORIENTATION_TOLERANCE):
+            raise InputError(
+                f"{source}: series {series.key} mixes slice orientations (e.g. {first.file} and {s.file}), "
+                "as a localizer does; it is not one volume"
+            )
+
+
+def _slice_spacing(slices: list["_Slice"], normal: np.ndarray, *, source: Path | str) -> tuple[float, dict[str, Any]]:
+    """Slice spacing by SimpleITK's rule, and what the metadata should record about the real positions."""
+    depth = np.array([float(np.dot(s.position, normal)) for s in slices])
+    metadata: dict[str, Any] = {"slice_positions_mm": [round(d, 6) for d in depth]}
+    if len(slices) == 1:
+        return slices[0].single_slice_spacing, {**metadata, "single_slice": True}
+    gaps = np.diff(depth)
+    if gaps.min() < POSITION_TOLERANCE_MM:
+        k = int(np.argmin(gaps))
+        raise InputError(
+            f"{source}: {slices[k].file} and {slices[k + 1].file} lie at the same position; the series holds several "
+            "stacks (acquisitions, phases or echoes) and cannot be read as one volume"
+        )
+    z_spacing = float(depth[-1] - depth[0]) / (len(slices) - 1)
+    deviation = float(np.max(np.abs(gaps - z_spacing)))
+    uneven = deviation > max(POSITION_TOLERANCE_MM, 0.01 * z_spacing)
+    metadata.update(slice_spacing_mm=z_spacing, non_uniform_spacing=bool(uneven), max_spacing_deviation_mm=deviation)
+    if uneven:
+        log.warning(
+            "%s: slice gaps are uneven (%.3g to %.3g mm, mean %.3g mm): slices are stacked at the mean spacing and "
+            "NOT resampled, so positions between the first and last slice are approximate",
+            source, gaps.min(), gaps.max(), z_spacing,
+        )
+    offsets = np.array([s.position - slices[0].position for s in slices])
+    shear = float(np.max(np.linalg.norm(offsets - np.outer(offsets @ normal, normal), axis=1)))
+    if shear > 10 * POSITION_TOLERANCE_MM:
+        metadata["slice_shear_mm"] = shear
+        log.warning("%s: slices drift %.3g mm sideways (gantry tilt?); stacked without correction", source, shear)
+    return z_spacing, metadata
+
+
+@dataclass
+class _Slice:
+    file: Path
+    header: Any
+    pixels: np.ndarray
+    position: np.ndarray
+    orientation: np.ndarray
+    pixel_spacing: tuple[float, float]
+    instance_number: int
+    single_slice_spacing: float
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.pixels.shape
+
+
+def _read_slice(file: Path) -> _Slice:
+    try:
+        ds = pydicom.dcmread(file)
+    except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
+        raise InputError(f"{file}: corrupt DICOM file ({exc})") from exc
+    if "PixelData" not in ds:
+        raise InputError(f"{file}: holds no pixel data")
+    if _int_or_none(ds.get("NumberOfFrames")) not in (None, 1):
+        raise InputError(
+            f"{file}: multi-frame (enhanced) DICOM is not supported; export the series as single-frame DICOM or NIfTI"
+        )
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise InputError(f"{file}: a colour image ({ds.get('PhotometricInterpretation')}); a grey-level CT slice is needed")
+    if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+        raise InputError(
+            f"{file}: no ImagePositionPatient/ImageOrientationPatient, so its place in space is unknown "
+            "(a projection image such as CR/DX is not a cross-sectional volume)"
+        )
+    spacing = ds.get("PixelSpacing")
+    if not spacing:
+        log.warning("%s: no PixelSpacing; assuming 1 mm", file)
+        spacing = (1.0, 1.0)
+    thickness = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0
+    pixels = _compact(_decode(file, ds))
+    del ds.PixelData  # keep only the header: a long series would otherwise hold every slice twice
+    return _Slice(
+        file=file,
+        header=ds,
+        pixels=pixels,
+        position=np.array([float(v) for v in ds.ImagePositionPatient]),
+        orientation=np.array([float(v) for v in ds.ImageOrientationPatient]),
+        pixel_spacing=(float(spacing[0]), float(spacing[1])),
+        instance_number=_int_or_none(ds.get("InstanceNumber")) or 0,
+        single_slice_spacing=abs(float(thickness)) or 1.0,
+    )
+
+
+def _decode(file: Path, ds: Any) -> np.ndarray:
+    """Modality values (HU for CT) of one slice: pydicom first, SimpleITK/GDCM for codecs pydicom lacks."""
+    try:
+        return np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64)
+    except Exception as pydicom_error:  # noqa: BLE001 - missing plugin, corrupt stream, …
+        import SimpleITK as sitk
+
+        try:
+            return sitk.GetArrayFromImage(sitk.ReadImage(str(file)))[0].astype(np.float64)
+        except Exception:  # noqa: BLE001
+            raise InputError(f"{file}: cannot decode the pixel data ({pydicom_error})") from pydicom_error
+
+
+def _compact(values: np.ndarray) -> np.ndarray:
+    """int16 when every value is an integer that fits (CT in HU always does), float32 otherwise."""
+    info = np.iinfo(np.int16)
+    if values.size and values.min() >= info.min and values.max() <= info.max and np.array_equal(values, np.round(values)):
+        return values.astype(np.int16)
+    return values.astype(np.float32)
