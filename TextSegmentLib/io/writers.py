@@ -179,7 +179,6 @@ def atomic_write(
     return path
 
 
-_atomic_write = atomic_write  # the name the Slicer bridge imported first
 
 
 def _publish(tmp: Path, path: Path, *, overwrite: bool) -> None:

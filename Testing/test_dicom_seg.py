@@ -1,0 +1,258 @@
+"""DICOM SEG on real series: written with highdicom, read back with pydicom, rebuilt in physical space.
+
+The rebuild never trusts our own frame order: each SEG frame is placed by its own
+ImagePositionPatient and checked against the source file its references name.
+Also here: the segment meanings (colors.lookup), whose SNOMED codes end up in the SEG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from TextSegmentLib.colors import ANATOMY, FINDINGS, LEFT, RIGHT, TISSUE, lookup
+from TextSegmentLib.dicom_seg import write_dicom_seg
+from TextSegmentLib.engine import SegmentationResult
+from TextSegmentLib.errors import InputError, OutputExistsError
+from TextSegmentLib.io import read_volume
+from TextSegmentLib.volume import Volume
+
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+TOTALSEG_LABELS = {"liver": 5, "spleen": 1, "stomach": 6}  # TotalSegmentator "total" class map
+
+
+@pytest.fixture(scope="module")
+def totalseg_series(shared_data) -> Volume:
+    return read_volume(shared_data / "dicom" / "totalseg_example_ct_dicom" / "series")
+
+
+@pytest.fixture(scope="module")
+def dcmqi_series(shared_data) -> Volume:
+    return read_volume(shared_data / "dicom" / "dcmqi_ct3slice" / "series")
+
+
+def _result(volume: Volume, prompt: str, mask: np.ndarray) -> SegmentationResult:
+    mask = mask.astype(np.uint8)
+    return SegmentationResult(prompt, volume.with_array(mask.astype(np.float32)), volume.with_array(mask))
+
+
+def _resample_labels(path: Path, onto: Volume) -> np.ndarray:
+    """A label file resampled (nearest neighbour, physical space) onto the series' grid."""
+    labels = sitk.ReadImage(str(path))
+    reference = sitk.Image(list(onto.size_ijk), sitk.sitkUInt8)
+    reference.SetSpacing(onto.spacing)
+    reference.SetOrigin(onto.origin)
+    reference.SetDirection(onto.direction.ravel().tolist())
+    resampled = sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
+    return sitk.GetArrayFromImage(resampled)
+
+
+def _file_positions(source: Volume) -> dict[str, np.ndarray]:
+    """SOP instance UID (from the file meta header, as the anonymised files keep it) → position."""
+    positions = {}
+    for file in source.dicom.files:
+        ds = pydicom.dcmread(file, stop_before_pixels=True)
+        uid = str(ds.get("SOPInstanceUID") or ds.file_meta.MediaStorageSOPInstanceUID)
+        positions[uid] = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
+    return positions
+
+
+def _rebuild(path: Path, source: Volume) -> dict[str, np.ndarray]:
+    """Segment label → (z, y, x) mask on the source grid, placed by each frame's own position."""
+    seg = pydicom.dcmread(path)
+    assert seg.SOPClassUID == SEG_STORAGE and seg.Modality == "SEG"
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    orientation = np.asarray(shared.PlaneOrientationSequence[0].ImageOrientationPatient, dtype=np.float64)
+    assert np.allclose(orientation, np.concatenate([source.direction[:, 0], source.direction[:, 1]]), atol=1e-4)
+    assert np.allclose(shared.PixelMeasuresSequence[0].PixelSpacing, [source.spacing[1], source.spacing[0]], atol=1e-4)
+    labels = {item.SegmentNumber: item.SegmentLabel for item in seg.SegmentSequence}
+    masks = {label: np.zeros(source.shape, dtype=np.uint8) for label in labels.values()}
+    frames = seg.pixel_array.reshape(int(seg.NumberOfFrames), int(seg.Rows), int(seg.Columns))
+    positions = _file_positions(source)
+    lps_to_ijk = np.linalg.inv(source.ijk_to_lps())
+    for frame, item in zip(frames, seg.PerFrameFunctionalGroupsSequence):
+        position = np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, dtype=np.float64)
+        referenced = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert np.allclose(position, positions[referenced], atol=1e-3), "frame references the wrong image"
+        i, j, k = (lps_to_ijk @ np.append(position, 1.0))[:3]
+        assert abs(i) < 1e-3 and abs(j) < 1e-3 and abs(k - round(k)) < 1e-3
+        identification = item.get("SegmentIdentificationSequence") or shared.SegmentIdentificationSequence
+        number = identification[0].ReferencedSegmentNumber
+        masks[labels[number]][int(round(k))] = frame
+    return masks
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / float(total)
+
+
+def _digest(files) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()
+
+
+def test_seg_on_the_anonymised_series_lands_in_physical_space(totalseg_series, shared_data, tmp_path):
+    source = totalseg_series
+    labels = _resample_labels(shared_data / "dicom" / "totalseg_example_ct_dicom" / "example_seg_dicom.nii.gz", source)
+    expected = {prompt: (labels == value).astype(np.uint8) for prompt, value in TOTALSEG_LABELS.items()}
+    assert all(m.sum() > 1000 for m in expected.values())
+    digest = _digest(source.dicom.files)
+
+    path = write_dicom_seg([_result(source, p, m) for p, m in expected.items()], source=source,
+                           path=tmp_path / "seg.dcm", model_name="test-model")
+    rebuilt = _rebuild(path, source)
+    for prompt, mask in expected.items():
+        assert _dice(rebuilt[prompt], mask) == 1.0, prompt
+    # highdicom parses it too and finds every frame's source among the series' instances
+    parsed = hd.seg.segread(path)
+    assert [parsed.get_segment_description(n).SegmentLabel for n in parsed.get_segment_numbers()] == list(expected)
+    assert {uid for _, _, uid in parsed.get_source_image_uids()} <= set(_file_positions(source))
+
+    seg = pydicom.dcmread(path, stop_before_pixels=True)
+    first = pydicom.dcmread(source.dicom.files[0], stop_before_pixels=True)
+    assert seg.FrameOfReferenceUID == first.FrameOfReferenceUID
+    assert seg.StudyInstanceUID  # generated: the anonymised files have none
+    referenced = {item.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for item in s.ReferencedInstanceSequence}
+    assert referenced <= set(_file_positions(source))
+    stomach = next(item for item in seg.SegmentSequence if item.SegmentLabel == "stomach")
+    assert stomach.SegmentedPropertyTypeCodeSequence[0].CodeValue == "69695003"
+    assert stomach.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"
+    assert stomach.SegmentAlgorithmType == "AUTOMATIC"
+    algorithm = stomach.SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "TextSegment" and "test-model" in algorithm.AlgorithmParameters
+    assert _digest(source.dicom.files) == digest  # the user's files are untouched
+
+    # a second write of the same series lands in the same (generated) study
+    again = write_dicom_seg([_result(source, "liver", expected["liver"])], source=source, path=tmp_path / "again.dcm")
+    assert pydicom.dcmread(again, stop_before_pixels=True).StudyInstanceUID == seg.StudyInstanceUID
+
+
+def test_seg_on_the_dcmqi_series_matches_its_liver(dcmqi_series, shared_data, tmp_path):
+    source = dcmqi_series
+    liver = _resample_labels(shared_data / "dicom" / "dcmqi_ct3slice" / "liver_seg.nrrd", source)
+    assert liver.sum() > 10000
+    cyst = np.zeros(source.shape, dtype=np.uint8)
+    cyst[1, 200:220, 300:330] = 1  # inside one slice only: the other frames are omitted
+    kidney = np.zeros(source.shape, dtype=np.uint8)
+    kidney[:2, 300:340, 380:420] = 1  # synthetic, overlapping nothing
+    nothing = np.zeros(source.shape, dtype=np.uint8)
+    results = [_result(source, "liver", liver), _result(source, "cyst in the left liver", cyst),
+               _result(source, "right kidney", kidney), _result(source, "gallstones", nothing)]
+    path = write_dicom_seg(results, source=source, path=tmp_path / "liver.dcm")
+
+    rebuilt = _rebuild(path, source)
+    assert _dice(rebuilt["liver"], liver) == 1.0
+    assert np.array_equal(rebuilt["cyst in the left liver"], cyst)
+    assert np.array_equal(rebuilt["right kidney"], kidney)
+    assert rebuilt["gallstones"].sum() == 0
+    seg = pydicom.dcmread(path, stop_before_pixels=True)
+    first = pydicom.dcmread(source.dicom.files[0], stop_before_pixels=True)
+    assert seg.StudyInstanceUID == first.StudyInstanceUID and seg.PatientID == first.PatientID
+    cyst_item = next(item for item in seg.SegmentSequence if item.SegmentLabel == "cyst in the left liver")
+    assert cyst_item.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"
+    assert cyst_item.AnatomicRegionSequence[0].CodeValue == "10200004"
+    assert cyst_item.AnatomicRegionSequence[0].AnatomicRegionModifierSequence[0].CodeValue == LEFT.value
+    kidney_item = next(item for item in seg.SegmentSequence if item.SegmentLabel == "right kidney")
+    kidney_type = kidney_item.SegmentedPropertyTypeCodeSequence[0]
+    assert kidney_type.CodeValue == "64033007" and kidney_type.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == RIGHT.value
+
+
+def test_refuses_to_overwrite_and_never_writes_over_a_source_file(dcmqi_series, tmp_path):
+    source = dcmqi_series
+    mask = np.zeros(source.shape, dtype=np.uint8)
+    mask[:, 10:20, 10:20] = 1
+    results = [_result(source, "liver", mask)]
+    path = tmp_path / "seg.dcm"
+    path.write_bytes(b"precious")
+    with pytest.raises(OutputExistsError):
+        write_dicom_seg(results, source=source, path=path)
+    assert path.read_bytes() == b"precious" and sorted(p.name for p in tmp_path.iterdir()) == ["seg.dcm"]
+    write_dicom_seg(results, source=source, path=path, overwrite=True)
+    assert pydicom.dcmread(path).Modality == "SEG"
+    with pytest.raises(OutputExistsError, match="input"):
+        write_dicom_seg(results, source=source, path=source.dicom.files[0], overwrite=True)
+
+
+def test_an_all_empty_run_still_gives_a_valid_seg(dcmqi_series, tmp_path):
+    source = dcmqi_series
+    empty = np.zeros(source.shape, dtype=np.uint8)
+    long_prompt = "the small hypodense lesion in segment four of the liver next to the middle hepatic vein"
+    path = write_dicom_seg([_result(source, long_prompt, empty)], source=source, path=tmp_path / "empty.dcm")
+    rebuilt = _rebuild(path, source)
+    label = long_prompt[:64].rstrip()  # DICOM LO holds 64 characters
+    assert list(rebuilt) == [label] and rebuilt[label].sum() == 0
+
+
+def test_refuses_volumes_that_do_not_follow_their_files(dcmqi_series, tmp_path):
+    source = dcmqi_series
+    mask = np.zeros(source.shape, dtype=np.uint8)
+    mask[:, 10:20, 10:20] = 1
+    with pytest.raises(InputError, match="not read from a DICOM series"):
+        plain = Volume(source.array, spacing=source.spacing, origin=source.origin, direction=source.direction)
+        write_dicom_seg([_result(plain, "liver", mask)], source=plain, path=tmp_path / "a.dcm")
+    moved = Volume(source.array, spacing=source.spacing, origin=(0.0, 0.0, 0.0), direction=source.direction)
+    with pytest.raises(InputError, match="voxel grid"):
+        write_dicom_seg([_result(moved, "liver", mask)], source=source, path=tmp_path / "b.dcm")
+    # the same voxels in physical space, but rows stored upside down: no longer the files' pixel order
+    direction = source.direction.copy()
+    direction[:, 1] *= -1
+    origin = source.physical_points([[0, source.shape[1] - 1, 0]])[0]
+    flipped = Volume(source.array[:, ::-1], spacing=source.spacing, origin=origin, direction=direction, dicom=source.dicom)
+    with pytest.raises(InputError, match="reoriented"):
+        write_dicom_seg([_result(flipped, "liver", mask)], source=flipped, path=tmp_path / "c.dcm")
+    assert not list(tmp_path.iterdir())
+
+
+# segment meanings ---------------------------------------------------------------------------
+def test_every_code_in_the_tables_is_dicoms():
+    from pydicom.sr._concepts_dict import concepts
+
+    meanings: dict[str, set[str]] = {}
+    for entry in concepts["SCT"].values():
+        for code, (meaning, _cids) in entry.items():
+            meanings.setdefault(code, set()).add(meaning)
+    for entry in ANATOMY + FINDINGS:
+        for code in (entry.code, entry.category):
+            assert code.scheme == "SCT" and code.meaning in meanings.get(code.value, ()), (code, meanings.get(code.value))
+    for code in (TISSUE, LEFT, RIGHT):
+        assert code.meaning in meanings[code.value]
+
+
+@pytest.mark.parametrize(
+    "prompt, type_value, modifier, region",
+    [
+        ("liver", "10200004", None, None),
+        ("The LEFT kidney", "64033007", LEFT, None),
+        ("right lung, lower lobe", "39607008", RIGHT, None),
+        ("left and right kidneys", "64033007", None, None),
+        ("left kidney excluding the cyst", "64033007", LEFT, None),
+        ("hepatic tumour", "108369006", None, None),
+        ("cyst in the liver", "367643001", None, "10200004"),
+        ("portal vein", "32764006", None, None),
+        ("oesophagus", "32849002", None, None),
+    ],
+)
+def test_lookup_finds_what_the_prompt_names(prompt, type_value, modifier, region):
+    style = lookup(prompt)
+    assert style.known and style.label == prompt
+    assert style.type.value == type_value
+    assert style.modifier == modifier
+    assert (style.region.value if style.region else None) == region
+
+
+def test_unknown_prompts_get_slicers_default_meaning_and_a_stable_colour():
+    style = lookup("the thing that glows")
+    assert not style.known and style.category == TISSUE and style.type == TISSUE
+    assert lookup("the thing that glows").rgb == style.rgb
+    assert len({lookup(f"unknown structure {i}").rgb for i in range(20)}) > 3
+    assert all(0 <= c <= 255 for c in style.rgb)

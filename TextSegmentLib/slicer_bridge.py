@@ -1,0 +1,512 @@
+"""The MRML bridge: the one engine file that touches Slicer's scene.
+
+It imports only numpy, VTK and MRML classes (no Qt, no ``slicer.app``), so the same code runs inside
+Slicer and, headless, on ``slicer-core`` in CI. Nothing reaches for a global scene: every function
+takes a ``SlicerContext`` (the scene and the module logics), built by ``slicer_context()`` inside
+Slicer (the default) or ``headless_context()`` for scripts and tests::
+
+    context = headless_context()
+    ct = node_from_volume(read_volume("ct.nii.gz"), context=context, name="CT")
+    run = segment(volume_from_node(ct), ["liver"], model=model)
+    segmentation = add_segmentation(run.results, reference_node=ct, context=context)
+    export_segmentation(segmentation, "liver.seg.nrrd", context=context)
+
+Geometry: a volume node's IJK→RAS matrix is turned into the engine's LPS ``Volume`` and back, so
+flipped and oblique volumes keep every voxel where it is. The bridge reads a node's own (local)
+geometry; results are placed under the same parent transform as their reference node. Inputs are
+never modified: results go into new or given output nodes only, and only after a run succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from .colors import SegmentStyle, inferno, lookup
+from .errors import InputError
+from .volume import LPS_TO_RAS, Volume
+
+log = logging.getLogger(__name__)
+
+SALIENCY_ATTRIBUTE = "TextSegment.Saliency"  # "<prompt>|<layer>" on every saliency volume we add
+OWN_COLOR_TABLE = "TextSegment Inferno"
+SLICER_INFERNO_ID = "vtkMRMLColorTableNodeFileInferno.txt"
+TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
+GEOMETRY_TOLERANCE_MM = 1e-3
+
+
+@dataclass
+class SlicerContext:
+    """The scene and the module logics the bridge needs (trame-slicer's ``SlicerApp``, scaled down)."""
+
+    scene: Any
+    app_logic: Any = None
+    segmentations_logic: Any = None
+    volumes_logic: Any = None
+    colors_logic: Any = None
+    slice_logics: list = field(default_factory=list)  # headless only: keeps the slice views alive
+
+
+def headless_context(*, slice_views: Sequence[str] = ("Red", "Yellow", "Green")) -> SlicerContext:
+    """A fresh scene with colour, volume and segmentation logics and slice views, without Slicer.
+
+    The segmentations logic must be attached for ``AddEmptySegment`` to work (it registers the
+    representation converters); the slice views give the scene its slice composite nodes, where
+    ``show_overlay`` sets the background and foreground as in the application.
+    """
+    scene = slicer.vtkMRMLScene()
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    logics = {}
+    warnings_shown = vtk.vtkObject.GetGlobalWarningDisplay()
+    vtk.vtkObject.GlobalWarningDisplayOff()  # the colour logic complains that no colour files ship with slicer-core
+    try:
+        for name, cls in (
+            ("Colors", slicer.vtkSlicerColorLogic),
+            ("Volumes", slicer.vtkSlicerVolumesLogic),
+            ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic),
+        ):
+            logic = cls()
+            logic.SetMRMLApplicationLogic(app)
+            logic.SetMRMLScene(scene)
+            app.SetModuleLogic(name, logic)
+            logics[name] = logic
+    finally:
+        vtk.vtkObject.SetGlobalWarningDisplay(warnings_shown)
+    slice_logics = vtk.vtkCollection()
+    for layout_name in slice_views:
+        slice_logic = slicer.vtkMRMLSliceLogic()
+        slice_logic.SetMRMLApplicationLogic(app)
+        slice_logic.SetMRMLScene(scene)
+        slice_logic.AddSliceNode(layout_name)
+        slice_logics.AddItem(slice_logic)
+    app.SetSliceLogics(slice_logics)
+    return SlicerContext(
+        scene=scene,
+        app_logic=app,
+        segmentations_logic=logics["Segmentations"],
+        volumes_logic=logics["Volumes"],
+        colors_logic=logics["Colors"],
+        slice_logics=[slice_logics.GetItemAsObject(i) for i in range(slice_logics.GetNumberOfItems())],
+    )
+
+
+def slicer_context() -> SlicerContext:
+    """The running application's scene and logics (inside Slicer only)."""
+    scene = getattr(slicer, "mrmlScene", None)
+    if scene is None:
+        raise RuntimeError("no Slicer application is running: pass context=headless_context() outside Slicer")
+    return SlicerContext(
+        scene=scene,
+        app_logic=slicer.app.applicationLogic(),
+        segmentations_logic=slicer.modules.segmentations.logic(),
+        volumes_logic=slicer.modules.volumes.logic(),
+        colors_logic=slicer.modules.colors.logic(),
+    )
+
+
+def _context(context: Optional[SlicerContext]) -> SlicerContext:
+    return context if context is not None else slicer_context()
+
+
+# volumes ---------------------------------------------------------------------------------------
+def _matrix_to_numpy(matrix: Any) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _numpy_to_matrix(array: np.ndarray) -> Any:
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def _ijk_to_lps(node: Any) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return LPS_TO_RAS @ _matrix_to_numpy(matrix)  # LPS_TO_RAS is its own inverse
+
+
+def _shape(node: Any) -> tuple[int, int, int]:
+    image = node.GetImageData()
+    if image is None:
+        raise InputError(f"volume {node.GetName()!r} holds no image data")
+    x, y, z = image.GetDimensions()
+    return (z, y, x)
+
+
+def volume_from_node(node: Any) -> Volume:
+    """The engine's ``Volume`` (LPS, array (z, y, x), a copy) of a scalar volume node."""
+    image = node.GetImageData()
+    if image is None or image.GetPointData().GetScalars() is None:
+        raise InputError(f"volume {node.GetName()!r} holds no image data")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise InputError(f"volume {node.GetName()!r} has {image.GetNumberOfScalarComponents()} components; select a scalar (CT) volume")
+    array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(_shape(node)).copy()
+    m = _ijk_to_lps(node)
+    spacing = np.linalg.norm(m[:3, :3], axis=0)
+    return Volume(
+        array=array,
+        spacing=tuple(spacing),
+        origin=tuple(m[:3, 3]),
+        direction=m[:3, :3] / spacing,
+        source=f"Slicer volume {node.GetName()!r}",
+        metadata={"mrml_node_id": node.GetID()},
+    )
+
+
+def node_from_volume(volume: Volume, *, context: Optional[SlicerContext] = None, name: str,
+                     node: Any = None) -> Any:
+    """A scalar volume node (new, or ``node`` updated) holding ``volume`` with its geometry, shown in grey."""
+    context = _context(context)
+    array = np.asarray(volume.array)
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    elif array.dtype == np.float16:
+        array = array.astype(np.float32)
+    image = vtk.vtkImageData()
+    z, y, x = array.shape
+    image.SetDimensions(x, y, z)
+    vtk_array = numpy_support.numpy_to_vtk(np.ascontiguousarray(array).ravel(), deep=True)
+    image.GetPointData().SetScalars(vtk_array)
+    if node is None:
+        node = context.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    node.SetIJKToRASMatrix(_numpy_to_matrix(volume.ijk_to_ras()))
+    node.SetAndObserveImageData(image)
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    return node
+
+
+def _check_grid(volume: Volume, reference_node: Any, what: str) -> None:
+    shape = _shape(reference_node)
+    if volume.shape != shape or not np.allclose(volume.ijk_to_lps(), _ijk_to_lps(reference_node), atol=GEOMETRY_TOLERANCE_MM):
+        raise InputError(
+            f"{what} does not lie on the voxel grid of {reference_node.GetName()!r} "
+            f"(shape {volume.shape} vs {shape}); it must come from a run on that volume"
+        )
+
+
+# subject hierarchy -----------------------------------------------------------------------------
+def _place_beside(node: Any, reference_node: Any, context: SlicerContext) -> None:
+    """Put ``node`` under the reference's study (or its parent folder) and its parent transform."""
+    node.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(context.scene)
+    if sh is None:
+        return
+    parent = sh.GetSceneItemID()
+    ref_item = sh.GetItemByDataNode(reference_node)
+    if ref_item:
+        parent = sh.GetItemParent(ref_item)
+        study_level = slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMLevelStudy()
+        ancestor = parent
+        while ancestor and ancestor != sh.GetSceneItemID():
+            if sh.GetItemLevel(ancestor) == study_level:
+                parent = ancestor
+                break
+            ancestor = sh.GetItemParent(ancestor)
+    item = sh.GetItemByDataNode(node)
+    if item:
+        sh.SetItemParent(item, parent)
+    else:
+        sh.CreateItem(parent, node)
+
+
+# segmentations ---------------------------------------------------------------------------------
+def terminology_string(style: SegmentStyle) -> str:
+    """Slicer's serialised terminology entry for a segment style (category, type, modifier, region)."""
+
+    def triple(code: Any) -> tuple[str, str, str]:
+        return (code.value, code.scheme, code.meaning) if code is not None else ("", "", "")
+
+    region_context = "Anatomic codes - DICOM master list" if style.region is not None else ""
+    return slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(
+        TERMINOLOGY_CONTEXT, *triple(style.category), *triple(style.type), *triple(style.modifier),
+        region_context, *triple(style.region), *triple(style.region_modifier),
+    )
+
+
+def add_segmentation(
+    results: Iterable[Any],
+    *,
+    reference_node: Any,
+    context: Optional[SlicerContext] = None,
+    segmentation_node: Any = None,
+    name: Optional[str] = None,
+) -> Any:
+    """One segment per result (named after its prompt) in a new or the given segmentation node.
+
+    A prompt that already has a segment in ``segmentation_node`` gets its labelmap, colour and
+    terminology replaced, so re-running a prompt never duplicates it. Every result is checked
+    against the reference grid before the scene is touched.
+    """
+    context = _context(context)
+    results = list(results)
+    for result in results:
+        _check_grid(result.mask, reference_node, f"the mask for {result.prompt!r}")
+    if segmentation_node is None:
+        segmentation_node = context.scene.AddNewNodeByClass(
+            "vtkMRMLSegmentationNode", name or f"{reference_node.GetName()} TextSegment"
+        )
+        _place_beside(segmentation_node, reference_node, context)
+    if segmentation_node.GetDisplayNode() is None:
+        segmentation_node.CreateDefaultDisplayNodes()
+    if not segmentation_node.GetNodeReferenceID(segmentation_node.GetReferenceImageGeometryReferenceRole()):
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    segmentation = segmentation_node.GetSegmentation()
+    for result in results:
+        style = lookup(result.prompt)
+        segment_id = segmentation.GetSegmentIdBySegmentName(result.prompt)
+        if not segment_id:
+            segment_id = segmentation.AddEmptySegment("", result.prompt, style.rgb_float)
+            if not segment_id:
+                raise RuntimeError("AddEmptySegment failed: is a vtkSlicerSegmentationsModuleLogic attached to the scene?")
+        segment = segmentation.GetSegment(segment_id)
+        segment.SetColor(*style.rgb_float)
+        segment.SetNameAutoGenerated(False)
+        segment.SetColorAutoGenerated(False)
+        segment.SetTerminology(terminology_string(style))
+        labelmap = _oriented_labelmap(result.mask.array, reference_node)
+        if not logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, logic.MODE_REPLACE):
+            raise RuntimeError(f"could not set the labelmap of segment {result.prompt!r}")
+    return segmentation_node
+
+
+def _oriented_labelmap(mask: np.ndarray, reference_node: Any) -> Any:
+    """``mask`` (z, y, x) as oriented image data on the reference's grid, in the reference's own frame.
+
+    Like ``CreateOrientedImageDataFromVolumeNode`` but without copying the CT's voxels; the
+    segmentation node sits under the reference's parent transform, so the local frame is right.
+    """
+    labelmap = slicer.vtkOrientedImageData()
+    z, y, x = mask.shape
+    labelmap.SetExtent(0, x - 1, 0, y - 1, 0, z - 1)
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    reference_node.GetIJKToRASMatrix(ijk_to_ras)
+    labelmap.SetImageToWorldMatrix(ijk_to_ras)
+    values = np.ascontiguousarray(mask, dtype=np.uint8).ravel()
+    labelmap.GetPointData().SetScalars(numpy_support.numpy_to_vtk(values, deep=True))
+    return labelmap
+
+
+def segment_node(
+    reference_node: Any,
+    prompts: Union[str, Sequence[str]],
+    *,
+    model: Any,
+    context: Optional[SlicerContext] = None,
+    segmentation_node: Any = None,
+    segmenter: Optional[Callable[..., Any]] = None,
+    **options: Any,
+) -> tuple[Any, Any]:
+    """Segment a volume node and add the results: the scene changes only if the whole run succeeds.
+
+    ``options`` go to ``engine.segment`` (progress, cancel, threshold, ...). A cancelled or failed
+    run raises before anything is added. ``segmenter`` replaces ``engine.segment`` (tests).
+    Returns ``(segmentation_node, run)``.
+    """
+    if segmenter is None:
+        from .engine import segment as segmenter
+    context = _context(context)
+    run = segmenter(volume_from_node(reference_node), prompts, model=model, **options)
+    node = add_segmentation(run.results, reference_node=reference_node, context=context,
+                            segmentation_node=segmentation_node)
+    return node, run
+
+
+# saliency overlays -----------------------------------------------------------------------------
+def saliency_color_node(*, context: Optional[SlicerContext] = None, colormap: str = "Inferno") -> Any:
+    """Slicer's colour table ``colormap`` if the scene has it, else (for Inferno) our own 256-colour table."""
+    context = _context(context)
+    scene = context.scene
+    for node_id in (f"vtkMRMLColorTableNodeFile{colormap}.txt", f"vtkMRMLColorTableNode{colormap}",
+                    f"vtkMRMLProceduralColorNode{colormap}", f"vtkMRMLPETProceduralColorNode{colormap}"):
+        node = scene.GetNodeByID(node_id)
+        if node is not None:
+            return node
+    if colormap.lower() != "inferno":
+        raise InputError(f"colour table {colormap!r} is not in the scene; use 'Inferno' or one of Slicer's colour tables")
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode")
+        if node.GetName() == OWN_COLOR_TABLE:
+            return node
+    node = slicer.vtkMRMLColorTableNode()
+    node.SetName(OWN_COLOR_TABLE)
+    node.SetTypeToUser()
+    table = inferno(256)
+    node.SetNumberOfColors(len(table))
+    for i, (r, g, b) in enumerate(table):
+        node.SetColor(i, f"inferno {i}", float(r), float(g), float(b), 1.0)
+    node.GetLookupTable().SetRange(0, len(table) - 1)
+    scene.AddNode(node)
+    return node
+
+
+def _unit_values(volume: Volume) -> np.ndarray:
+    """A saliency map as float32 in [0, 1] (uint8 maps store value × 255)."""
+    array = np.asarray(volume.array)
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    return array.astype(np.float32)
+
+
+def add_saliency_volumes(
+    maps: Any,
+    *,
+    reference_node: Any,
+    context: Optional[SlicerContext] = None,
+    prompt: Optional[str] = None,
+    colormap: str = "Inferno",
+) -> dict[str, Any]:
+    """One float volume per layer, coloured with ``colormap``, window 0–1, zero transparent.
+
+    ``maps`` is a ``{layer: Volume}`` mapping or a saliency ``PromptSaliency`` (its ``.maps`` and
+    ``.prompt``). Volumes added before for the same prompt and layer are updated in place.
+    Returns ``{layer: node}`` in the order given.
+    """
+    context = _context(context)
+    prompt = prompt if prompt is not None else getattr(maps, "prompt", "")
+    maps = getattr(maps, "maps", maps)
+    if not isinstance(maps, Mapping) or not maps:
+        raise InputError("no saliency maps given: expected {layer: Volume} or a prompt's saliency result")
+    for layer, volume in maps.items():
+        _check_grid(volume, reference_node, f"the saliency map {layer!r}")
+    color_node = saliency_color_node(context=context, colormap=colormap)
+    existing = _saliency_nodes(context)
+    nodes = {}
+    for layer, volume in maps.items():
+        key = f"{prompt}|{layer}"
+        title = f"{prompt} saliency {layer}" if prompt else f"saliency {layer}"
+        node = node_from_volume(volume.with_array(_unit_values(volume)), context=context, name=title,
+                                node=existing.get(key))
+        node.SetAttribute(SALIENCY_ATTRIBUTE, key)
+        display = node.GetDisplayNode()
+        display.SetAndObserveColorNodeID(color_node.GetID())
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevelMinMax(0.0, 1.0)
+        display.SetApplyThreshold(True)  # voxels without saliency stay transparent over the CT
+        display.SetThreshold(1e-3, 1.0)
+        if key not in existing:
+            _place_beside(node, reference_node, context)
+        nodes[layer] = node
+    return nodes
+
+
+def _saliency_nodes(context: SlicerContext) -> dict[str, Any]:
+    scene = context.scene
+    found = {}
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+        key = node.GetAttribute(SALIENCY_ATTRIBUTE)
+        if key:
+            found[key] = node
+    return found
+
+
+def show_overlay(background: Any, foreground: Any = None, *, context: Optional[SlicerContext] = None,
+                 opacity: float = 0.5) -> list[Any]:
+    """Show ``foreground`` (e.g. a saliency layer) over ``background`` in every slice view.
+
+    What ``slicer.util.setSliceViewerLayers`` does, without the application. Switching the saliency
+    layer is calling this again with another foreground. Returns the slice composite nodes changed.
+    """
+    context = _context(context)
+    if not 0.0 <= opacity <= 1.0:
+        raise InputError(f"overlay opacity must lie between 0 and 1, got {opacity}")
+    scene = context.scene
+    composites = [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+                  for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]
+    if not composites:
+        log.warning("the scene has no slice views: nothing to show the overlay in")
+    for composite in composites:
+        composite.SetBackgroundVolumeID(background.GetID() if background is not None else None)
+        composite.SetForegroundVolumeID(foreground.GetID() if foreground is not None else None)
+        composite.SetForegroundOpacity(float(opacity))
+    return composites
+
+
+# files -----------------------------------------------------------------------------------------
+LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def export_segmentation(
+    segmentation_node: Any,
+    path: Union[str, Path],
+    *,
+    context: Optional[SlicerContext] = None,
+    reference_node: Any = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a segmentation: ``.seg.nrrd`` keeps every segment with its name, colour and terminology;
+    ``.nii.gz``/``.nii``/``.nrrd``/``.mha`` get a label map (segment *n* → label *n*, later segments
+    win where they overlap) on the reference volume's grid. Atomic; refuses to overwrite unless asked.
+
+    The segmentation storage node writes NRRD bytes whatever the file name says, so other formats go
+    through a temporary label map node (removed again: the scene is left as it was).
+    """
+    from .io.writers import atomic_write
+
+    context = _context(context)
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith(".seg.nrrd"):
+        def write(tmp: Path) -> None:
+            storage = slicer.vtkMRMLSegmentationStorageNode()
+            storage.SetFileName(str(tmp))
+            if not storage.WriteData(segmentation_node):
+                raise OSError("the segmentation storage node could not write the file")
+    elif name.endswith(LABELMAP_SUFFIXES):
+        def write(tmp: Path) -> None:
+            _write_labelmap(segmentation_node, tmp, reference_node=reference_node, context=context)
+    else:
+        raise InputError(f"{path}: unknown segmentation format; use .seg.nrrd, or {', '.join(LABELMAP_SUFFIXES)} for a label map")
+    return atomic_write(path, write, overwrite=overwrite, protected=())
+
+
+def _write_labelmap(segmentation_node: Any, path: Path, *, reference_node: Any, context: SlicerContext) -> None:
+    scene = context.scene
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "TextSegment export")
+    try:
+        ids = vtk.vtkStringArray()
+        segmentation_node.GetSegmentation().GetSegmentIDs(ids)
+        logic = slicer.vtkSlicerSegmentationsModuleLogic
+        extent_mode = slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
+        if not logic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, reference_node, extent_mode):
+            raise OSError("exporting the segments to a label map failed")
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(str(path))
+        storage.SetUseCompression(True)
+        if not storage.WriteData(labelmap):
+            raise OSError("the volume storage node could not write the label map")
+    finally:  # leave the scene as it was: the label map and anything the export created
+        for i in reversed(range(scene.GetNumberOfNodes())):
+            node = scene.GetNthNode(i)
+            if node is not None and node.GetID() not in before:
+                scene.RemoveNode(node)
+
+
+def load_segmentation(path: Union[str, Path], *, context: Optional[SlicerContext] = None,
+                      name: Optional[str] = None) -> Any:
+    """Read a ``.seg.nrrd`` into a new segmentation node."""
+    context = _context(context)
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such segmentation file")
+    node = context.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or path.name.split(".")[0])
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        context.scene.RemoveNode(node)
+        raise InputError(f"{path}: could not be read as a Slicer segmentation")
+    node.CreateDefaultDisplayNodes()
+    return node
