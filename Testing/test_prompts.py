@@ -1,0 +1,298 @@
+"""Prompt pyramids, targets as mask algebra, name normalisation and free-text resolution."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from TextSegmentLib.errors import InputError
+from TextSegmentLib.phantom import LABEL_IDS, LABELS, make_phantom
+from TextSegmentLib.prompts import (
+    Prompt,
+    Target,
+    build_prompt_pyramid,
+    canonical_target_name,
+    display_name,
+    find_target_name,
+    ground_truth,
+    prompt_table,
+    resolve_target,
+)
+from TextSegmentLib.prompts.names import vocabulary_conflicts
+from TextSegmentLib.prompts.targets import descendants, expand
+from TextSegmentLib.volume import Volume
+
+M3D = "adapted from M3D term dictionary (MIT)"
+TOTALSEG_TARGETS = (
+    "liver", "spleen", "kidney_left", "kidney_right", "kidneys", "pancreas", "stomach", "aorta", "inferior_vena_cava",
+    "gallbladder", "lung_left", "lung_right", "lungs", "lung_upper_lobe_left", "lung_lower_lobe_left",
+    "lung_upper_lobe_right", "lung_middle_lobe_right", "lung_lower_lobe_right", "vertebrae", "heart", "colon",
+    "urinary_bladder", "adrenal_gland_left", "adrenal_gland_right", "esophagus", "duodenum", "small_bowel",
+    "portal_vein_and_splenic_vein",
+)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(seed=11, shape=(24, 80, 80), lesions="all")
+
+
+@pytest.fixture(scope="module")
+def totalseg(shared_data):
+    """TotalSegmentator's reference label map (stored RAS-flipped: direction diag(-1, -1, 1))."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(shared_data / "ct/totalseg_example_ct_sm/example_seg.nii.gz"))
+    volume = Volume(sitk.GetArrayFromImage(image), spacing=image.GetSpacing(), origin=image.GetOrigin(),
+                    direction=np.array(image.GetDirection()).reshape(3, 3))
+    names = json.loads((shared_data / "ct/totalsegmentator_class_maps.json").read_text())["total"]
+    return volume, names  # names keyed by strings, as JSON gives them
+
+
+def every_label() -> set[str]:
+    """Label names of real maps (phantom and TotalSegmentator): group names are not labels."""
+    return set(LABELS.values()) | set(prompt_table().totalsegmentator_names)
+
+
+def physical_centroid(volume: Volume, mask: np.ndarray) -> np.ndarray:
+    k, j, i = np.nonzero(mask)
+    assert k.size
+    return volume.physical_points(np.stack([i, j, k], axis=1)).mean(axis=0)
+
+
+# --- names ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "typed, canonical",
+    [
+        ("Left Kidney", "kidney_left"), ("kidney (left)", "kidney_left"), ("left-kidney", "kidney_left"),
+        ("L kidney", "kidney_left"), ("kidney_left", "kidney_left"), ("RT KIDNEY", "kidney_right"),
+        ("kidneys", "kidneys"), ("Kidney", "kidneys"), ("IVC", "inferior_vena_cava"), ("gall bladder", "gallbladder"),
+        ("Liver Tumour", "liver_tumor"), ("hepatic lesion", "liver_tumor"), ("left lower lobe", "lung_lower_lobe_left"),
+        ("RML", "lung_middle_lobe_right"), ("vertebra L1", "vertebrae_L1"), ("left iliac artery", "iliac_artery_left"),
+        ("oesophagus", "esophagus"), ("small intestine", "small_bowel"), ("the spine", "vertebrae"),
+        ("pulmonary nodule", "lung_nodule"), ("necrotic centre", "liver_tumor_necrotic_core"),
+    ],
+)
+def test_canonical_target_name_normalises_typed_names(typed, canonical):
+    assert canonical_target_name(typed) == canonical
+
+
+def test_unknown_names_come_back_normalised_and_are_not_found():
+    assert canonical_target_name("Brain Tumour (Left)") == "brain_tumor_left"
+    assert find_target_name("purple elephant") is None
+    assert find_target_name("my organ", known=["my_organ"]) == "my_organ"
+
+
+def test_every_table_name_and_alias_round_trips():
+    assert vocabulary_conflicts() == []
+    for name, entry in prompt_table().entries.items():
+        for phrase in (name, *entry.names, *entry.aliases):
+            assert canonical_target_name(phrase) == name, phrase
+    assert display_name("vertebrae_L1") == "L1 vertebra" and canonical_target_name("L1 vertebra") == "vertebrae_L1"
+    assert display_name("iliac_artery_left") == "left iliac artery"
+
+
+# --- targets ----------------------------------------------------------------------------------------
+
+
+def test_groups_expand_organs_with_their_lesions():
+    names = set(LABELS.values())
+    assert expand("liver", names) == {"liver", "liver_tumor_necrotic_core", "liver_tumor_enhancing_rim"}
+    assert expand("kidneys", names) == {"kidney_left", "kidney_right", "kidney_cyst_left", "kidney_cyst_right"}
+    assert expand("lungs", {"lung_upper_lobe_left", "lung_lower_lobe_right", "liver"}) == {
+        "lung_upper_lobe_left", "lung_lower_lobe_right"}
+    assert expand("vertebrae", {"vertebrae_L1", "vertebrae_T12", "sacrum"}) == {"vertebrae_L1", "vertebrae_T12"}
+    assert expand("body", {"liver", "spleen"}) == set()  # the whole outline only where "body" is itself a label
+    assert expand("body", {"body", "liver"}) == {"body", "liver"}
+    assert "liver_tumor_necrotic_core" in descendants("liver", every_label())
+
+
+def test_l3_ground_truth_is_mask_algebra(phantom):
+    labels, names = phantom.labels, phantom.label_names
+    count = {n: int((labels.array == LABEL_IDS[n]).sum()) for n in LABEL_IDS}
+    tumor = count["liver_tumor_necrotic_core"] + count["liver_tumor_enhancing_rim"]
+    assert tumor > 0
+    liver_gt = ground_truth(Target(("liver",)), labels, names)
+    without = ground_truth(Target(("liver",), ("liver_tumor",)), labels, names)
+    assert liver_gt.sum() == count["liver"] + tumor
+    assert without.sum() == liver_gt.sum() - tumor == count["liver"]
+    assert not (without & ground_truth(Target(("liver_tumor",)), labels, names)).any()
+    rim_only = ground_truth(Target(("liver_tumor",), ("liver_tumor_necrotic_core",)), labels, names)
+    assert np.array_equal(rim_only, labels.array == LABEL_IDS["liver_tumor_enhancing_rim"])
+    both = ground_truth(Target(("kidneys",)), labels.array, {str(k): v for k, v in names.items()})
+    assert both.sum() == sum(count[n] for n in ("kidney_left", "kidney_right", "kidney_cyst_left", "kidney_cyst_right"))
+    assert not ground_truth(Target(), labels, names).any()
+
+
+def test_prompts_round_trip_through_json():
+    prompt = Prompt("left kidney but not the cyst", "L3", Target(("kidney_left",), ("kidney_cyst_left",)), "ours")
+    assert Prompt.from_dict(json.loads(json.dumps(prompt.to_dict()))) == prompt
+    with pytest.raises(InputError):
+        Prompt("liver", "L9", Target(("liver",)))
+    with pytest.raises(InputError):
+        Prompt.from_dict({"text": "liver"})
+
+
+# --- resolving free text ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, include, exclude",
+    [
+        ("Liver excluding the tumour", ["liver"], ["liver_tumor"]),
+        ("the LIVER without its tumor", ["liver"], ["liver_tumor"]),
+        ("Left kidney, excluding its cyst", ["kidney_left"], ["kidney_cyst_left"]),
+        ("necrotic center of the liver lesion", ["liver_tumor_necrotic_core"], []),
+        ("enhancing rim but not the necrotic core", ["liver_tumor_enhancing_rim"], []),
+        ("lungs minus the LLL", ["lungs"], ["lung_lower_lobe_left"]),
+        ("upper lobes of the lungs", ["lung_upper_lobe_left", "lung_upper_lobe_right"], []),
+        ("spleen plus liver", ["liver", "spleen"], []),
+        ("aorta, IVC and spleen", ["aorta", "inferior_vena_cava", "spleen"], []),
+        ("right kidney but not the left one", ["kidney_right"], []),
+        ("kidneys except the cysts", ["kidney_left", "kidney_right"], ["kidney_cyst_left", "kidney_cyst_right"]),
+        ("the cyst of the right kidney", ["kidney_cyst_right"], []),
+        ("the tumour in the liver", ["liver_tumor"], []),
+        ("upper lobe of the left lung", ["lung_upper_lobe_left"], []),
+    ],
+)
+def test_resolve_target_understands_new_phrasings(text, include, exclude):
+    target = resolve_target(text)
+    assert target is not None, text
+    names = every_label()
+    assert target.labels(names) == Target(tuple(include), tuple(exclude)).labels(names)
+
+
+@pytest.mark.parametrize("text", ["purple elephant", "a cup of coffee", "", "the quarterly tax report"])
+def test_resolve_target_refuses_nonsense(text):
+    assert resolve_target(text) is None
+
+
+def test_every_table_phrasing_resolves_to_its_target():
+    table = prompt_table()
+    for name, entry in table.entries.items():
+        for text in (*entry.names, *(d.text for d in entry.descriptions)):
+            assert resolve_target(text) == Target((name,)), text
+    for comp in table.compositions:
+        assert resolve_target(comp.text.upper()) == comp.target
+
+
+def test_resolve_target_knows_a_maps_own_label_names():
+    assert resolve_target("Tumor Bed (Left)") is None
+    assert resolve_target("Tumor Bed (Left)", label_names={1: "tumor_bed_left"}) == Target(("tumor_bed_left",))
+
+
+# --- the curated table ----------------------------------------------------------------------------------
+
+
+def test_table_covers_phantom_and_common_totalsegmentator_targets():
+    table = prompt_table()
+    for name in (*LABELS.values(), *TOTALSEG_TARGETS, "liver_tumor", "kidney_cyst"):
+        entry = table.entries.get(name)
+        assert entry is not None and len(entry.descriptions) >= 2, name
+    for entry in table.entries.values():
+        for d in entry.descriptions:
+            assert d.aspect in ("location", "shape", "appearance") and d.source in ("ours", M3D), d
+    assert {d.source for e in table.entries.values() for d in e.descriptions} == {"ours", M3D}
+    texts = [d.text for e in table.entries.values() for d in e.descriptions]
+    assert len(texts) == len(set(texts))
+    assert set(table.totalsegmentator_names) >= set(TOTALSEG_TARGETS) - {"kidneys", "lungs", "vertebrae", "lung_left",
+                                                                          "lung_right"}
+
+
+# --- pyramids ------------------------------------------------------------------------------------------------
+
+
+def test_pyramid_on_a_phantom(phantom):
+    labels, names = phantom.labels, phantom.label_names
+    prompts = build_prompt_pyramid(labels, names, seed=0, max_l2_per_target=2)
+    assert {p.level for p in prompts} == {"L1", "L2", "L3", "negative"}
+    for p in prompts:
+        voxels = ground_truth(p, labels, names).sum()
+        assert (voxels == 0) == (p.level == "negative"), (p.text, p.level, voxels)
+    texts = {p.text: p for p in prompts}
+    for required in ("liver", "kidneys", "lungs", "liver tumor", "hepatic lesion", "liver excluding the tumor",
+                     "necrotic core of the hepatic lesion", "enhancing rim without the necrotic centre", "liver and spleen"):
+        assert required in texts, required
+    side = phantom.anatomy["lesions"]["kidney_cyst"]["side"]
+    assert f"{side} kidney but not the cyst" in texts
+    other = "right" if side == "left" else "left"
+    assert any(p.level == "negative" and p.target == Target((f"kidney_cyst_{other}",)) for p in prompts)
+    nonsense = [p for p in prompts if p.source == "nonsense"]
+    assert nonsense and all(resolve_target(p.text) is None for p in nonsense)
+    per_target: dict = {}
+    for p in prompts:
+        if p.level == "L2":
+            per_target[p.target] = per_target.get(p.target, 0) + 1
+    assert per_target and max(per_target.values()) <= 2
+
+
+def test_pyramid_negatives_are_absent_from_the_image_not_just_unlabelled(phantom):
+    prompts = build_prompt_pyramid(phantom.labels, phantom.label_names, seed=3, absent=50)
+    negatives = [p.target.include[0] for p in prompts if p.level == "negative" and p.source != "nonsense"]
+    assert negatives
+    for name in negatives:  # no lung lobes (the phantom's lungs have them, unlabelled), no fat or body
+        assert name in phantom.label_names.values() or name in {"brain", "thyroid_gland", "prostate",
+                                                                  "urinary_bladder", "femur_left", "femur_right", "sacrum"}
+
+
+def test_pyramid_is_seeded(phantom):
+    def texts(seed):
+        return [p.text for p in build_prompt_pyramid(phantom.labels, phantom.label_names, seed=seed, max_l2_per_target=1)]
+
+    assert texts(1) == texts(1)
+    assert any(texts(1) != texts(s) for s in range(2, 6))
+
+
+def test_left_and_right_prompts_pick_patient_sides_on_a_flipped_volume():
+    flipped = make_phantom(seed=11, shape=(24, 80, 80), lesions="all", direction=np.diag([-1.0, 1.0, 1.0]))
+    labels, names = flipped.labels, flipped.label_names
+    prompts = {p.text: p for p in build_prompt_pyramid(labels, names, seed=0, max_l2_per_target=5)}
+    for text, sign in (("left kidney", 1), ("right kidney", -1), ("left lung", 1), ("right lung", -1)):
+        x = physical_centroid(labels, ground_truth(prompts[text], labels, names))[0]
+        assert np.sign(x) == sign, (text, x)
+    described = "the bean-shaped retroperitoneal organ on the patient's left, beside the spine and below the spleen"
+    mask = ground_truth(resolve_target(described), labels, names)
+    assert physical_centroid(labels, mask)[0] > 30
+    # in index space the left kidney now sits at low i: the test would catch an index-space shortcut
+    k, j, i = np.nonzero(mask)
+    assert i.mean() < labels.shape[2] / 2
+
+
+def test_pyramid_on_a_totalsegmentator_label_map(totalseg):
+    volume, names = totalseg
+    array = volume.array
+    ids = {v: int(k) for k, v in names.items()}
+    prompts = build_prompt_pyramid(volume, names, seed=0)
+    by_text = {p.text: p for p in prompts}
+    assert ground_truth(by_text["liver"], volume, names).sum() == (array == ids["liver"]).sum() > 0
+    kidneys = np.isin(array, [ids[n] for n in ("kidney_left", "kidney_right", "kidney_cyst_left", "kidney_cyst_right")])
+    assert np.array_equal(ground_truth(by_text["kidneys"], volume, names), kidneys)
+    lobes = [ids[n] for n in names.values() if n.startswith("lung_") and "lobe" in n]
+    lungs_without_lll = np.isin(array, lobes) & (array != ids["lung_lower_lobe_left"])
+    assert np.array_equal(ground_truth(by_text["lungs excluding the left lower lobe"], volume, names), lungs_without_lll)
+    vertebrae = np.isin(array, [ids[n] for n in names.values() if n.startswith("vertebrae_")])
+    assert np.array_equal(ground_truth(by_text["vertebrae"], volume, names), vertebrae)
+    for p in prompts:
+        empty = not ground_truth(p, volume, names).any()
+        assert empty == (p.level == "negative"), p.text
+        assert p.target.include[:1] not in (("fat",), ("body",), ("muscle",)) or p.level != "negative"
+    # patient sides in physical space on a file stored with x pointing to the patient's right
+    assert volume.direction[0, 0] == -1
+    left = physical_centroid(volume, ground_truth(by_text["left kidney"], volume, names))
+    right = physical_centroid(volume, ground_truth(by_text["right kidney"], volume, names))
+    spleen = physical_centroid(volume, ground_truth(by_text["spleen"], volume, names))
+    liver = physical_centroid(volume, ground_truth(by_text["liver"], volume, names))
+    assert left[0] > right[0] and spleen[0] > liver[0]
+
+
+def test_min_voxels_drops_slivers(totalseg):
+    volume, names = totalseg
+    counts = np.bincount(volume.array.ravel())
+    assert counts[int(next(k for k, v in names.items() if v == "lung_middle_lobe_right"))] == 1  # a one-voxel sliver
+    texts = {p.text for p in build_prompt_pyramid(volume, names, min_voxels=10)}
+    assert "right middle lobe of the lung" not in texts and "liver" in texts
+    assert "right middle lobe of the lung" in {p.text for p in build_prompt_pyramid(volume, names)}
