@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/textsegment demo
+	$(VENV)/bin/textsegment phantom demo_out/phantom --seed 0 --overwrite
+	$(VENV)/bin/textsegment info demo_out/phantom/ct.nii.gz
 
 test: $(STAMP)
 	$(PY) -m pytest -q
