@@ -89,6 +89,17 @@ class TextSegmentationModel(nn.Module):
     def forward(self, images: torch.Tensor, text: TextFeatures, *, taps: TapRequest = None) -> ModelOutput:
         raise NotImplementedError
 
+    @property
+    def joint_tap_names(self) -> tuple[str, ...]:
+        """Taps ``project_to_joint`` can map into the joint image–text space (saliency stages 2–3)."""
+        return ()
+
+    def project_to_joint(self, name: str, features: torch.Tensor) -> torch.Tensor:
+        """Map tap ``name``'s ``(B, C, h, w)`` features into the joint space ``(B, D, h, w)``."""
+        from ..errors import ModelError
+
+        raise ModelError(f"tap {name!r} has no map to the joint space; these do: {list(self.joint_tap_names)}")
+
     def resolve_taps(self, taps: TapRequest) -> tuple[str, ...]:
         """Turn a tap request into a validated tuple of names."""
         if not taps:

@@ -32,7 +32,7 @@ from ..errors import InputError, ModelError, WeightsError
 from .base import ModelOutput, TapRequest, TextFeatures, TextSegmentationModel
 from .layers import ChannelLayerNorm, ConvBlock, ConvNormAct, FiLM, HaarDWT, resize_to
 from .registry import register_builder, register_model
-from .towers import BIOMEDCLIP_SOURCE, TextTower, VisionTower, is_offline, load_clip
+from .towers import BIOMEDCLIP_SOURCE, TextTower, ViTJointTaps, VisionTower, is_offline, load_clip
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class AttributePooling(nn.Module):
 # --------------------------------------------------------------------------------------- model
 
 
-class FreqMedCLIP(TextSegmentationModel):
+class FreqMedCLIP(ViTJointTaps, TextSegmentationModel):
     """Text-prompted segmentation: ``model(images01, model.encode_text(prompts)).logits``.
 
     >>> from TextSegmentLib.models import create_model
@@ -386,23 +386,6 @@ class FreqMedCLIP(TextSegmentationModel):
             image_embedding=image_embedding,
             extras=extras,
         )
-
-    # ---- saliency support
-
-    @property
-    def joint_tap_names(self) -> tuple[str, ...]:
-        """Taps ``project_to_joint`` can map into the image–text space."""
-        return tuple(f"vit.{i}" for i in self.config.vit_taps)
-
-    def project_to_joint(self, name: str, features: torch.Tensor) -> torch.Tensor:
-        """Map a ViT tap ``(B, width, h, w)`` into the joint space ``(B, D, h, w)``.
-
-        Uses the tower's own final norm + projection: exact for the last block (what CLIP was trained
-        on), an approximation for earlier blocks, whose tokens were never trained to live there.
-        """
-        if name not in self.joint_tap_names:
-            raise ModelError(f"tap {name!r} has no map to the joint space; these do: {list(self.joint_tap_names)}")
-        return self.vision.project_tokens(features)
 
     def _check_images(self, images: torch.Tensor) -> None:
         size = self.config.image_size

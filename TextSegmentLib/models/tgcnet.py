@@ -44,6 +44,7 @@ from .deformable_attention import (
 )
 from .layers import ConvBlock, ConvNormAct, FiLM, resize_to
 from .registry import register_builder, register_model
+from .towers import ViTJointTaps
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +310,7 @@ class CostAggregationDecoder(nn.Module):
 # ------------------------------------------------------------------------------------------ model
 
 
-class TGCNet(TextSegmentationModel):
+class TGCNet(ViTJointTaps, TextSegmentationModel):
     """Text-prompted segmentation on frozen CLIP towers: ``model(images01, model.encode_text(prompts)).logits``.
 
     >>> from TextSegmentLib.models import create_model
@@ -423,24 +424,6 @@ class TGCNet(TextSegmentationModel):
             image_embedding=image_embedding,
             extras=extras,
         )
-
-    # ------------------------------------------------------------------------ saliency support
-
-    @property
-    def joint_tap_names(self) -> tuple[str, ...]:
-        """Taps that map into the image–text space: the ViT ones (the trained parts have no such map)."""
-        return tuple(f"vit.{i}" for i in self.config.vit_taps)
-
-    def project_to_joint(self, name: str, features: torch.Tensor) -> torch.Tensor:
-        """A ViT tap ``(B, width, h, w)`` through the tower's final norm + projection → ``(B, D, h, w)``
-        (exact for the last block, an approximation for earlier ones)."""
-        if name not in self.joint_tap_names:
-            raise ModelError(f"tap {name!r} has no map to the joint space; these do: {list(self.joint_tap_names)}")
-        return self.vision.project_tokens(features)
-
-    def project_tap(self, name: str, features: torch.Tensor) -> Optional[torch.Tensor]:
-        """``project_to_joint``, or ``None`` for a tap without a map (what the saliency sink asks)."""
-        return self.project_to_joint(name, features) if name in self.joint_tap_names else None
 
     def _check_inputs(self, images: torch.Tensor, text: TextFeatures) -> tuple[torch.Tensor, TextFeatures]:
         if images.ndim != 4 or images.shape[1] != 3:

@@ -154,6 +154,26 @@ register_clip_config(
 )
 
 
+register_clip_config(
+    "textsegment-vit-ti16-text32",
+    {
+        # The shipped tiny weights' towers: as above, with a width-32 text transformer (77 tokens, so
+        # TGC-Net's DATE texts fit). The vocabulary-sized token table dominates a tiny model; at width
+        # 32 a whole FreqMedCLIP-tiny checkpoint stays under 25 MB in fp16.
+        "embed_dim": 256,
+        "vision_cfg": {
+            "timm_model_name": "vit_tiny_patch16_224",
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "linear",
+            "image_size": 128,
+        },
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 4},
+        "custom_text": True,
+    },
+)
+
+
 # --------------------------------------------------------------------------------------- loading
 
 
@@ -554,3 +574,20 @@ def load_towers(
     """``load_clip`` + both wrappers; the CLIP logit scale is dropped (no family uses it)."""
     clip_model = load_clip(source, image_size=image_size, cache_dir=cache_dir)
     return VisionTower(clip_model), TextTower(clip_model)
+
+
+class ViTJointTaps:
+    """Mixin for models with a CLIP ``vision`` tower: their ``vit.<i>`` taps map into the joint space.
+
+    Through the tower's own final norm + projection — exact for the last block (what CLIP was
+    trained on), an approximation for earlier blocks, whose tokens were never trained to live there.
+    """
+
+    @property
+    def joint_tap_names(self) -> tuple[str, ...]:
+        return tuple(f"vit.{i}" for i in self.config.vit_taps)
+
+    def project_to_joint(self, name: str, features: "torch.Tensor") -> "torch.Tensor":
+        if name not in self.joint_tap_names:
+            raise ModelError(f"tap {name!r} has no map to the joint space; these do: {list(self.joint_tap_names)}")
+        return self.vision.project_tokens(features)
