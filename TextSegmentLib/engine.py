@@ -98,7 +98,7 @@ def segment(
     from .devices import select_device
     from .postprocess import clean_mask
 
-    prompt_list = _validate_prompts(prompts)
+    prompt_list = validate_prompts(prompts)
     aux_list = _validate_aux(aux_prompts, len(prompt_list))
     if not 0.0 < threshold < 1.0:
         raise InputError(f"threshold must lie strictly between 0 and 1, got {threshold}")
@@ -249,7 +249,8 @@ def _initial_batch_size(batch_size: Union[int, str], device) -> int:
     return value
 
 
-def _validate_prompts(prompts: Union[str, Sequence[str]]) -> list[str]:
+def validate_prompts(prompts: Union[str, Sequence[str]]) -> list[str]:
+    """Whitespace-normalised prompts; an empty list or an empty prompt is an ``InputError``."""
     if isinstance(prompts, str):
         prompts = [prompts]
     cleaned = [" ".join(str(p).split()) for p in prompts]

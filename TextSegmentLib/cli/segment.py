@@ -35,19 +35,20 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine import segment
+    from ..engine import segment, validate_prompts
     from ..io import read_volume
     from ..weights import load_model
     from ..export import check_outputs_free, write_segmentation
     from .progressbar import progress_bar
 
     out_dir = Path(args.out)
+    prompts = validate_prompts(args.prompt)
     volume = read_volume(args.input, allow_non_ct=args.allow_non_ct)
     check_outputs_free(out_dir, overwrite=args.overwrite)
     model = load_model(args.model, weights=args.weights, device=args.device)
     with progress_bar(disable=args.quiet) as bar:
         run_ = segment(
-            volume, args.prompt, model=model, aux_prompts=args.aux_prompt, device=args.device,
+            volume, prompts, model=model, aux_prompts=args.aux_prompt, device=args.device,
             batch_size=args.batch_size, axis=args.axis, threshold=args.threshold,
             skip_empty_slices=not args.keep_empty_slices, largest_component=args.cleanup,
             fill_holes=args.cleanup, progress=bar,

@@ -1,0 +1,94 @@
+"""`textsegment segment` end to end with a real (random-weight) model, and the engine on real presets."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from TextSegmentLib.cli import main
+from TextSegmentLib.engine import segment
+from TextSegmentLib.io import read_volume
+from TextSegmentLib.phantom import make_phantom, save_phantom
+from TextSegmentLib.weights import load_model
+
+
+@pytest.fixture(scope="module")
+def phantom_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("phantom")
+    save_phantom(make_phantom(seed=1, shape=(6, 64, 64)), folder)
+    return folder / "ct.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("freqmedclip-tiny", weights="random", device="cpu")
+
+
+def test_segment_writes_label_map_legend_and_probabilities(phantom_file, tmp_path, capsys):
+    out = tmp_path / "seg"
+    code = main(["segment", str(phantom_file), "-p", "liver", "-p", "spleen", "--out", str(out),
+                 "--weights", "random", "--quiet"])
+    assert code == 0
+    legend = json.loads((out / "segmentation.json").read_text())
+    assert [e["prompt"] for e in legend["labels"]] == ["liver", "spleen"]
+    assert legend["weights"] == "random"
+    labels = sitk.ReadImage(str(out / "segmentation.nii.gz"))
+    source = sitk.ReadImage(str(phantom_file))
+    assert labels.GetSize() == source.GetSize()
+    assert np.allclose(labels.GetDirection(), source.GetDirection())
+    assert np.allclose(labels.GetOrigin(), source.GetOrigin())
+    assert set(np.unique(sitk.GetArrayFromImage(labels))) <= {0, 1, 2}
+    for entry in legend["labels"]:
+        prob = sitk.GetArrayFromImage(sitk.ReadImage(str(out / entry["probability_map"])))
+        assert prob.shape == sitk.GetArrayFromImage(source).shape
+        assert 0.0 <= prob.min() and prob.max() <= 1.0
+        assert entry["voxels"] == int((prob >= 0.5).sum())
+    assert "voxels" in capsys.readouterr().out
+
+
+def test_segment_refuses_to_replace_results_and_writes_nothing_new(phantom_file, tmp_path, capsys):
+    out = tmp_path / "seg"
+    out.mkdir()
+    (out / "segmentation.json").write_text("keep me")
+    code = main(["segment", str(phantom_file), "-p", "liver", "--out", str(out), "--weights", "random", "--quiet"])
+    assert code != 0
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "segmentation.json").read_text() == "keep me"
+    assert sorted(p.name for p in out.iterdir()) == ["segmentation.json"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["segment", "/no/such/ct.nii.gz", "-p", "liver"], "no such file"),
+    (["segment", "{ct}", "-p", "  "], "empty prompt"),
+    (["segment", "{ct}", "-p", "liver", "--model", "no-such-model"], "unknown model"),
+])
+def test_bad_input_is_one_line_and_a_non_zero_exit(argv, message, phantom_file, tmp_path, capsys):
+    argv = [a.replace("{ct}", str(phantom_file)) for a in argv] + ["--out", str(tmp_path / "o"), "--weights", "random"]
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip()
+    assert message in err.lower()
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_default_weights_is_a_clear_error_not_a_random_model(phantom_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TEXTSEGMENT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TEXTSEGMENT_OFFLINE", "1")
+    code = main(["segment", str(phantom_file), "-p", "liver", "--out", str(tmp_path / "o"), "--model", "tgcnet-base"])
+    assert code != 0
+    assert "weights" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_real_model_is_batch_invariant_and_deterministic(phantom_file, tiny):
+    volume = read_volume(phantom_file)
+    one = segment(volume, ["liver", "left kidney"], model=tiny, device="cpu", batch_size=1)
+    many = segment(volume, ["liver", "left kidney"], model=tiny, device="cpu", batch_size=6)
+    again = segment(volume, ["liver", "left kidney"], model=tiny, device="cpu", batch_size=6)
+    for a, b, c in zip(one.results, many.results, again.results):
+        np.testing.assert_allclose(a.probability.array, b.probability.array, atol=1e-5)
+        np.testing.assert_array_equal(b.probability.array, c.probability.array)
+    assert not np.array_equal(many.results[0].probability.array, many.results[1].probability.array)
