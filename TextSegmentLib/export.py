@@ -20,6 +20,7 @@ from .errors import OutputExistsError
 LABEL_MAP = "segmentation.nii.gz"
 LEGEND = "segmentation.json"
 PROBABILITY_DIR = "probabilities"
+SALIENCY_DIR = "saliency"
 
 
 def check_outputs_free(out_dir: Path, *, overwrite: bool = False) -> None:
@@ -27,7 +28,8 @@ def check_outputs_free(out_dir: Path, *, overwrite: bool = False) -> None:
     out_dir = Path(out_dir)
     if overwrite or not out_dir.exists():
         return
-    taken = [p for p in (out_dir / LABEL_MAP, out_dir / LEGEND, out_dir / PROBABILITY_DIR) if p.exists()]
+    names = (LABEL_MAP, LEGEND, PROBABILITY_DIR, SALIENCY_DIR)
+    taken = [out_dir / name for name in names if (out_dir / name).exists()]
     if taken:
         raise OutputExistsError(
             f"{out_dir}: holds results already ({', '.join(p.name for p in taken)}); "

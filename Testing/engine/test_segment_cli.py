@@ -49,6 +49,20 @@ def test_segment_writes_label_map_legend_and_probabilities(phantom_file, tmp_pat
     assert "voxels" in capsys.readouterr().out
 
 
+def test_segment_with_saliency_writes_one_map_per_layer(phantom_file, tmp_path):
+    out = tmp_path / "seg"
+    code = main(["segment", str(phantom_file), "-p", "liver", "--out", str(out), "--weights", "random", "--quiet",
+                 "--saliency", "--layers", "vit.3,vit.11", "--stage", "2"])
+    assert code == 0
+    legend = json.loads((out / "saliency" / "saliency_legend.json").read_text())
+    assert legend["stage"] == 2
+    files = [layer["file"] for layer in legend["prompts"][0]["layers"]]
+    assert len(files) == 3  # two layers and the combined map
+    for relative in files:
+        image = sitk.ReadImage(str(out / "saliency" / relative))
+        assert image.GetSize() == sitk.ReadImage(str(phantom_file)).GetSize()
+
+
 def test_segment_refuses_to_replace_results_and_writes_nothing_new(phantom_file, tmp_path, capsys):
     out = tmp_path / "seg"
     out.mkdir()

@@ -203,8 +203,8 @@ def test_series_keys_without_uid_are_stable(shared_data):
     assert first[0].key == again[0].key and first[0].key.startswith("nouid-")
 
 
-def test_pixels_fall_back_to_simpleitk(shared_data, monkeypatch):
-    folder = shared_data / "dicom/rtutils_mock_ct_rtstruct"
+def test_compressed_pixels_fall_back_to_simpleitk(shared_data, monkeypatch):
+    folder = shared_data / "dicom/totalseg_example_ct_dicom/series"  # JPEG 2000
     expected = read_volume(folder).array
 
     def no_decoder(*args, **kwargs):
@@ -221,9 +221,18 @@ def test_truncated_pixel_data_names_the_file(shared_data, tmp_path):
         shutil.copy(file, tmp_path / file.name)
     broken = tmp_path / "ct_2.dcm"
     broken.write_bytes(broken.read_bytes()[:200_000])
-    with pytest.raises(InputError, match="cannot decode the pixel data") as info:
+    with pytest.raises(InputError, match="corrupt pixel data") as info:
         read_volume(tmp_path)
     assert str(broken) in str(info.value)
+
+
+def test_uncompressed_pixels_pydicom_cannot_read_are_not_handed_to_simpleitk(shared_data, monkeypatch):
+    def unreadable(*args, **kwargs):
+        raise ValueError("pixel data too short")
+
+    monkeypatch.setattr(dicom, "apply_modality_lut", unreadable)
+    with pytest.raises(InputError, match="corrupt pixel data"):
+        read_volume(shared_data / "dicom/rtutils_mock_ct_rtstruct")
 
 
 def test_garbage_behind_a_dicom_signature(tmp_path):

@@ -20,6 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cleanup", action="store_true", help="keep the largest 3D component and fill holes")
     p.add_argument("--keep-empty-slices", action="store_true", help="also run on slices with no body in them")
     p.add_argument("--allow-non-ct", action="store_true", help="run on a series that is not CT (results unreliable)")
+    p.add_argument("--saliency", action="store_true",
+                   help="also write per-layer saliency maps from the same forward pass (into OUT/saliency)")
+    p.add_argument("--stage", type=int, choices=(1, 2, 3), default=1, help="saliency stage (with --saliency)")
+    p.add_argument("--layers", default=None, help="saliency layers, e.g. vit.3,vit.11 (default: the model's saliency layers)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -38,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine import segment, validate_prompts
     from ..io import read_volume
     from ..weights import load_model
-    from ..export import check_outputs_free, write_segmentation
+    from ..export import SALIENCY_DIR, check_outputs_free, write_segmentation
     from .progressbar import progress_bar
 
     out_dir = Path(args.out)
@@ -46,14 +50,23 @@ def run(args: argparse.Namespace) -> int:
     volume = read_volume(args.input, allow_non_ct=args.allow_non_ct)
     check_outputs_free(out_dir, overwrite=args.overwrite)
     model = load_model(args.model, weights=args.weights, device=args.device)
+    sink = None
+    if args.saliency:
+        from ..saliency import build_saliency_sink
+
+        sink = build_saliency_sink(model=model, layers=args.layers, stage=args.stage, threshold=args.threshold)
     with progress_bar(disable=args.quiet) as bar:
         run_ = segment(
             volume, prompts, model=model, aux_prompts=args.aux_prompt, device=args.device,
             batch_size=args.batch_size, axis=args.axis, threshold=args.threshold,
             skip_empty_slices=not args.keep_empty_slices, largest_component=args.cleanup,
-            fill_holes=args.cleanup, progress=bar,
+            fill_holes=args.cleanup, progress=bar, features_sink=sink,
         )
     written = write_segmentation(run_, out_dir=out_dir, model_name=args.model, weights=args.weights, overwrite=args.overwrite)
+    if sink is not None:
+        from ..saliency import write_saliency
+
+        written += write_saliency(run_.features, out_dir=out_dir / SALIENCY_DIR, overwrite=args.overwrite)
     for warning in run_.warnings:
         print(f"warning: {warning}")
     for result in run_.results:

@@ -459,6 +459,10 @@ def _decode(file: Path, ds: Any) -> np.ndarray:
     try:
         return np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64)
     except Exception as pydicom_error:  # noqa: BLE001 - missing plugin, corrupt stream, …
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is not None and not syntax.is_compressed:
+            # uncompressed data pydicom cannot read is corrupt (e.g. truncated): GDCM would return garbage
+            raise InputError(f"{file}: corrupt pixel data ({pydicom_error})") from pydicom_error
         import SimpleITK as sitk
 
         try:

@@ -72,6 +72,8 @@ class TextSegmentationModel(nn.Module):
 
     config: object
     tap_names: tuple[str, ...] = ()
+    # the taps saliency explains by default (a subset keeps whole-CT maps affordable); () = all
+    saliency_layers: tuple[str, ...] = ()
 
     @property
     def image_size(self) -> int:

@@ -301,6 +301,11 @@ class FreqMedCLIP(ViTJointTaps, TextSegmentationModel):
             *(f"decoder.{k}" for k in range(levels + 1)),
             "fused",
         )
+        self.saliency_layers = (
+            *(f"vit.{i}" for i in config.vit_taps),
+            *(f"gated.{level}" for level in range(levels)),
+            "fused",
+        )
         self._set_trainable()
         self.train()
 

@@ -52,7 +52,7 @@ def list_models() -> list[str]:
     return sorted(_PRESETS)
 
 
-def get_model_config(name: str, **overrides: Any) -> Any:
+def get_model_config(name: str, /, **overrides: Any) -> Any:
     """The preset's config with ``overrides`` applied (unknown keys are an error)."""
     _load_families()
     if name not in _PRESETS:
@@ -76,6 +76,6 @@ def build_model(config: Any) -> Any:
     return builder(config)
 
 
-def create_model(name: str, **overrides: Any) -> Any:
+def create_model(name: str, /, **overrides: Any) -> Any:
     """Build model ``name`` with its weights untouched (see ``weights.load_model`` for trained ones)."""
     return build_model(get_model_config(name, **overrides))

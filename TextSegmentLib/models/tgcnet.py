@@ -346,6 +346,11 @@ class TGCNet(ViTJointTaps, TextSegmentationModel):
             *(f"decoder.{n}" for n in range(len(config.decoder_widths))),
             "fused",
         )
+        self.saliency_layers = (
+            *(f"vit.{i}" for i in config.vit_taps),
+            *(f"pyramid.{level}" for level in range(NUM_LEVELS)),
+            "fused",
+        )
 
     def train(self, mode: bool = True) -> "TGCNet":
         super().train(mode)

@@ -1,0 +1,419 @@
+"""The module logic on Slicer's real MRML (slicer-core), headless: parameters, worker, jobs, cancel, batch.
+
+The test thread plays Slicer's main thread: it submits jobs and drains them with ``poll()``.
+The model is constructed (a per-pixel HU rule), so every expected mask is known exactly.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import slicer  # noqa: F401 - before TextSegmentLib: slicer-core's meta package imports this folder's modules too
+import torch
+import vtk
+from torch import nn
+from vtk.util import numpy_support
+
+from TextSegmentLib.errors import Cancelled, InputError
+from TextSegmentLib.io import read_label_map
+from TextSegmentLib.models.base import ModelOutput, TextFeatures, TextSegmentationModel
+from TextSegmentLib.progress import CancelToken
+from TextSegmentLib.slicer_bridge import SALIENCY_ATTRIBUTE, export_segmentation, node_from_volume
+from TextSegmentLib.slicer_logic import (
+    MODEL_PRESETS,
+    PARAMETERS,
+    TORCH_REQUIREMENT,
+    SegmentationLogic,
+    describe_gpus,
+    find_parameter_node,
+    missing_requirements,
+    parse_aux_prompts,
+    parse_prompts,
+    probe_gpus,
+    read_parameters,
+    robustness_note,
+    write_parameters,
+)
+from TextSegmentLib.volume import Volume
+
+REPO = Path(__file__).resolve().parents[2]
+SIGN = {"bone": 1.0, "soft tissue": -1.0}  # which side of mid-grey in the bone window (400 HU) a prompt takes
+
+
+@dataclass
+class Config:
+    image_size: int = 32
+
+
+class BoneModel(TextSegmentationModel):
+    """'bone' is HU above 400 (mid-grey of the bone window), 'soft tissue' the rest; records its threads.
+
+    ``gate`` (an Event) holds every forward pass until set, so a test can act while a job runs.
+    """
+
+    tap_names = ("pixels",)
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        super().__init__()
+        self.config = Config()
+        self.scale = nn.Parameter(torch.tensor(40.0))
+        self.gate = gate
+        self.started = threading.Event()
+        self.threads: list[str] = []
+
+    def encode_text(self, prompts, aux_prompts=None):
+        return TextFeatures(pooled=torch.tensor([[SIGN[p]] for p in prompts]))
+
+    def forward(self, images, text, *, taps=None):
+        self.threads.append(threading.current_thread().name)
+        self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(10), "the test never opened the gate"
+        logits = self.scale * text.pooled[:, :1, None, None] * (images[:, 2:3] - 0.5)
+        return ModelOutput(logits=logits, taps={"pixels": images} if taps else {})
+
+
+def _ct(direction=np.diag([-1.0, 1.0, 1.0])) -> tuple[Volume, np.ndarray]:
+    """A soft-tissue slab with a bone box off-centre, on a flipped grid (32×32 slices: the model grid exactly)."""
+    hu = np.full((6, 32, 32), 40, np.int16)
+    bone = np.zeros(hu.shape, bool)
+    bone[1:5, 4:12, 18:28] = True
+    hu[bone] = 1200
+    return Volume(hu, spacing=(0.8, 0.8, 2.0), origin=(10.0, -5.0, 3.0), direction=direction), bone
+
+
+@pytest.fixture
+def logic(context):
+    logic = SegmentationLogic(context=context)
+    yield logic
+    logic.shutdown()
+
+
+@pytest.fixture
+def ct_node(context):
+    volume, _ = _ct()
+    return node_from_volume(volume, context=context, name="CT")
+
+
+def _scene_ids(context) -> list[str]:
+    scene = context.scene
+    return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
+
+
+def _voxels_and_matrix(node) -> tuple[np.ndarray, np.ndarray]:
+    values = numpy_support.vtk_to_numpy(node.GetImageData().GetPointData().GetScalars()).copy()
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return values, np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _segment_masks(segmentation_node, reference_node, context, tmp_path) -> np.ndarray:
+    """The label map Slicer's own export makes of the segmentation, on the reference grid."""
+    path = export_segmentation(segmentation_node, tmp_path / "labels.nii.gz", context=context,
+                               reference_node=reference_node, overwrite=True)
+    return read_label_map(path).array
+
+
+# parameters ------------------------------------------------------------------------------------
+def test_parameters_default_and_are_stored_as_the_wrapper_stores_them(context, ct_node):
+    node = find_parameter_node(context.scene)
+    # what ScriptedLoadableModuleLogic.getParameterNode looks for: a singleton tagged with the module name
+    assert node.GetAttribute("ModuleName") == "TextSegment" and node.GetSingletonTag() == "TextSegment"
+    assert context.scene.GetSingletonNode("TextSegment", "vtkMRMLScriptedModuleNode") is node
+    assert find_parameter_node(context.scene) is node  # found again, not duplicated
+    values = read_parameters(node)
+    assert values == {p.name: p.default for p in PARAMETERS}
+
+    write_parameters(node, {"inputVolume": ct_node, "saliency": True, "saliencyOpacity": 0.25, "saliencyStage": 2})
+    # parameterNodeWrapper's serialisers: "True"/"False", str(number), node reference + empty parameter
+    assert node.GetParameter("saliency") == "True" and node.GetParameter("combinedMap") == "True"
+    assert node.GetParameter("saliencyOpacity") == "0.25" and node.GetParameter("saliencyStage") == "2"
+    assert node.HasParameter("inputVolume") and node.GetParameter("inputVolume") == ""
+    assert node.GetNodeReferenceID("inputVolume") == ct_node.GetID()
+
+
+@pytest.mark.parametrize("suffix", [".mrml", ".mrb"])
+def test_parameters_survive_save_and_reload(context, ct_node, tmp_path, suffix):
+    from TextSegmentLib.slicer_bridge import headless_context
+
+    output = context.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Liver result")
+    chosen = {
+        "inputVolume": ct_node, "outputSegmentation": output, "prompts": "liver\nleft kidney \"cyst\" <&>",
+        "auxPrompts": "", "model": "tgcnet-tiny", "weights": "my-weights", "device": "cpu", "threshold": 0.35,
+        "saliency": True, "saliencyStage": 3, "saliencyLayer": "vit.11", "saliencyOpacity": 0.7,
+        "colormap": "Viridis", "combinedMap": False,
+    }
+    assert set(chosen) == {p.name for p in PARAMETERS}
+    write_parameters(find_parameter_node(context.scene), chosen)
+
+    if suffix == ".mrml":
+        path = tmp_path / "scene.mrml"
+        context.scene.SetURL(str(path))
+        assert context.scene.Commit()
+        reloaded = headless_context()
+        reloaded.scene.SetURL(str(path))
+        assert reloaded.scene.Import()
+    else:
+        bundle, path = tmp_path / "bundle", tmp_path / "scene.mrb"
+        bundle.mkdir()
+        assert context.app_logic.SaveSceneToSlicerDataBundleDirectory(str(bundle), None)
+        assert context.app_logic.Zip(str(path), str(bundle))
+        reloaded = headless_context()
+        (tmp_path / "unpacked").mkdir()
+        assert reloaded.app_logic.OpenSlicerDataBundle(str(path), str(tmp_path / "unpacked"))
+    try:
+        assert reloaded.scene.GetSingletonNode("TextSegment", "vtkMRMLScriptedModuleNode") is not None
+        values = read_parameters(find_parameter_node(reloaded.scene, create=False))
+        for name, value in chosen.items():
+            if name in ("inputVolume", "outputSegmentation"):
+                assert values[name] is not None and values[name].GetName() == value.GetName(), name
+                assert values[name].GetScene() is reloaded.scene
+            else:
+                assert values[name] == value, name
+        if suffix == ".mrb":  # the bundle also carries the voxels the reference points at
+            assert values["inputVolume"].GetImageData().GetDimensions() == (32, 32, 6)
+    finally:
+        reloaded.scene.Clear(True)
+
+
+def test_bad_parameter_values_are_refused(context, ct_node):
+    node = find_parameter_node(context.scene)
+    for values, message in (
+        ({"device": "gpu"}, "one of"), ({"saliencyStage": 4}, "between"), ({"threshold": "0.5"}, "float"),
+        ({"outputSegmentation": ct_node}, "vtkMRMLSegmentationNode"), ({"colour": "Inferno"}, "unknown"),
+    ):
+        with pytest.raises(InputError, match=message):
+            write_parameters(node, values)
+    assert read_parameters(node)["device"] == "auto"
+
+
+def test_logic_parameter_shortcuts(logic, ct_node):
+    logic.set_parameters(inputVolume=ct_node, prompts="spleen")
+    assert logic.parameters()["inputVolume"] is ct_node and logic.parameters()["prompts"] == "spleen"
+
+
+# segmenting ------------------------------------------------------------------------------------
+def test_blocking_segment_adds_one_segment_per_prompt_and_never_touches_the_input(logic, context, ct_node, tmp_path):
+    _, bone = _ct()
+    voxels, matrix = _voxels_and_matrix(ct_node)
+    model = BoneModel()
+    outcome = logic.segment(volume=ct_node, prompts="bone\n\nsoft tissue\nbone", model=model, device="cpu", wait=True)
+    segmentation = outcome.segmentation_node.GetSegmentation()
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    assert names == ["bone", "soft tissue"]
+    labels = _segment_masks(outcome.segmentation_node, ct_node, context, tmp_path)
+    np.testing.assert_array_equal(labels == 1, bone)
+    np.testing.assert_array_equal(labels == 2, ~bone)
+    after_voxels, after_matrix = _voxels_and_matrix(ct_node)
+    np.testing.assert_array_equal(after_voxels, voxels)
+    np.testing.assert_array_equal(after_matrix, matrix)
+    assert set(model.threads) == {threading.current_thread().name}  # wait=True runs on the caller's thread
+
+    # re-running into the same node replaces the segment instead of adding a second one
+    again = logic.segment(volume=ct_node, prompts=["bone"], model=model, device="cpu",
+                          segmentation_node=outcome.segmentation_node)
+    assert again.segmentation_node is outcome.segmentation_node
+    assert segmentation.GetNumberOfSegments() == 2
+
+
+def test_no_volume_selected_is_an_error(logic):
+    with pytest.raises(InputError, match="no input volume"):
+        logic.segment(volume=None, prompts=["bone"], model=BoneModel())
+    with pytest.raises(InputError, match="no prompt"):
+        parse_prompts(" \n  \n")
+
+
+def test_async_job_runs_on_one_persistent_worker_and_changes_the_scene_only_in_poll(logic, context, ct_node):
+    gate = threading.Event()
+    model = BoneModel(gate)
+    before = _scene_ids(context)
+    job = logic.segment(volume=ct_node, prompts=["bone"], model=model, device="cpu", wait=False)
+    assert model.started.wait(10)
+    assert job in logic.running and not job.finished
+    gate.set()
+    finished = threading.Event()
+    logic.submit("marker", lambda progress, cancel: finished.set())  # runs after the segmentation, in order
+    assert finished.wait(10)
+    assert _scene_ids(context) == before  # computed, but nothing applied before the main thread polls
+
+    fractions = []
+    while not job.finished:
+        fractions += [e.job.fraction for e in logic.poll() if e.kind == "progress" and e.job is job]
+    assert job.state == "done" and job.fraction == 1.0
+    assert fractions == sorted(fractions) and fractions
+    assert job.result.segmentation_node.GetScene() is context.scene
+    assert len(_scene_ids(context)) > len(before)
+
+    second = logic.segment(volume=ct_node, prompts=["soft tissue"], model=model, device="cpu", wait=False)
+    logic.wait(second, timeout=20)
+    worker = logic.worker.thread
+    assert worker is not None and worker.is_alive()
+    assert set(model.threads) == {worker.name} and worker is not threading.current_thread()
+
+
+def test_cancel_mid_run_leaves_the_scene_unchanged(logic, context, ct_node):
+    gate = threading.Event()
+    model = BoneModel(gate)
+    before = _scene_ids(context)
+    job = logic.segment(volume=ct_node, prompts=["bone", "soft tissue"], model=model, device="cpu",
+                        batch_size=1, saliency=True, wait=False)
+    assert model.started.wait(10)
+    logic.cancel()
+    gate.set()
+    with pytest.raises(Cancelled):
+        logic.wait(job, timeout=20)
+    assert job.state == "cancelled" and job.result is None
+    assert _scene_ids(context) == before
+    assert len(model.threads) < 6  # it stopped between slices instead of running to the end
+
+
+def test_cancel_after_computing_but_before_poll_still_changes_nothing(logic, context, ct_node):
+    before = _scene_ids(context)
+    job = logic.segment(volume=ct_node, prompts=["bone"], model=BoneModel(), device="cpu", wait=False)
+    computed = threading.Event()
+    logic.submit("marker", lambda progress, cancel: computed.set())
+    assert computed.wait(20)
+    job.cancel()
+    while not job.finished:
+        logic.poll()
+    assert job.state == "cancelled"
+    assert _scene_ids(context) == before
+
+
+def test_blocking_cancel_raises_before_anything_is_added(logic, context, ct_node):
+    before = _scene_ids(context)
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        logic.segment(volume=ct_node, prompts=["bone"], model=BoneModel(), device="cpu", cancel=token)
+    assert _scene_ids(context) == before
+
+
+def test_input_removed_while_running_fails_without_adding_anything(logic, context, ct_node):
+    gate = threading.Event()
+    job = logic.segment(volume=ct_node, prompts=["bone"], model=BoneModel(gate), device="cpu", wait=False)
+    context.scene.RemoveNode(ct_node)
+    before = _scene_ids(context)
+    gate.set()
+    with pytest.raises(InputError, match="was removed"):
+        logic.wait(job, timeout=20)
+    assert job.state == "failed" and "was removed" in job.message
+    assert _scene_ids(context) == before
+
+
+def test_saliency_volumes_per_prompt_and_layer_and_the_overlay(logic, context, ct_node):
+    outcome = logic.segment(volume=ct_node, prompts=["bone", "soft tissue"], model=BoneModel(), device="cpu",
+                            saliency=True, saliency_stage=1)
+    assert set(outcome.saliency_nodes) == {"bone", "soft tissue"}
+    for prompt, layers in outcome.saliency_nodes.items():
+        assert set(layers) == {"pixels", "combined"}
+        for layer, node in layers.items():
+            assert node.GetAttribute(SALIENCY_ATTRIBUTE) == f"{prompt}|{layer}"
+    shown = logic.show_saliency(outcome, prompt="bone", opacity=0.3)
+    assert shown is outcome.saliency_nodes["bone"]["combined"]
+    composite = context.scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
+    assert composite.GetBackgroundVolumeID() == ct_node.GetID()
+    assert composite.GetForegroundVolumeID() == shown.GetID() and composite.GetForegroundOpacity() == pytest.approx(0.3)
+    with pytest.raises(InputError, match="no saliency layer"):
+        logic.show_saliency(outcome, prompt="bone", layer="vit.3")
+
+
+def test_models_are_loaded_once_and_out_of_memory_falls_back_to_the_cpu(context, ct_node):
+    calls = []
+
+    def loader(name, *, weights, device):
+        calls.append((name, weights, device))
+        if device != "cpu":
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return BoneModel()
+
+    logic = SegmentationLogic(context=context, model_loader=loader)
+    try:
+        outcome = logic.segment(volume=ct_node, prompts=["bone"], model="bone-model", device="cuda")
+        assert calls == [("bone-model", None, "cuda"), ("bone-model", None, "cpu")]
+        assert any("CPU" in w for w in outcome.warnings) and outcome.run.device == "cpu"
+        logic.segment(volume=ct_node, prompts=["soft tissue"], model="bone-model", device="cpu")
+        assert len(calls) == 2  # cached
+    finally:
+        logic.shutdown()
+
+
+def test_study_batch_through_the_logic_asynchronously(logic, shared_data, tmp_path):
+    from TextSegmentLib.study_batch import REPORT
+
+    study = tmp_path / "study"
+    shutil.copytree(shared_data / "dicom" / "dcmqi_ct3slice" / "series", study / "ct")
+    job = logic.segment_dicom_study(dicom_dir=study, prompts=["bone"], output_dir=tmp_path / "out", model=BoneModel(),
+                                    device="cpu", wait=False)
+    report = logic.wait(job, timeout=60)
+    assert [s.status for s in report.series] == ["ok"]
+    assert (tmp_path / "out" / REPORT).is_file() and (tmp_path / "out" / report.series[0].folder / "seg.dcm").is_file()
+    with pytest.raises(InputError, match="inside Slicer"):
+        logic.segment_dicom_study(dicom_dir=study, prompts=["bone"], output_dir=tmp_path / "o2", model=BoneModel(),
+                                  add_to_dicom_database=True)
+
+
+# helpers the widget uses -------------------------------------------------------------------------
+def test_prompt_and_aux_parsing():
+    assert parse_prompts("  liver \n\n left   kidney\nliver\n") == ["liver", "left kidney"]
+    assert parse_aux_prompts("", count=2) is None
+    assert parse_aux_prompts("large organ\n\n", count=2) == ["large organ", None]
+    with pytest.raises(InputError, match="one line per prompt"):
+        parse_aux_prompts("a\nb\nc", count=2)
+
+
+def test_gpu_probe_reads_nvidia_smi_and_survives_its_absence():
+    class Done:
+        returncode, stdout = 0, "0, NVIDIA RTX A4000, 16376, 15000\n1, Tesla T4, 15360, 100\n"
+
+    gpus = probe_gpus(run=lambda *a, **k: Done())
+    assert gpus == [{"index": 0, "name": "NVIDIA RTX A4000", "total_mib": 16376, "free_mib": 15000},
+                    {"index": 1, "name": "Tesla T4", "total_mib": 15360, "free_mib": 100}]
+    assert "cuda:0 NVIDIA RTX A4000: 14.6 of 16.0 GiB free" in describe_gpus(gpus)
+
+    def missing(*a, **k):
+        raise FileNotFoundError("nvidia-smi")
+
+    assert probe_gpus(run=missing) == []
+    assert "CPU" in describe_gpus([])
+
+
+def test_missing_requirements_checks_names_and_pins():
+    assert missing_requirements(["numpy>=1.0", "pytest>=1"]) == []
+    import numpy
+
+    assert missing_requirements([f"numpy>{numpy.__version__}"]) == [f"numpy>{numpy.__version__} (installed: {numpy.__version__})"]
+    assert missing_requirements(["surely-not-installed-textsegment-x>=1"]) == ["surely-not-installed-textsegment-x>=1"]
+
+
+def test_robustness_note_uses_the_figures_the_weights_carry():
+    class Info:
+        metadata = {"metrics": {"pss": 0.12, "prompt_swap_dice": 0.87, "prompts": {"liver": {"pss": 0.05}}}}
+
+    class Source:
+        info = Info()
+
+    class Model:
+        weights_source = Source()
+
+    note = robustness_note(Model())
+    assert "of these weights" in note and "0.12" in note and "0.87" in note
+    own = robustness_note(Model(), prompt="liver")
+    assert "'liver'" in own and "0.05" in own and "0.12" not in own
+    assert "0.12" in robustness_note(Model(), prompt="spleen")  # no figures of its own: the weights' figures
+    assert "No prompt-robustness figures" in robustness_note(object())
+
+
+def test_presets_and_torch_pin_match_the_engine_and_pyproject():
+    import tomllib
+
+    from TextSegmentLib.models.registry import list_models
+
+    assert sorted(MODEL_PRESETS) == list_models()
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert TORCH_REQUIREMENT in dependencies

@@ -1,0 +1,141 @@
+"""Each saliency stage against a hand computation on tensors small enough to do on paper."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from TextSegmentLib.saliency.maths import (
+    Stage3Weights,
+    box_of,
+    box_weights,
+    cosine_map,
+    gaussian_prior,
+    percentile,
+    region_mean,
+    ring_weights,
+    robust_rescale,
+    stage1_map,
+    stage2_map,
+    stage3_map,
+)
+
+
+def grid(*vectors):
+    """(1, C, 1, W) features: one row of positions holding ``vectors``."""
+    return torch.tensor(vectors, dtype=torch.float32).T[None, :, None, :]
+
+
+def test_cosine_map_by_hand():
+    features = grid([3.0, 4.0], [0.0, 2.0], [-1.0, 0.0])
+    out = cosine_map(features, torch.tensor([[1.0, 0.0]]))
+    assert torch.allclose(out, torch.tensor([[[0.6, 0.0, -1.0]]]))
+
+
+def test_cosine_map_of_zero_vector_is_zero_not_nan():
+    out = cosine_map(grid([0.0, 0.0], [1.0, 0.0]), torch.tensor([[1.0, 0.0]]))
+    assert torch.equal(out, torch.tensor([[[0.0, 1.0]]]))
+
+
+def test_cosine_map_with_several_references_matches_one_at_a_time():
+    features = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(1))
+    references = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(2))
+    stacked = cosine_map(features, references)
+    assert stacked.shape == (2, 4, 4, 5)
+    for k in range(4):
+        assert torch.allclose(stacked[:, k], cosine_map(features, references[:, k]), atol=1e-6)
+
+
+def test_region_mean_of_several_regions_in_one_pass():
+    features = grid([2.0, 0.0], [0.0, 4.0])
+    weights = torch.tensor([[[[1.0, 0.0]], [[1.0, 1.0]]]])  # (1, 2 regions, 1, 2)
+    assert torch.allclose(region_mean(features, weights), torch.tensor([[[2.0, 0.0], [1.0, 2.0]]]))
+
+
+def test_region_mean_is_the_weighted_average():
+    features = grid([2.0, 0.0], [0.0, 4.0], [6.0, 6.0])
+    weights = torch.tensor([[[1.0, 0.5, 0.0]]])
+    # (1·[2,0] + 0.5·[0,4]) / 1.5 = [4/3, 4/3]
+    assert torch.allclose(region_mean(features, weights), torch.tensor([[4 / 3, 4 / 3]]))
+    assert torch.equal(region_mean(features, torch.zeros(1, 1, 3)), torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize("q, expected", [(0, 1.0), (25, 1.75), (50, 2.5), (100, 4.0)])
+def test_percentile_by_hand(q, expected):
+    assert float(percentile(torch.tensor([4.0, 1.0, 3.0, 2.0]), q)) == pytest.approx(expected)
+
+
+def test_percentile_matches_numpy_on_random_values():
+    values = torch.randn(1001, generator=torch.Generator().manual_seed(0))
+    for q in (1.0, 37.5, 99.0):
+        assert float(percentile(values, q)) == pytest.approx(np.percentile(values.numpy(), q), abs=1e-6)
+
+
+def test_robust_rescale_maps_percentiles_to_unit_range():
+    maps = torch.arange(11.0).reshape(1, 1, 11)  # percentiles 10 and 90 are 1 and 9
+    out = robust_rescale(maps, low=10, high=90)
+    expected = torch.tensor([0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 8], dtype=torch.float32) / 8
+    assert torch.allclose(out, expected.reshape(1, 1, 11))
+    assert torch.allclose(robust_rescale(maps, bounds=(0.0, 5.0))[0, 0, :3], torch.tensor([0.0, 0.2, 0.4]))
+    assert torch.equal(robust_rescale(torch.ones(1, 2, 2)), torch.zeros(1, 2, 2))
+
+
+def test_box_of_gives_fractions_and_presence():
+    target = torch.zeros(2, 4, 8, dtype=torch.bool)
+    target[0, 1:3, 2:6] = True
+    boxes, present = box_of(target)
+    assert present.tolist() == [True, False]
+    assert torch.allclose(boxes[0], torch.tensor([0.25, 0.25, 0.75, 0.75]))
+
+
+def test_box_and_ring_weights_on_a_4x4_grid():
+    box = torch.tensor([[0.25, 0.25, 0.75, 0.75]])  # cell centres 0.125, 0.375, 0.625, 0.875
+    inner = box_weights(box, (4, 4))
+    assert inner[0].tolist() == [[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]
+    ring = ring_weights(box, (4, 4), margin=0.5)  # grown by 0.25 per side: the whole grid
+    assert ring[0].sum() == 12 and ring[0, 1:3, 1:3].sum() == 0
+
+
+def test_gaussian_prior_by_hand():
+    box = torch.tensor([[0.0, 0.0, 0.5, 0.5]])  # centre (0.25, 0.25), σ = 0.5 per axis
+    prior = gaussian_prior(box, (2, 2), floor=0.2)
+    # cell centres are 0.25 and 0.75: offsets 0 or 0.5 = 1σ per axis
+    assert float(prior[0, 0, 0]) == pytest.approx(1.0)
+    assert float(prior[0, 0, 1]) == pytest.approx(0.2 + 0.8 * math.exp(-0.5))
+    assert float(prior[0, 1, 1]) == pytest.approx(0.2 + 0.8 * math.exp(-1.0))
+
+
+def test_stage1_is_similarity_to_the_prototype():
+    features = grid([1.0, 0.0], [1.0, 0.0], [0.0, 1.0])
+    prototype = region_mean(features, torch.tensor([[[1.0, 1.0, 0.0]]]))  # = [1, 0]
+    assert torch.allclose(stage1_map(features, prototype=prototype), torch.tensor([[[1.0, 1.0, 0.0]]]))
+
+
+def test_stage2_blends_prototype_and_prompt():
+    features = grid([1.0, 0.0], [0.0, 1.0])
+    prototype, prompt = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 5.0]])
+    out = stage2_map(features, prototype=prototype, prompt=prompt, alpha=0.75)
+    norm = math.hypot(0.75, 0.25)  # reference ∝ (0.75, 0.25) after unit-normalising both parts
+    assert torch.allclose(out, torch.tensor([[[0.75 / norm, 0.25 / norm]]]))
+
+
+def test_stage3_four_components_by_hand():
+    e1, e2, e3 = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]
+    features = grid(e1, e2, e3)
+    weights = Stage3Weights(prototype=1.0, prompt=1.0, global_image=0.5, context=0.5)
+    prior = torch.tensor([[[1.0, 0.5, 0.25]]])
+    out = stage3_map(
+        features,
+        prototype=torch.tensor([e1]),
+        prompt=torch.tensor([e2]),
+        global_image=torch.tensor([e3]),
+        context=torch.tensor([e3]),
+        prior=prior,
+        weights=weights,
+    )
+    # scores: e1 → +1, e2 → +1, e3 → −0.5 − 0.5 = −1; total weight 3; unit = (score/3 + 1)/2
+    unit = torch.tensor([(1 / 3 + 1) / 2, (1 / 3 + 1) / 2, (-1 / 3 + 1) / 2])
+    assert torch.allclose(out, (unit * prior[0, 0])[None, None])

@@ -1,0 +1,141 @@
+"""What saliency leaves on disk: maps + legend (NIfTI/JSON), the PNG montage, and `textsegment explain`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from planted_model import PlantedModel, sphere_phantom
+
+from TextSegmentLib.errors import InputError, OutputExistsError
+from TextSegmentLib.io import read_image_file, read_volume, write_volume
+from TextSegmentLib.preprocess import inverse_fit, plan_fit
+from TextSegmentLib.saliency import COMBINED, explain, save_montage, write_saliency
+from TextSegmentLib.saliency.export import LEGEND
+from TextSegmentLib.saliency.sink import source_grid
+
+
+@pytest.fixture
+def explained(model, phantom):
+    volume, ball, _ = phantom
+    return volume, ball, explain(volume, ["bright", "dark"], model=model, device="cpu", stage=2)
+
+
+def test_source_grid_lands_maps_where_inverse_fit_does():
+    fit = plan_fit((20, 40), size=32, pixel_spacing=(3.0, 1.0))  # anisotropic and padded
+    assert fit.padding != (0, 0, 0, 0)
+    y, x = torch.meshgrid(torch.linspace(0, 1, 8), torch.linspace(0, 1, 8), indexing="ij")
+    coarse = (torch.sin(3 * x) + y**2)[None, None]  # a smooth 8×8 map over the model square
+    direct = F.grid_sample(coarse, source_grid(fit), mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
+    via_square = inverse_fit(F.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False), fit)[0, 0]
+    assert direct.shape == (20, 40)
+    assert torch.allclose(direct, via_square, atol=0.03)
+
+
+def test_maps_and_legend_round_trip_through_files(explained, tmp_path):
+    volume, _, run = explained
+    written = write_saliency(run.features, out_dir=tmp_path, extra_legend={"model": "planted"})
+    legend = json.loads((tmp_path / LEGEND).read_text())
+    assert legend["stage"] == 2 and legend["model"] == "planted"
+    assert [p["prompt"] for p in legend["prompts"]] == ["bright", "dark"]
+    files = [layer["file"] for p in legend["prompts"] for layer in p["layers"]]
+    assert len(files) == 2 * 4 and len(written) == len(files) + 1
+    first = legend["prompts"][0]["layers"]
+    assert [layer["layer"] for layer in first] == ["shallow", "deep", "joint", COMBINED]
+    assert first[2]["stage"] == 2 and first[1]["stage"] == 1 and "encoding" in first[0]
+    image = sitk.ReadImage(str(tmp_path / first[1]["file"]))
+    assert sitk.GetArrayFromImage(image).dtype == np.uint8
+    assert np.array_equal(sitk.GetArrayFromImage(image), run.features[0].maps["deep"].array)
+    assert np.allclose(image.GetDirection(), volume.direction.ravel()) and np.allclose(
+        image.GetSpacing(), volume.spacing
+    )
+    with pytest.raises(OutputExistsError):
+        write_saliency(run.features, out_dir=tmp_path)
+
+
+def test_montage_is_a_non_empty_png(explained, tmp_path):
+    volume, ball, run = explained
+    from matplotlib.image import imread
+
+    path = save_montage(
+        run.features[0], volume=volume, mask=volume.with_array(ball.astype(np.uint8)), path=tmp_path / "m.png"
+    )
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = imread(path)
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 400
+    assert pixels[..., :3].std() > 0.05  # not a blank canvas
+    with pytest.raises(OutputExistsError):
+        save_montage(run.features[0], volume=volume, path=path)
+    with pytest.raises(InputError, match="outside"):
+        save_montage(run.features[0], volume=volume, path=tmp_path / "x.png", slice_index=99)
+
+
+def test_montage_picks_the_slice_with_the_largest_target(explained):
+    volume, ball, run = explained
+    import TextSegmentLib.saliency.montage as montage
+
+    chosen = montage.choose_slice(run.features[0], plan=_plan(volume), mask=volume.with_array(ball.astype(np.uint8)))
+    assert chosen == int(np.argmax(ball.reshape(ball.shape[0], -1).sum(axis=1)))
+
+
+def test_explain_command_writes_maps_legend_and_montages(tmp_path, monkeypatch, capsys):
+    from TextSegmentLib import weights
+    from TextSegmentLib.cli import explain as command
+
+    volume, _, _ = sphere_phantom()
+    ct = write_volume(volume, tmp_path / "ct.nii.gz")
+    monkeypatch.setattr(weights, "load_model", lambda name, weights=None, device="auto": PlantedModel())
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers())
+    out = tmp_path / "out"
+    argv = [
+        "explain",
+        str(ct),
+        "--prompt",
+        "bright",
+        "--prompt",
+        "dark",
+        "--layers",
+        "deep,joint",
+        "--stage",
+        "3",
+        "--out",
+        str(out),
+        "--weights",
+        "random",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    legend = json.loads((out / LEGEND).read_text())
+    assert legend["weights"] == "random" and legend["stage"] == 3
+    assert [layer["layer"] for layer in legend["prompts"][0]["layers"]] == ["deep", "joint", COMBINED]
+    for p in legend["prompts"]:
+        for layer in p["layers"]:
+            assert read_image_file(out / layer["file"]).same_geometry(read_volume(ct))
+    assert (out / "01_bright_montage.png").stat().st_size > 1000
+    assert (out / "02_dark_montage.png").stat().st_size > 1000
+    assert "bright" in capsys.readouterr().out
+    with pytest.raises(OutputExistsError):
+        args.func(parser.parse_args(argv))
+
+
+def test_explain_command_rejects_a_malformed_roi():
+    from TextSegmentLib.cli.explain import parse_roi
+
+    assert parse_roi("1,2,3,4,5,6") == ((1, 2), (3, 4), (5, 6))
+    with pytest.raises(InputError, match="six whole numbers"):
+        parse_roi("1,2,3")
+
+
+def _plan(volume):
+    from TextSegmentLib.preprocess import slice_plan
+
+    return slice_plan(volume, axis="axial")

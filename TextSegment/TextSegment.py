@@ -1,0 +1,571 @@
+"""TextSegment: text-prompted CT segmentation with layer-wise saliency, as a 3D Slicer module.
+
+A thin adapter. Everything that runs without Qt lives in TextSegmentLib and is tested headless:
+``slicer_logic`` (parameters, the worker thread, jobs, study batch), ``slicer_bridge`` (every MRML
+change), the engine and the models. Nothing here imports torch at load time, so Slicer starts fast
+and the module opens even before its dependencies are installed (Setup section).
+
+Console::
+
+    logic = slicer.util.getModuleLogic("TextSegment")
+    outcome = logic.segment(volume=getNode("CT"), prompts=["liver", "spleen"], saliency=True, wait=True)
+    report = logic.segment_dicom_study(dicom_dir="study/", prompts=["liver"], output_dir="out/")
+"""
+
+import logging
+import traceback
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from TextSegmentLib import slicer_logic
+from TextSegmentLib.slicer_logic import PARAMETERS, SegmentationLogic
+
+HISTORY_KEY = "TextSegment/PromptHistory"
+HISTORY_LENGTH = 30
+COMBINED = "combined"
+
+
+class TextSegment(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("TextSegment")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["TextSegment contributors"]
+        self.parent.helpText = _(
+            "Type what to segment, one prompt per line (\"spleen\", \"left kidney excluding the cyst\"); "
+            "FreqMedCLIP or TGC-Net segments the selected CT slice by slice and, on request, shows layer by "
+            "layer what the model looked at. Research use only: not a medical device, not for diagnosis."
+        )
+        self.parent.acknowledgementText = _(
+            "FreqMedCLIP and TGC-Net re-implemented in TextSegment; BiomedCLIP (MIT, research use only) "
+            "by Microsoft; highdicom for DICOM SEG."
+        )
+
+
+# parameters: the same list slicer_logic reads and writes headless ----------------------------------
+def _parameterNodeClass():
+    """A parameterNodeWrapper class built from ``slicer_logic.PARAMETERS`` (one source for both)."""
+    annotations, defaults = {}, {}
+    for p in PARAMETERS:
+        if p.is_node:
+            annotations[p.name] = getattr(slicer, p.type)
+            continue
+        kind = p.type
+        if p.choices:
+            kind = Annotated[kind, Choice(list(p.choices))]
+        elif p.bounds:
+            kind = Annotated[kind, WithinRange(*p.bounds)]
+        annotations[p.name] = kind
+        defaults[p.name] = p.default
+    return parameterNodeWrapper(type("TextSegmentParameterNode", (), {"__annotations__": annotations, **defaults}))
+
+
+TextSegmentParameterNode = _parameterNodeClass()
+
+
+class TextSegmentLogic(SegmentationLogic, ScriptedLoadableModuleLogic):
+    """``SegmentationLogic`` on the application's scene (see TextSegmentLib/slicer_logic.py)."""
+
+    def __init__(self):
+        SegmentationLogic.__init__(self)
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.dicom_indexer = _indexDicomFolders
+
+    def getParameterNode(self):
+        return TextSegmentParameterNode(super().getParameterNode())
+
+
+def _indexDicomFolders(folders):
+    """Add folders (the study, the written SEGs) to Slicer's DICOM database; main thread only."""
+    from DICOMLib import DICOMUtils
+
+    for folder in folders:
+        DICOMUtils.importDicom(str(folder))
+
+
+# dependencies (main thread, with consent) --------------------------------------------------------
+def missingDependencies():
+    """Requirements not satisfied now, torch first; no pip, no network."""
+    requirementsPath = _resourcePath("requirements.txt")
+    return slicer_logic.missing_requirements(
+        [slicer_logic.TORCH_REQUIREMENT, slicer_logic.TORCHVISION_REQUIREMENT]
+        + slicer_logic.read_requirements(requirementsPath))
+
+
+def installDependencies():
+    """torch through the PyTorch extension (a CUDA build matched to the GPU), the rest with pip."""
+    import PyTorchUtils
+
+    torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+    torchMissing = slicer_logic.missing_requirements([slicer_logic.TORCH_REQUIREMENT, slicer_logic.TORCHVISION_REQUIREMENT])
+    if torchMissing:
+        specifier = slicer_logic.TORCH_REQUIREMENT[len("torch"):]
+        visionSpecifier = slicer_logic.TORCHVISION_REQUIREMENT[len("torchvision"):]
+        if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=specifier,
+                                   torchvisionVersionRequirement=visionSpecifier) is None:
+            raise RuntimeError(_("PyTorch was not installed"))
+    requirementsPath = _resourcePath("requirements.txt")
+    pydeps = getattr(slicer, "pydeps", None) or getattr(slicer, "packaging", None)
+    if pydeps is not None and hasattr(pydeps, "pip_ensure"):  # Slicer >= 5.12: checks, asks, installs
+        requirements = pydeps.load_requirements(requirementsPath)
+        try:
+            pydeps.pip_ensure(requirements, requester="TextSegment", skip_packages=["torch", "torchvision"])
+        except TypeError:  # an older pip_ensure without skip_packages
+            pydeps.pip_ensure(requirements, requester="TextSegment")
+    else:
+        missing = slicer_logic.missing_requirements(slicer_logic.read_requirements(requirementsPath))
+        if missing:
+            slicer.util.pip_install(["-r", requirementsPath])
+
+
+def _resourcePath(name):
+    import os
+
+    return os.path.join(os.path.dirname(__file__), "Resources", name)
+
+
+# widget ------------------------------------------------------------------------------------------
+class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._jobKind = None
+        self._outcome = None
+        self._features = None
+        self._weightsModel = None
+        self._shortcuts = []
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(100)
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/TextSegment.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = TextSegmentLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        for keys in ("Ctrl+Return", "Ctrl+Enter"):
+            shortcut = qt.QShortcut(qt.QKeySequence(keys), self.ui.promptsEdit)
+            shortcut.setContext(qt.Qt.WidgetWithChildrenShortcut)
+            shortcut.connect("activated()", self.onApplyButton)
+            self._shortcuts.append(shortcut)
+        self.ui.promptHistoryComboBox.connect("activated(int)", self.onHistoryChosen)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChosen)
+        self.ui.weightsComboBox.connect("currentIndexChanged(int)", self.onWeightsChosen)
+        self.ui.saliencyPromptComboBox.connect("currentIndexChanged(int)", self.updateOverlay)
+        self.ui.saliencyLayerSlider.connect("valueChanged(int)", self.updateOverlay)
+        self.ui.combinedMapCheckBox.connect("toggled(bool)", self.updateOverlay)
+        self.ui.saliencyOpacitySlider.connect("valueChanged(double)", self.updateOverlay)
+        self.ui.colormapComboBox.connect("currentIndexChanged(int)", self.onColormapChosen)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        self.ui.importWeightsButton.connect("clicked(bool)", self.onImportWeights)
+        self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeights)
+        self._pollTimer.connect("timeout()", self.onPoll)
+
+        for preset in slicer_logic.MODEL_PRESETS:
+            self.ui.modelComboBox.addItem(preset, preset)
+        self._fillHistory()
+        self._showDevices()
+        self._showDependencies()
+        self.ui.robustnessLabel.text = slicer_logic.robustness_note(None)
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        self._pollTimer.stop()
+        if self.logic is not None:
+            self.logic.shutdown()
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+
+    def onSceneStartClose(self, caller, event):
+        if self._job is not None:
+            self.logic.cancel(self._job)
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    # parameter node ------------------------------------------------------------------------------
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:  # the volume the user is looking at, never "the first one"
+            selection = slicer.app.applicationLogic().GetSelectionNode()
+            active = slicer.mrmlScene.GetNodeByID(selection.GetActiveVolumeID() or "")
+            if active is not None and active.IsA("vtkMRMLScalarVolumeNode"):
+                self._parameterNode.inputVolume = active
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._onParameterNodeModified()
+
+    def _onParameterNodeModified(self, caller=None, event=None):
+        """Widgets the wrapper cannot bind (lists filled at run time) and the Apply button."""
+        p = self._parameterNode
+        if p is None:
+            return
+        index = self.ui.modelComboBox.findData(p.model)
+        if index >= 0 and index != self.ui.modelComboBox.currentIndex:
+            self.ui.modelComboBox.currentIndex = index
+        if p.model != self._weightsModel:  # the weights list reads the disk: only when the model changes
+            self._fillWeights(p.model, p.weights)
+        elif self.ui.weightsComboBox.findData(p.weights) not in (-1, self.ui.weightsComboBox.currentIndex):
+            self.ui.weightsComboBox.currentIndex = self.ui.weightsComboBox.findData(p.weights)
+        isTgcNet = p.model.startswith("tgcnet")
+        self.ui.auxPromptsEdit.enabled = isTgcNet
+        self.ui.auxPromptsLabel.enabled = isTgcNet
+        if self._job is None:
+            ready = bool(p.inputVolume) and bool(p.prompts.strip())
+            self.ui.applyButton.enabled = ready
+            self.ui.applyButton.toolTip = _("Segment the input volume") if ready else _("Select an input volume and type a prompt")
+
+    def onModelChosen(self, index):
+        if self._parameterNode is not None and index >= 0:
+            self._parameterNode.model = self.ui.modelComboBox.itemData(index)
+
+    def onWeightsChosen(self, index):
+        if self._parameterNode is not None and index >= 0:
+            self._parameterNode.weights = self.ui.weightsComboBox.itemData(index) or ""
+
+    def _fillWeights(self, model, selected):
+        self._weightsModel = model
+        combo = self.ui.weightsComboBox
+        wasBlocked = combo.blockSignals(True)
+        try:
+            combo.clear()
+            try:
+                choices = self.logic.weights_choices(model)
+            except Exception as exc:  # a broken manifest must not break the module
+                choices = [("", _("default weights"))]
+                self.ui.weightsStatusLabel.text = str(exc)
+            for weightsId, label in choices:
+                combo.addItem(label, weightsId)
+            combo.currentIndex = max(0, combo.findData(selected))
+        finally:
+            combo.blockSignals(wasBlocked)
+        known = len(choices) > 1
+        self.ui.weightsStatusLabel.text = "" if known else _(
+            "No trained weights known for {model} on this computer: import a file or download in Setup.").format(model=model)
+
+    # segment -------------------------------------------------------------------------------------
+    def onApplyButton(self):
+        if self._job is not None:
+            self.logic.cancel(self._job)
+            self.ui.statusLabel.text = _("Cancelling after the current slice…")
+            return
+        if not self.ui.applyButton.enabled or not self._ensureDependencies():
+            return
+        p = self._parameterNode
+        try:
+            job = self.logic.segment(
+                volume=p.inputVolume, prompts=p.prompts, model=p.model, weights=p.weights or None,
+                aux_prompts=p.auxPrompts if p.model.startswith("tgcnet") else None, device=p.device,
+                threshold=p.threshold, saliency=p.saliency, saliency_stage=p.saliencyStage,
+                segmentation_node=p.outputSegmentation, colormap=p.colormap, wait=False,
+            )
+        except Exception as exc:
+            self._showError(_("Cannot start"), exc)
+            return
+        self._rememberPrompts(slicer_logic.parse_prompts(p.prompts))
+        self._start(job, "segment")
+
+    def _start(self, job, kind):
+        self._job, self._jobKind = job, kind
+        self.ui.applyButton.text = _("Cancel")
+        self.ui.applyButton.enabled = True
+        for button in (self.ui.installDependenciesButton, self.ui.importWeightsButton, self.ui.downloadWeightsButton):
+            button.enabled = False
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = job.title
+        self._pollTimer.start()
+
+    def onPoll(self):
+        for event in self.logic.poll():
+            job = event.job
+            if job is not self._job:
+                continue
+            self.ui.progressBar.value = int(round(job.fraction * 100))
+            self.ui.statusLabel.text = job.message
+            if job.finished:
+                self._finish(job)
+
+    def _finish(self, job):
+        self._pollTimer.stop()
+        self._job = None
+        self.ui.applyButton.text = _("Apply")
+        for button in (self.ui.installDependenciesButton, self.ui.importWeightsButton, self.ui.downloadWeightsButton):
+            button.enabled = True
+        self._onParameterNodeModified()
+        if job.state == "cancelled":
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("Cancelled; nothing was changed.")
+            return
+        if job.state == "failed":
+            self._showError(job.title, job.error)
+            return
+        if self._parameterNode is None:  # the scene was closed meanwhile
+            return
+        if self._jobKind == "segment":
+            self._showOutcome(job.result)
+        else:
+            self._fillWeights(self._parameterNode.model, self._parameterNode.weights)
+            self._showDependencies()
+            self.ui.statusLabel.text = _("{title}: done.").format(title=job.title)
+
+    def _showOutcome(self, outcome):
+        # keep the nodes and the saliency maps (for recolouring); let the probability maps go
+        self._outcome = slicer_logic.SegmentOutcome(input_node=outcome.input_node, segmentation_node=outcome.segmentation_node,
+                                                    run=None, saliency_nodes=outcome.saliency_nodes)
+        self._features = outcome.run.features
+        self._parameterNode.outputSegmentation = outcome.segmentation_node
+        run = outcome.run
+        volumes = ", ".join(f"{r.prompt}: {r.volume_ml:.1f} ml" for r in run.results)
+        lines = [_("Done in {seconds:.1f} s on {device}. {volumes}").format(seconds=run.seconds, device=run.device, volumes=volumes)]
+        lines += run.warnings
+        self.ui.statusLabel.text = "\n".join(lines)
+        combo = self.ui.saliencyPromptComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for prompt in outcome.saliency_nodes:
+            combo.addItem(prompt)
+        combo.blockSignals(wasBlocked)
+        self.updateOverlay()
+
+    # saliency panel ------------------------------------------------------------------------------
+    def _layers(self):
+        if self._outcome is None or not self._outcome.saliency_nodes:
+            return []
+        prompt = self.ui.saliencyPromptComboBox.currentText
+        return [name for name in self._outcome.saliency_nodes.get(prompt, {}) if name != COMBINED]
+
+    def updateOverlay(self, *args):
+        prompt = self.ui.saliencyPromptComboBox.currentText
+        self.ui.robustnessLabel.text = self.logic.robustness_note(prompt=prompt or None)
+        layers = self._layers()
+        slider = self.ui.saliencyLayerSlider
+        wasBlocked = slider.blockSignals(True)
+        slider.maximum = max(0, len(layers) - 1)
+        slider.blockSignals(wasBlocked)
+        combined = self.ui.combinedMapCheckBox.checked
+        slider.enabled = bool(layers) and not combined
+        if not layers:
+            self.ui.saliencyLayerLabel.text = _("Run with \"Explain\" on to see saliency maps.")
+            return
+        layer = COMBINED if combined else layers[min(slider.value, len(layers) - 1)]
+        self.ui.saliencyLayerLabel.text = layer
+        self._parameterNode.saliencyLayer = "" if combined else layer
+        try:
+            self.logic.show_saliency(self._outcome, prompt=prompt, layer=layer,
+                                     opacity=self.ui.saliencyOpacitySlider.value)
+        except Exception as exc:
+            self._showError(_("Cannot show the saliency map"), exc)
+
+    def onColormapChosen(self, index):
+        if self._outcome is None or self._features is None:
+            return
+        from TextSegmentLib.slicer_bridge import add_saliency_volumes
+
+        colormap = self.ui.colormapComboBox.currentText
+        try:  # recolour in place, from the maps of the last run
+            for item in self._features.prompts:
+                add_saliency_volumes(item, reference_node=self._outcome.input_node, context=self.logic.context,
+                                     colormap=colormap)
+        except Exception as exc:
+            self._showError(_("Cannot use this colour map"), exc)
+
+    # prompt history ------------------------------------------------------------------------------
+    def _history(self):
+        value = qt.QSettings().value(HISTORY_KEY) or []
+        return [value] if isinstance(value, str) else list(value)
+
+    def _rememberPrompts(self, prompts):
+        history = list(dict.fromkeys(list(prompts) + self._history()))[:HISTORY_LENGTH]
+        qt.QSettings().setValue(HISTORY_KEY, history)
+        self._fillHistory()
+
+    def _fillHistory(self):
+        combo = self.ui.promptHistoryComboBox
+        combo.clear()
+        combo.addItem(_("Recent prompts…"))
+        for prompt in self._history():
+            combo.addItem(prompt)
+
+    def onHistoryChosen(self, index):
+        if index <= 0:
+            return
+        prompt = self.ui.promptHistoryComboBox.itemText(index)
+        lines = [line for line in self._parameterNode.prompts.splitlines() if line.strip()]
+        if prompt not in lines:
+            self._parameterNode.prompts = "\n".join(lines + [prompt])
+        self.ui.promptHistoryComboBox.currentIndex = 0
+
+    # setup ---------------------------------------------------------------------------------------
+    def _showDevices(self):
+        self.ui.deviceInfoLabel.text = slicer_logic.describe_gpus(slicer_logic.probe_gpus())
+
+    def _showDependencies(self):
+        try:
+            missing = missingDependencies()
+        except Exception as exc:
+            missing = [str(exc)]
+        self.ui.dependencyStatusLabel.text = (
+            _("All dependencies are installed.") if not missing
+            else _("Missing: {packages}").format(packages=", ".join(missing)))
+
+    def _ensureDependencies(self):
+        if not missingDependencies():
+            return True
+        if not slicer.util.confirmOkCancelDisplay(
+                _("TextSegment needs PyTorch and a few Python packages that are not installed yet. Install them now?"),
+                detailedText="\n".join(missingDependencies())):
+            return False
+        return self.onInstallDependencies()
+
+    def onInstallDependencies(self):
+        try:
+            with slicer.util.WaitCursor():
+                installDependencies()
+        except Exception as exc:
+            self._showError(_("Installing the dependencies failed"), exc)
+            return False
+        finally:
+            self._showDependencies()
+        return not missingDependencies()
+
+    def onImportWeights(self):
+        path = qt.QFileDialog.getOpenFileName(None, _("Import TextSegment weights"), "", "Checkpoints (*.safetensors)")
+        if path:
+            self._start(self.logic.import_weights(path, wait=False), "weights")
+
+    def onDownloadWeights(self):
+        from TextSegmentLib.weights import list_weights
+
+        weightsId = self._parameterNode.weights
+        entries = [s.entry for s in list_weights() if s.entry.id == weightsId]
+        if not entries:
+            slicer.util.infoDisplay(_("Choose the weights to download in the Weights list first."))
+            return
+        entry = entries[0]
+        size = f"{entry.size / 2**20:.0f} MiB" if entry.size else _("unknown size")
+        self.ui.licenceLabel.text = _("Licence: {licence}").format(licence=entry.licence)
+        if slicer.util.confirmOkCancelDisplay(
+                _("Download {id} ({size})? Its licence: {licence}. The file is checked against its sha256.").format(
+                    id=entry.id, size=size, licence=entry.licence)):
+            self._start(self.logic.download_weights(entry.id, model_name=entry.model, wait=False), "weights")
+
+    def _showError(self, title, error):
+        from TextSegmentLib.errors import TextSegmentError
+
+        if isinstance(error, TextSegmentError):
+            slicer.util.errorDisplay(f"{title}: {error}")
+        else:
+            details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            logging.error(details)
+            slicer.util.errorDisplay(f"{title}: {error}", detailedText=details)
+        self.ui.statusLabel.text = f"{title}: {error}"
+
+
+# test (inside Slicer only; CI runs the same logic headless in Testing/mrml/) ---------------------
+class TextSegmentTest(ScriptedLoadableModuleTest):
+    """Checks a user's installation end to end: parameter node, a real model on a phantom, cancel."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_parameters_survive_save_and_reload()
+        self.setUp()
+        self.test_segment_a_phantom_and_cancel()
+
+    def test_parameters_survive_save_and_reload(self):
+        import os
+        import tempfile
+
+        self.delayDisplay("Parameter node: wrapper and headless helper agree across save and reload")
+        logic = TextSegmentLogic()
+        volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
+        wrapper = logic.getParameterNode()
+        wrapper.inputVolume = volume
+        wrapper.prompts = "liver\nleft kidney"
+        wrapper.saliency = True
+        wrapper.saliencyOpacity = 0.25
+        wrapper.saliencyStage = 3
+        path = os.path.join(tempfile.mkdtemp(), "TextSegmentTest.mrb")
+        self.assertTrue(slicer.util.saveScene(path))
+        slicer.mrmlScene.Clear()
+        slicer.util.loadScene(path)
+        values = slicer_logic.read_parameters(slicer_logic.find_parameter_node(slicer.mrmlScene, create=False))
+        self.assertEqual(values["prompts"], "liver\nleft kidney")
+        self.assertEqual((values["saliency"], values["saliencyOpacity"], values["saliencyStage"]), (True, 0.25, 3))
+        self.assertEqual(values["inputVolume"].GetName(), "CT")
+        self.assertEqual(logic.getParameterNode().saliencyStage, 3)
+
+    def test_segment_a_phantom_and_cancel(self):
+        import numpy as np
+
+        from TextSegmentLib.errors import Cancelled
+        from TextSegmentLib.phantom import make_phantom
+        from TextSegmentLib.slicer_bridge import node_from_volume
+
+        missing = missingDependencies()
+        self.assertEqual(missing, [], "install the dependencies first (TextSegment module, Setup section)")
+        self.delayDisplay("Segmenting a phantom with a randomly initialised freqmedclip-tiny (pipeline check only)")
+        logic = TextSegmentLogic()
+        phantom = make_phantom(seed=0, shape=(8, 64, 64))
+        ct = node_from_volume(phantom.ct, context=logic.context, name="phantom CT")
+        before = slicer.util.arrayFromVolume(ct).copy()
+        outcome = logic.segment(volume=ct, prompts=["liver", "spleen"], model="freqmedclip-tiny", weights="random",
+                                saliency=True, wait=True)
+        segmentation = outcome.segmentation_node.GetSegmentation()
+        names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+        self.assertEqual(names, ["liver", "spleen"])
+        self.assertEqual(sorted(outcome.saliency_nodes), ["liver", "spleen"])
+        self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(ct), before), "the input volume was changed")
+
+        self.delayDisplay("Cancel leaves the scene unchanged")
+        count = slicer.mrmlScene.GetNumberOfNodes()
+        job = logic.segment(volume=ct, prompts=["kidney"], model="freqmedclip-tiny", weights="random", wait=False)
+        job.cancel()
+        with self.assertRaises(Cancelled):
+            logic.wait(job, timeout=120)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
+        logic.shutdown()
+        self.delayDisplay("TextSegment self-test passed")

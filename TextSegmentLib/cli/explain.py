@@ -1,0 +1,130 @@
+"""``textsegment explain CT --prompt ... --out DIR``: per-layer saliency maps, a legend and a PNG montage per prompt."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="show, layer by layer, what the model looked at for each prompt")
+    p.add_argument("input", help="CT file (NIfTI, NRRD, MHA) or DICOM folder")
+    p.add_argument(
+        "--prompt", "-p", action="append", required=True, help="what to segment and explain (repeat for several)"
+    )
+    p.add_argument(
+        "--out", "-o", required=True, help="output folder (existing files are never replaced unless --overwrite)"
+    )
+    p.add_argument(
+        "--layers", default=None, help="comma-separated feature taps, e.g. vit.3,vit.11 (default: the model's saliency layers: ViT taps, frequency/pyramid stages, fused)"
+    )
+    p.add_argument(
+        "--stage",
+        type=int,
+        choices=(1, 2, 3),
+        default=1,
+        help="1: organ prototype; 2: prototype + prompt; 3: four components with a spatial prior",
+    )
+    target = p.add_mutually_exclusive_group()
+    target.add_argument(
+        "--roi",
+        default=None,
+        metavar="I0,I1,J0,J1,K0,K1",
+        help="explain this voxel box (inclusive index ranges) instead of the predicted mask",
+    )
+    target.add_argument(
+        "--target-mask",
+        default=None,
+        metavar="FILE",
+        help="explain this mask (same grid as the CT) instead of the predicted mask",
+    )
+    p.add_argument(
+        "--encoding", choices=("uint8", "float16"), default="uint8", help="how maps are stored (default uint8)"
+    )
+    p.add_argument(
+        "--slice", type=int, default=None, help="montage slice (canonical index along --axis; default: largest target)"
+    )
+    p.add_argument("--no-contrast", action="store_true", help="montage without percentile stretch + CLAHE")
+    from .segment import add_model_arguments
+
+    add_model_arguments(p)
+    p.add_argument("--axis", choices=("axial", "coronal", "sagittal"), default="axial")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--allow-non-ct", action="store_true", help="run on a series that is not CT (results unreliable)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def parse_roi(text: str):
+    """'i0,i1,j0,j1,k0,k1' → ((i0, i1), (j0, j1), (k0, k1))."""
+    from ..errors import InputError
+
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 6:
+        raise InputError(f"--roi needs six whole numbers I0,I1,J0,J1,K0,K1 (voxel indices), got {text!r}")
+    return tuple(zip(values[0::2], values[1::2]))
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import OutputExistsError
+    from ..export import slug
+    from ..io import read_label_map, read_volume
+    from ..saliency import SaliencyConfig, explain, save_montage, write_saliency
+    from ..saliency.export import LEGEND
+    from ..weights import load_model
+    from .progressbar import progress_bar
+
+    out_dir = Path(args.out)
+    if (out_dir / LEGEND).exists() and not args.overwrite:
+        raise OutputExistsError(
+            f"{out_dir}: holds saliency results already; choose another --out folder or pass --overwrite"
+        )
+    volume = read_volume(args.input, allow_non_ct=args.allow_non_ct)
+    roi = parse_roi(args.roi) if args.roi else (read_label_map(args.target_mask) if args.target_mask else None)
+    model = load_model(args.model, weights=args.weights, device=args.device)
+    config = SaliencyConfig(stage=args.stage, threshold=args.threshold, encoding=args.encoding)
+    with progress_bar(disable=args.quiet) as bar:
+        run_ = explain(
+            volume,
+            args.prompt,
+            model=model,
+            layers=args.layers,
+            roi=roi,
+            config=config,
+            device=args.device,
+            batch_size=args.batch_size,
+            axis=args.axis,
+            threshold=args.threshold,
+            progress=bar,
+        )
+    result = run_.features
+    written = write_saliency(
+        result, out_dir=out_dir, overwrite=args.overwrite, extra_legend={"model": args.model, "weights": args.weights}
+    )
+    for i, (item, segmentation) in enumerate(zip(result.prompts, run_.results)):
+        outline = roi if roi is not None and not isinstance(roi, tuple) else segmentation.mask
+        png = out_dir / f"{i + 1:02d}_{slug(item.prompt)}_montage.png"
+        written.append(
+            save_montage(
+                item,
+                volume=volume,
+                path=png,
+                mask=outline,
+                slice_index=args.slice,
+                axis=args.axis,
+                contrast=not args.no_contrast,
+                overwrite=args.overwrite,
+            )
+        )
+        print(f"{item.prompt!r}: {len(item.maps)} maps, {item.target_slices} slice(s) with a target -> {png.name}")
+    for warning in run_.warnings:
+        print(f"warning: {warning}")
+    print(
+        f"wrote {len(written)} files to {out_dir}; "
+        f"saliency took {result.seconds:.2f} s of {run_.seconds:.1f} s on {run_.device}"
+    )
+    return 0

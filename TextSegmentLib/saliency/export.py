@@ -1,0 +1,75 @@
+"""Write saliency maps to disk: one image per prompt and layer, plus one JSON legend saying how to read them.
+
+Layout inside ``out_dir``::
+
+    saliency_legend.json
+    01_liver/vit_3.nii.gz  01_liver/vit_11.nii.gz ... 01_liver/combined.nii.gz
+    02_spleen/...
+
+uint8 maps are stored as uint8 (value = stored / 255); float16 maps are widened to float32
+because no image format here has half floats. Writes are atomic and never overwrite silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+from .. import __version__
+from .sink import SaliencyResult
+
+LEGEND = "saliency_legend.json"
+NOTICE = (
+    "Saliency maps show which regions resemble the target in each layer's features; they are not "
+    "evidence that a segmentation is correct. Research use only; not for diagnosis."
+)
+
+
+def layer_file_name(layer: str, suffix: str = ".nii.gz") -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", layer).strip("_") + suffix
+
+
+def write_saliency(
+    result: SaliencyResult,
+    *,
+    out_dir: Path | str,
+    overwrite: bool = False,
+    suffix: str = ".nii.gz",
+    extra_legend: Optional[dict[str, Any]] = None,
+) -> list[Path]:
+    """Write every map of ``result`` and the legend into ``out_dir``; returns the written paths."""
+    from ..export import slug
+    from ..io.writers import write_float_map, write_json, write_volume
+
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    prompts = []
+    for i, item in enumerate(result.prompts):
+        folder = f"{i + 1:02d}_{slug(item.prompt)}"
+        layers = []
+        for name, volume in item.maps.items():
+            relative = f"{folder}/{layer_file_name(name, suffix)}"
+            writer = write_volume if volume.array.dtype.kind == "u" else write_float_map
+            written.append(writer(volume, out_dir / relative, overwrite=overwrite))
+            layers.append({**item.legend[name], "file": relative})
+        prompts.append(
+            {"prompt": item.prompt, "folder": folder, "slices_with_target": item.target_slices, "layers": layers}
+        )
+    legend = {
+        "method": "gradient-free layer-wise saliency (cosine similarity to reference representations)",
+        "stage": result.stage,
+        "layers": list(result.layers),
+        "seconds": round(result.seconds, 3),
+        "slices": result.slices,
+        "config": dataclasses.asdict(result.config),
+        "prompts": prompts,
+        "textsegment_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "notice": NOTICE,
+    }
+    legend.update(extra_legend or {})
+    written.append(write_json(legend, out_dir / LEGEND, overwrite=overwrite))
+    return written

@@ -1,0 +1,188 @@
+"""The three gradient-free saliency stages as pure tensor functions (no autograd, no model).
+
+Every map is a cosine similarity between L2-normalised features (N, C, h, w) and one or more
+reference vectors (N, C), so it costs one matrix product per layer on features the segmentation
+pass has already computed. Boxes are given as fractions of the image (``y0, x0, y1, x1`` in
+[0, 1]) so the same target lines up with feature grids of any resolution; a feature cell counts as
+inside a box when its centre ``((i + 0.5) / h)`` is.
+
+* stage 1: similarity to the organ prototype (mean feature inside the target);
+* stage 2: similarity to the normalised blend of the prototype and the prompt embedding;
+* stage 3: ``+`` prototype, ``+`` prompt, ``-`` global image feature, ``-`` context around the box,
+  mapped to [0, 1] and weighted by a Gaussian prior around the box centre that never drops below
+  ``floor`` (the paper keeps "awareness of distant anatomical context").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class Stage3Weights:
+    """Signed weights of stage 3's four components (all given as magnitudes)."""
+
+    prototype: float = 1.0
+    prompt: float = 1.0
+    global_image: float = 0.5
+    context: float = 0.5
+
+    @property
+    def total(self) -> float:
+        return self.prototype + self.prompt + self.global_image + self.context
+
+
+def normalise(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Unit L2 norm along ``dim``; an all-zero vector stays zero instead of becoming NaN."""
+    return x / x.norm(dim=dim, keepdim=True).clamp_min(EPS)
+
+
+def cosine_map(features: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every feature vector with its row's reference(s).
+
+    (N, C, h, w) with (N, C) → (N, h, w); with K references per row, (N, K, C) → (N, K, h, w).
+    The features are normalised once however many references there are.
+    """
+    length = features.square().sum(dim=1).sqrt_().clamp_min_(EPS)  # ~40× faster than vector_norm(dim=1) on CPU
+    references = reference if reference.ndim == 3 else reference[:, None]
+    similarity = torch.einsum("nchw,nkc->nkhw", features, normalise(references, 2)) / length[:, None]
+    return similarity if reference.ndim == 3 else similarity[:, 0]
+
+
+def region_mean(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean feature over positions weighted by ``weights`` ≥ 0; zeros where a region is empty.
+
+    (N, h, w) weights give (N, C); K regions at once, (N, K, h, w), give (N, K, C) in one pass.
+    """
+    if weights.ndim == 4:
+        total = weights.sum(dim=(2, 3))
+        return torch.einsum("nchw,nkhw->nkc", features, weights) / total.clamp_min(EPS)[..., None]
+    total = weights.sum(dim=(1, 2))
+    return torch.einsum("nchw,nhw->nc", features, weights) / total.clamp_min(EPS)[:, None]
+
+
+def percentiles(values: torch.Tensor, qs: tuple[float, ...]) -> list[float]:
+    """The ``qs``-th percentiles (0–100) of all ``values``, linearly interpolated like ``numpy.percentile``.
+
+    One ``sort`` for all of them, rather than ``torch.quantile``, which refuses inputs above 16 M
+    elements (a whole volume of maps can have more).
+    """
+    flat = values.reshape(-1).float().sort().values
+    out = []
+    for q in qs:
+        position = (flat.numel() - 1) * float(q) / 100.0
+        below = int(position)
+        above = min(below + 1, flat.numel() - 1)
+        out.append(float(flat[below] + (flat[above] - flat[below]) * (position - below)))
+    return out
+
+
+def percentile(values: torch.Tensor, q: float) -> float:
+    """One percentile; see ``percentiles``."""
+    return percentiles(values, (q,))[0]
+
+
+def robust_rescale(
+    maps: torch.Tensor, *, low: float = 1.0, high: float = 99.0, bounds: tuple[float, float] | None = None
+) -> torch.Tensor:
+    """Map the ``low``–``high`` percentiles of each map (leading index) onto [0, 1], clipped.
+
+    ``bounds`` (value → 0, value → 1) replaces the per-map percentiles, e.g. with a whole volume's.
+    A flat map becomes zeros: nothing stands out.
+    """
+    if bounds is not None:
+        lo, hi = bounds
+        if hi - lo <= EPS:
+            return torch.zeros_like(maps, dtype=torch.float32)
+        return ((maps.float() - lo) / (hi - lo)).clamp_(0.0, 1.0)
+    return torch.stack([robust_rescale(m, bounds=tuple(percentiles(m, (low, high)))) for m in maps.float()])
+
+
+def box_of(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounding boxes (N, 4) as fractions ``(y0, x0, y1, x1)`` of binary targets (N, H, W), and which exist."""
+    n, h, w = target.shape
+    rows = target.any(dim=2)
+    cols = target.any(dim=1)
+    present = rows.any(dim=1)
+    r = torch.arange(h, device=target.device)
+    c = torch.arange(w, device=target.device)
+    big = torch.tensor(max(h, w) + 1, device=target.device)
+    y0 = torch.where(rows, r, big).min(dim=1).values
+    y1 = torch.where(rows, r, -1).max(dim=1).values + 1
+    x0 = torch.where(cols, c, big).min(dim=1).values
+    x1 = torch.where(cols, c, -1).max(dim=1).values + 1
+    boxes = torch.stack([y0 / h, x0 / w, y1 / h, x1 / w], dim=1).float()
+    return torch.where(present[:, None], boxes, torch.zeros_like(boxes)), present
+
+
+def _cell_centres(size: int, device: torch.device) -> torch.Tensor:
+    return (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
+
+
+def box_weights(boxes: torch.Tensor, shape: tuple[int, int], *, margin: float = 0.0) -> torch.Tensor:
+    """1 where a cell centre of an (h, w) grid lies in the box grown by ``margin`` × its size per side."""
+    h, w = shape
+    y0, x0, y1, x1 = boxes.float().unbind(dim=1)
+    grow_y, grow_x = (y1 - y0) * margin, (x1 - x0) * margin
+    yc = _cell_centres(h, boxes.device)[None, :]
+    xc = _cell_centres(w, boxes.device)[None, :]
+    inside_y = (yc >= (y0 - grow_y)[:, None]) & (yc <= (y1 + grow_y)[:, None])
+    inside_x = (xc >= (x0 - grow_x)[:, None]) & (xc <= (x1 + grow_x)[:, None])
+    return (inside_y[:, :, None] & inside_x[:, None, :]).float()
+
+
+def ring_weights(boxes: torch.Tensor, shape: tuple[int, int], *, margin: float = 0.5) -> torch.Tensor:
+    """The band of cells around each box (the grown box minus the box): the target's local context."""
+    return box_weights(boxes, shape, margin=margin) - box_weights(boxes, shape)
+
+
+def gaussian_prior(
+    boxes: torch.Tensor, shape: tuple[int, int], *, sigma_scale: float = 1.0, floor: float = 0.25
+) -> torch.Tensor:
+    """``floor + (1 - floor) · exp(-d²/2)`` around each box centre, with σ = ``sigma_scale`` × box size per axis."""
+    h, w = shape
+    y0, x0, y1, x1 = boxes.float().unbind(dim=1)
+    min_sigma = 1.0 / max(h, w)
+    sy = ((y1 - y0) * sigma_scale).clamp_min(min_sigma)[:, None]
+    sx = ((x1 - x0) * sigma_scale).clamp_min(min_sigma)[:, None]
+    dy = (_cell_centres(h, boxes.device)[None, :] - ((y0 + y1) / 2)[:, None]) / sy
+    dx = (_cell_centres(w, boxes.device)[None, :] - ((x0 + x1) / 2)[:, None]) / sx
+    gauss = torch.exp(-0.5 * (dy[:, :, None] ** 2 + dx[:, None, :] ** 2))
+    return floor + (1.0 - floor) * gauss
+
+
+def stage1_map(features: torch.Tensor, *, prototype: torch.Tensor) -> torch.Tensor:
+    """How much each position looks like the organ prototype."""
+    return cosine_map(features, prototype)
+
+
+def stage2_map(
+    features: torch.Tensor, *, prototype: torch.Tensor, prompt: torch.Tensor, alpha: float = 0.5
+) -> torch.Tensor:
+    """Similarity to ``alpha`` · prototype + (1 − ``alpha``) · prompt, both unit-normalised first."""
+    reference = alpha * normalise(prototype) + (1.0 - alpha) * normalise(prompt)
+    return cosine_map(features, reference)
+
+
+def stage3_map(
+    features: torch.Tensor,
+    *,
+    prototype: torch.Tensor,
+    prompt: torch.Tensor,
+    global_image: torch.Tensor,
+    context: torch.Tensor,
+    prior: torch.Tensor,
+    weights: Stage3Weights = Stage3Weights(),
+) -> torch.Tensor:
+    """Four-component score, mapped from [-1, 1] to [0, 1] and multiplied by the spatial ``prior``."""
+    signed = torch.tensor(
+        [weights.prototype, weights.prompt, -weights.global_image, -weights.context], device=features.device
+    )
+    similarities = cosine_map(features, torch.stack([prototype, prompt, global_image, context], dim=1))
+    score = torch.einsum("nkhw,k->nhw", similarities, signed)
+    unit = (score / max(weights.total, EPS) + 1.0) / 2.0
+    return unit * prior

@@ -1,0 +1,713 @@
+"""The Slicer module's logic without Qt: parameters, one persistent worker thread, jobs, study batch.
+
+Usable from Slicer's Python console, from ``Slicer --python-script`` and, on ``slicer-core``,
+headless in CI (MRML is touched only through ``slicer_bridge``)::
+
+    logic = SegmentationLogic()                       # inside Slicer: the application's scene
+    outcome = logic.segment(volume=getNode("CT"), prompts=["liver", "spleen"],
+                            model="freqmedclip-tiny", device="auto", saliency=True, wait=True)
+    outcome.segmentation_node, outcome.saliency_nodes["liver"]["combined"]
+
+    job = logic.segment(volume=ct, prompts=["liver"], wait=False)   # the GUI's way
+    while not job.finished:
+        logic.poll()                                  # on the main thread: progress, then the results
+    job.cancel()                                      # between slices; the scene stays unchanged
+
+    report = logic.segment_dicom_study(dicom_dir="study/", prompts=["liver"], output_dir="out/")
+
+Threads: torch runs on one persistent worker thread (warm kernels and caches across runs); MRML,
+Qt and pip stay on the main thread. Jobs report through a thread-safe queue that the main thread
+drains with ``poll()``; only ``poll()`` (or a ``wait=True`` call, on the caller's thread) changes
+the scene, after a run has succeeded. The input volume is copied before the worker sees it and
+is never written.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import itertools
+import logging
+import queue
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+from .errors import Cancelled, InputError
+from .progress import CancelToken, ProgressCallback
+
+log = logging.getLogger(__name__)
+
+MODULE_NAME = "TextSegment"
+DEFAULT_MODEL = "freqmedclip-tiny"
+# The presets the registry builds, listed without importing torch (Slicer start-up; torch may be missing).
+MODEL_PRESETS = ("freqmedclip-tiny", "freqmedclip-base", "tgcnet-tiny", "tgcnet-base")
+TORCH_REQUIREMENT = "torch>=2.4,<2.15"  # torch and torchvision come from Slicer's PyTorch extension, not pip
+TORCHVISION_REQUIREMENT = "torchvision>=0.19,<0.30"
+COLORMAPS = ("Inferno", "Viridis", "Magma", "Plasma", "ColdToHotRainbow")
+
+
+# parameters ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Parameter:
+    """One entry of the module's parameter node.
+
+    ``type`` is str, int, float or bool, or the MRML class name of a referenced node. Values are
+    stored exactly as Slicer's ``parameterNodeWrapper`` stores them (``str(number)``, "True"/"False",
+    node references under the parameter's name), so this plain-MRML helper and the wrapper in
+    ``TextSegment.py`` read and write the same scene files.
+    """
+
+    name: str
+    type: Any
+    default: Any = None
+    choices: tuple = ()
+    bounds: Optional[tuple[float, float]] = None
+
+    @property
+    def is_node(self) -> bool:
+        return isinstance(self.type, str)
+
+
+PARAMETERS = (
+    Parameter("inputVolume", "vtkMRMLScalarVolumeNode"),
+    Parameter("prompts", str, ""),
+    Parameter("auxPrompts", str, ""),
+    Parameter("model", str, DEFAULT_MODEL),
+    Parameter("weights", str, ""),  # "" = the model's default weights
+    Parameter("device", str, "auto", choices=("auto", "cuda", "cpu")),
+    Parameter("threshold", float, 0.5, bounds=(0.05, 0.95)),
+    Parameter("outputSegmentation", "vtkMRMLSegmentationNode"),
+    Parameter("saliency", bool, False),
+    Parameter("saliencyStage", int, 1, bounds=(1, 3)),
+    Parameter("saliencyLayer", str, ""),  # "" = the combined map
+    Parameter("saliencyOpacity", float, 0.5, bounds=(0.0, 1.0)),
+    Parameter("colormap", str, "Inferno", choices=COLORMAPS),
+    Parameter("combinedMap", bool, True),
+)
+_BY_NAME = {p.name: p for p in PARAMETERS}
+
+
+def find_parameter_node(scene: Any, *, create: bool = True) -> Any:
+    """The module's ``vtkMRMLScriptedModuleNode``, found and made as ``ScriptedLoadableModuleLogic`` does.
+
+    A singleton tagged with the module name and carrying its ``ModuleName`` attribute, so a scene
+    saved headless opens in Slicer with the same parameters, and the other way round.
+    """
+    node = scene.GetSingletonNode(MODULE_NAME, "vtkMRMLScriptedModuleNode")
+    if node is None:
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode")):
+            candidate = scene.GetNthNodeByClass(i, "vtkMRMLScriptedModuleNode")
+            if candidate.GetAttribute("ModuleName") == MODULE_NAME:
+                node = candidate
+                break
+    if node is not None or not create:
+        return node
+    node = scene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
+    node.UnRegister(None)  # the Python variable owns it now (as in Slicer's createParameterNode)
+    node.SetSingletonTag(MODULE_NAME)
+    node.SetAttribute("ModuleName", MODULE_NAME)
+    node.SetName(scene.GenerateUniqueName(MODULE_NAME))
+    node = scene.AddNode(node)
+    write_parameters(node, {})
+    return node
+
+
+def read_parameters(node: Any) -> dict[str, Any]:
+    """Every parameter's value (its default where the node has none)."""
+    values = {}
+    for p in PARAMETERS:
+        if p.is_node:
+            values[p.name] = node.GetNodeReference(p.name)
+        elif not node.HasParameter(p.name):
+            values[p.name] = p.default
+        elif p.type is bool:
+            values[p.name] = node.GetParameter(p.name) == "True"
+        else:
+            values[p.name] = p.type(node.GetParameter(p.name))
+    return values
+
+
+def write_parameters(node: Any, values: Mapping[str, Any]) -> None:
+    """Write ``values`` (validated) and the defaults of parameters the node lacks, in one modification."""
+    unknown = sorted(set(values) - set(_BY_NAME))
+    if unknown:
+        raise InputError(f"unknown TextSegment parameter(s) {unknown}; known: {sorted(_BY_NAME)}")
+    for name, value in values.items():
+        _check(_BY_NAME[name], value)
+    modifying = node.StartModify()
+    try:
+        for p in PARAMETERS:
+            if p.name in values:
+                _store(node, p, values[p.name])
+            elif not node.HasParameter(p.name):
+                _store(node, p, p.default)
+    finally:
+        node.EndModify(modifying)
+
+
+def _check(p: Parameter, value: Any) -> None:
+    if p.is_node:
+        if value is not None and not value.IsA(p.type):
+            raise InputError(f"parameter {p.name!r} takes a {p.type}, not a {value.GetClassName()}")
+        return
+    if p.type is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, p.type) or (p.type is int and isinstance(value, bool)):
+        raise InputError(f"parameter {p.name!r} takes a {p.type.__name__}, got {value!r}")
+    if p.choices and value not in p.choices:
+        raise InputError(f"parameter {p.name!r} must be one of {list(p.choices)}, got {value!r}")
+    if p.bounds and not p.bounds[0] <= value <= p.bounds[1]:
+        raise InputError(f"parameter {p.name!r} must lie between {p.bounds[0]} and {p.bounds[1]}, got {value!r}")
+
+
+def _store(node: Any, p: Parameter, value: Any) -> None:
+    if p.is_node:  # as the wrapper's NodeSerializer: an empty parameter marks it present, the reference holds it
+        node.SetParameter(p.name, "")
+        node.SetNodeReferenceID(p.name, value.GetID() if value is not None else None)
+    elif p.type is bool:
+        node.SetParameter(p.name, "True" if value else "False")
+    else:
+        node.SetParameter(p.name, str(p.type(value)))
+
+
+# prompts ---------------------------------------------------------------------------------------
+def parse_prompts(text: Union[str, Sequence[str]]) -> list[str]:
+    """One prompt per line (or a list); blank lines and repeats dropped, order kept."""
+    lines = text.splitlines() if isinstance(text, str) else list(text)
+    prompts = list(dict.fromkeys(" ".join(str(line).split()) for line in lines))
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise InputError("no prompt given: type what to segment, one per line (e.g. 'liver')")
+    return prompts
+
+
+def parse_aux_prompts(text: Union[str, Sequence[str], None], *, count: int) -> Optional[list[Optional[str]]]:
+    """Auxiliary descriptions (TGC-Net), one line per prompt, or none at all."""
+    if text is None:
+        return None
+    lines = [" ".join(str(line).split()) for line in (text.splitlines() if isinstance(text, str) else text)]
+    if not any(lines):
+        return None
+    if len(lines) != count:
+        raise InputError(f"{len(lines)} auxiliary description line(s) for {count} prompt(s): give one line per prompt, or none")
+    return [line or None for line in lines]
+
+
+# jobs and the worker ---------------------------------------------------------------------------
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+
+
+@dataclass
+class Job:
+    """One piece of work: computed on the worker, finished (applied to the scene) by ``poll()``."""
+
+    id: int
+    title: str
+    compute: Callable[[ProgressCallback, CancelToken], Any] = field(repr=False)
+    apply: Optional[Callable[[Any], Any]] = field(default=None, repr=False)
+    cancel_token: CancelToken = field(default_factory=CancelToken, repr=False)
+    state: str = QUEUED
+    fraction: float = 0.0
+    message: str = ""
+    result: Any = None
+    error: Optional[BaseException] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (DONE, FAILED, CANCELLED)
+
+    def cancel(self) -> None:
+        """Ask the job to stop before its next batch of slices; whatever it computed is then discarded."""
+        self.cancel_token.cancel()
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """What ``poll()`` saw happen: ``kind`` is progress, running, done, failed or cancelled."""
+
+    job: Job
+    kind: str
+
+
+class Worker:
+    """One persistent daemon thread running jobs in order; started on the first job."""
+
+    def __init__(self, events: "queue.SimpleQueue[tuple[Job, str, Any]]") -> None:
+        self._jobs: "queue.SimpleQueue[Optional[Job]]" = queue.SimpleQueue()
+        self._events = events
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="TextSegment worker", daemon=True)
+                self._thread.start()
+        self._jobs.put(job)
+
+    def shutdown(self, *, timeout: Optional[float] = None) -> None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._jobs.put(None)
+            thread.join(timeout)
+
+    @property
+    def thread(self) -> Optional[threading.Thread]:
+        return self._thread
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self._run(job)
+
+    def _run(self, job: Job) -> None:
+        post = self._events.put
+        if job.cancel_token.cancelled:
+            post((job, CANCELLED, None))
+            return
+        post((job, RUNNING, None))
+        try:
+            value = job.compute(lambda fraction, message="": post((job, "progress", (fraction, message))), job.cancel_token)
+        except Cancelled:
+            post((job, CANCELLED, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the main thread, which shows it
+            post((job, FAILED, exc))
+        else:
+            post((job, "computed", value))
+
+
+# outcomes --------------------------------------------------------------------------------------
+@dataclass
+class SegmentOutcome:
+    """What a segmentation added to the scene."""
+
+    input_node: Any
+    segmentation_node: Any
+    run: Any  # the engine's SegmentationRun
+    saliency_nodes: dict[str, dict[str, Any]] = field(default_factory=dict)  # prompt -> layer -> volume node
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.run.warnings)
+
+
+# the logic -------------------------------------------------------------------------------------
+class SegmentationLogic:
+    """Keyword-only API for the console, scripts and the widget (see the module docstring).
+
+    ``context`` is a ``slicer_bridge.SlicerContext`` (default: the running Slicer's, looked up on
+    first use); ``model_loader`` replaces ``weights.load_model`` (tests).
+    """
+
+    def __init__(self, *, context: Any = None, model_loader: Optional[Callable[..., Any]] = None) -> None:
+        self._context = context
+        self._model_loader = model_loader
+        self._events: "queue.SimpleQueue[tuple[Job, str, Any]]" = queue.SimpleQueue()
+        self.worker = Worker(self._events)
+        self._ids = itertools.count(1)
+        self._jobs: list[Job] = []
+        self._models: dict[tuple, Any] = {}
+        self._models_lock = threading.Lock()
+        self.dicom_indexer: Optional[Callable[[Sequence[Path]], None]] = None  # set inside Slicer (DICOMUtils)
+
+    @property
+    def context(self) -> Any:
+        if self._context is None:
+            from .slicer_bridge import slicer_context
+
+            self._context = slicer_context()
+        return self._context
+
+    # parameters ------------------------------------------------------------------------------
+    def parameter_node(self, *, create: bool = True) -> Any:
+        return find_parameter_node(self.context.scene, create=create)
+
+    def parameters(self) -> dict[str, Any]:
+        return read_parameters(self.parameter_node())
+
+    def set_parameters(self, **values: Any) -> None:
+        write_parameters(self.parameter_node(), values)
+
+    # segmentation ----------------------------------------------------------------------------
+    def segment(
+        self,
+        *,
+        volume: Any,
+        prompts: Union[str, Sequence[str]],
+        model: Any = DEFAULT_MODEL,
+        weights: Optional[str] = None,
+        aux_prompts: Union[str, Sequence[Optional[str]], None] = None,
+        device: str = "auto",
+        batch_size: Union[int, str] = "auto",
+        threshold: float = 0.5,
+        saliency: bool = False,
+        saliency_stage: int = 1,
+        saliency_layers: Union[str, Sequence[str], None] = None,
+        segmentation_node: Any = None,
+        colormap: str = "Inferno",
+        wait: bool = True,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> Union[SegmentOutcome, Job]:
+        """Segment ``volume`` (a scalar volume node) with one segment per prompt.
+
+        ``wait=True`` computes and applies on the caller's thread and returns a ``SegmentOutcome``;
+        ``wait=False`` returns a ``Job`` whose ``result`` is that outcome once ``poll()`` finished it.
+        ``model`` is a preset name or a model object; ``segmentation_node`` is reused (prompts
+        already in it are replaced) or, if None, a new node is added.
+        """
+        from .slicer_bridge import volume_from_node
+
+        if volume is None:
+            raise InputError("no input volume selected: choose the CT volume to segment")
+        prompt_list = parse_prompts(prompts)
+        aux = parse_aux_prompts(aux_prompts, count=len(prompt_list))
+        source = volume_from_node(volume)  # a copy, taken on this (main) thread: the worker never sees the node
+
+        def compute(report: ProgressCallback, token: Optional[CancelToken]) -> Any:
+            from .engine import segment
+
+            loaded, run_device, notes = self._model(model, weights=weights, device=device, progress=report)
+            sink = None
+            if saliency:
+                from .saliency import build_saliency_sink
+
+                sink = build_saliency_sink(model=loaded, layers=saliency_layers, stage=saliency_stage)
+            run = segment(source, prompt_list, model=loaded, aux_prompts=aux, device=run_device, batch_size=batch_size,
+                          threshold=threshold, progress=report, cancel=token, features_sink=sink)
+            run.warnings[:0] = notes
+            return run
+
+        def apply(run: Any) -> SegmentOutcome:
+            return self._add_results(run, input_node=volume, segmentation_node=segmentation_node, colormap=colormap)
+
+        if wait:
+            return apply(compute(progress or _ignore, cancel))
+        return self.submit(f"Segmenting {volume.GetName()}", compute, apply)
+
+    def _add_results(self, run: Any, *, input_node: Any, segmentation_node: Any, colormap: str) -> SegmentOutcome:
+        """Main thread only: the one place a run changes the scene."""
+        from .slicer_bridge import add_saliency_volumes, add_segmentation, saliency_color_node
+
+        context = self.context
+        if context.scene.GetNodeByID(input_node.GetID()) is not input_node:
+            raise InputError(f"the volume {input_node.GetName()!r} was removed while it was being segmented; nothing was added")
+        if segmentation_node is not None and context.scene.GetNodeByID(segmentation_node.GetID()) is not segmentation_node:
+            log.warning("the output segmentation was removed meanwhile; adding a new one")
+            segmentation_node = None
+        if run.features is not None:
+            saliency_color_node(context=context, colormap=colormap)  # an unknown colour map fails before anything is added
+        node = add_segmentation(run.results, reference_node=input_node, context=context, segmentation_node=segmentation_node)
+        saliency_nodes = {}
+        if run.features is not None:
+            for item in run.features.prompts:
+                saliency_nodes[item.prompt] = add_saliency_volumes(item, reference_node=input_node, context=context,
+                                                                   colormap=colormap)
+        for warning in run.warnings:
+            log.warning("%s", warning)
+        return SegmentOutcome(input_node=input_node, segmentation_node=node, run=run, saliency_nodes=saliency_nodes)
+
+    def show_saliency(self, outcome: SegmentOutcome, *, prompt: Optional[str] = None, layer: Optional[str] = None,
+                      opacity: float = 0.5) -> Any:
+        """Show one saliency layer (default: the combined map) of ``prompt`` over the input in every slice view."""
+        from .slicer_bridge import show_overlay
+
+        if not outcome.saliency_nodes:
+            raise InputError("this run computed no saliency maps; run it again with saliency on")
+        prompt = prompt if prompt is not None else next(iter(outcome.saliency_nodes))
+        layers = outcome.saliency_nodes.get(prompt)
+        if layers is None:
+            raise InputError(f"no saliency maps for {prompt!r}; there are maps for {list(outcome.saliency_nodes)}")
+        layer = layer or ("combined" if "combined" in layers else next(iter(layers)))
+        if layer not in layers:
+            raise InputError(f"no saliency layer {layer!r}; this run has {list(layers)}")
+        show_overlay(outcome.input_node, layers[layer], context=self.context, opacity=opacity)
+        return layers[layer]
+
+    # whole-study batch -----------------------------------------------------------------------
+    def segment_dicom_study(
+        self,
+        *,
+        dicom_dir: Union[str, Path],
+        prompts: Union[str, Sequence[str]],
+        output_dir: Union[str, Path],
+        dicom_seg: bool = True,
+        model: Any = DEFAULT_MODEL,
+        weights: Optional[str] = None,
+        aux_prompts: Union[str, Sequence[Optional[str]], None] = None,
+        device: str = "auto",
+        batch_size: Union[int, str] = "auto",
+        threshold: float = 0.5,
+        saliency: bool = False,
+        saliency_stage: int = 1,
+        overwrite: bool = False,
+        add_to_dicom_database: bool = False,
+        wait: bool = True,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> Any:
+        """Every CT series of a DICOM study: one folder per series with NIfTI, DICOM SEG and saliency maps.
+
+        Returns the ``study_batch.StudyReport`` (or a ``Job`` with ``wait=False``); a bad series is
+        reported and skipped. The engine's DICOM reader is used everywhere because a DICOM SEG frame
+        must reference the very file its slice was read from. ``add_to_dicom_database`` (inside
+        Slicer) then indexes the study and the written SEGs with DICOMUtils, on the main thread.
+        """
+        from .study_batch import segment_study
+
+        prompt_list = parse_prompts(prompts)
+        aux = parse_aux_prompts(aux_prompts, count=len(prompt_list))
+        if not Path(dicom_dir).exists():
+            raise InputError(f"{dicom_dir}: no such folder or DICOMDIR")
+        if add_to_dicom_database and self.dicom_indexer is None:
+            raise InputError("add_to_dicom_database needs Slicer's DICOM database; run inside Slicer")
+
+        def compute(report: ProgressCallback, token: Optional[CancelToken]) -> Any:
+            loaded, run_device, notes = self._model(model, weights=weights, device=device)
+            for note in notes:
+                report(0.0, note)
+            return segment_study(
+                dicom_dir, prompt_list, output_dir=output_dir, model=loaded, weights=weights, aux_prompts=aux,
+                model_name=model if isinstance(model, str) else None,
+                device=run_device, batch_size=batch_size, threshold=threshold, dicom_seg=dicom_seg,
+                saliency=saliency, saliency_stage=saliency_stage, overwrite=overwrite, progress=report, cancel=token,
+            )
+
+        def apply(report: Any) -> Any:
+            if add_to_dicom_database:
+                self.dicom_indexer([Path(dicom_dir), Path(output_dir)])
+            return report
+
+        if wait:
+            return apply(compute(progress or _ignore, cancel))
+        return self.submit(f"Segmenting the study in {dicom_dir}", compute, apply)
+
+    # weights ---------------------------------------------------------------------------------
+    def weights_choices(self, model_name: str) -> list[tuple[str, str]]:
+        """(id, label) of the weights known for ``model_name``, with where they are and their licence."""
+        from .weights import list_weights
+
+        choices = [("", "default weights")]
+        for status in list_weights():
+            entry = status.entry
+            if entry.kind == "checkpoint" and entry.model == model_name:
+                choices.append((entry.id, f"{entry.id} ({status.status}; licence: {entry.licence})"))
+        return choices
+
+    def import_weights(self, path: Union[str, Path], *, wait: bool = True) -> Any:
+        """Copy a checkpoint file into the cache, checksummed (``weights.import_weights``)."""
+        from .weights import import_weights
+
+        return self._run_or_submit(f"Importing {Path(path).name}", lambda report, token: import_weights(path), wait=wait)
+
+    def download_weights(self, weights_id: str, *, model_name: str, wait: bool = True) -> Any:
+        """Download known weights into the cache; the sha256 is checked before the file is kept."""
+        from .weights import resolve_weights
+
+        def compute(report: ProgressCallback, token: Optional[CancelToken]) -> Any:
+            return resolve_weights(weights_id, model_name=model_name, progress=report, cancel=token)
+
+        return self._run_or_submit(f"Downloading {weights_id}", compute, wait=wait)
+
+    def robustness_note(self, *, prompt: Optional[str] = None, model: Any = None) -> str:
+        """What is known about how much the masks move when ``prompt`` is reworded (last model used by default)."""
+        return robustness_note(model if model is not None else self._last_model(), prompt=prompt)
+
+    # job control -----------------------------------------------------------------------------
+    def submit(self, title: str, compute: Callable[[ProgressCallback, CancelToken], Any],
+               apply: Optional[Callable[[Any], Any]] = None) -> Job:
+        """Queue ``compute`` on the worker; ``poll()`` later runs ``apply`` on its result on the main thread."""
+        job = Job(id=next(self._ids), title=title, compute=compute, apply=apply)
+        self._jobs.append(job)
+        self.worker.submit(job)
+        return job
+
+    def poll(self) -> list[JobEvent]:
+        """Main thread: take the worker's news, finish computed jobs (scene changes happen here)."""
+        seen = []
+        while True:
+            try:
+                job, kind, payload = self._events.get_nowait()
+            except queue.Empty:
+                break
+            seen.append(JobEvent(job, self._handle(job, kind, payload)))
+        self._jobs = [job for job in self._jobs if not job.finished]
+        return seen
+
+    def _handle(self, job: Job, kind: str, payload: Any) -> str:
+        if kind == "progress":
+            job.fraction, job.message = payload
+            return kind
+        if kind == RUNNING:
+            job.state, job.message = RUNNING, f"{job.title}…"
+            return kind
+        if kind == CANCELLED or (kind == "computed" and job.cancel_token.cancelled):
+            job.state, job.message = CANCELLED, "cancelled; nothing was changed"
+            return CANCELLED
+        if kind == FAILED:
+            job.state, job.error, job.message = FAILED, payload, str(payload)
+            return FAILED
+        try:
+            job.result = job.apply(payload) if job.apply is not None else payload
+        except Exception as exc:  # noqa: BLE001 - shown to the user like any failure
+            job.state, job.error, job.message = FAILED, exc, str(exc)
+            return FAILED
+        job.state, job.fraction, job.message = DONE, 1.0, "done"
+        return DONE
+
+    def wait(self, job: Job, *, timeout: Optional[float] = None, interval: float = 0.02) -> Any:
+        """Poll until ``job`` finishes (scripts and tests); returns its result, raises its error or ``Cancelled``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not job.finished:
+            self.poll()
+            if job.finished:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{job.title} did not finish within {timeout} s")
+            time.sleep(interval)
+        if job.state == CANCELLED:
+            raise Cancelled(f"{job.title}: cancelled; nothing was changed")
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    @property
+    def running(self) -> list[Job]:
+        return [job for job in self._jobs if not job.finished]
+
+    def cancel(self, job: Optional[Job] = None) -> None:
+        """Cancel ``job``, or every job not finished yet."""
+        for item in [job] if job is not None else self.running:
+            item.cancel()
+
+    def shutdown(self) -> None:
+        """Cancel everything and stop the worker (module cleanup)."""
+        self.cancel()
+        self.worker.shutdown(timeout=5.0)
+
+    def _run_or_submit(self, title: str, compute: Callable[..., Any], *, wait: bool) -> Any:
+        return compute(_ignore, None) if wait else self.submit(title, compute)
+
+    # models ----------------------------------------------------------------------------------
+    def _model(self, model: Any, *, weights: Optional[str], device: str,
+               progress: Optional[ProgressCallback] = None) -> tuple[Any, str, list[str]]:
+        """(model, device to run on, notes): loaded once and kept (one model at a time: GPU memory)."""
+        if not isinstance(model, str):
+            return model, device, []
+        key = (model, weights or "", device)
+        with self._models_lock:
+            cached = self._models.get(key)
+        if cached is not None:
+            loaded, run_device = cached
+            notes = [f"{model} did not fit in GPU memory: running on the CPU (slower)"] if run_device != device else []
+            return loaded, run_device, notes
+        if progress is not None:
+            progress(0.0, f"loading {model}")
+        loader = self._model_loader
+        if loader is None:
+            from .weights import load_model as loader
+        notes: list[str] = []
+        run_device = device
+        try:
+            loaded = loader(model, weights=weights or None, device=device)
+        except Exception as exc:
+            if type(exc).__name__ != "OutOfMemoryError" or device == "cpu":
+                raise
+            notes.append(f"not enough GPU memory to load {model}: running on the CPU (slower)")
+            log.warning("%s", notes[-1])
+            run_device = "cpu"
+            loaded = loader(model, weights=weights or None, device=run_device)
+        with self._models_lock:  # one model at a time, under the device asked for and the one it runs on
+            self._models = {key: (loaded, run_device), (model, weights or "", run_device): (loaded, run_device)}
+        return loaded, run_device, notes
+
+    def _last_model(self) -> Any:
+        with self._models_lock:
+            return next((loaded for loaded, _ in self._models.values()), None)
+
+
+def _ignore(fraction: float, message: str = "") -> None:
+    return None
+
+
+# robustness ------------------------------------------------------------------------------------
+def robustness_note(model: Any, *, prompt: Optional[str] = None) -> str:
+    """Prompt-robustness figures the weights carry, for ``prompt`` if they have its own, or what to try instead.
+
+    Read from the checkpoint metadata: ``metrics`` may hold ``pss``, ``prompt_swap_dice`` and
+    ``false_positive_rate``, and ``metrics["prompts"][prompt]`` the same figures for one prompt.
+    """
+    source = getattr(model, "weights_source", None)
+    info = getattr(source, "info", None)
+    metrics = (getattr(info, "metadata", None) or {}).get("metrics") or {}
+    own = (metrics.get("prompts") or {}).get(prompt) if prompt else None
+    figures, scope = (own, f"for {prompt!r}") if own else (metrics, "of these weights")
+    parts = []
+    if figures.get("pss") is not None:
+        parts.append(f"Prompt Sensitivity Score {float(figures['pss']):.2f} (0 = rewording to L3 prompts costs no Dice)")
+    if figures.get("prompt_swap_dice") is not None:
+        parts.append(f"mean Dice between masks of swapped synonymous prompts {float(figures['prompt_swap_dice']):.2f}")
+    if figures.get("false_positive_rate") is not None:
+        parts.append(f"false positives on absent structures {float(figures['false_positive_rate']):.0%}")
+    if parts:
+        return f"Robustness {scope}: " + "; ".join(parts) + "."
+    return ("No prompt-robustness figures ship with these weights. Reword the prompt (e.g. 'liver' and "
+            "'the liver parenchyma') and compare: a mask that changes a lot is not robust.")
+
+
+# devices (no torch import: the widget shows this before torch is installed) -----------------------
+def probe_gpus(*, run: Callable[..., Any] = subprocess.run) -> list[dict[str, Any]]:
+    """NVIDIA GPUs as ``nvidia-smi`` reports them (name, total and free MiB); [] when there is none."""
+    command = ["nvidia-smi", "--query-gpu=index,name,memory.total,memory.free", "--format=csv,noheader,nounits"]
+    try:
+        done = run(command, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if getattr(done, "returncode", 1) != 0:
+        return []
+    gpus = []
+    for line in done.stdout.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) != 4:
+            continue
+        try:
+            gpus.append({"index": int(fields[0]), "name": fields[1], "total_mib": int(fields[2]), "free_mib": int(fields[3])})
+        except ValueError:
+            continue
+    return gpus
+
+
+def describe_gpus(gpus: Sequence[Mapping[str, Any]]) -> str:
+    """One line for the device selector: what 'auto' and 'cuda' will use."""
+    if not gpus:
+        return "No NVIDIA GPU found: models run on the CPU (slower)."
+    return "; ".join(
+        f"cuda:{g['index']} {g['name']}: {g['free_mib'] / 1024:.1f} of {g['total_mib'] / 1024:.1f} GiB free" for g in gpus
+    )
+
+
+# dependencies ----------------------------------------------------------------------------------
+def read_requirements(path: Union[str, Path]) -> list[str]:
+    """The requirement lines of a requirements.txt (comments, blanks and pip options dropped)."""
+    lines = (line.split("#", 1)[0].strip() for line in Path(path).read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line and not line.startswith("-")]
+
+
+def missing_requirements(requirements: Iterable[str]) -> list[str]:
+    """Requirements not installed, or installed at a version outside their pins (no pip, no network)."""
+    from packaging.requirements import Requirement
+
+    missing = []
+    for text in requirements:
+        requirement = Requirement(text)
+        try:
+            installed = importlib.metadata.version(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(text)
+            continue
+        if not requirement.specifier.contains(installed, prereleases=True):
+            missing.append(f"{text} (installed: {installed})")
+    return missing

@@ -1,0 +1,305 @@
+"""Whole-study DICOM batch: every CT series in a folder segmented, one output folder per series.
+
+Headless and MRML-free, so the shell (``textsegment batch``), scripts and the Slicer logic share it::
+
+    report = segment_study("study/", ["liver", "spleen"], output_dir="out/", model="freqmedclip-tiny")
+    report.failed        # the series that could not be done, each with its error message
+
+Per CT series, ``OUT/NN_<description>/`` holds what ``export.write_segmentation`` writes
+(``segmentation.nii.gz``, its legend and the probability maps), ``seg.dcm`` (DICOM SEG referencing
+the source images) and, when asked, ``saliency/``; ``OUT/batch_report.json`` lists every series with
+its status. *Why per-series folders appear whole or not at all:* each is written under a hidden
+name and renamed when complete, so a series that fails half-way never leaves outputs that look
+finished. A bad series is reported and skipped; the others still run. Non-image objects (SEG,
+RTSTRUCT) and non-CT series are listed as skipped, never guessed at.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+from .errors import Cancelled, NotCTError, OutputExistsError, TextSegmentError
+from .progress import CancelToken, MonotonicProgress, ProgressCallback, check_cancel
+
+log = logging.getLogger(__name__)
+
+REPORT = "batch_report.json"
+SEG_FILE = "seg.dcm"
+SALIENCY_DIR = "saliency"
+OK, FAILED, SKIPPED, CANCELLED = "ok", "failed", "skipped", "cancelled"
+
+
+@dataclass
+class SeriesOutcome:
+    """One series of the study and what became of it."""
+
+    key: str
+    description: str
+    modality: str
+    files: int
+    patient_id: str
+    study_instance_uid: str
+    status: str = SKIPPED
+    folder: Optional[str] = None  # relative to the output folder
+    error: Optional[str] = None
+    outputs: list[str] = field(default_factory=list)  # relative to the series folder
+    prompts: list[dict[str, Any]] = field(default_factory=list)  # prompt, voxels, volume_ml
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class StudyReport:
+    """What ``segment_study`` did; ``to_dict()`` is what ``batch_report.json`` holds."""
+
+    dicom_dir: str
+    output_dir: str
+    prompts: list[str]
+    model: str
+    weights: Optional[str]
+    series: list[SeriesOutcome]
+    cancelled: bool = False
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> list[SeriesOutcome]:
+        return [s for s in self.series if s.status == OK]
+
+    @property
+    def failed(self) -> list[SeriesOutcome]:
+        return [s for s in self.series if s.status == FAILED]
+
+    @property
+    def report_path(self) -> Path:
+        return Path(self.output_dir) / REPORT
+
+    def to_dict(self) -> dict[str, Any]:
+        from . import __version__
+
+        return {
+            **asdict(self),
+            "summary": {status: sum(s.status == status for s in self.series) for status in (OK, FAILED, SKIPPED, CANCELLED)},
+            "textsegment_version": __version__,
+            "notice": "Research use only; not for diagnosis.",
+        }
+
+
+def segment_study(
+    dicom_dir: Union[str, Path],
+    prompts: Union[str, Sequence[str]],
+    *,
+    output_dir: Union[str, Path],
+    model: Any,
+    weights: Optional[str] = None,
+    model_name: Optional[str] = None,
+    aux_prompts: Optional[Sequence[Optional[str]]] = None,
+    device: str = "auto",
+    batch_size: Union[int, str] = "auto",
+    threshold: float = 0.5,
+    dicom_seg: bool = True,
+    saliency: bool = False,
+    saliency_stage: int = 1,
+    saliency_layers: Union[str, Sequence[str], None] = None,
+    overwrite: bool = False,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Union[CancelToken, Callable[[], bool], None] = None,
+    reader: Optional[Callable[[Any], Any]] = None,
+) -> StudyReport:
+    """Segment every CT series under ``dicom_dir`` and write one folder per series plus the report.
+
+    ``model`` is a preset name (loaded once with ``weights`` on ``device``) or a model object
+    (``model_name`` then names it in the outputs).
+    ``reader(series_info) -> Volume`` replaces the engine's DICOM reader (tests, other front ends).
+    Raises before any work when the folder holds no CT series or outputs exist (unless
+    ``overwrite``); raises ``Cancelled`` after writing the report when cancelled.
+    """
+    from .engine import validate_prompts
+    from .io.dicom import list_series
+    from .io.writers import write_json
+
+    started = time.perf_counter()
+    dicom_dir, output_dir = Path(dicom_dir), Path(output_dir)
+    prompt_list = validate_prompts(prompts)
+    found = list_series(dicom_dir)
+    outcomes = [_outcome(s) for s in found]  # skipped, with the reason, unless a CT candidate
+    todo = [(s, o) for s, o in zip(found, outcomes) if o.error is None]
+    if not todo:
+        listing = ", ".join(f"{o.modality or 'no modality'} ({o.error})" for o in outcomes)
+        raise NotCTError(f"{dicom_dir}: no CT series to segment; found {listing}")
+    _name_folders([o for _, o in todo])
+    _check_free(output_dir, [o.folder for _, o in todo], overwrite=overwrite)
+
+    model_name = model_name or (model if isinstance(model, str) else type(model).__name__)
+    if isinstance(model, str):
+        from .weights import load_model
+
+        model = load_model(model, weights=weights, device=device)
+    reader = reader or (lambda series: _read(series, source=dicom_dir))
+    report = StudyReport(str(dicom_dir), str(output_dir), prompt_list, model_name, weights, outcomes)
+    overall = MonotonicProgress(progress)
+    try:
+        for i, (series, outcome) in enumerate(todo):
+            check_cancel(cancel)
+            label = f"series {i + 1}/{len(todo)} ({outcome.description or outcome.modality or outcome.key})"
+
+            def step(fraction: float, message: str = "", i: int = i, label: str = label) -> None:
+                overall((i + fraction) / len(todo), f"{label}: {message}")
+
+            _run_series(
+                series, outcome, reader=reader, out_dir=output_dir, prompts=prompt_list, model=model,
+                model_name=model_name, weights=weights, aux_prompts=aux_prompts, device=device,
+                batch_size=batch_size, threshold=threshold, dicom_seg=dicom_seg, saliency=saliency,
+                saliency_stage=saliency_stage, saliency_layers=saliency_layers, overwrite=overwrite,
+                progress=step, cancel=cancel,
+            )
+    except Cancelled:
+        report.cancelled = True
+        for _, outcome in todo:
+            if outcome.status == SKIPPED and outcome.error is None:
+                outcome.status, outcome.error = CANCELLED, "cancelled by the user before this series was finished"
+        raise
+    finally:
+        report.seconds = time.perf_counter() - started
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json(report.to_dict(), output_dir / REPORT, overwrite=True)
+    overall(1.0, f"{len(report.ok)} series done, {len(report.failed)} failed")
+    return report
+
+
+# series ----------------------------------------------------------------------------------------
+def _outcome(series: Any) -> SeriesOutcome:
+    return SeriesOutcome(
+        key=series.key, description=series.description, modality=series.modality, files=series.n_files,
+        patient_id=series.patient_id, study_instance_uid=series.study_instance_uid, error=_skip_reason(series),
+    )
+
+
+def _skip_reason(series: Any) -> Optional[str]:
+    """Why a series is not segmented (None: it is a CT candidate)."""
+    if not series.is_image:
+        return f"a {series.modality or 'non-image'} object, not an image series"
+    if series.modality not in ("CT", ""):
+        return f"not CT (modality {series.modality})"
+    if series.is_localizer or series.orientations > 1:
+        return "a localizer (scout), not a volume"
+    return None
+
+
+def _name_folders(outcomes: list[SeriesOutcome]) -> None:
+    from .export import slug
+
+    for n, outcome in enumerate(outcomes, start=1):
+        outcome.folder = f"{n:02d}_{slug(outcome.description or outcome.modality or 'series', max_length=32)}"
+
+
+def _check_free(output_dir: Path, folders: list[str], *, overwrite: bool) -> None:
+    if overwrite:
+        return
+    taken = [p for p in [output_dir / REPORT, *(output_dir / f for f in folders)] if p.exists()]
+    if taken:
+        raise OutputExistsError(
+            f"{output_dir}: holds batch results already ({', '.join(p.name for p in taken)}); "
+            "choose another output folder or pass --overwrite"
+        )
+
+
+def _read(series: Any, *, source: Path) -> Any:
+    """The engine's reader, with the CT rule of ``io.readers``: no Modality tag is fine when values look like HU."""
+    from .io.dicom import read_series
+    from .io.readers import looks_like_hu
+
+    volume = read_series(series, source=source)
+    if not volume.modality:
+        if not looks_like_hu(volume.array):
+            raise NotCTError(f"series {series.key} has no Modality tag and its values do not look like Hounsfield units")
+        log.warning("series %s has no Modality tag; treated as CT because its values look like HU", series.key)
+        volume = volume.with_array(volume.array, modality="CT")
+    return volume
+
+
+def _run_series(series: Any, outcome: SeriesOutcome, *, reader: Callable[[Any], Any], out_dir: Path,
+                prompts: list[str], model: Any, model_name: str, weights: Optional[str], aux_prompts: Any,
+                device: str, batch_size: Any, threshold: float, dicom_seg: bool, saliency: bool,
+                saliency_stage: int, saliency_layers: Any, overwrite: bool, progress: ProgressCallback,
+                cancel: Any) -> None:
+    """Segment one series into its folder; any failure but a cancel is recorded, never raised."""
+    from .engine import segment
+
+    started = time.perf_counter()
+    final = out_dir / outcome.folder
+    staging = out_dir / f".{outcome.folder}.partial-{os.getpid()}"
+    try:
+        progress(0.0, "reading")
+        volume = reader(series)
+        sink = None
+        if saliency:
+            from .saliency import build_saliency_sink
+
+            sink = build_saliency_sink(model=model, layers=saliency_layers, stage=saliency_stage)
+        run = segment(volume, prompts, model=model, aux_prompts=aux_prompts, device=device, batch_size=batch_size,
+                      threshold=threshold, progress=progress, cancel=cancel, features_sink=sink)
+        shutil.rmtree(staging, ignore_errors=True)
+        written = _write_series(run, volume=volume, series=series, folder=staging, model_name=model_name,
+                                weights=weights, dicom_seg=dicom_seg)
+        _publish(staging, final, overwrite=overwrite)
+        outcome.status = OK
+        outcome.outputs = sorted(str(p.relative_to(staging)) for p in written)
+        outcome.prompts = [{"prompt": r.prompt, "voxels": r.voxels, "volume_ml": round(r.volume_ml, 3)} for r in run.results]
+        outcome.warnings = list(run.warnings)
+    except Cancelled:
+        raise
+    except NotCTError as exc:  # e.g. no Modality tag and values that are not HU: not ours to segment
+        outcome.error = str(exc)
+        log.info("series %s skipped: %s", series.key, exc)
+    except Exception as exc:  # noqa: BLE001 - one bad series must not stop the study
+        outcome.status = FAILED
+        outcome.error = str(exc) if isinstance(exc, TextSegmentError) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, TextSegmentError):
+            log.warning("series %s failed: %s", series.key, exc)
+        else:
+            log.exception("series %s failed unexpectedly", series.key)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        outcome.seconds = round(time.perf_counter() - started, 3)
+
+
+def _write_series(run: Any, *, volume: Any, series: Any, folder: Path, model_name: str,
+                  weights: Optional[str], dicom_seg: bool) -> list[Path]:
+    from .export import write_segmentation
+
+    legend = {"dicom_series": series.to_dict()}
+    written = write_segmentation(run, out_dir=folder, model_name=model_name, weights=weights, extra_legend=legend)
+    if dicom_seg:
+        from .dicom_seg import write_dicom_seg
+
+        written.append(write_dicom_seg(run.results, source=volume, path=folder / SEG_FILE, model_name=model_name,
+                                       series_description=f"TextSegment {model_name}"))
+    if run.features is not None:
+        from .saliency import write_saliency
+
+        written += write_saliency(run.features, out_dir=folder / SALIENCY_DIR, extra_legend={"model": model_name})
+    return written
+
+
+def _publish(staging: Path, final: Path, *, overwrite: bool) -> None:
+    """Rename the finished staging folder into place (replacing an old one only with ``overwrite``)."""
+    if final.exists():
+        if not overwrite:
+            raise OutputExistsError(f"{final}: exists already; pass --overwrite to replace it")
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(final)
+
+
+def exit_code(report: StudyReport) -> int:
+    """0 when every CT series was segmented, 1 when some failed (the others still ran)."""
+    return 1 if report.failed else 0
