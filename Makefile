@@ -15,8 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/textsegment phantom demo_out/phantom --seed 0 --overwrite
-	$(VENV)/bin/textsegment info demo_out/phantom/ct.nii.gz
+	$(VENV)/bin/textsegment demo --out demo_out --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -11,19 +11,23 @@ from TextSegmentLib.models.registry import create_model
 from TextSegmentLib.saliency import COMBINED, explain
 
 
-@pytest.mark.parametrize("name", ["freqmedclip-tiny", "tgcnet-tiny"])
-def test_default_layers_are_the_models_saliency_subset(name):
-    model = create_model(name).eval()
+@pytest.fixture(scope="module", params=["freqmedclip-tiny", "tgcnet-tiny"])
+def family_model(request):
+    """Each family built once for this file: building dominates these tests' time."""
+    torch.manual_seed(0)
+    return create_model(request.param).eval()
+
+
+def test_default_layers_are_the_models_saliency_subset(family_model):
+    model = family_model
     volume, _, _ = sphere_phantom(shape=(1, 40, 48))
     result = explain(volume, ["liver"], model=model, device="cpu").features
     assert set(model.saliency_layers) < set(model.tap_names)
     assert result.prompts[0].layers == [*model.saliency_layers, COMBINED]
 
 
-@pytest.mark.parametrize("name", ["freqmedclip-tiny", "tgcnet-tiny"])
-def test_every_tap_of_both_families_gives_a_map_on_the_input_grid(name):
-    torch.manual_seed(0)
-    model = create_model(name).eval()
+def test_every_tap_of_both_families_gives_a_map_on_the_input_grid(family_model):
+    model = family_model
     volume, _, _ = sphere_phantom(shape=(2, 40, 48))
     result = explain(volume, ["liver", "spleen"], model=model, device="cpu", stage=3, layers=model.tap_names).features
     joint = set(model.joint_tap_names)

@@ -1,0 +1,54 @@
+"""bench/saliency.py end to end on the planted model: the table, the targets and the doc block."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+from planted_model import PlantedModel, sphere_phantom
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "saliency.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_saliency", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_scores_the_planted_answer_and_writes_its_table(tmp_path):
+    bench = load_bench()
+    volume, ball, _ = sphere_phantom()
+    body = (volume.array > -500) & ~ball
+    case = bench.Case("planted", volume, {"bright": ball, "dark": body})
+    result = bench.run_benchmark(PlantedModel(), [case], stages=(1, 3), slices_per_prompt=2, repeats=1)
+
+    lines = {(s["method"], s["stage"], s["layer"]): s for s in result["summary"]}
+    deep, shallow = lines[(bench.OURS, 1, "deep")], lines[(bench.OURS, 1, "shallow")]
+    assert deep["energy"] > shallow["energy"] and deep["pointing"] == 1.0
+    assert lines[(bench.GRAD_CAM, None, "deep")]["n"] == 0  # the planted taps are not on the logit path
+    assert (
+        -1.0 <= lines[(bench.OURS, 3, "joint")]["prompt_swap_r"] < 0.5
+    )  # "bright" and "dark" explain opposite regions
+    assert [o["stage"] for o in result["overhead"]] == [1, 3]
+    assert all(o["sink_s"] > 0 for o in result["overhead"])
+    assert set(result["targets"]) == {
+        "overhead_at_most_10_percent",
+        "speedup_vs_grad_cam",
+        "prompt_swap_below_0.5",
+        "energy_rises_with_depth",
+    }
+
+    table = bench.format_tables(result["summary"], result["overhead"], title="planted")
+    assert "| gradient-free | 1 | deep |" in table and "n/a (tap not on the logit path)" in table
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"intro\n{bench.DOC_START}\nold\n{bench.DOC_END}\noutro\n")
+    bench.update_doc(doc, table)
+    text = doc.read_text()
+    assert "old" not in text and "| gradient-free | 1 | deep |" in text and text.endswith("outro\n")
+    assert math.isfinite(deep["ms_per_slice"]) and np.isfinite(deep["dice"])

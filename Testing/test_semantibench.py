@@ -1,0 +1,135 @@
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from TextSegmentLib.models.base import ModelOutput, TextFeatures, TextSegmentationModel
+from TextSegmentLib.semantibench import (
+    BenchReport, PromptResult, compare, dice, evaluate_case, pss, slice_dices, wilcoxon, write_report,
+)
+
+
+def test_dice_edge_cases():
+    empty = np.zeros((4, 4), bool)
+    some = empty.copy()
+    some[1:3, 1:3] = True
+    assert dice(empty, empty) == 1.0  # nothing to find, nothing found
+    assert dice(empty, some) == 0.0 and dice(some, empty) == 0.0
+    half = some.copy()
+    half[1] = False
+    assert dice(half, some) == pytest.approx(2 * 2 / (2 + 4))
+    with pytest.raises(ValueError):
+        dice(empty, np.zeros((3, 3), bool))
+
+
+def test_slice_dice_skips_slices_without_truth():
+    truth = np.zeros((3, 4, 4), bool)
+    truth[1, :2] = True
+    pred = np.zeros_like(truth)
+    pred[0] = True  # a false positive on a slice without truth does not count here
+    pred[1, :1] = True
+    assert slice_dices(pred, truth) == [pytest.approx(2 * 4 / (4 + 8))]
+
+
+def test_pss_definition_and_edges():
+    assert pss(0.8, 0.6) == pytest.approx(1 - 0.6 / 0.8)
+    assert pss(0.5, 0.6) < 0  # L3 beating L1 is allowed
+    assert pss(0.0, 0.4) is None  # undefined without an L1 baseline
+    assert pss(None, 0.4) is None and pss(0.7, None) is None
+
+
+def test_wilcoxon_edges_and_a_clear_shift():
+    assert wilcoxon([], []) is None
+    same = wilcoxon([0.5, 0.7, 0.9], [0.5, 0.7, 0.9])
+    assert same["p_value"] == 1.0 and same["n"] == 3
+    a = np.linspace(0.6, 0.9, 10)
+    result = wilcoxon(a, a - np.linspace(0.01, 0.1, 10))
+    assert result["p_value"] == pytest.approx(2 / 2**10)  # exact two-sided p when every difference is positive
+    assert result["mean_difference"] > 0
+    with pytest.raises(ValueError):
+        wilcoxon([1.0], [1.0, 2.0])
+
+
+def _report(model="m", l3_scale=1.0):
+    rows = []
+    for case, base in (("c1", 0.9), ("c2", 0.7)):
+        rows += [
+            PromptResult(case, "liver", "L1", "liver", 100, 90, base, [base, base]),
+            PromptResult(case, "the big organ", "L2", "liver", 100, 80, base - 0.1, [base - 0.1]),
+            PromptResult(case, "liver excluding the tumour", "L3", "liver − liver_tumor", 80, 70, base * l3_scale, []),
+            PromptResult(case, "brain", "negative", "brain", 0, 5 if case == "c1" else 0, None),
+        ]
+    return BenchReport(model=model, weights="w", dataset="toy", results=rows)
+
+
+def test_report_aggregates(tmp_path):
+    report = _report(l3_scale=0.5)
+    table = report.level_table()
+    assert table["L1"]["prompts"] == {"n": 2, "mean": pytest.approx(0.8), "median": pytest.approx(0.8)}
+    assert table["L1"]["slices"]["n"] == 4
+    assert report.pss() == pytest.approx(0.5)
+    assert report.pss_per_case() == {"c1": pytest.approx(0.5), "c2": pytest.approx(0.5)}
+    assert report.false_positive_rate() == 0.5
+    targets = {(r["target"], r["level"]): r for r in report.target_table()}
+    assert targets[("brain", "negative")]["false_positive_rate"] == 0.5
+    assert targets[("liver", "L1")]["mean_dice"] == pytest.approx(0.8)
+    paths = write_report(report, tmp_path, comparison=compare(report, _report(model="other")))
+    data = json.loads(paths["json"].read_text())
+    assert data["summary"]["pss"] == pytest.approx(0.5)
+    assert data["comparison"]["L3"]["n"] == 2 and data["comparison"]["L1"]["p_value"] == 1.0
+    assert "PSS" in paths["markdown"].read_text() and paths["plot"].stat().st_size > 1000
+
+
+def test_report_without_l1_has_undefined_pss():
+    report = BenchReport("m", "w", "toy", [PromptResult("c", "x", "L3", "x", 5, 5, 1.0)])
+    assert report.pss() is None and report.false_positive_rate() is None
+
+
+@dataclass
+class _Config:
+    image_size: int = 32
+
+
+class _ConstantModel(TextSegmentationModel):
+    """Predicts the same logit everywhere, whatever the prompt: the engine path with known answers."""
+
+    def __init__(self, logit):
+        super().__init__()
+        self.config = _Config()
+        self.logit = logit
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def encode_text(self, prompts, aux_prompts=None):
+        return TextFeatures(pooled=torch.zeros(len(prompts), 4))
+
+    def forward(self, images, text, *, taps=None):
+        return ModelOutput(logits=torch.full((images.shape[0], 1, 32, 32), self.logit) + 0 * self.dummy)
+
+
+def test_evaluate_case_through_the_engine():
+    from TextSegmentLib.training import phantom_cases
+
+    (case,) = phantom_cases([7], shape=(4, 32, 32))
+    empty = BenchReport("none", "w", "toy", evaluate_case(_ConstantModel(-10.0), case, device="cpu"))
+    assert {r.level for r in empty.results} == {"L1", "L2", "L3", "negative"}
+    assert all(r.dice == 0.0 for r in empty.results if r.level != "negative")
+    assert empty.false_positive_rate() == 0.0 and empty.pss() is None  # L1 = 0: PSS undefined
+    full = BenchReport("all", "w", "toy", evaluate_case(_ConstantModel(10.0), case, device="cpu"))
+    assert full.false_positive_rate() == 1.0
+    body = next(r for r in full.results if r.prompt == "body")
+    assert 0 < body.dice <= 1 and body.predicted_voxels == case.ct.array.size
+
+
+def test_bench_command_writes_json_markdown_and_plot(tmp_path, capsys):
+    from TextSegmentLib.cli import main
+
+    out = tmp_path / "bench"
+    code = main(["bench", "--model", "freqmedclip-tiny", "--weights", "random", "--phantoms", "1", "--seed", "2000",
+                 "--phantom-shape", "3x48x48", "--device", "cpu", "--out", str(out), "--quiet"])
+    assert code == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert data["summary"]["cases"] == 1 and data["summary"]["levels"]["L1"]["prompts"]["n"] > 0
+    assert (out / "bench.md").read_text().startswith("# SemantiBench") and (out / "bench.png").is_file()
+    assert "PSS" in capsys.readouterr().out

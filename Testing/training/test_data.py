@@ -1,0 +1,101 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from TextSegmentLib.errors import InputError
+from TextSegmentLib.prompts import ground_truth
+from TextSegmentLib.training.data import (
+    Batch, align_labels, augment, load_dicom_seg_case, load_msd_task, load_source, load_totalsegmentator_case,
+    mirror_prompt, parse_seeds,
+)
+
+
+def test_mirror_prompt_swaps_sides_and_keeps_case():
+    assert mirror_prompt("left kidney") == "right kidney"
+    assert mirror_prompt("Right lung excluding the left lung") == "Left lung excluding the right lung"
+    assert mirror_prompt("leftover liver") == "leftover liver"  # whole words only
+
+
+def test_mirror_augmentation_moves_mask_and_swaps_prompt():
+    image = torch.zeros(1, 3, 16, 16)
+    image[..., :4] = 1.0  # something on the image's left edge
+    batch = Batch(image, image[:, :1].clone(), ["left kidney"], ["L1"])
+    out = augment(batch, np.random.default_rng(0), flip_prob=1.0, scale=0, rotate_deg=0, shift=0, intensity=0)
+    assert out.prompts == ["right kidney"]
+    torch.testing.assert_close(out.images, torch.flip(image, dims=[-1]))
+    torch.testing.assert_close(out.masks, torch.flip(image[:, :1], dims=[-1]))
+
+
+def test_default_augmentation_never_mirrors():
+    batch = Batch(torch.rand(8, 3, 16, 16), torch.zeros(8, 1, 16, 16), ["left kidney"] * 8, ["L1"] * 8)
+    out = augment(batch, np.random.default_rng(1))
+    assert out.prompts == batch.prompts
+    assert out.images.min() >= 0 and out.images.max() <= 1
+
+
+def test_pool_samples_balanced_levels_with_true_masks(tiny_pool):
+    rng = np.random.default_rng(0)
+    picks = tiny_pool.sample(rng, 400)
+    levels = [p.level for _, p in picks]
+    share = {lv: levels.count(lv) / len(levels) for lv in ("L1", "L2", "L3", "negative")}
+    assert 0.2 < share["L1"] < 0.4 and 0.1 < share["negative"] < 0.3
+    batch = tiny_pool.batch(picks[:40])
+    assert batch.images.shape == (40, 3, 128, 128) and batch.masks.shape == (40, 1, 128, 128)
+    for (index, prompt), mask in zip(picks[:40], batch.masks[:, 0].numpy()):
+        expected = ground_truth(prompt, tiny_pool.labels[index].numpy(), tiny_pool.label_names[tiny_pool.case_of[index]])
+        assert np.array_equal(mask > 0.5, expected)
+        if prompt.level == "negative":
+            assert not expected.any()
+    shown = [tiny_pool.mask(i, p).any() for i, p in picks if p.level != "negative"]
+    assert np.mean(shown) > 0.6  # most positives show their target; some are deliberately empty
+
+
+def test_parse_seeds_and_bad_source():
+    assert parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
+    with pytest.raises(InputError):
+        load_source("mystery:thing")
+
+
+def test_totalsegmentator_dicom_case_labels_are_aligned(shared_data):
+    folder = shared_data / "dicom" / "totalseg_example_ct_dicom"
+    case = load_totalsegmentator_case(folder / "series", folder / "example_seg_dicom.nii.gz",
+                                      shared_data / "ct" / "totalsegmentator_class_maps.json")
+    assert case.ct.same_geometry(case.labels)
+    liver = case.labels.array == 5
+    assert abs(int(liver.sum()) - 366708) < 0.01 * 366708  # the stored y-flip is undone, not resampled away
+    assert 30 < float(case.ct.array[liver].mean()) < 200  # contrast-enhanced liver HU: the map lies on the liver
+
+
+def test_dicom_seg_case_matches_the_label_file(shared_data):
+    from TextSegmentLib.io import read_label_map
+
+    folder = shared_data / "dicom" / "dcmqi_ct3slice"
+    case = load_dicom_seg_case(folder / "series", folder / "liver.dcm")
+    assert case.label_names == {1: "liver"}
+    reference = align_labels(read_label_map(folder / "liver_seg.nrrd"), case.ct).array > 0
+    got = case.labels.array == 1
+    assert got.sum() > 1000
+    assert 2 * (got & reference).sum() / (got.sum() + reference.sum()) > 0.99
+
+
+def test_msd_task_folder(tmp_path):
+    import SimpleITK as sitk
+
+    from TextSegmentLib.phantom import make_phantom
+
+    ph = make_phantom(seed=5, shape=(4, 32, 32))
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    liver = (ph.labels.array == 11).astype(np.uint8)
+    for array, name in ((ph.ct.array, "imagesTr/case_001.nii.gz"), (liver, "labelsTr/case_001.nii.gz")):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(ph.ct.spacing)
+        sitk.WriteImage(image, str(tmp_path / name))
+    spec = {"labels": {"0": "background", "1": "liver"},
+            "training": [{"image": "./imagesTr/case_001.nii.gz", "label": "./labelsTr/case_001.nii.gz"}]}
+    (tmp_path / "dataset.json").write_text(json.dumps(spec))
+    (case,) = load_msd_task(tmp_path)
+    assert case.label_names == {1: "liver"}
+    assert int(case.labels.array.sum()) == int(liver.sum()) > 0

@@ -1,0 +1,88 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from TextSegmentLib.checkpoint import load_checkpoint, save_checkpoint
+from TextSegmentLib.models import create_model
+from TextSegmentLib.training import TrainConfig, export_weights, lr_factor, segmentation_loss, soft_dice_loss, train
+from TextSegmentLib.training.trainer import build_optimizer
+
+TINY_OVERRIDES = {"clip_source": "random:textsegment-vit-ti16-text32", "train_vision_tower": True, "train_text_tower": True}
+
+
+def test_dice_loss_edges():
+    truth = torch.zeros(2, 1, 8, 8)
+    truth[0, :, 2:5, 2:5] = 1
+    perfect = truth * 40 - 20
+    assert soft_dice_loss(perfect, truth) < 1e-3
+    # wrong everywhere; only the non-empty image counts: 55 false pixels, 9 missed, smoothing 1
+    assert float(soft_dice_loss(-perfect, truth)) == pytest.approx(1 - 1 / (55 + 9 + 1), rel=1e-4)
+    assert float(soft_dice_loss(torch.full((2, 1, 8, 8), 5.0), torch.zeros(2, 1, 8, 8))) == 0.0  # empty: BCE's job
+    parts = segmentation_loss(perfect, truth)
+    assert math.isclose(float(parts.total), float(parts.dice + parts.bce), rel_tol=1e-6)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    values = [lr_factor(s, total=100, warmup=10, min_ratio=0.1) for s in range(100)]
+    assert values[0] == 0.1 and values[9] == 1.0
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+    assert math.isclose(lr_factor(100, total=100, warmup=10, min_ratio=0.1), 0.1)
+
+
+def test_parameter_groups_get_their_learning_rates():
+    model = create_model("freqmedclip-tiny", clip_source="random:textsegment-vit-ti16-text32")  # towers mostly frozen
+    optimizer = build_optimizer(model, TrainConfig(lr_new=1e-4, lr_backbone=1e-5))
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs == {"new": 1e-4, "backbone": 1e-5}
+    backbone = next(g for g in optimizer.param_groups if g["name"] == "backbone")["params"]
+    assert {id(p) for p in backbone} == {id(p) for p in model.parameter_groups()["backbone"]}
+
+
+def test_a_few_steps_lower_the_loss_on_a_tiny_batch(tiny_pool):
+    torch.manual_seed(0)
+    model = create_model("freqmedclip-tiny", **TINY_OVERRIDES).train()
+    optimizer = build_optimizer(model, TrainConfig(lr_new=1e-3, lr_backbone=1e-3))
+    rng = np.random.default_rng(0)
+    picks = [p for p in tiny_pool.sample(rng, 40) if p[1].level == "L1" and tiny_pool.mask(*p).any()][:2]
+    batch = tiny_pool.batch(picks)
+    losses = []
+    for _ in range(6):
+        loss = segmentation_loss(model(batch.images, model.encode_text(batch.prompts)).logits, batch.masks).total
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def _config(out_dir, **changes):
+    base = dict(model="freqmedclip-tiny", overrides=TINY_OVERRIDES, sources=(), val_sources=(), steps=4, batch_size=2,
+                warmup_steps=2, lr_new=1e-3, lr_backbone=1e-3, checkpoint_every=100, out_dir=str(out_dir), seed=3)
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def test_resume_continues_the_schedule(tiny_pool, tmp_path):
+    whole = train(_config(tmp_path / "whole"), pools=(tiny_pool, None))
+    first = train(_config(tmp_path / "parts", stop_after=2), pools=(tiny_pool, None))
+    assert (first.step, first.finished) == (2, False)
+    second = train(_config(tmp_path / "parts"), resume=True, pools=(tiny_pool, None))
+    assert (second.step, second.finished) == (4, True)
+    assert second.history["step"] == [1, 2, 3, 4]
+    assert second.history["lr"] == whole.history["lr"]  # the very same warm-up + cosine
+    np.testing.assert_allclose(second.history["loss"], whole.history["loss"], rtol=1e-3)  # same batches too
+    assert (tmp_path / "parts" / "curves.png").stat().st_size > 0
+
+    # the shipped form: fp16 on disk (about half the bytes), fp32 again once loaded
+    full = tmp_path / "full.safetensors"
+    save_checkpoint(second.model, full, model_name="freqmedclip-tiny")
+    small = export_weights(full, tmp_path / "small.safetensors", metadata={"licence": "test"})
+    assert small.path.stat().st_size < 0.55 * full.stat().st_size
+    loaded, info = load_checkpoint(small.path)
+    assert info.metadata["stored_dtype"] == "float16" and info.metadata["licence"] == "test"
+    for (key, value), trained in zip(loaded.state_dict().items(), second.model.state_dict().values()):
+        if value.is_floating_point():
+            assert value.dtype == torch.float32, key
+            torch.testing.assert_close(value, trained, atol=2e-3, rtol=2e-3)

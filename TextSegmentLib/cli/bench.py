@@ -1,0 +1,82 @@
+"""``textsegment bench``: SemantiBench for a model on held-out phantoms and/or labelled CT.
+
+Writes ``bench.json``, ``bench.md`` and ``bench.png`` to ``--out``; with ``--compare-model`` the
+second model runs on the same cases and a paired Wilcoxon test per level joins the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .segment import add_model_arguments
+
+REAL_HELD_OUT = (
+    "totalseg:{data}/dicom/totalseg_example_ct_dicom/series,{data}/dicom/totalseg_example_ct_dicom/example_seg_dicom.nii.gz,"
+    "{data}/ct/totalsegmentator_class_maps.json"
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="SemantiBench: Dice per prompt level, PSS, negative controls, Wilcoxon")
+    add_model_arguments(p)
+    p.add_argument("--phantoms", type=int, default=0, help="number of held-out phantoms")
+    p.add_argument("--seed", type=int, default=2000, help="first phantom seed (keep it apart from training seeds)")
+    p.add_argument("--phantom-shape", default="32x128x128", help="phantom grid z x y x x")
+    p.add_argument("--real", action="store_true", help="also the real contrast CT held out from training "
+                   "(TotalSegmentator's DICOM example with its silver labels)")
+    p.add_argument("--data", action="append", default=[], help="more labelled cases: totalseg:CT,SEG,CLASSMAP, msd:FOLDER, "
+                   "dicomseg:SERIES,SEG")
+    p.add_argument("--shared-data", default="../shared/data", help="where the shared real data lies")
+    p.add_argument("--compare-model", help="a second model to run on the same cases (paired Wilcoxon)")
+    p.add_argument("--compare-weights", help="weights for --compare-model")
+    p.add_argument("--out", "-o", required=True, help="output folder")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import InputError
+    from ..semantibench import compare, run_bench, write_report
+    from ..training.data import load_source
+    from ..weights import load_model
+    from .progressbar import progress_bar
+
+    specs = list(args.data)
+    names = []
+    if args.phantoms > 0:
+        specs.insert(0, f"phantoms:{args.seed}-{args.seed + args.phantoms - 1}@{args.phantom_shape}")
+        names.append(f"{args.phantoms} phantoms (seeds {args.seed}–{args.seed + args.phantoms - 1})")
+    if args.real:
+        specs.append(REAL_HELD_OUT.format(data=Path(args.shared_data)))
+        names.append("real CT (TotalSegmentator DICOM example, silver labels)")
+    names += args.data
+    if not specs:
+        raise InputError("nothing to benchmark: give --phantoms N, --real or --data SOURCE")
+    cases = [case for spec in specs for case in load_source(spec)]
+    dataset = "; ".join(names)
+
+    reports = []
+    for model_name, weights in ((args.model, args.weights), (args.compare_model, args.compare_weights)):
+        if not model_name:
+            continue
+        model = load_model(model_name, weights=weights, device=args.device)
+        label = str(getattr(getattr(model, "weights_source", None), "path", None) or weights or "default")
+        with progress_bar(disable=args.quiet) as bar:
+            reports.append(run_bench(model, cases, model_name=model_name, weights=label, dataset=dataset,
+                                     progress=bar, batch_size=args.batch_size, device=args.device))
+    comparison = compare(reports[0], reports[1]) if len(reports) == 2 else None
+    out = Path(args.out)
+    paths = write_report(reports[0], out, comparison=comparison)
+    if len(reports) == 2:
+        write_report(reports[1], out / "compare", comparison=comparison)
+    summary = reports[0].summary()
+    levels = summary["levels"]
+    print(f"{args.model} on {dataset}: " + ", ".join(
+        f"{lv} Dice {levels[lv]['prompts']['mean']:.3f}" if levels[lv]["prompts"]["mean"] is not None else f"{lv} n/a"
+        for lv in levels))
+    pss = summary["pss"]
+    fp = summary["false_positive_rate"]
+    print(f"PSS {'n/a' if pss is None else f'{pss:.3f}'}; false-positive rate on negatives {'n/a' if fp is None else f'{fp:.3f}'}")
+    print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
+    return 0

@@ -1,0 +1,79 @@
+"""``textsegment train --config recipes/NAME.json``: train (or resume) a model, then export small weights.
+
+Multi-process: ``torchrun --nproc-per-node N -m TextSegmentLib train --config ...`` (gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model on phantoms and labelled CT (see recipes/)")
+    p.add_argument("--config", "-c", help="a recipe JSON with TrainConfig fields (command-line options win)")
+    p.add_argument("--model", "-m", help="model preset")
+    p.add_argument("--data", action="append", help="data source, repeatable: phantoms:0-47, totalseg:CT,SEG,CLASSMAP, "
+                   "msd:FOLDER, dicomseg:SERIES,SEG")
+    p.add_argument("--val", action="append", help="validation source (same forms as --data)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-minutes", type=float, help="wall-clock budget: save and stop cleanly after it")
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", "-o", help="run folder (checkpoints, history, curves)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--export", help="write the best weights here as an fp16 TextSegment checkpoint when done")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --export file")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace):
+    from ..errors import InputError
+    from ..training import TrainConfig
+
+    values = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise InputError(f"recipe {path} not found")
+        values = json.loads(path.read_text())
+        values.pop("comment", None)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise InputError(f"recipe {args.config} has unknown field(s) {unknown}")
+    for arg, name in (("model", "model"), ("steps", "steps"), ("batch_size", "batch_size"), ("max_minutes", "max_minutes"),
+                      ("threads", "threads"), ("device", "device"), ("seed", "seed"), ("out", "out_dir")):
+        if getattr(args, arg) is not None:
+            values[name] = getattr(args, arg)
+    if args.data:
+        values["sources"] = tuple(args.data)
+    if args.val:
+        values["val_sources"] = tuple(args.val)
+    for key in ("sources", "val_sources"):
+        if key in values:
+            values[key] = tuple(values[key])
+    return TrainConfig(**values)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training import export_weights, train
+    from .progressbar import progress_bar
+
+    config = build_config(args)
+    with progress_bar(disable=args.quiet) as bar:
+        result = train(config, resume=args.resume, progress=bar)
+    state = "finished" if result.finished else "stopped (resume with --resume)"
+    print(f"{config.model}: {state} at step {result.step}/{config.steps}; run folder {result.out_dir}")
+    if result.history["val"]:
+        print(f"last validation: {result.history['val'][-1]}")
+    if args.export and result.best_path is not None:
+        info = export_weights(result.best_path, Path(args.export), overwrite=args.overwrite,
+                              metadata={"recipe": str(args.config or "")})
+        print(f"exported {info.path} ({info.path.stat().st_size / 1e6:.1f} MB, fp16)")
+    return 0

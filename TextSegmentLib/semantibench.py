@@ -1,0 +1,313 @@
+"""SemantiBench: Dice per prompt level, the Prompt Sensitivity Score, negative controls, Wilcoxon.
+
+What is measured is what users get: every case goes through ``engine.segment`` on the whole
+volume, with each case's prompt pyramid (L1 atomic, L2 descriptive, L3 exclusionary/compositional,
+and negative controls whose ground truth is empty).
+
+The edge cases of the maths, defined once here and tested:
+
+* ``dice(∅, ∅) = 1`` (nothing to find, nothing found); ``dice`` with exactly one side empty is 0.
+* Per-slice Dice is taken over the slices where the ground truth is non-empty (slices without the
+  target would all score 1 or 0 and swamp the mean); false positives are what negatives measure.
+* A negative control is a false positive when its predicted mask has any voxel; the rate is over
+  all negative prompts.
+* ``PSS = 1 − mean Dice(L3) / mean Dice(L1)``; undefined (None) when there is no L1 or no L3 score or
+  mean Dice(L1) = 0; negative when L3 beats L1. The per-case median PSS uses the cases where it is defined.
+* Wilcoxon signed-rank, paired on (case, prompt): None with no pairs; p = 1 when all differences are 0;
+  otherwise scipy's default, which leaves zero differences out of the ranking (``n`` counts all pairs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from .prompts import LEVELS, build_prompt_pyramid, ground_truth
+
+log = logging.getLogger(__name__)
+
+SCORED_LEVELS = ("L1", "L2", "L3")
+
+
+# --------------------------------------------------------------------------------------- maths
+
+
+def dice(prediction: Any, truth: Any) -> float:
+    """Dice of two boolean masks; 1 when both are empty, 0 when exactly one is."""
+    pred, gt = np.asarray(prediction, dtype=bool), np.asarray(truth, dtype=bool)
+    if pred.shape != gt.shape:
+        raise ValueError(f"dice needs masks of one shape, got {pred.shape} and {gt.shape}")
+    total = int(pred.sum()) + int(gt.sum())
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.logical_and(pred, gt).sum()) / total
+
+
+def slice_dices(prediction: Any, truth: Any) -> list[float]:
+    """Dice of each slice (axis 0) whose ground truth is non-empty."""
+    pred, gt = np.asarray(prediction, dtype=bool), np.asarray(truth, dtype=bool)
+    return [dice(p, g) for p, g in zip(pred, gt) if g.any()]
+
+
+def pss(mean_l1: Optional[float], mean_l3: Optional[float]) -> Optional[float]:
+    """``1 − L3 / L1``; None when either is missing or L1 is 0 (no baseline to be sensitive against)."""
+    if mean_l1 is None or mean_l3 is None or not math.isfinite(mean_l1) or mean_l1 <= 0:
+        return None
+    return 1.0 - float(mean_l3) / float(mean_l1)
+
+
+def wilcoxon(a: Sequence[float], b: Sequence[float]) -> Optional[dict[str, float]]:
+    """Paired two-sided Wilcoxon signed-rank test of ``a`` against ``b``."""
+    from scipy import stats
+
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.shape != y.shape:
+        raise ValueError(f"wilcoxon needs paired samples, got {x.size} and {y.size} values")
+    if x.size == 0:
+        return None
+    diff = x - y
+    if np.all(diff == 0):
+        return {"n": int(x.size), "statistic": 0.0, "p_value": 1.0, "mean_difference": 0.0}
+    result = stats.wilcoxon(x, y)
+    return {"n": int(x.size), "statistic": float(result.statistic), "p_value": float(result.pvalue),
+            "mean_difference": float(diff.mean())}
+
+
+def _summary(values: Sequence[float]) -> dict[str, Any]:
+    if not len(values):
+        return {"n": 0, "mean": None, "median": None}
+    return {"n": len(values), "mean": float(np.mean(values)), "median": float(np.median(values))}
+
+
+# --------------------------------------------------------------------------------------- records
+
+
+@dataclass
+class PromptResult:
+    """One prompt on one case."""
+
+    case: str
+    prompt: str
+    level: str
+    target: str
+    truth_voxels: int
+    predicted_voxels: int
+    dice: Optional[float]  # None for negatives
+    slice_dice: list[float] = field(default_factory=list)
+
+    @property
+    def false_positive(self) -> bool:
+        return self.level == "negative" and self.predicted_voxels > 0
+
+
+@dataclass
+class BenchReport:
+    model: str
+    weights: str
+    dataset: str
+    results: list[PromptResult]
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    # ---- aggregates
+
+    def scores(self, level: str) -> list[float]:
+        return [r.dice for r in self.results if r.level == level and r.dice is not None]
+
+    def level_table(self) -> dict[str, dict[str, Any]]:
+        """Per level: Dice over (case, prompt) pairs, over per-case means, and over slices."""
+        table = {}
+        for level in SCORED_LEVELS:
+            rows = [r for r in self.results if r.level == level and r.dice is not None]
+            per_case = [float(np.mean([r.dice for r in rows if r.case == c])) for c in self.cases if any(r.case == c for r in rows)]
+            table[level] = {
+                "prompts": _summary([r.dice for r in rows]),
+                "cases": _summary(per_case),
+                "slices": _summary([d for r in rows for d in r.slice_dice]),
+            }
+        return table
+
+    @property
+    def cases(self) -> list[str]:
+        return list(dict.fromkeys(r.case for r in self.results))
+
+    def pss(self) -> Optional[float]:
+        table = self.level_table()
+        return pss(table["L1"]["prompts"]["mean"], table["L3"]["prompts"]["mean"])
+
+    def pss_per_case(self) -> dict[str, Optional[float]]:
+        out = {}
+        for case in self.cases:
+            l1 = [r.dice for r in self.results if r.case == case and r.level == "L1"]
+            l3 = [r.dice for r in self.results if r.case == case and r.level == "L3"]
+            out[case] = pss(float(np.mean(l1)) if l1 else None, float(np.mean(l3)) if l3 else None)
+        return out
+
+    def false_positive_rate(self) -> Optional[float]:
+        negatives = [r for r in self.results if r.level == "negative"]
+        return sum(r.false_positive for r in negatives) / len(negatives) if negatives else None
+
+    def target_table(self) -> list[dict[str, Any]]:
+        """Per (target, level): how many prompts, mean Dice (or FP rate for negatives)."""
+        groups: dict[tuple[str, str], list[PromptResult]] = {}
+        for r in self.results:
+            groups.setdefault((r.target, r.level), []).append(r)
+        rows = []
+        for (target, level), rs in sorted(groups.items(), key=lambda kv: (LEVELS.index(kv[0][1]), kv[0][0])):
+            row = {"target": target, "level": level, "n": len(rs)}
+            if level == "negative":
+                row["false_positive_rate"] = sum(r.false_positive for r in rs) / len(rs)
+            else:
+                row["mean_dice"] = float(np.mean([r.dice for r in rs]))
+            rows.append(row)
+        return rows
+
+    def summary(self) -> dict[str, Any]:
+        per_case = [v for v in self.pss_per_case().values() if v is not None]
+        return {
+            "model": self.model,
+            "weights": self.weights,
+            "dataset": self.dataset,
+            "cases": len(self.cases),
+            "levels": self.level_table(),
+            "pss": self.pss(),
+            "pss_case_median": float(np.median(per_case)) if per_case else None,
+            "false_positive_rate": self.false_positive_rate(),
+            "seconds": self.seconds,
+            "notes": self.notes,
+        }
+
+    # ---- outputs
+
+    def to_json(self) -> dict[str, Any]:
+        return {"summary": self.summary(), "targets": self.target_table(), "results": [asdict(r) for r in self.results]}
+
+    def to_markdown(self) -> str:
+        s = self.summary()
+        lines = [f"# SemantiBench: {self.model} on {self.dataset}", "",
+                 f"weights: `{self.weights}`; {s['cases']} case(s); {self.seconds:.0f} s", "",
+                 "| level | prompts | mean Dice | median Dice | case mean | slice mean | slice median |",
+                 "|---|---|---|---|---|---|---|"]
+        for level, t in s["levels"].items():
+            lines.append(f"| {level} | {t['prompts']['n']} | {_f(t['prompts']['mean'])} | {_f(t['prompts']['median'])} | "
+                         f"{_f(t['cases']['mean'])} | {_f(t['slices']['mean'])} | {_f(t['slices']['median'])} |")
+        lines += ["", f"**PSS** = 1 − mean Dice(L3) / mean Dice(L1) = {_f(s['pss'])} "
+                      f"(per-case median {_f(s['pss_case_median'])})",
+                  f"**False-positive rate on negative controls**: {_f(s['false_positive_rate'])}", "",
+                  "| target | level | n | mean Dice / FP rate |", "|---|---|---|---|"]
+        for row in self.target_table():
+            value = row.get("mean_dice", row.get("false_positive_rate"))
+            lines.append(f"| {row['target']} | {row['level']} | {row['n']} | {_f(value)} |")
+        lines += [""] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines).rstrip() + "\n"
+
+    def plot(self, path: Path) -> None:
+        """Dice distributions per level (box) and the negatives' false-positive rate (bar)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.6), gridspec_kw={"width_ratios": [3, 1]})
+        data = [self.scores(level) or [np.nan] for level in SCORED_LEVELS]
+        ax.boxplot(data, showmeans=True)
+        ax.set_xticks(range(1, 4), SCORED_LEVELS)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel("Dice per (case, prompt)")
+        ax.set_title(f"{self.model}: PSS {_f(self.pss())}")
+        ax2.bar(["negatives"], [self.false_positive_rate() or 0.0], color="tab:red")
+        ax2.set_ylim(0, 1)
+        ax2.set_title("false-positive rate")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def _f(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def compare(a: BenchReport, b: BenchReport) -> dict[str, Any]:
+    """Paired Wilcoxon per level on the (case, prompt) pairs both reports scored."""
+    out: dict[str, Any] = {"a": a.model, "b": b.model}
+    for level in SCORED_LEVELS:
+        da = {(r.case, r.prompt): r.dice for r in a.results if r.level == level and r.dice is not None}
+        db = {(r.case, r.prompt): r.dice for r in b.results if r.level == level and r.dice is not None}
+        keys = sorted(set(da) & set(db))
+        out[level] = wilcoxon([da[k] for k in keys], [db[k] for k in keys])
+    return out
+
+
+# --------------------------------------------------------------------------------------- running
+
+
+def evaluate_case(
+    model: Any, case: Any, *, prompts: Optional[Sequence[Any]] = None, seed: int = 0, batch_size: Any = "auto",
+    device: str = "auto", max_l2_per_target: int = 1,
+) -> list[PromptResult]:
+    """Segment every prompt of a case's pyramid with ``engine.segment`` and score it on the volume grid."""
+    from .engine import segment
+    from .preprocess import slice_plan
+
+    if prompts is None:
+        prompts = build_prompt_pyramid(case.labels, case.label_names, seed=seed, max_l2_per_target=max_l2_per_target,
+                                       min_voxels=20)
+    prompts = list({p.text: p for p in prompts}.values())  # one result per distinct text
+    run = segment(case.ct, [p.text for p in prompts], model=model, batch_size=batch_size, device=device)
+    plan = slice_plan(case.ct, axis="axial")
+    results = []
+    for prompt, result in zip(prompts, run.results):
+        truth = ground_truth(prompt, case.labels, case.label_names)
+        pred = result.mask.array.astype(bool)
+        scored = prompt.level != "negative"
+        results.append(PromptResult(
+            case=case.name, prompt=prompt.text, level=prompt.level, target=str(prompt.target),
+            truth_voxels=int(truth.sum()), predicted_voxels=int(pred.sum()),
+            dice=dice(pred, truth) if scored else None,
+            slice_dice=slice_dices(plan.extract(pred), plan.extract(truth)) if scored else [],
+        ))
+    return results
+
+
+def run_bench(
+    model: Any, cases: Iterable[Any], *, model_name: str, weights: str, dataset: str, seed: int = 0,
+    progress: Any = None, **options: Any,
+) -> BenchReport:
+    import time
+
+    cases = list(cases)
+    started = time.perf_counter()
+    results: list[PromptResult] = []
+    for i, case in enumerate(cases):
+        results += evaluate_case(model, case, seed=seed + i, **options)
+        if progress is not None:
+            progress((i + 1) / len(cases), f"case {i + 1}/{len(cases)}")
+        log.info("bench %s: case %s done", model_name, case.name)
+    return BenchReport(model=model_name, weights=weights, dataset=dataset, results=results,
+                       seconds=time.perf_counter() - started)
+
+
+def write_report(report: BenchReport, folder: Path, *, comparison: Optional[dict] = None) -> dict[str, Path]:
+    """``bench.json``, ``bench.md`` and ``bench.png`` (plus the Wilcoxon comparison) in ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = report.to_json()
+    markdown = report.to_markdown()
+    if comparison is not None:
+        data["comparison"] = comparison
+        markdown += "\n## Paired Wilcoxon signed-rank test\n\n| level | n | mean difference | p |\n|---|---|---|---|\n"
+        for level in SCORED_LEVELS:
+            w = comparison.get(level)
+            markdown += (f"| {level} | 0 | n/a | n/a |\n" if w is None else
+                         f"| {level} | {w['n']} | {w['mean_difference']:+.3f} | {w['p_value']:.3g} |\n")
+    paths = {"json": folder / "bench.json", "markdown": folder / "bench.md", "plot": folder / "bench.png"}
+    paths["json"].write_text(json.dumps(data, indent=1) + "\n")
+    paths["markdown"].write_text(markdown)
+    report.plot(paths["plot"])
+    return paths

@@ -1,0 +1,26 @@
+"""Training: data pools from phantoms and labelled CT, losses, the loop, and torchrun DDP."""
+
+from .data import Batch, LabelledCase, SlicePool, augment, build_pool, load_source, mirror_prompt, phantom_cases
+from .losses import segmentation_loss, soft_dice_loss, swap_term
+from .trainer import TrainConfig, TrainResult, export_weights, lr_factor, plot_curves, train, validate
+
+__all__ = [
+    "Batch",
+    "LabelledCase",
+    "SlicePool",
+    "TrainConfig",
+    "TrainResult",
+    "augment",
+    "build_pool",
+    "export_weights",
+    "load_source",
+    "lr_factor",
+    "mirror_prompt",
+    "phantom_cases",
+    "plot_curves",
+    "segmentation_loss",
+    "soft_dice_loss",
+    "swap_term",
+    "train",
+    "validate",
+]

@@ -1,0 +1,325 @@
+"""Training data: labelled CT cases → a pool of model-ready slices → (slice, prompt, mask) batches.
+
+Slices go through exactly the engine's path (``slice_plan`` → ``window_composite`` →
+``fit_to_square``), so the network trains on what it will be shown at inference. Prompts come from
+each case's prompt pyramid (L1/L2/L3 and negative controls) and their masks from mask algebra on
+the label slice, computed per sample: a pool holds images and label ids only, never one mask per
+prompt. Sampling is balanced over levels and also draws slices where a target is absent, so the
+model learns to answer "nothing here".
+
+Case sources: phantoms, TotalSegmentator's layout (CT + multilabel map + class map), Medical
+Segmentation Decathlon task folders, and a DICOM series with a DICOM SEG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from ..preprocess import fit_to_square, slice_plan, window_composite
+from ..prompts import Prompt, build_prompt_pyramid, canonical_target_name, ground_truth
+from ..volume import Volume
+
+log = logging.getLogger(__name__)
+
+AIR_HU = -500.0  # the engine skips such slices; training does too
+LEVEL_WEIGHTS = {"L1": 0.3, "L2": 0.2, "L3": 0.3, "negative": 0.2}
+
+
+@dataclass
+class LabelledCase:
+    """A CT, its label map on the same grid (a partition) and the names of its labels."""
+
+    name: str
+    ct: Volume
+    labels: Volume
+    label_names: dict[int, str]
+    licence: str = ""
+    synthetic: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.ct.same_geometry(self.labels):
+            self.labels = align_labels(self.labels, self.ct)
+
+
+# --------------------------------------------------------------------------------------- sources
+
+
+def phantom_cases(seeds: Iterable[int], *, shape: Sequence[int] = (32, 128, 128)) -> list[LabelledCase]:
+    """Seeded phantoms (lesions drawn at random), one case per seed."""
+    from ..phantom import make_phantom
+
+    cases = []
+    for seed in seeds:
+        ph = make_phantom(seed=int(seed), shape=tuple(shape))
+        cases.append(LabelledCase(f"phantom-{seed}", ph.ct, ph.labels, dict(ph.label_names), licence="generated", synthetic=True))
+    return cases
+
+
+def load_totalsegmentator_case(
+    ct: Union[str, Path], seg: Union[str, Path], class_map: Union[str, Path], *, task: str = "total",
+    licence: str = "Apache-2.0",
+) -> LabelledCase:
+    """A CT (file or DICOM folder) + TotalSegmentator multilabel map + its class-map JSON."""
+    from ..io import read_label_map, read_volume
+
+    maps = json.loads(Path(class_map).read_text())
+    names = maps.get(task, maps)
+    return LabelledCase(Path(ct).name, read_volume(ct), read_label_map(seg), {int(k): str(v) for k, v in names.items()},
+                        licence=licence)
+
+
+def load_msd_task(folder: Union[str, Path], *, limit: Optional[int] = None, licence: str = "CC-BY-SA-4.0") -> list[LabelledCase]:
+    """The training cases of a Medical Segmentation Decathlon task folder (``dataset.json`` + images/labels)."""
+    from ..io import read_label_map, read_volume
+
+    folder = Path(folder)
+    spec_path = folder / "dataset.json"
+    if not spec_path.is_file():
+        raise InputError(f"{folder} is not an MSD task folder: it has no dataset.json")
+    spec = json.loads(spec_path.read_text())
+    names = {int(k): canonical_target_name(str(v)) for k, v in spec.get("labels", {}).items() if int(k) > 0}
+    cases = []
+    for entry in spec.get("training", [])[:limit]:
+        image, label = folder / entry["image"], folder / entry["label"]
+        cases.append(LabelledCase(image.name, read_volume(image), read_label_map(label), names, licence=licence))
+    if not cases:
+        raise InputError(f"{spec_path} lists no training cases")
+    return cases
+
+
+def load_dicom_seg_case(series: Union[str, Path], seg_file: Union[str, Path], *, licence: str = "") -> LabelledCase:
+    """A DICOM CT series and a DICOM SEG on it; frames are placed by their position on the CT grid."""
+    import pydicom
+
+    from ..io import read_volume
+
+    ct = read_volume(series)
+    ds = pydicom.dcmread(str(seg_file))
+    if getattr(ds, "Modality", "") != "SEG":
+        raise InputError(f"{seg_file} is not a DICOM SEG (modality {getattr(ds, 'Modality', '?')!r})")
+    names = {int(s.SegmentNumber): canonical_target_name(str(s.SegmentLabel)) for s in ds.SegmentSequence}
+    frames = ds.pixel_array.reshape(-1, int(ds.Rows), int(ds.Columns))
+    labels = np.zeros(ct.shape, dtype=np.uint8)
+    inverse = np.linalg.inv(ct.ijk_to_lps()[:3, :3])
+    origin = np.asarray(ct.origin)
+    for frame, groups in zip(frames, ds.PerFrameFunctionalGroupsSequence):
+        number = int(groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        position = np.asarray(groups.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+        i, j, k = np.round(inverse @ (position - origin)).astype(int)
+        if (i, j) != (0, 0) or not 0 <= k < ct.shape[0] or frame.shape != ct.shape[1:]:
+            raise InputError(f"{seg_file}: a frame does not lie on a slice of the CT grid; resample the SEG first")
+        labels[k][frame > 0] = number  # overlapping segments: the later one wins (a partition is needed)
+    return LabelledCase(Path(series).name, ct, ct.with_array(labels, modality="SEG"), names, licence=licence)
+
+
+def load_source(spec: str) -> list[LabelledCase]:
+    """Cases from one source spec, the form the CLI and recipes use:
+
+    ``phantoms:0-47`` (seeds, ``a-b`` inclusive or ``a,b,c``; ``@32x128x128`` sets the grid),
+    ``totalseg:CT,SEG,CLASSMAP``, ``msd:FOLDER``, ``dicomseg:SERIES,SEG``.
+    """
+    kind, _, rest = spec.partition(":")
+    if kind == "phantoms":
+        seeds_text, _, grid = rest.partition("@")
+        shape = tuple(int(v) for v in grid.split("x")) if grid else (32, 128, 128)
+        return phantom_cases(parse_seeds(seeds_text), shape=shape)
+    parts = rest.split(",")
+    if kind == "totalseg" and len(parts) == 3:
+        return [load_totalsegmentator_case(*parts)]
+    if kind == "msd" and rest:
+        return load_msd_task(rest)
+    if kind == "dicomseg" and len(parts) == 2:
+        return [load_dicom_seg_case(*parts)]
+    raise InputError(f"unknown data source {spec!r}; use phantoms:0-47, totalseg:CT,SEG,CLASSMAP, msd:FOLDER or dicomseg:SERIES,SEG")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-3"`` → [0, 1, 2, 3]; ``"1,5,9"`` → [1, 5, 9]."""
+    seeds: list[int] = []
+    for part in filter(None, text.split(",")):
+        a, sep, b = part.partition("-")
+        seeds += list(range(int(a), int(b) + 1)) if sep else [int(a)]
+    if not seeds:
+        raise InputError(f"no phantom seeds in {text!r}; write e.g. 0-47")
+    return seeds
+
+
+def align_labels(labels: Volume, ct: Volume) -> Volume:
+    """The label map resampled (nearest neighbour) onto the CT grid, e.g. a y-flipped storage."""
+    import SimpleITK as sitk
+
+    def image(volume: Volume, array: np.ndarray) -> "sitk.Image":
+        img = sitk.GetImageFromArray(array)
+        img.SetSpacing(volume.spacing)
+        img.SetOrigin(volume.origin)
+        img.SetDirection(tuple(float(v) for v in np.asarray(volume.direction).ravel()))
+        return img
+
+    reference = image(ct, np.zeros(ct.shape, dtype=np.uint8))
+    moved = sitk.Resample(image(labels, np.asarray(labels.array)), reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return ct.with_array(sitk.GetArrayFromImage(moved).astype(labels.array.dtype), modality="SEG")
+
+
+# --------------------------------------------------------------------------------------- pool
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, 3, S, S) in [0, 1]
+    masks: torch.Tensor  # (B, 1, S, S) float {0, 1}
+    prompts: list[str]
+    levels: list[str]
+
+
+@dataclass
+class SlicePool:
+    """Model-ready slices of many cases, their label ids, and each case's prompts."""
+
+    images: torch.Tensor  # (N, 3, S, S) float16
+    labels: torch.Tensor  # (N, S, S) int16
+    case_of: np.ndarray  # (N,) case index of each slice
+    prompts: list[list[Prompt]]  # per case
+    label_names: list[dict[int, str]]  # per case
+    case_weight: np.ndarray  # (cases,) relative sampling weight
+    present: list[list[np.ndarray]] = field(default_factory=list)  # per case, per prompt: slice ids with a non-empty mask
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[-1])
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def mask(self, index: int, prompt: Prompt) -> np.ndarray:
+        return ground_truth(prompt, self.labels[index].numpy(), self.label_names[int(self.case_of[index])])
+
+    def sample(
+        self, rng: np.random.Generator, batch_size: int, *, level_weights: Mapping[str, float] = LEVEL_WEIGHTS,
+        present_fraction: float = 0.8,
+    ) -> list[tuple[int, Prompt]]:
+        """(slice, prompt) pairs: a level by weight, a case having it, a prompt, then a slice.
+
+        With probability ``present_fraction`` the slice shows the target; otherwise any slice of the
+        case (often one without it, whose mask is empty).
+        """
+        levels = [lv for lv in level_weights if any(p.level == lv for ps in self.prompts for p in ps)]
+        weights = np.array([level_weights[lv] for lv in levels], dtype=float)
+        picks = []
+        for level in rng.choice(levels, size=batch_size, p=weights / weights.sum()):
+            cases = [c for c, ps in enumerate(self.prompts) if any(p.level == level for p in ps)]
+            w = self.case_weight[cases]
+            case = int(rng.choice(cases, p=w / w.sum()))
+            options = [i for i, p in enumerate(self.prompts[case]) if p.level == level]
+            k = int(rng.choice(options))
+            shown = self.present[case][k]
+            if level != "negative" and len(shown) and rng.random() < present_fraction:
+                index = int(rng.choice(shown))
+            else:
+                index = int(rng.choice(np.flatnonzero(self.case_of == case)))
+            picks.append((index, self.prompts[case][k]))
+        return picks
+
+    def batch(self, picks: Sequence[tuple[int, Prompt]]) -> Batch:
+        indices = torch.tensor([i for i, _ in picks])
+        masks = np.stack([self.mask(i, p) for i, p in picks])
+        return Batch(
+            images=self.images[indices].float(),
+            masks=torch.from_numpy(masks).float()[:, None],
+            prompts=[p.text for _, p in picks],
+            levels=[p.level for _, p in picks],
+        )
+
+
+def build_pool(
+    cases: Sequence[LabelledCase], *, size: int, pyramid_seeds: Sequence[int] = (0, 1, 2), real_fraction: Optional[float] = None
+) -> SlicePool:
+    """Axial slices of every case at model size, plus each case's merged prompt pyramids.
+
+    ``real_fraction`` (when there are both kinds) is the share of samples drawn from real cases;
+    otherwise every case weighs the same.
+    """
+    images, labels, case_of, prompts, names, present = [], [], [], [], [], []
+    for c, case in enumerate(cases):
+        plan = slice_plan(case.ct, axis="axial")
+        hu = plan.extract(case.ct.array)
+        lab = plan.extract(np.asarray(case.labels.array).astype(np.int16))
+        keep = hu.reshape(len(hu), -1).max(axis=1) > AIR_HU
+        hu, lab = hu[keep], lab[keep]
+        fitted, _ = fit_to_square(torch.from_numpy(window_composite(hu)), size=size, pixel_spacing=plan.pixel_spacing)
+        fitted_labels, _ = fit_to_square(torch.from_numpy(lab), size=size, pixel_spacing=plan.pixel_spacing, mode="nearest")
+        images.append(fitted.half())
+        labels.append(fitted_labels.to(torch.int16))
+        case_of.append(np.full(len(hu), c))
+        merged: dict[tuple[str, str], Prompt] = {}
+        for seed in pyramid_seeds:
+            for p in build_prompt_pyramid(case.labels, case.label_names, seed=int(seed), max_l2_per_target=99,
+                                          absent=4, nonsense=2, min_voxels=20):
+                merged.setdefault((p.text, p.level), p)
+        prompts.append(list(merged.values()))
+        names.append(dict(case.label_names))
+    weight = np.ones(len(cases))
+    real = np.array([not c.synthetic for c in cases])
+    if real_fraction is not None and real.any() and (~real).any():
+        weight[real] = real_fraction / real.sum()
+        weight[~real] = (1 - real_fraction) / (~real).sum()
+    pool = SlicePool(torch.cat(images), torch.cat(labels), np.concatenate(case_of), prompts, names, weight)
+    offsets = np.cumsum([0] + [len(c) for c in case_of])
+    for c, case_prompts in enumerate(pool.prompts):
+        lab = pool.labels[offsets[c] : offsets[c + 1]].numpy()
+        pool.present.append([offsets[c] + np.flatnonzero(ground_truth(p, lab, pool.label_names[c]).any(axis=(1, 2)))
+                             for p in case_prompts])
+    log.info("slice pool: %d slices from %d cases, %d prompts", len(pool), len(cases), sum(map(len, prompts)))
+    return pool
+
+
+# --------------------------------------------------------------------------------------- augmentation
+
+_SIDE = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def mirror_prompt(text: str) -> str:
+    """Swap 'left' and 'right' (keeping case): the prompt that matches a left–right mirrored image."""
+
+    def swap(match: re.Match) -> str:
+        word = match.group(0)
+        other = "right" if word.lower() == "left" else "left"
+        return other.capitalize() if word[0].isupper() else other
+
+    return _SIDE.sub(swap, text)
+
+
+def augment(batch: Batch, rng: np.random.Generator, *, flip_prob: float = 0.0, scale: float = 0.1,
+            rotate_deg: float = 8.0, shift: float = 0.06, intensity: float = 0.05) -> Batch:
+    """Anatomy-respecting augmentation: small affine moves, mild contrast jitter, optional mirror.
+
+    A mirror (``flip_prob``) swaps 'left'/'right' in the prompt so the pair stays true; it is off by
+    default because a mirrored trunk shows the liver on the wrong side (situs inversus).
+    """
+    n = batch.images.shape[0]
+    angle = np.deg2rad(rng.uniform(-rotate_deg, rotate_deg, n))
+    zoom = 1.0 + rng.uniform(-scale, scale, n)
+    mirror = rng.random(n) < flip_prob
+    theta = np.zeros((n, 2, 3))
+    theta[:, 0, 0] = np.cos(angle) / zoom * np.where(mirror, -1, 1)
+    theta[:, 0, 1] = -np.sin(angle) / zoom
+    theta[:, 1, 0] = np.sin(angle) / zoom * np.where(mirror, -1, 1)
+    theta[:, 1, 1] = np.cos(angle) / zoom
+    theta[:, :, 2] = rng.uniform(-shift, shift, (n, 2)) * 2
+    grid = F.affine_grid(torch.tensor(theta, dtype=torch.float32), list(batch.images.shape), align_corners=False)
+    images = F.grid_sample(batch.images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    masks = F.grid_sample(batch.masks, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    gain = torch.tensor(1.0 + rng.uniform(-intensity, intensity, (n, 1, 1, 1)) * 2, dtype=torch.float32)
+    offset = torch.tensor(rng.uniform(-intensity, intensity, (n, 1, 1, 1)), dtype=torch.float32)
+    images = (images * gain + offset).clamp_(0, 1)
+    prompts = [mirror_prompt(p) if m else p for p, m in zip(batch.prompts, mirror)]
+    return Batch(images, masks, prompts, list(batch.levels))

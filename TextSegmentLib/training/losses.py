@@ -1,0 +1,72 @@
+"""Dice + BCE for masks, plus FreqMedCLIP's SWAP contrastive term.
+
+Soft Dice is computed per image, over the images whose ground truth is non-empty; an empty ground
+truth (a negative control, or a target absent from the slice) is left to BCE. Why: with Dice on an
+empty target, a single predicted pixel already costs half the maximum loss, and a from-scratch
+model collapses to predicting nothing anywhere (we saw exactly that). BCE teaches "nothing here"
+gently and keeps gradients alive where Dice saturates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+SMOOTH = 1.0
+
+
+def soft_dice_loss(logits: torch.Tensor, masks: torch.Tensor, *, smooth: float = SMOOTH) -> torch.Tensor:
+    """Mean over images with a non-empty mask of ``1 - (2|P∩G| + s) / (|P| + |G| + s)``, ``P`` = sigmoid(logits).
+
+    0 (still part of the graph) when every mask is empty.
+    """
+    probs = torch.sigmoid(logits.float()).flatten(1)
+    truth = masks.float().flatten(1)
+    keep = truth.sum(1) > 0
+    if not bool(keep.any()):
+        return probs.sum() * 0.0
+    probs, truth = probs[keep], truth[keep]
+    overlap = (probs * truth).sum(1)
+    return (1 - (2 * overlap + smooth) / (probs.sum(1) + truth.sum(1) + smooth)).mean()
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    dice: torch.Tensor
+    bce: torch.Tensor
+    swap: Optional[torch.Tensor] = None
+
+    def as_floats(self) -> dict[str, float]:
+        parts = {"loss": self.total, "dice_loss": self.dice, "bce": self.bce, "swap": self.swap}
+        return {k: float(v.detach()) for k, v in parts.items() if v is not None}
+
+
+def segmentation_loss(
+    logits: torch.Tensor, masks: torch.Tensor, *, dice_weight: float = 1.0, bce_weight: float = 1.0
+) -> LossParts:
+    dice = soft_dice_loss(logits, masks)
+    bce = F.binary_cross_entropy_with_logits(logits.float(), masks.float())
+    return LossParts(total=dice_weight * dice + bce_weight * bce, dice=dice, bce=bce)
+
+
+def swap_term(
+    swap_embedding: torch.Tensor, text_embedding: torch.Tensor, prompts: Sequence[str], masks: torch.Tensor,
+    *, temperature: float = 0.07,
+) -> Optional[torch.Tensor]:
+    """SWAP InfoNCE over the rows whose target is on the slice (an empty target has no attribute to pool).
+
+    Rows with the same prompt are positives of each other (``groups``). None when no row qualifies.
+    """
+    from ..models.freqmedclip import swap_loss
+
+    keep = masks.flatten(1).amax(1) > 0
+    if int(keep.sum()) == 0:
+        return None
+    rows = torch.nonzero(keep).flatten()
+    names = [prompts[int(i)] for i in rows]
+    groups = torch.tensor([sorted(set(names)).index(n) for n in names], device=swap_embedding.device)
+    return swap_loss(swap_embedding[rows], text_embedding[rows], temperature=temperature, groups=groups)

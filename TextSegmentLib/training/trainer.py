@@ -1,0 +1,315 @@
+"""The training loop: the papers' recipe with checkpoints, resume, validation per level and curves.
+
+AdamW with two parameter groups (the model's ``parameter_groups()``: ``new`` modules at ``lr_new``,
+unfrozen CLIP blocks at ``lr_backbone``), linear warm-up then cosine decay, Dice + BCE (+ SWAP for
+FreqMedCLIP), AMP on CUDA only. Everything a run needs to continue lives in ``out_dir/last.pt``
+(loaded with ``weights_only=True``: tensors and plain containers, never arbitrary pickles), so
+``resume=True`` continues the very same schedule. Rank 0 of a torchrun job validates, plots and saves.
+
+Files in ``out_dir``: ``last.pt`` (resume state), ``best.safetensors`` (best validation mean Dice
+over L1–L3, fp32), ``history.json`` and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..semantibench import dice
+from . import distributed
+from .data import LEVEL_WEIGHTS, SlicePool, augment, build_pool, load_source
+from .losses import segmentation_loss, swap_term
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class TrainConfig:
+    """One training run; saved beside the checkpoints and inside the exported weights' metadata."""
+
+    model: str = "freqmedclip-tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)  # config fields of the model preset
+    sources: tuple[str, ...] = ("phantoms:0-47",)  # see data.load_source
+    val_sources: tuple[str, ...] = ("phantoms:1000-1003",)
+    real_fraction: Optional[float] = 0.2
+    steps: int = 2000
+    batch_size: int = 8
+    lr_new: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.02
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    swap_weight: float = 0.1  # FreqMedCLIP only
+    level_weights: dict[str, float] = field(default_factory=lambda: dict(LEVEL_WEIGHTS))
+    present_fraction: float = 0.8
+    augment: bool = True
+    flip_prob: float = 0.0
+    seed: int = 0
+    val_every: int = 200
+    val_pairs_per_level: int = 48
+    checkpoint_every: int = 100
+    max_minutes: Optional[float] = None  # wall-clock budget of this run; then save and stop
+    stop_after: Optional[int] = None  # stop (and save) after this many steps in this run
+    threads: Optional[int] = None
+    device: str = "auto"
+    amp: bool = True  # CUDA only
+    out_dir: str = "runs/train"
+
+
+@dataclass
+class TrainResult:
+    step: int
+    finished: bool  # reached config.steps
+    history: dict[str, list]
+    best_path: Optional[Path]
+    out_dir: Path
+    model: Any = None  # the trained model, in memory (last step, not necessarily the best)
+
+
+class _Step(nn.Module):
+    """Text encoding + forward in one ``forward``, so DDP sees every parameter the loss touches."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]):
+        out = self.model(images, self.model.encode_text(list(prompts)))
+        return out.logits, out.extras.get("swap_embedding"), out.text_embedding
+
+
+def lr_factor(step: int, *, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine down to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    groups = model.parameter_groups() if hasattr(model, "parameter_groups") else {"new": [p for p in model.parameters() if p.requires_grad]}
+    lrs = {"new": config.lr_new, "backbone": config.lr_backbone}
+    return torch.optim.AdamW(
+        [{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups.items() if ps],
+        weight_decay=config.weight_decay,
+    )
+
+
+def train(
+    config: TrainConfig, *, resume: bool = False, pools: Optional[tuple[SlicePool, SlicePool]] = None,
+    progress: Optional[Progress] = None,
+) -> TrainResult:
+    """Run (or continue) training; returns where it stopped. ``pools`` (train, val) skip loading sources."""
+    from ..devices import select_device
+    from ..models.registry import create_model
+
+    if config.threads:
+        torch.set_num_threads(int(config.threads))
+    device = select_device(config.device)
+    info = distributed.init_distributed(device=device)
+    out_dir = Path(config.out_dir)
+    torch.manual_seed(config.seed + info.rank)
+    rng = np.random.default_rng([config.seed, info.rank])
+
+    model = create_model(config.model, **config.overrides)
+    train_pool, val_pool = pools or (None, None)
+    if train_pool is None:
+        train_pool = build_pool([c for s in config.sources for c in load_source(s)], size=model.image_size,
+                                real_fraction=config.real_fraction)
+    if val_pool is None and info.is_main and config.val_sources:
+        val_pool = build_pool([c for s in config.val_sources for c in load_source(s)], size=model.image_size)
+    if hasattr(model, "set_band_statistics"):
+        from ..models.layers import band_statistics
+
+        model.set_band_statistics(*band_statistics(train_pool.images[::4].float()))
+
+    optimizer = build_optimizer(model, config)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total=config.steps, warmup=config.warmup_steps, min_ratio=config.min_lr_ratio)
+    )
+    step, history, best = 0, {"step": [], "loss": [], "lr": [], "val_step": [], "val": []}, -1.0
+    state_path = out_dir / "last.pt"
+    if resume and state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        step, history, best = int(state["step"]), json.loads(state["history"]), float(state["best"])
+        rng.bit_generator.state = json.loads(state["rng"])
+        log.info("resumed %s at step %d", state_path, step)
+    model.to(device).train()
+    runner = distributed.wrap(_Step(model), info, device=device)
+    use_amp = config.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    use_swap = config.swap_weight > 0 and hasattr(model, "set_band_statistics")
+    val_pairs = _validation_pairs(val_pool, config) if val_pool is not None else None
+
+    started, run_steps, finished = time.monotonic(), 0, False
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
+    while step < config.steps:
+        picks = train_pool.sample(rng, config.batch_size, level_weights=config.level_weights,
+                                  present_fraction=config.present_fraction)
+        batch = train_pool.batch(picks)
+        if config.augment:
+            batch = augment(batch, rng, flip_prob=config.flip_prob)
+        images, masks = batch.images.to(device), batch.masks.to(device)
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+            logits, swap_embedding, text_embedding = runner(images, batch.prompts)
+        parts = segmentation_loss(logits, masks, dice_weight=config.dice_weight, bce_weight=config.bce_weight)
+        loss = parts.total
+        if use_swap and swap_embedding is not None:
+            term = swap_term(swap_embedding.float(), text_embedding.float(), batch.prompts, masks)
+            # a zero-weighted use keeps every rank's graph identical when no row has a target (DDP)
+            loss = loss + (config.swap_weight * term if term is not None else 0.0 * swap_embedding.sum())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        schedule.step()
+        step += 1
+        run_steps += 1
+        loss_value = distributed.mean_across(float(loss.detach()), info)
+        history["step"].append(step)
+        history["loss"].append(loss_value)
+        history["lr"].append(optimizer.param_groups[0]["lr"])
+
+        finished = step >= config.steps
+        out_of_time = config.max_minutes is not None and time.monotonic() - started > 60 * config.max_minutes
+        stopping = finished or out_of_time or (config.stop_after is not None and run_steps >= config.stop_after)
+        if info.is_main:
+            if val_pairs is not None and (step % config.val_every == 0 or stopping):
+                scores = validate(model, val_pool, val_pairs, device=device)
+                model.train()
+                history["val_step"].append(step)
+                history["val"].append(scores)
+                log.info("step %d: loss %.4f, validation %s", step, loss_value, scores)
+                if scores["mean"] > best:
+                    best = scores["mean"]
+                    _save_weights(model, out_dir / "best.safetensors", config, step=step, scores=scores)
+            if step % config.checkpoint_every == 0 or stopping:
+                _save_state(state_path, model, optimizer, schedule, step, history, best, rng)
+                plot_curves(history, out_dir / "curves.png")
+            if progress is not None:
+                progress(step / config.steps, f"step {step}/{config.steps} loss {loss_value:.3f}")
+        if stopping:
+            break
+    distributed.barrier(info)
+    distributed.shutdown(info)
+    best_path = out_dir / "best.safetensors"
+    return TrainResult(step, finished, history, best_path if best_path.is_file() else None, out_dir, model)
+
+
+def _validation_pairs(pool: SlicePool, config: TrainConfig) -> list:
+    """A fixed, level-balanced set of (slice, prompt) pairs, so curves compare like with like."""
+    rng = np.random.default_rng(12345)
+    pairs = []
+    for level in ("L1", "L2", "L3", "negative"):
+        if any(p.level == level for ps in pool.prompts for p in ps):
+            pairs += pool.sample(rng, config.val_pairs_per_level, level_weights={level: 1.0},
+                                 present_fraction=config.present_fraction)
+    return pairs
+
+
+@torch.no_grad()
+def validate(model: nn.Module, pool: SlicePool, pairs: list, *, device: torch.device, batch_size: int = 16) -> dict[str, float]:
+    """2D Dice per level on the validation pairs (threshold 0.5) and the negatives' false-positive rate."""
+    model.eval()
+    per_level: dict[str, list[float]] = {}
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        batch = pool.batch(chunk)
+        logits = model(batch.images.to(device), model.encode_text(batch.prompts)).logits
+        preds = (logits.float().cpu()[:, 0] > 0).numpy()
+        for pred, truth, level in zip(preds, batch.masks[:, 0].numpy() > 0.5, batch.levels):
+            value = float(pred.any()) if level == "negative" else dice(pred, truth)
+            per_level.setdefault(level, []).append(value)
+    scores = {("fp_rate" if k == "negative" else k): float(np.mean(v)) for k, v in per_level.items()}
+    scored = [scores[k] for k in ("L1", "L2", "L3") if k in scores]
+    scores["mean"] = float(np.mean(scored)) if scored else 0.0
+    return scores
+
+
+def _save_state(path, model, optimizer, schedule, step, history, best, rng) -> None:
+    state = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+        "step": step, "history": json.dumps(history), "best": best, "rng": json.dumps(rng.bit_generator.state),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _save_weights(model, path: Path, config: TrainConfig, *, step: int, scores: dict) -> None:
+    from ..checkpoint import save_checkpoint
+
+    metadata = {"training": {"step": step, "validation": scores, "config": dataclasses.asdict(config)}}
+    save_checkpoint(model, path, model_name=config.model, metadata=metadata, overwrite=True)
+
+
+def export_weights(
+    source: Path, dest: Path, *, dtype: str = "float16", metadata: Optional[dict] = None, overwrite: bool = False
+) -> Any:
+    """Re-save a checkpoint with its floating tensors in ``dtype`` (half the size for fp16).
+
+    Loading casts back: ``load_state_dict`` copies into the model's fp32 parameters.
+    """
+    from ..checkpoint import load_checkpoint, save_checkpoint
+
+    model, info = load_checkpoint(source)
+    small = copy.deepcopy(model).to(getattr(torch, dtype))
+    merged = {**info.metadata, **(metadata or {}), "stored_dtype": dtype}
+    return save_checkpoint(small, dest, model_name=info.model_name, metadata=merged, overwrite=overwrite)
+
+
+def plot_curves(history: dict, path: Path) -> None:
+    """Training loss (raw and smoothed) and validation Dice per level / negatives' FP rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps, loss = np.asarray(history["step"]), np.asarray(history["loss"])
+    if len(loss):
+        ax.plot(steps, loss, alpha=0.25, color="tab:blue")
+        k = max(1, len(loss) // 50)
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1 :], smooth, color="tab:blue", label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("Dice + BCE (+ SWAP)")
+    ax.set_title("training loss")
+    for key in ("L1", "L2", "L3", "fp_rate"):
+        values = [v.get(key, np.nan) for v in history["val"]]
+        if values:
+            ax2.plot(history["val_step"], values, marker="o", label="negatives FP rate" if key == "fp_rate" else f"Dice {key}")
+    ax2.set_ylim(0, 1)
+    ax2.set_xlabel("step")
+    ax2.set_title("validation")
+    if history["val"]:
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,517 @@
+"""Saliency benchmark: gradient-free layer-wise maps against Grad-CAM on the same model, layers and targets.
+
+    .venv/bin/python bench/saliency.py --model freqmedclip-tiny --weights random --real
+    .venv/bin/python bench/saliency.py --model freqmedclip-tiny --weights <trained id> --real --doc docs/explainability.md
+
+Cases: held-out phantoms (seeds from ``HELD_OUT_SEED`` on; training never uses them) and, with
+``--real``, the real CT in ../shared/data with its TotalSegmentator labels (silver, not manual).
+
+Two measurements per case:
+
+* **overhead**: ``segment`` with and without the saliency sink on the whole volume (best of
+  ``--repeats``): what ``--saliency`` adds to a segmentation run;
+* **slices**: on the slices where a prompt's ground truth is largest, the model input is built as
+  the engine builds it; the gradient-free maps (each stage) come from one inference pass and
+  Grad-CAM from its own pass with a backward. Both explain the same target (``--target gt``: the
+  ground-truth mask, the paper's setting; ``predicted``: the model's own mask) and are scored on
+  the model grid inside the image (padding excluded), each map rescaled on its own (1st–99th
+  percentile). Prompt swap pairs each prompt with another prompt of the case on the same slice,
+  each explaining its own predicted mask (the tool's default), and correlates the two maps.
+
+Prints a Markdown table, writes JSON (``--json``) and, with ``--doc``, replaces the table between
+the ``<!-- bench:saliency -->`` markers of that file. Numbers from random weights are plumbing
+checks, never evidence about the method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from TextSegmentLib.volume import Volume  # noqa: E402
+
+log = logging.getLogger("bench.saliency")
+
+HELD_OUT_SEED = 90_000
+PHANTOM_SHAPE = (24, 96, 96)
+PHANTOM_PROMPTS = ("liver", "spleen", "left kidney", "right kidney")
+REAL_CT = Path("ct/totalseg_example_ct_sm/example_ct_sm.nii.gz")
+REAL_LABELS = Path("ct/totalseg_example_ct_sm/example_seg.nii.gz")
+REAL_CLASS_MAP = Path("ct/totalsegmentator_class_maps.json")
+REAL_PROMPTS = ("liver", "spleen", "left kidney", "aorta")
+DOC_START, DOC_END = "<!-- bench:saliency:start -->", "<!-- bench:saliency:end -->"
+GRAD_CAM = "grad-cam"
+OURS = "gradient-free"
+
+
+@dataclass
+class Case:
+    name: str
+    volume: Volume
+    targets: dict[str, np.ndarray]  # prompt -> boolean mask on the volume grid
+
+
+# ------------------------------------------------------------------------------------------ cases
+def phantom_cases(
+    count: int, *, shape: Sequence[int] = PHANTOM_SHAPE, prompts: Sequence[str] = PHANTOM_PROMPTS
+) -> list[Case]:
+    from TextSegmentLib.phantom import make_phantom
+
+    cases = []
+    for seed in range(HELD_OUT_SEED, HELD_OUT_SEED + count):
+        phantom = make_phantom(seed=seed, shape=tuple(shape))
+        targets = _targets(prompts, phantom.labels.array, phantom.label_names)
+        cases.append(Case(f"phantom-{seed}", phantom.ct, targets))
+    return cases
+
+
+def real_cases(data_root: Path, *, prompts: Sequence[str] = REAL_PROMPTS) -> list[Case]:
+    from TextSegmentLib.io import read_label_map, read_volume
+
+    ct = read_volume(data_root / REAL_CT)
+    labels = read_label_map(data_root / REAL_LABELS)
+    names = {int(k): v for k, v in json.loads((data_root / REAL_CLASS_MAP).read_text())["total"].items()}
+    return [Case("totalseg-example-ct", ct, _targets(prompts, labels.array, names))]
+
+
+def _targets(prompts: Sequence[str], labels: np.ndarray, names: dict[int, str]) -> dict[str, np.ndarray]:
+    from TextSegmentLib.prompts import ground_truth, resolve_target
+
+    targets = {}
+    for prompt in prompts:
+        target = resolve_target(prompt, label_names=names)
+        mask = ground_truth(target, labels, names) if target is not None else None
+        if mask is not None and mask.any():
+            targets[prompt] = mask.astype(bool)
+    return targets
+
+
+# ---------------------------------------------------------------------------------- measurements
+def measure_overhead(
+    model: Any, case: Case, *, stages: Sequence[int], layers: Optional[Sequence[str]], device: str, repeats: int
+) -> list[dict]:
+    """What the sink adds to a whole-volume ``segment`` run, best of ``repeats``.
+
+    ``overhead`` is the sink's own time over the rest of the *same* run, so a busy machine slows
+    both sides alike; the plain run's wall time is reported beside it as a cross-check.
+    """
+    from TextSegmentLib.engine import segment
+    from TextSegmentLib.saliency import build_saliency_sink
+
+    prompts = list(case.targets)
+    segment(case.volume, prompts, model=model, device=device)  # warm-up (text cache, allocator)
+    plain = min(_timed(lambda: segment(case.volume, prompts, model=model, device=device))[0] for _ in range(repeats))
+    rows = []
+    for stage in stages:
+        best = None
+        for _ in range(repeats):
+            sink = build_saliency_sink(model=model, layers=layers, stage=stage)
+            seconds, run = _timed(lambda: segment(case.volume, prompts, model=model, device=device, features_sink=sink))
+            share = run.features.seconds / max(seconds - run.features.seconds, 1e-9)
+            if best is None or share < best[0]:
+                best = (share, seconds, run.features.seconds)
+        rows.append(
+            {
+                "case": case.name,
+                "stage": stage,
+                "prompts": len(prompts),
+                "slices": case.volume.shape[0],
+                "segment_s": plain,
+                "segment_with_saliency_s": best[1],
+                "sink_s": best[2],
+                "overhead": best[0],
+            }
+        )
+    return rows
+
+
+def compare_on_slices(
+    model: Any,
+    case: Case,
+    *,
+    stages: Sequence[int],
+    layers: Sequence[str],
+    target_mode: str,
+    slices_per_prompt: int,
+    repeats: int = 1,
+) -> list[dict]:
+    """Per (prompt, method, stage, layer): energy, pointing, Dice/IoU, prompt swap, best seconds per slice."""
+    import torch
+
+    from TextSegmentLib.preprocess import fit_to_square, slice_plan, window_composite
+
+    plan = slice_plan(case.volume, axis="axial")
+    hu = plan.extract(case.volume.array)
+    size = int(model.image_size)
+    prompts = list(case.targets)
+    rows: list[dict] = []
+    for p, prompt in enumerate(prompts):
+        truth_slices = plan.extract(case.targets[prompt].astype(np.uint8))
+        area = truth_slices.reshape(len(truth_slices), -1).sum(axis=1, dtype=np.int64)
+        largest = np.argsort(-area, kind="stable")[:slices_per_prompt]
+        chosen = np.sort(largest[area[largest] > 0])
+        if not len(chosen):
+            continue
+        images, fit = fit_to_square(
+            torch.from_numpy(window_composite(hu[chosen])), size=size, pixel_spacing=plan.pixel_spacing
+        )
+        truth, _ = fit_to_square(
+            torch.from_numpy(truth_slices[chosen].astype(np.float32)), size=size, pixel_spacing=plan.pixel_spacing
+        )
+        truth = truth >= 0.5
+        swap = prompts[(p + 1) % len(prompts)] if len(prompts) > 1 else None
+        crop = (slice(None),) + fit.crop
+        images = images.to(model.device)
+        maps = _methods(
+            model, images, prompt, truth, layers=layers, stages=stages, target_mode=target_mode, repeats=repeats
+        )
+        swapped = own = None
+        if swap is not None:  # each prompt explains its own predicted mask, as the tool does by default
+            swapped = _methods(model, images, swap, None, layers=layers, stages=stages, target_mode="predicted")
+            own = (
+                maps
+                if target_mode == "predicted"
+                else _methods(model, images, prompt, None, layers=layers, stages=stages, target_mode="predicted")
+            )
+        for key, (layer_maps, seconds) in maps.items():
+            method, stage = key
+            for layer, raw in layer_maps.items():
+                row = {
+                    "case": case.name,
+                    "prompt": prompt,
+                    "method": method,
+                    "stage": stage,
+                    "layer": layer,
+                    "slices": len(chosen),
+                    "seconds_per_slice": seconds / len(chosen),
+                }
+                if raw is None:
+                    rows.append({**row, "available": False})
+                    continue
+                row.update(_scores(raw[crop], truth[crop].cpu().numpy()))
+                if swapped is not None and swapped[key][0].get(layer) is not None:
+                    row["swap_partner"] = swap
+                    row["prompt_swap_r"] = _swap(own[key][0][layer][crop], swapped[key][0][layer][crop])
+                rows.append({**row, "available": True})
+    return rows
+
+
+def _methods(model, images, prompt, truth, *, layers, stages, target_mode, repeats=1) -> dict:
+    """{(method, stage): ({layer: (B, S, S) raw map or None}, best seconds of ``repeats``)} for one prompt."""
+    import torch
+    import torch.nn.functional as F
+
+    from TextSegmentLib.saliency import SaliencyConfig, explain_batch
+    from TextSegmentLib.saliency.gradcam import grad_cam
+
+    size = images.shape[-1]
+    text = model.encode_text([prompt]).to(model.device).index([0] * images.shape[0])
+    results = {}
+    with torch.inference_mode():
+        output = model(images, text, taps=list(layers))
+        predicted = (torch.sigmoid(output.logits[:, 0].float()) >= 0.5).float()
+    target = truth.float().to(images.device) if (target_mode == "gt" and truth is not None) else predicted
+
+    def upsample(raw):
+        return (
+            F.interpolate(raw[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+            .cpu()
+            .numpy()
+        )
+
+    def ours(stage):
+        with torch.inference_mode():
+            maps, _, _ = explain_batch(
+                output, layers=layers, target=target, config=SaliencyConfig(stage=stage), model=model
+            )
+            _sync(images)
+        return maps
+
+    def baseline():
+        cams = grad_cam(model, images, text, layers=layers, target=target)
+        _sync(images)
+        return cams
+
+    for stage in stages:
+        seconds, maps = _best_time(lambda: ours(stage), repeats)
+        results[(OURS, stage)] = ({name: upsample(m) for name, m in maps.items()}, seconds)
+    seconds, cams = _best_time(baseline, repeats)
+    results[(GRAD_CAM, 0)] = ({name: None if m is None else upsample(m) for name, m in cams.items()}, seconds)
+    return results
+
+
+def _scores(raw: np.ndarray, truth: np.ndarray) -> dict:
+    """Mean scores over the slices that have a target; maps rescaled per slice for energy and overlap."""
+    import torch
+
+    from TextSegmentLib.saliency.maths import robust_rescale
+    from TextSegmentLib.saliency.metrics import energy_inside, pointing_game, thresholded_overlap
+
+    unit = robust_rescale(torch.from_numpy(raw)).numpy()
+    scores = {"energy": [], "pointing": [], "dice": [], "iou": []}
+    for k in range(len(raw)):
+        if not truth[k].any():
+            continue
+        scores["energy"].append(energy_inside(unit[k], truth[k]))
+        scores["pointing"].append(pointing_game(raw[k], truth[k]))
+        dice, iou = thresholded_overlap(unit[k], truth[k])
+        scores["dice"].append(dice)
+        scores["iou"].append(iou)
+    return {name: _nanmean(values) for name, values in scores.items()}
+
+
+def _swap(first: np.ndarray, second: np.ndarray) -> float:
+    from TextSegmentLib.saliency.metrics import prompt_swap_correlation
+
+    return _nanmean([prompt_swap_correlation(a, b) for a, b in zip(first, second)])
+
+
+# ------------------------------------------------------------------------------------- summaries
+def summarise(rows: list[dict]) -> list[dict]:
+    """One line per (method, stage, layer): means over cases, prompts and slices."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["stage"], row["layer"]), []).append(row)
+    summary = []
+    for (method, stage, layer), items in groups.items():
+        usable = [r for r in items if r.get("available")]
+        line = {"method": method, "stage": stage if method == OURS else None, "layer": layer, "n": len(usable)}
+        for key in ("energy", "pointing", "dice", "iou", "prompt_swap_r"):
+            line[key] = _nanmean([r.get(key, float("nan")) for r in usable])
+        line["ms_per_slice"] = 1000 * _nanmean([r["seconds_per_slice"] for r in items])
+        summary.append(line)
+    return summary
+
+
+def targets(summary: list[dict], overhead: list[dict], layer_order: Sequence[str]) -> dict:
+    """The issue's targets, checked on these numbers (meaningful only with trained weights)."""
+
+    def ms(method, stage=None):
+        return _nanmean(
+            [s["ms_per_slice"] for s in summary if s["method"] == method and (stage is None or s["stage"] == stage)]
+        )
+
+    result = {
+        "overhead_at_most_10_percent": {str(o["stage"]): round(o["overhead"], 3) for o in overhead},
+        "speedup_vs_grad_cam": {
+            str(stage): round(ms(GRAD_CAM) / ms(OURS, stage), 1)
+            for stage in sorted({s["stage"] for s in summary if s["method"] == OURS})
+        },
+        "prompt_swap_below_0.5": {},
+        "energy_rises_with_depth": {},
+    }
+    for stage in sorted({s["stage"] for s in summary if s["method"] == OURS}):
+        lines = {s["layer"]: s for s in summary if s["method"] == OURS and s["stage"] == stage}
+        result["prompt_swap_below_0.5"][str(stage)] = round(_nanmean([s["prompt_swap_r"] for s in lines.values()]), 3)
+        trends = {}
+        for family in dict.fromkeys(name.split(".")[0] for name in layer_order if "." in name):
+            energies = [
+                lines[name]["energy"] for name in layer_order if name.startswith(family + ".") and name in lines
+            ]
+            if len(energies) > 1:
+                trends[family] = {
+                    "energies": [round(e, 3) for e in energies],
+                    "rises": bool(np.all(np.diff(energies) >= 0)),
+                }
+        result["energy_rises_with_depth"][str(stage)] = trends
+    return result
+
+
+def format_tables(summary: list[dict], overhead: list[dict], *, title: str) -> str:
+    lines = [
+        f"**{title}**",
+        "",
+        "| method | stage | layer | n | energy in target | pointing | Dice@0.5 | IoU@0.5 | prompt-swap r "
+        "| ms/slice (all layers) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        stage = "-" if s["stage"] is None else str(s["stage"])
+        if s["n"] == 0:
+            lines.append(
+                f"| {s['method']} | {stage} | {s['layer']} | 0 | n/a (tap not on the logit path) | | | | "
+                f"| {s['ms_per_slice']:.1f} |"
+            )
+            continue
+        lines.append(
+            f"| {s['method']} | {stage} | {s['layer']} | {s['n']} | {_f(s['energy'])} | {_f(s['pointing'])} "
+            f"| {_f(s['dice'])} | "
+            f"{_f(s['iou'])} | {_f(s['prompt_swap_r'])} | {s['ms_per_slice']:.1f} |"
+        )
+    lines += [
+        "",
+        "| case | stage | prompts | slices | segment alone (s) | segment + saliency (s) | of which saliency (s) "
+        "| overhead (saliency / rest of that run) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for o in overhead:
+        lines.append(
+            f"| {o['case']} | {o['stage']} | {o['prompts']} | {o['slices']} | {o['segment_s']:.2f} | "
+            f"{o['segment_with_saliency_s']:.2f} | {o['sink_s']:.2f} | {100 * o['overhead']:+.0f} % |"
+        )
+    return "\n".join(lines)
+
+
+def update_doc(path: Path, table: str) -> None:
+    text = path.read_text()
+    if DOC_START not in text or DOC_END not in text:
+        raise SystemExit(f"{path}: no {DOC_START} … {DOC_END} block to replace")
+    pattern = re.compile(re.escape(DOC_START) + ".*?" + re.escape(DOC_END), re.S)
+    path.write_text(pattern.sub(lambda _: f"{DOC_START}\n{table}\n{DOC_END}", text))
+
+
+# ------------------------------------------------------------------------------------------- run
+def run_benchmark(
+    model: Any,
+    cases: Sequence[Case],
+    *,
+    stages: Sequence[int] = (1, 2, 3),
+    layers: Optional[Sequence[str]] = None,
+    target_mode: str = "gt",
+    slices_per_prompt: int = 4,
+    device: str = "cpu",
+    repeats: int = 3,
+) -> dict:
+    layers = list(model.resolve_taps(True if layers is None else list(layers)))
+    rows, overhead = [], []
+    for case in cases:
+        log.info("case %s: %d prompt(s)", case.name, len(case.targets))
+        rows += compare_on_slices(
+            model,
+            case,
+            stages=stages,
+            layers=layers,
+            target_mode=target_mode,
+            slices_per_prompt=slices_per_prompt,
+            repeats=repeats,
+        )
+        overhead += measure_overhead(model, case, stages=stages, layers=layers, device=device, repeats=repeats)
+    summary = summarise(rows)
+    return {
+        "layers": layers,
+        "stages": list(stages),
+        "target": target_mode,
+        "summary": summary,
+        "overhead": overhead,
+        "targets": targets(summary, overhead, layers),
+        "rows": rows,
+    }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="freqmedclip-tiny")
+    parser.add_argument("--weights", default="random", help="weights id or checkpoint; 'random' = plumbing check only")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--clip-source", default=None, help="model override, e.g. random:ViT-B-16 (a base-sized tower offline)"
+    )
+    parser.add_argument("--phantoms", type=int, default=2, help="held-out phantom cases")
+    parser.add_argument("--real", action="store_true", help="also the real CT in ../shared/data")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--stages", default="1,2,3")
+    parser.add_argument("--layers", default=None, help="comma-separated taps (default: all)")
+    parser.add_argument("--target", choices=("gt", "predicted"), default="gt")
+    parser.add_argument("--slices-per-prompt", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--json", default=str(REPO / "out" / "bench_saliency.json"))
+    parser.add_argument("--doc", default=None, help="Markdown file whose bench:saliency block gets the table")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    import torch
+
+    from TextSegmentLib.weights import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)  # random weights are then the same on every run
+    overrides = {"clip_source": args.clip_source} if args.clip_source else {}
+    model = load_model(args.model, weights=args.weights, device=args.device, **overrides)
+    cases = phantom_cases(args.phantoms) + (real_cases(Path(args.data)) if args.real else [])
+    stages = [int(s) for s in args.stages.split(",")]
+    layers = args.layers.split(",") if args.layers else None
+    result = run_benchmark(
+        model,
+        cases,
+        stages=stages,
+        layers=layers,
+        target_mode=args.target,
+        slices_per_prompt=args.slices_per_prompt,
+        device=args.device,
+        repeats=args.repeats,
+    )
+    result.update(
+        model=args.model,
+        overrides=overrides,
+        weights=args.weights,
+        device=args.device,
+        torch_threads=torch.get_num_threads(),
+        cases=[c.name for c in cases],
+        created=time.strftime("%Y-%m-%d"),
+    )
+    title = (
+        f"{args.model}{' ' + str(overrides) if overrides else ''}, weights={args.weights}, target={args.target}, "
+        f"device={args.device}, "
+        f"{torch.get_num_threads()} CPU thread(s), cases: {', '.join(c.name for c in cases)}"
+    )
+    if args.weights == "random":
+        title += " — RANDOM WEIGHTS: plumbing check, not evidence about the method"
+    table = format_tables(result["summary"], result["overhead"], title=title)
+    print(table)
+    print(json.dumps(result["targets"], indent=2))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
+    print(f"wrote {args.json}")
+    if args.doc:
+        update_doc(Path(args.doc), table)
+        print(f"updated {args.doc}")
+    return 0
+
+
+def _best_time(fn, repeats: int):
+    """(fastest wall time, last result) of ``repeats`` calls: the least disturbed by other load."""
+    best, value = float("inf"), None
+    for _ in range(max(1, repeats)):
+        seconds, value = _timed(fn)
+        best = min(best, seconds)
+    return best, value
+
+
+def _timed(fn):
+    started = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - started, value
+
+
+def _sync(tensor) -> None:
+    import torch
+
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+
+
+def _nanmean(values) -> float:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _f(value: float) -> str:
+    return "n/a" if not np.isfinite(value) else f"{value:.2f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
