@@ -97,7 +97,9 @@ def test_missing_default_weights_is_a_clear_error_not_a_random_model(phantom_fil
     assert not (tmp_path / "o").exists()
 
 
-def test_real_model_is_batch_invariant_and_deterministic(phantom_file, tiny):
+@pytest.mark.parametrize("name", ["freqmedclip-tiny", "tgcnet-tiny"])
+def test_real_models_are_batch_invariant_and_deterministic(phantom_file, name, tiny):
+    tiny = tiny if name == "freqmedclip-tiny" else load_model(name, weights="random", device="cpu")
     volume = read_volume(phantom_file)
     one = segment(volume, ["liver", "left kidney"], model=tiny, device="cpu", batch_size=1)
     many = segment(volume, ["liver", "left kidney"], model=tiny, device="cpu", batch_size=6)
