@@ -475,31 +475,7 @@ def build_tgcnet(config: TGCNetConfig) -> TGCNet:
 # ---------------------------------------------------------------------------------------- presets
 
 
-TINY_CLIP = "textsegment-tgcnet-tiny-clip"
-
-
-def _register_tiny_clip() -> None:
-    """A ViT-Ti/16 + small text transformer (open_clip's bundled tokenizer, 77 tokens: DATE texts fit)."""
-    from .towers import register_clip_config
-
-    register_clip_config(
-        TINY_CLIP,
-        {
-            "embed_dim": 256,
-            "vision_cfg": {
-                "timm_model_name": "vit_tiny_patch16_224",
-                "timm_model_pretrained": False,
-                "timm_pool": "",
-                "timm_proj": "linear",
-                "image_size": 128,
-            },
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 4},
-            "custom_text": True,
-        },
-    )
-
-
-_register_tiny_clip()
+TINY_CLIP = "textsegment-tgcnet-tiny-clip"  # registered in towers.py
 
 
 @register_model("tgcnet-base")

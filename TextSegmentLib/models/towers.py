@@ -135,11 +135,10 @@ register_clip_config(
     hf_text_config=_biomedbert_config(),
 )
 
-register_clip_config(
-    "textsegment-vit-ti16-text256",
-    {
-        # A ViT-Ti/16 vision tower built the way BiomedCLIP's is (timm trunk, CLS token, linear
-        # projection) and a small causal text transformer using open_clip's bundled BPE tokenizer.
+def _tiny_clip(*, text_width: int, text_heads: int, context_length: int) -> dict:
+    """A ViT-Ti/16 vision tower built the way BiomedCLIP's is (timm trunk, CLS token, linear
+    projection) and a small causal text transformer using open_clip's bundled BPE tokenizer."""
+    return {
         "embed_dim": 256,
         "vision_cfg": {
             "timm_model_name": "vit_tiny_patch16_224",
@@ -148,30 +147,20 @@ register_clip_config(
             "timm_proj": "linear",
             "image_size": 128,
         },
-        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 4},
-        "custom_text": True,
-    },
-)
-
-
-register_clip_config(
-    "textsegment-vit-ti16-text32",
-    {
-        # The shipped tiny weights' towers: as above, with a width-32 text transformer (77 tokens, so
-        # TGC-Net's DATE texts fit). The vocabulary-sized token table dominates a tiny model; at width
-        # 32 a whole FreqMedCLIP-tiny checkpoint stays under 25 MB in fp16.
-        "embed_dim": 256,
-        "vision_cfg": {
-            "timm_model_name": "vit_tiny_patch16_224",
-            "timm_model_pretrained": False,
-            "timm_pool": "",
-            "timm_proj": "linear",
-            "image_size": 128,
+        "text_cfg": {
+            "context_length": context_length, "vocab_size": 49408, "width": text_width, "heads": text_heads,
+            "layers": 4,
         },
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 4},
         "custom_text": True,
-    },
-)
+    }
+
+
+register_clip_config("textsegment-vit-ti16-text256", _tiny_clip(text_width=256, text_heads=4, context_length=32))
+# TGC-Net's DATE descriptions need 77 tokens
+register_clip_config("textsegment-tgcnet-tiny-clip", _tiny_clip(text_width=256, text_heads=4, context_length=77))
+# The shipped tiny weights' towers: the vocabulary-sized token table dominates a tiny model; at width
+# 32 a whole FreqMedCLIP-tiny checkpoint stays under 25 MB in fp16.
+register_clip_config("textsegment-vit-ti16-text32", _tiny_clip(text_width=32, text_heads=2, context_length=77))
 
 
 # --------------------------------------------------------------------------------------- loading
