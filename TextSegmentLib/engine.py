@@ -201,16 +201,40 @@ def _run_batch(model, text, slices_hu, indices, *, plan, size, windows, device, 
     images = torch.from_numpy(window_composite(slices_hu, windows=windows))
     fitted, fit = fit_to_square(images, size=size, pixel_spacing=plan.pixel_spacing)
     b = fitted.shape[0]
-    # every image paired with every prompt: rows ordered prompt-major
-    images_rep = fitted.to(device).repeat(n_prompts, 1, 1, 1)
-    rows = torch.arange(n_prompts, device=device).repeat_interleave(b)
+    # the backbones run once per slice, then the decoder once per prompt: peak memory does not grow
+    # with the number of prompts; rows of the joined output are prompt-major
+    taps = features_sink.taps if features_sink else None
     with torch.inference_mode(), torch.autocast(device_type=device.type, enabled=use_amp):
-        output = model(images_rep, text.index(rows), taps=features_sink.taps if features_sink else None)
+        encoded = model.encode_image(fitted.to(device))
+        output = _join([model.decode(encoded, text.index([p] * b), taps=taps) for p in range(n_prompts)])
+    rows = torch.arange(n_prompts, device=device).repeat_interleave(b)
     probs = torch.sigmoid(output.logits.float())[:, 0]
     if features_sink is not None:
         features_sink.consume(indices=indices, prompt_rows=rows, output=output, fit=fit)
     probs = probs.cpu().reshape(n_prompts, b, *probs.shape[1:])
     return np.stack([inverse_fit(p, fit, mode="linear").clamp_(0, 1).numpy() for p in probs])
+
+
+def _join(outputs: list):
+    """Per-prompt model outputs stacked along the batch, in order."""
+    import torch
+
+    from .models.base import ModelOutput
+
+    if len(outputs) == 1:
+        return outputs[0]
+
+    def cat(values):
+        return None if values[0] is None else torch.cat(values, dim=0)
+
+    first = outputs[0]
+    return ModelOutput(
+        logits=cat([o.logits for o in outputs]),
+        taps={k: cat([o.taps[k] for o in outputs]) for k in first.taps},
+        text_embedding=cat([o.text_embedding for o in outputs]),
+        image_embedding=cat([o.image_embedding for o in outputs]),
+        extras={k: cat([o.extras[k] for o in outputs]) for k in first.extras},
+    )
 
 
 _TEXT_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()

@@ -10,7 +10,10 @@ new family is a new file plus presets, and nothing else changes:
   for every slice (the engine caches it), then rows of it are paired with images by ``forward``;
 * ``forward(images, text, taps=...)`` returns a ``ModelOutput`` whose ``logits`` are
   ``(B, 1, H, W)`` and whose ``taps`` hold the named intermediate feature maps asked for
-  (``taps=True`` means all of ``tap_names``) — the one explicit door saliency uses; no hooks.
+  (``taps=True`` means all of ``tap_names``) — the one explicit door saliency uses; no hooks;
+* ``forward`` is ``decode(encode_image(images), text)``: ``encode_image`` runs everything that
+  does not depend on the prompt (the backbones), so the engine encodes a batch of slices once and
+  decodes it for every prompt.
 """
 
 from __future__ import annotations
@@ -59,6 +62,33 @@ class TextFeatures:
 
 
 @dataclass
+class ImageFeatures:
+    """What a model computes from the images alone, one row per image, reusable for any prompt.
+
+    ``maps`` is model-specific: tensors or lists of tensors whose first dimension is the batch.
+    """
+
+    images: torch.Tensor  # (B, 3, H, W), the model's input
+    maps: dict[str, object] = field(default_factory=dict)
+
+    def index(self, rows: torch.Tensor | Sequence[int]) -> "ImageFeatures":
+        """Rows picked (and repeated) along the batch, e.g. one copy of each slice per prompt."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.images.device)
+
+        def pick(value):
+            if isinstance(value, torch.Tensor):
+                return value.index_select(0, rows)
+            if isinstance(value, (list, tuple)):
+                return type(value)(pick(v) for v in value)
+            return value
+
+        return ImageFeatures(images=pick(self.images), maps={k: pick(v) for k, v in self.maps.items()})
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass
 class ModelOutput:
     logits: torch.Tensor  # (B, 1, H, W), before the sigmoid
     taps: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B, C, h, w)
@@ -88,8 +118,20 @@ class TextSegmentationModel(nn.Module):
     ) -> TextFeatures:
         raise NotImplementedError
 
+    # A family overrides either ``forward`` alone (no reuse across prompts) or both halves below.
+
+    def encode_image(self, images: torch.Tensor) -> ImageFeatures:
+        """The prompt-independent part of the forward pass (backbones), run once per batch of slices."""
+        return ImageFeatures(images=images)
+
+    def decode(self, features: ImageFeatures, text: TextFeatures, *, taps: TapRequest = None) -> ModelOutput:
+        """The prompt-dependent part: one text row per image row (or one row for all)."""
+        if type(self).forward is TextSegmentationModel.forward:
+            raise NotImplementedError(f"{type(self).__name__} implements neither forward nor encode_image/decode")
+        return self.forward(features.images, text, taps=taps)
+
     def forward(self, images: torch.Tensor, text: TextFeatures, *, taps: TapRequest = None) -> ModelOutput:
-        raise NotImplementedError
+        return self.decode(self.encode_image(images), text, taps=taps)
 
     @property
     def joint_tap_names(self) -> tuple[str, ...]:

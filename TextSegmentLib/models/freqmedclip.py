@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, ModelError, WeightsError
-from .base import ModelOutput, TapRequest, TextFeatures, TextSegmentationModel
+from .base import ImageFeatures, ModelOutput, TapRequest, TextFeatures, TextSegmentationModel
 from .layers import ChannelLayerNorm, ConvBlock, ConvNormAct, FiLM, HaarDWT, resize_to
 from .registry import register_builder, register_model
 from .towers import BIOMEDCLIP_SOURCE, TextTower, ViTJointTaps, VisionTower, is_offline, load_clip
@@ -353,30 +353,39 @@ class FreqMedCLIP(ViTJointTaps, TextSegmentationModel):
         with torch.set_grad_enabled(track):
             return self.text.encode(list(prompts))
 
-    def forward(self, images: torch.Tensor, text: TextFeatures, *, taps: TapRequest = None) -> ModelOutput:
-        wanted = self.resolve_taps(taps)
+    def encode_image(self, images: torch.Tensor) -> ImageFeatures:
+        """Both backbones and the ViT skips: everything the prompt does not change."""
         self._check_images(images)
-        prompt = _pair_rows(text, images)
-        condition = F.normalize(prompt, dim=-1)
-
-        normalised = self.vision.normalise(images)
-        vit_maps, image_embedding = self.vision.forward_intermediates(normalised, self.config.vit_taps)
-        cosine = None
+        vit_maps, image_embedding = self.vision.forward_intermediates(self.vision.normalise(images), self.config.vit_taps)
+        patches = None
         if self.config.text_cosine_map:
             patches = F.normalize(self.vision.project_tokens(vit_maps[-1]), dim=1)
-            cosine = (patches * condition[:, :, None, None]).sum(dim=1, keepdim=True)
-        semantic = self.semantic(vit_maps[-1], condition, cosine)
-
         spectral, stages = self.frequency(images)
-        gated, gates = zip(*(gate(stage, semantic) for gate, stage in zip(self.gates, stages)))
         skips = [
             resize_to(project(vit_maps[tap]), stage.shape[-2:])
             for project, tap, stage in zip(self.skips, self._skip_taps, stages)
         ]
-        decoded = self.decoder(gated, skips, spectral, condition)
-        logits = resize_to(self.head(decoded[-1]), images.shape[-2:])
+        maps = dict(vit=list(vit_maps), image_embedding=image_embedding, patches=patches, spectral=spectral,
+                    stages=list(stages), skips=skips)
+        return ImageFeatures(images=images, maps=maps)
 
-        found = {f"vit.{i}": m for i, m in zip(self.config.vit_taps, vit_maps)}
+    def decode(self, features: ImageFeatures, text: TextFeatures, *, taps: TapRequest = None) -> ModelOutput:
+        """Text-conditioned semantics → CMSG gates → decoder → logits, for one prompt row per image."""
+        wanted = self.resolve_taps(taps)
+        m = features.maps
+        vit_maps, stages = m["vit"], m["stages"]
+        prompt = _pair_rows(text, features.images)
+        condition = F.normalize(prompt, dim=-1)
+        cosine = None
+        if m["patches"] is not None:
+            cosine = (m["patches"] * condition[:, :, None, None]).sum(dim=1, keepdim=True)
+        semantic = self.semantic(vit_maps[-1], condition, cosine)
+
+        gated, gates = zip(*(gate(stage, semantic) for gate, stage in zip(self.gates, stages)))
+        decoded = self.decoder(gated, m["skips"], m["spectral"], condition)
+        logits = resize_to(self.head(decoded[-1]), features.images.shape[-2:])
+
+        found = {f"vit.{i}": v for i, v in zip(self.config.vit_taps, vit_maps)}
         found["semantic"] = semantic
         found.update({f"freq.{level}": s for level, s in enumerate(stages)})
         found.update({f"gated.{level}": g for level, g in enumerate(gated)})
@@ -388,7 +397,7 @@ class FreqMedCLIP(ViTJointTaps, TextSegmentationModel):
             logits=logits,
             taps={name: found[name] for name in wanted},
             text_embedding=prompt,
-            image_embedding=image_embedding,
+            image_embedding=m["image_embedding"],
             extras=extras,
         )
 

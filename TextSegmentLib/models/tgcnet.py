@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, ModelError
-from .base import ModelOutput, TapRequest, TextFeatures, TextSegmentationModel
+from .base import ImageFeatures, ModelOutput, TapRequest, TextFeatures, TextSegmentationModel
 from .deformable_attention import (
     MultiScaleDeformableAttention,
     flatten_levels,
@@ -397,12 +397,21 @@ class TGCNet(ViTJointTaps, TextSegmentationModel):
         resized = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return self.vision.forward_intermediates(self.vision.normalise(resized), self.config.vit_taps)
 
-    def forward(self, images: torch.Tensor, text: TextFeatures, *, taps: TapRequest = None) -> ModelOutput:
-        wanted = self.resolve_taps(taps)
-        images, text = self._check_inputs(images, text)
+    def encode_image(self, images: torch.Tensor) -> ImageFeatures:
+        """Frozen ViT, CNN branch and SSE fusion: the hybrid pyramid the prompt does not change."""
+        _check_images(images)
         vit_maps, image_embedding = self.forward_clip(images)
         cnn_levels = self.cnn(images)
         pyramid = self.sse(cnn_levels, vit_maps)
+        maps = dict(vit=list(vit_maps), image_embedding=image_embedding, cnn=list(cnn_levels), pyramid=list(pyramid))
+        return ImageFeatures(images=images, maps=maps)
+
+    def decode(self, features: ImageFeatures, text: TextFeatures, *, taps: TapRequest = None) -> ModelOutput:
+        """VLCM calibration and the cost-aggregating decoder, for one prompt row per image."""
+        wanted = self.resolve_taps(taps)
+        text = _pair_text(text, len(features))
+        m = features.maps
+        pyramid = m["pyramid"]
 
         text_tokens, text_mask = text.tokens, text.mask
         calibrated, extras = list(pyramid), {}
@@ -413,35 +422,42 @@ class TGCNet(ViTJointTaps, TextSegmentationModel):
             extras["vlcm_gate"] = gate
         text_vector = _masked_mean(text_tokens, text_mask)
         stages = self.decoder(calibrated[::-1], text_vector)
-        logits = F.interpolate(self.decoder.head(stages[-1]), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        size = features.images.shape[-2:]
+        logits = F.interpolate(self.decoder.head(stages[-1]), size=size, mode="bilinear", align_corners=False)
 
         available = {
-            **{f"vit.{i}": m for i, m in zip(self.config.vit_taps, vit_maps)},
-            **{f"cnn.{level}": m for level, m in enumerate(cnn_levels)},
-            **{f"pyramid.{level}": m for level, m in enumerate(pyramid)},
-            **{f"decoder.{n}": m for n, m in enumerate(stages)},
+            **{f"vit.{i}": v for i, v in zip(self.config.vit_taps, m["vit"])},
+            **{f"cnn.{level}": v for level, v in enumerate(m["cnn"])},
+            **{f"pyramid.{level}": v for level, v in enumerate(pyramid)},
+            **{f"decoder.{n}": v for n, v in enumerate(stages)},
             "fused": stages[-1],
         }
         return ModelOutput(
             logits=logits,
             taps={name: available[name] for name in wanted},
             text_embedding=text.pooled,
-            image_embedding=image_embedding,
+            image_embedding=m["image_embedding"],
             extras=extras,
         )
 
-    def _check_inputs(self, images: torch.Tensor, text: TextFeatures) -> tuple[torch.Tensor, TextFeatures]:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise InputError(f"TGC-Net needs (B, 3, H, W) images, got shape {tuple(images.shape)}")
-        if images.shape[-2] % 32 or images.shape[-1] % 32:
-            raise InputError(f"TGC-Net needs sizes that are multiples of 32, got {tuple(images.shape[-2:])}")
-        if text.tokens is None or text.mask is None:
-            raise InputError("TGC-Net needs the token sequence of its own encode_text(), not pooled text only")
-        if len(text) == 1 and images.shape[0] > 1:
-            text = text.index([0] * images.shape[0])
-        if len(text) != images.shape[0]:
-            raise InputError(f"{len(text)} text rows for {images.shape[0]} images; pair them row by row")
-        return images, text
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise InputError(f"TGC-Net needs (B, 3, H, W) images, got shape {tuple(images.shape)}")
+    if images.shape[-2] % 32 or images.shape[-1] % 32:
+        raise InputError(f"TGC-Net needs sizes that are multiples of 32, got {tuple(images.shape[-2:])}")
+
+
+def _pair_text(text: TextFeatures, batch: int) -> TextFeatures:
+    """One text row per image (a single row is shared by the whole batch)."""
+    if text.tokens is None or text.mask is None:
+        raise InputError("TGC-Net needs the token sequence of its own encode_text(), not pooled text only")
+    if len(text) == 1 and batch > 1:
+        text = text.index([0] * batch)
+    if len(text) != batch:
+        raise InputError(f"{len(text)} text rows for {batch} images; pair them row by row")
+    return text
 
 
 def _check_config(config: TGCNetConfig, vision: nn.Module) -> None:
