@@ -111,7 +111,9 @@ def normalise_target(text: str) -> str:
     """Lower case, words only, American spelling, filler words dropped, side words moved last.
 
     So "Segment the LEFT kidney", "kidney_left" and "left kidney" all become "kidney left",
-    the form of the curated keys.
+    the form of the curated keys. Deliberately gentler than ``prompts.canonical_target_name``,
+    which folds synonyms ("lesion", "mass", "cancer" → tumor; "renal" → kidney) to find a label:
+    the description table keeps those clinical distinctions apart.
     """
     words = re.sub(r"[^a-z0-9]+", " ", text.lower().replace("_", " ")).split()
     words = [_SPELLING.get(w, w) for w in words if w not in _FILLER]

@@ -37,3 +37,19 @@ def test_every_tap_of_both_families_gives_a_map_on_the_input_grid(family_model):
         for layer in model.tap_names:
             assert item.maps[layer].same_geometry(volume) and item.maps[layer].array.dtype == np.uint8
             assert item.legend[layer]["stage"] == (3 if layer in joint else 1)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_batch_where_no_row_has_a_target_gives_zero_maps(family_model, stage):
+    """E.g. a slice whose predicted mask is empty: the joint-space layers must cope with zero rows."""
+    from TextSegmentLib.saliency.sink import SaliencyConfig, explain_batch
+
+    model = family_model
+    size = model.image_size
+    with torch.inference_mode():
+        output = model(torch.rand(2, 3, size, size), model.encode_text(["liver"]), taps=model.joint_tap_names)
+        maps, has_target, _ = explain_batch(output, layers=model.joint_tap_names, target=torch.zeros(2, size, size),
+                                            config=SaliencyConfig(stage=stage), model=model)
+    assert not has_target.any()
+    for name in model.joint_tap_names:
+        assert maps[name].shape[0] == 2 and not maps[name].any()

@@ -491,7 +491,7 @@ class VisionTower(nn.Module):
             x = self.visual.ln_post(x)
             if self.visual.proj is not None:
                 x = x @ self.visual.proj
-        return x.transpose(1, 2).reshape(batch, -1, height, width)
+        return x.transpose(1, 2).reshape(batch, x.shape[-1], height, width)  # explicit: batch may be 0
 
 
 class TextTower(nn.Module):
