@@ -1,13 +1,16 @@
 """Inference benchmark: the engine beside a naive per-slice loop and MONAI's SliceInferer, on the same network.
 
     .venv/bin/python bench/inference.py --threads 1 --doc docs/performance.md   # full run, ~10 min on 2 cores
+    .venv/bin/python bench/inference.py --threads 1 --presets freqmedclip-tiny,freqmedclip-base \
+        --prompts "liver,spleen,right kidney" --doc docs/performance.md --doc-block inference-3-prompts
     .venv/bin/python bench/inference.py --quick                                  # smoke run: tiny presets, few slices
 
 For each preset (random weights; base presets get BiomedCLIP-shaped towers built randomly, offline)
 and each device (the CPU; CUDA with AMP when present), three ways of getting probability maps on the
 volume grid from a 512×512 phantom:
 
-* **engine**: ``segment`` (batched, text encoded once and cached), on N and on 2N slices;
+* **engine**: ``segment`` (batched, text encoded once and cached, backbones run once per slice
+  for all prompts), on N and on 2N slices;
 * **naive**: per slice and prompt: window, fit, encode the prompt again, forward at batch 1, inverse fit;
 * **sliceinferer**: the volume windowed and fitted to the model size as one (1, 3, S, S, N) tensor,
   run by ``monai.inferers.SliceInferer`` (``spatial_dim=2``: one S×S window per slice,
@@ -84,8 +87,8 @@ class Preset:
 
 
 PRESETS = {
-    "freqmedclip-tiny": Preset(slices=16, repeats=3),
-    "tgcnet-tiny": Preset(slices=16, repeats=3),
+    "freqmedclip-tiny": Preset(slices=32, repeats=3),
+    "tgcnet-tiny": Preset(slices=32, repeats=3),
     "freqmedclip-base": Preset({"clip_source": BIOMEDCLIP_RANDOM}, slices=4, repeats=2, floor_target=True),
     "tgcnet-base": Preset({"clip_source": BIOMEDCLIP_RANDOM}, slices=4, repeats=2, floor_target=True),
 }
@@ -538,13 +541,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--devices", default=None, help="comma-separated; default: cpu, plus cuda when present")
     parser.add_argument("--prompts", default="liver", help="comma-separated prompts")
     parser.add_argument("--size", type=int, default=512, help="in-plane size of the phantom's slices")
-    parser.add_argument("--slices", type=int, default=None, help="N for every preset (default: 16 tiny, 4 base)")
+    parser.add_argument("--slices", type=int, default=None, help="N for every preset (default: 32 tiny, 4 base)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default: 3 tiny, 2 base)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--batch-size", type=int, default=None, help="engine batch = sw_batch_size (default: the engine's)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny presets, 4 slices of 256², 1 repeat")
     parser.add_argument("--json", default=str(REPO / "out" / "bench_inference.json"))
-    parser.add_argument("--doc", default=None, help="Markdown file whose bench:inference block gets the tables")
+    parser.add_argument("--doc", default=None, help="Markdown file whose bench:BLOCK block gets the tables")
+    parser.add_argument("--doc-block", default="inference", help="BLOCK for --doc (one per prompt count, say)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -600,7 +604,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     print(f"wrote {write_json(args.json, result)}")
     if args.doc:
-        replace_doc_block(args.doc, "inference", tables)
+        replace_doc_block(args.doc, args.doc_block, tables)
         print(f"updated {args.doc}")
     return 0
 
