@@ -7,7 +7,7 @@ import torch
 
 from TextSegmentLib.models.base import ModelOutput, TextFeatures, TextSegmentationModel
 from TextSegmentLib.semantibench import (
-    BenchReport, PromptResult, compare, dice, evaluate_case, pss, slice_dices, wilcoxon, write_report,
+    FINDING_ML, BenchReport, PromptResult, compare, dice, evaluate_case, pss, slice_dices, wilcoxon, write_report,
 )
 
 
@@ -118,8 +118,20 @@ def test_evaluate_case_through_the_engine():
     assert empty.false_positive_rate() == 0.0 and empty.pss() is None  # L1 = 0: PSS undefined
     full = BenchReport("all", "w", "toy", evaluate_case(_ConstantModel(10.0), case, device="cpu"))
     assert full.false_positive_rate() == 1.0
+    volume_ml = case.ct.array.size * float(np.prod(case.ct.spacing)) / 1000.0
+    assert all(r.largest_component_ml == pytest.approx(volume_ml) for r in full.results)
+    assert full.false_finding_rate() == (1.0 if volume_ml >= FINDING_ML else 0.0)
+    assert empty.false_finding_rate() == 0.0
     body = next(r for r in full.results if r.prompt == "body")
     assert 0 < body.dice <= 1 and body.predicted_voxels == case.ct.array.size
+
+
+def test_a_speck_on_a_negative_is_a_false_positive_but_not_a_false_finding():
+    speck = PromptResult("c", "brain", "negative", "brain", 0, 3, None, largest_component_ml=0.01)
+    blob = PromptResult("c", "heart", "negative", "heart", 0, 900, None, largest_component_ml=FINDING_ML)
+    report = BenchReport("m", "w", "toy", [speck, blob])
+    assert report.false_positive_rate() == 1.0 and report.false_finding_rate() == 0.5
+    assert "0.500 (a region of 1 mL or more)" in report.to_markdown()
 
 
 def test_bench_command_writes_json_markdown_and_plot(tmp_path, capsys):

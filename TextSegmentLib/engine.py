@@ -81,6 +81,7 @@ def segment(
     skip_empty_slices: bool = True,
     largest_component: bool = False,
     fill_holes: bool = False,
+    min_component_ml: float = 0.0,
     amp: Union[bool, str] = "auto",
     progress: Optional[ProgressCallback] = None,
     cancel: Union[CancelToken, Callable[[], bool], None] = None,
@@ -92,6 +93,8 @@ def segment(
     ``sink.consume(slice_indices, prompt_rows, output, fit)`` with the model's feature taps from the
     *same* forward pass, then ``sink.finish(...)``; what it returns lands in ``run.features``.
     Raises ``Cancelled`` (nothing returned) when ``cancel`` fires between batches.
+    ``min_component_ml`` drops islands smaller than that volume (Slicer's "remove small islands"):
+    slice-wise models leave specks, and a prompt whose mask ends up empty is reported as not found.
     """
     import torch
 
@@ -102,6 +105,8 @@ def segment(
     aux_list = _validate_aux(aux_prompts, len(prompt_list))
     if not 0.0 < threshold < 1.0:
         raise InputError(f"threshold must lie strictly between 0 and 1, got {threshold}")
+    if not min_component_ml >= 0.0:
+        raise InputError(f"min_component_ml must be 0 or more (mL), got {min_component_ml}")
     if not np.all(np.isfinite(volume.array)):
         raise InputError(f"{volume.source or 'volume'}: contains NaN or infinite values")
 
@@ -167,11 +172,16 @@ def segment(
     if features_sink is not None:
         features = features_sink.finish()
     results = []
+    min_voxels = int(np.ceil(min_component_ml * 1000.0 / float(np.prod(volume.spacing))))
     for p, prompt in enumerate(prompt_list):
         prob = plan.restore(probabilities[p])
         mask = (prob >= threshold).astype(np.uint8)
-        if largest_component or fill_holes:
-            mask = clean_mask(mask, largest_component=largest_component, fill_holes=fill_holes)
+        if largest_component or fill_holes or min_voxels > 1:
+            mask = clean_mask(mask, largest_component=largest_component, fill_holes=fill_holes,
+                              min_component_voxels=min_voxels)
+        if not mask.any():
+            warnings.append(f"{prompt!r}: nothing found (no region above the threshold"
+                            + (f" of {min_component_ml:g} mL or more)" if min_voxels > 1 else ")"))
         results.append(
             SegmentationResult(
                 prompt=prompt,

@@ -11,6 +11,8 @@ The edge cases of the maths, defined once here and tested:
   target would all score 1 or 0 and swamp the mean); false positives are what negatives measure.
 * A negative control is a false positive when its predicted mask has any voxel; the rate is over
   all negative prompts.
+  A *false finding* is a negative control whose largest predicted 3D region is ``FINDING_ML`` or
+  more: what a reader would actually see, rather than a few stray voxels.
 * ``PSS = 1 − mean Dice(L3) / mean Dice(L1)``; undefined (None) when there is no L1 or no L3 score or
   mean Dice(L1) = 0; negative when L3 beats L1. The per-case median PSS uses the cases where it is defined.
 * Wilcoxon signed-rank, paired on (case, prompt): None with no pairs; p = 1 when all differences are 0;
@@ -33,6 +35,7 @@ from .prompts import LEVELS, build_prompt_pyramid, ground_truth
 log = logging.getLogger(__name__)
 
 SCORED_LEVELS = ("L1", "L2", "L3")
+FINDING_ML = 1.0  # a region this large on a negative control is a false finding, not a speck
 
 
 # --------------------------------------------------------------------------------------- maths
@@ -100,10 +103,16 @@ class PromptResult:
     predicted_voxels: int
     dice: Optional[float]  # None for negatives
     slice_dice: list[float] = field(default_factory=list)
+    largest_component_ml: float = 0.0  # of the prediction: a speck, or a finding a reader would see?
 
     @property
     def false_positive(self) -> bool:
         return self.level == "negative" and self.predicted_voxels > 0
+
+    @property
+    def false_finding(self) -> bool:
+        """A negative control with a predicted region of at least ``FINDING_ML``."""
+        return self.level == "negative" and self.largest_component_ml >= FINDING_ML
 
 
 @dataclass
@@ -153,6 +162,10 @@ class BenchReport:
         negatives = [r for r in self.results if r.level == "negative"]
         return sum(r.false_positive for r in negatives) / len(negatives) if negatives else None
 
+    def false_finding_rate(self) -> Optional[float]:
+        negatives = [r for r in self.results if r.level == "negative"]
+        return sum(r.false_finding for r in negatives) / len(negatives) if negatives else None
+
     def target_table(self) -> list[dict[str, Any]]:
         """Per (target, level): how many prompts, mean Dice (or FP rate for negatives)."""
         groups: dict[tuple[str, str], list[PromptResult]] = {}
@@ -179,6 +192,7 @@ class BenchReport:
             "pss": self.pss(),
             "pss_case_median": float(np.median(per_case)) if per_case else None,
             "false_positive_rate": self.false_positive_rate(),
+            "false_finding_rate": self.false_finding_rate(),
             "seconds": self.seconds,
             "notes": self.notes,
         }
@@ -199,7 +213,8 @@ class BenchReport:
                          f"{_f(t['cases']['mean'])} | {_f(t['slices']['mean'])} | {_f(t['slices']['median'])} |")
         lines += ["", f"**PSS** = 1 − mean Dice(L3) / mean Dice(L1) = {_f(s['pss'])} "
                       f"(per-case median {_f(s['pss_case_median'])})",
-                  f"**False-positive rate on negative controls**: {_f(s['false_positive_rate'])}", "",
+                  f"**False-positive rate on negative controls**: {_f(s['false_positive_rate'])} (any voxel); "
+                  f"{_f(s['false_finding_rate'])} (a region of {FINDING_ML:g} mL or more)", "",
                   "| target | level | n | mean Dice / FP rate |", "|---|---|---|---|"]
         for row in self.target_table():
             value = row.get("mean_dice", row.get("false_positive_rate"))
@@ -253,6 +268,7 @@ def evaluate_case(
 ) -> list[PromptResult]:
     """Segment every prompt of a case's pyramid with ``engine.segment`` and score it on the volume grid."""
     from .engine import segment
+    from .postprocess import largest_component_voxels
     from .preprocess import slice_plan
 
     if prompts is None:
@@ -261,6 +277,7 @@ def evaluate_case(
     prompts = list({p.text: p for p in prompts}.values())  # one result per distinct text
     run = segment(case.ct, [p.text for p in prompts], model=model, batch_size=batch_size, device=device)
     plan = slice_plan(case.ct, axis="axial")
+    voxel_ml = float(np.prod(case.ct.spacing)) / 1000.0
     results = []
     for prompt, result in zip(prompts, run.results):
         truth = ground_truth(prompt, case.labels, case.label_names)
@@ -269,6 +286,7 @@ def evaluate_case(
         results.append(PromptResult(
             case=case.name, prompt=prompt.text, level=prompt.level, target=str(prompt.target),
             truth_voxels=int(truth.sum()), predicted_voxels=int(pred.sum()),
+            largest_component_ml=largest_component_voxels(pred) * voxel_ml,
             dice=dice(pred, truth) if scored else None,
             slice_dice=slice_dices(plan.extract(pred), plan.extract(truth)) if scored else [],
         ))

@@ -176,3 +176,18 @@ def test_cleanup_keeps_the_largest_component():
     run = segment(volume.with_array(hu), "bright", model=WindowModel(), device="cpu", largest_component=True,
                   skip_empty_slices=False)
     np.testing.assert_array_equal(run.results[0].mask.array.astype(bool), cube)
+
+
+def test_small_islands_are_dropped_by_volume_and_an_empty_result_is_reported():
+    volume, cube = cube_volume()
+    hu = volume.array.copy()
+    hu[0, 0, 0] = 1200  # a 0.002 mL speck; the cube is about 1.4 mL (voxels of 2 mm³)
+    volume = volume.with_array(hu)
+    kept = segment(volume, "bright", model=WindowModel(), device="cpu", min_component_ml=0.05, skip_empty_slices=False)
+    np.testing.assert_array_equal(kept.results[0].mask.array.astype(bool), cube)
+    assert not any("nothing found" in w for w in kept.warnings)
+    gone = segment(volume, "bright", model=WindowModel(), device="cpu", min_component_ml=5.0, skip_empty_slices=False)
+    assert gone.results[0].voxels == 0
+    assert any("'bright': nothing found" in w and "5 mL" in w for w in gone.warnings)
+    with pytest.raises(InputError, match="min_component_ml"):
+        segment(volume, "bright", model=WindowModel(), device="cpu", min_component_ml=-1.0)

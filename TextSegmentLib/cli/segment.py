@@ -18,6 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--axis", choices=("axial", "coronal", "sagittal"), default="axial")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--cleanup", action="store_true", help="keep the largest 3D component and fill holes")
+    p.add_argument("--min-component-ml", type=float, default=0.0,
+                   help="drop islands smaller than this volume in mL (e.g. 0.5); an empty result is reported")
     p.add_argument("--keep-empty-slices", action="store_true", help="also run on slices with no body in them")
     p.add_argument("--allow-non-ct", action="store_true", help="run on a series that is not CT (results unreliable)")
     p.add_argument("--saliency", action="store_true",
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             volume, prompts, model=model, aux_prompts=args.aux_prompt, device=args.device,
             batch_size=args.batch_size, axis=args.axis, threshold=args.threshold,
             skip_empty_slices=not args.keep_empty_slices, largest_component=args.cleanup,
-            fill_holes=args.cleanup, progress=bar, features_sink=sink,
+            fill_holes=args.cleanup, min_component_ml=args.min_component_ml, progress=bar, features_sink=sink,
         )
     written = write_segmentation(run_, out_dir=out_dir, model_name=args.model, weights=args.weights, overwrite=args.overwrite)
     if sink is not None:
