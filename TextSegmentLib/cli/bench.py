@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         f"{lv} Dice {levels[lv]['prompts']['mean']:.3f}" if levels[lv]["prompts"]["mean"] is not None else f"{lv} n/a"
         for lv in levels))
     pss = summary["pss"]
-    fp = summary["false_positive_rate"]
-    print(f"PSS {'n/a' if pss is None else f'{pss:.3f}'}; false-positive rate on negatives {'n/a' if fp is None else f'{fp:.3f}'}")
+    fp, ff = summary["false_positive_rate"], summary["false_finding_rate"]
+    print(f"PSS {'n/a' if pss is None else f'{pss:.3f}'}; on negatives: false-positive rate "
+          f"{'n/a' if fp is None else f'{fp:.3f}'} (any voxel), {'n/a' if ff is None else f'{ff:.3f}'} (a region ≥ 1 mL)")
     print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
     return 0
