@@ -9,9 +9,11 @@ Console::
 
     logic = slicer.util.getModuleLogic("TextSegment")
     outcome = logic.segment(volume=getNode("CT"), prompts=["liver", "spleen"], saliency=True, wait=True)
+    logic.export_dicom_seg(outcome, path="ct_seg.dcm")   # a CT loaded with the DICOM module
     report = logic.segment_dicom_study(dicom_dir="study/", prompts=["liver"], output_dir="out/")
 """
 
+import dataclasses
 import logging
 import traceback
 from typing import Annotated
@@ -183,6 +185,7 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         self.ui.importWeightsButton.connect("clicked(bool)", self.onImportWeights)
         self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeights)
+        self.ui.exportDicomSegButton.connect("clicked(bool)", self.onExportDicomSeg)
         self._pollTimer.connect("timeout()", self.onPoll)
 
         for preset in slicer_logic.MODEL_PRESETS:
@@ -211,6 +214,7 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event):
         if self._job is not None:
             self.logic.cancel(self._job)
+        self.ui.exportDicomSegButton.enabled = False  # its input node goes with the scene
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -350,9 +354,13 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("{title}: done.").format(title=job.title)
 
     def _showOutcome(self, outcome):
-        # keep the nodes and the saliency maps (for recolouring); let the probability maps go
+        # keep the nodes, the masks (DICOM SEG export) and the saliency maps (recolouring); let the probability maps go
+        masks = dataclasses.replace(outcome.run, features=None,
+                                    results=[dataclasses.replace(r, probability=None) for r in outcome.run.results])
         self._outcome = slicer_logic.SegmentOutcome(input_node=outcome.input_node, segmentation_node=outcome.segmentation_node,
-                                                    run=None, saliency_nodes=outcome.saliency_nodes)
+                                                    run=masks, saliency_nodes=outcome.saliency_nodes,
+                                                    model_name=outcome.model_name)
+        self.ui.exportDicomSegButton.enabled = True
         self._features = outcome.run.features
         self._parameterNode.outputSegmentation = outcome.segmentation_node
         run = outcome.run
@@ -367,6 +375,18 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.addItem(prompt)
         combo.blockSignals(wasBlocked)
         self.updateOverlay()
+
+    def onExportDicomSeg(self):
+        path = qt.QFileDialog.getSaveFileName(None, _("Export DICOM SEG"), "", "DICOM (*.dcm)")
+        if not path:
+            return
+        try:  # the save dialog has asked before replacing a file
+            with slicer.util.WaitCursor():
+                written = self.logic.export_dicom_seg(self._outcome, path=path, overwrite=True)
+        except Exception as exc:
+            self._showError(_("Cannot export DICOM SEG"), exc)
+            return
+        self.ui.statusLabel.text = _("DICOM SEG written to {path}").format(path=written)
 
     # saliency panel ------------------------------------------------------------------------------
     def _layers(self):

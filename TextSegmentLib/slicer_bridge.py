@@ -35,6 +35,7 @@ from .volume import LPS_TO_RAS, Volume
 
 log = logging.getLogger(__name__)
 
+DICOM_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"  # set by Slicer's DICOM module: the SOP Instance UIDs a volume was loaded from
 SALIENCY_ATTRIBUTE = "TextSegment.Saliency"  # "<prompt>|<layer>" on every saliency volume we add
 OWN_COLOR_TABLE = "TextSegment Inferno"
 SLICER_INFERNO_ID = "vtkMRMLColorTableNodeFileInferno.txt"
@@ -184,6 +185,46 @@ def node_from_volume(volume: Volume, *, context: Optional[SlicerContext] = None,
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
     return node
+
+
+def dicom_source_files(node: Any, *, file_for_instance: Union[Callable[[str], Any], Mapping[str, Any], None] = None) -> list[Path]:
+    """The DICOM files a volume node was loaded from, found by the SOP Instance UIDs Slicer's DICOM
+    module records on it (``DICOM.instanceUIDs``), so outputs such as DICOM SEG can reference them.
+
+    ``file_for_instance`` maps a UID to its file path (a callable or a mapping; default inside
+    Slicer: ``slicer.dicomDatabase.fileForInstance``). A node not loaded from DICOM, or a UID whose
+    file the database no longer has, is an ``InputError`` that says which.
+    """
+    uids = list(dict.fromkeys((node.GetAttribute(DICOM_UIDS_ATTRIBUTE) or "").split()))
+    if not uids:
+        raise InputError(
+            f"volume {node.GetName()!r} was not loaded from DICOM (it has no {DICOM_UIDS_ATTRIBUTE} attribute); "
+            "load the series through Slicer's DICOM module to export results that reference it"
+        )
+    if file_for_instance is None:
+        database = getattr(slicer, "dicomDatabase", None)
+        if database is None:
+            raise InputError("Slicer's DICOM database is not available here; pass file_for_instance (UID -> file path)")
+        file_for_instance = database.fileForInstance
+    lookup = file_for_instance.get if isinstance(file_for_instance, Mapping) else file_for_instance
+    files, missing = [], []
+    for uid in uids:
+        try:
+            found = lookup(uid)
+        except KeyError:
+            found = None
+        if found and Path(found).is_file():
+            files.append(Path(found))
+        else:
+            missing.append((uid, found))
+    if missing:
+        uid, found = missing[0]
+        where = f"its file {found} no longer exists" if found else "it is not in the DICOM database"
+        raise InputError(
+            f"volume {node.GetName()!r}: {len(missing)} of its {len(uids)} source image(s) cannot be found, "
+            f"e.g. SOP Instance UID {uid} ({where}); re-import the series into the DICOM database"
+        )
+    return files
 
 
 def _check_grid(volume: Volume, reference_node: Any, what: str) -> None:

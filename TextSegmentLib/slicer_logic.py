@@ -7,6 +7,7 @@ headless in CI (MRML is touched only through ``slicer_bridge``)::
     outcome = logic.segment(volume=getNode("CT"), prompts=["liver", "spleen"],
                             model="freqmedclip-tiny", device="auto", saliency=True, wait=True)
     outcome.segmentation_node, outcome.saliency_nodes["liver"]["combined"]
+    logic.export_dicom_seg(outcome, path="ct_seg.dcm")  # input loaded with the DICOM module: SEG references it
 
     job = logic.segment(volume=ct, prompts=["liver"], wait=False)   # the GUI's way
     while not job.finished:
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
-from .errors import Cancelled, InputError
+from .errors import Cancelled, InputError, OutputExistsError
 from .progress import CancelToken, ProgressCallback
 
 log = logging.getLogger(__name__)
@@ -288,6 +289,7 @@ class SegmentOutcome:
     segmentation_node: Any
     run: Any  # the engine's SegmentationRun
     saliency_nodes: dict[str, dict[str, Any]] = field(default_factory=dict)  # prompt -> layer -> volume node
+    model_name: str = ""  # the preset (or model class) that ran: DICOM SEG records it as the algorithm
 
     @property
     def warnings(self) -> list[str]:
@@ -382,7 +384,9 @@ class SegmentationLogic:
             return run
 
         def apply(run: Any) -> SegmentOutcome:
-            return self._add_results(run, input_node=volume, segmentation_node=segmentation_node, colormap=colormap)
+            outcome = self._add_results(run, input_node=volume, segmentation_node=segmentation_node, colormap=colormap)
+            outcome.model_name = model if isinstance(model, str) else type(model).__name__
+            return outcome
 
         if wait:
             return apply(compute(progress or _ignore, cancel))
@@ -426,6 +430,40 @@ class SegmentationLogic:
             raise InputError(f"no saliency layer {layer!r}; this run has {list(layers)}")
         show_overlay(outcome.input_node, layers[layer], context=self.context, opacity=opacity)
         return layers[layer]
+
+    def export_dicom_seg(self, outcome: SegmentOutcome, *, path: Union[str, Path], overwrite: bool = False,
+                         file_for_instance: Union[Callable[[str], Any], Mapping[str, Any], None] = None) -> Path:
+        """Write ``outcome``'s masks as one DICOM SEG that references the DICOM images its input was loaded from.
+
+        A SEG frame must point at the very file its slice came from, so the source series is re-read
+        with the engine's DICOM reader (files found through ``DICOM.instanceUIDs`` and
+        ``file_for_instance``, default: Slicer's DICOM database). The masks, on the input node's grid,
+        are moved onto that series' grid, the same voxels possibly in another axis order or direction,
+        without interpolation; a node whose voxels are not the series' own (resampled, cropped) is
+        refused. It writes the masks the run computed, not later edits made in the Segment Editor.
+        Refuses to overwrite an existing file unless ``overwrite=True``, and never a source image.
+        """
+        import dataclasses
+
+        from .dicom_seg import write_dicom_seg
+        from .io.dicom import read_series, series_from_files
+        from .slicer_bridge import dicom_source_files
+        from .volume import reorient_to
+
+        results = list(getattr(getattr(outcome, "run", None), "results", None) or [])
+        if not results:
+            raise InputError("nothing to export: segment a volume first")
+        path = Path(path)
+        if path.exists() and not overwrite:  # before reading the whole series; write_dicom_seg checks again
+            raise OutputExistsError(f"{path}: exists already; pass overwrite=True to replace it")
+        node = outcome.input_node
+        files = dicom_source_files(node, file_for_instance=file_for_instance)
+        name = f"Slicer volume {node.GetName()!r}"
+        source = read_series(series_from_files(files, source=name), source=name)
+        moved = [dataclasses.replace(r, mask=reorient_to(r.mask, source)) for r in results]
+        model_name = outcome.model_name or "TextSegment"
+        return write_dicom_seg(moved, source=source, path=path, overwrite=overwrite, model_name=model_name,
+                               series_description=" ".join(dict.fromkeys(["TextSegment", model_name])))
 
     # whole-study batch -----------------------------------------------------------------------
     def segment_dicom_study(

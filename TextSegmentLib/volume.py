@@ -154,5 +154,44 @@ def direction_from_axes(axes: Sequence[Sequence[float]]) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
+GRID_TOLERANCE_VOXELS = 0.1
+
+
+def reorient_to(volume: Volume, reference: Volume, *, tolerance: float = GRID_TOLERANCE_VOXELS) -> Volume:
+    """``volume``'s values on ``reference``'s grid, when both grids hold the very same voxel centres.
+
+    The grids may differ in axis order and direction (a y-flipped or slice-reversed storage of the
+    same image): voxels are then transposed and flipped, never interpolated, so each one keeps its
+    value exactly (nearest neighbour on an identical grid, without its rounding at the edges).
+    Grids whose voxel centres differ by more than ``tolerance`` voxels anywhere (resampled, cropped,
+    moved) raise ``InputError``: those voxels are not the reference's.
+    """
+    if volume.same_geometry(reference):
+        return reference.with_array(volume.array)
+    # volume (i, j, k) -> reference (i, j, k); affine, so the corners bound the error everywhere
+    to_reference = np.linalg.inv(reference.ijk_to_lps()) @ volume.ijk_to_lps()
+    rotation, offset = to_reference[:3, :3], to_reference[:3, 3]
+    signed = np.round(rotation)
+    size, ref_size = np.array(volume.size_ijk), np.array(reference.size_ijk)
+    permutation = np.argmax(np.abs(signed), axis=1)  # reference axis a comes from volume axis permutation[a]
+    is_permutation = (np.abs(signed).sum(axis=0) == 1).all() and (np.abs(signed).sum(axis=1) == 1).all()
+    corners = np.array([[i, j, k] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)], dtype=float)
+    mapped = corners @ rotation.T + offset
+    on_grid = np.abs(mapped - np.round(mapped)).max() <= tolerance
+    if not (is_permutation and on_grid and (size[permutation] == ref_size).all()
+            and np.allclose(np.round(mapped).min(axis=0), 0) and np.allclose(np.round(mapped).max(axis=0), ref_size - 1)):
+        raise InputError(
+            f"{volume.source or 'the volume'} does not lie on the voxel grid of {reference.source or 'the reference'} "
+            f"(shape {volume.shape} vs {reference.shape}, or its voxels moved, resampled or cropped); "
+            "its voxels cannot be matched one to one"
+        )
+    values = np.asarray(volume.array).transpose(2, 1, 0)  # (i, j, k)
+    values = values.transpose(permutation)
+    flips = tuple(a for a in range(3) if signed[a, permutation[a]] < 0)
+    if flips:
+        values = np.flip(values, axis=flips)
+    return reference.with_array(np.ascontiguousarray(values.transpose(2, 1, 0)))
+
+
 def _jsonable(value: Any) -> bool:
     return isinstance(value, (str, int, float, bool, type(None), list, dict))

@@ -4,7 +4,7 @@ Readers refuse what is not a usable 3D CT with one clear ``InputError``; writers
 never overwrite an input.
 """
 
-from .dicom import SeriesInfo, choose_series, is_dicom_input, list_series, read_series
+from .dicom import SeriesInfo, choose_series, is_dicom_input, list_series, read_series, series_from_files
 from .readers import looks_like_hu, read_image_file, read_label_map, read_volume
 from .writers import atomic_write, write_float_map, write_json, write_label_map, write_volume
 
@@ -19,6 +19,7 @@ __all__ = [
     "read_label_map",
     "read_series",
     "read_volume",
+    "series_from_files",
     "write_float_map",
     "write_json",
     "write_label_map",

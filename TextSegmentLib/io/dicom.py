@@ -147,6 +147,28 @@ def list_series(path: Path | str) -> list[SeriesInfo]:
     return series
 
 
+def series_from_files(files: Sequence[Path | str], *, source: Path | str) -> SeriesInfo:
+    """The one series a given list of files makes up (e.g. what a DICOM database lists for a loaded volume).
+
+    Unlike ``list_series`` nothing is searched or skipped: every file must exist and be readable
+    DICOM of a single series, else ``InputError`` (``source`` names the files' origin in messages).
+    """
+    if not files:
+        raise InputError(f"{source}: no DICOM files given")
+    members = []
+    for file in dict.fromkeys(Path(f) for f in files):
+        if not file.is_file():
+            raise InputError(f"{source}: {file}: no such DICOM file")
+        members.append((file, _read_header(file, strict=True)))
+    groups: dict[str, list[tuple[Path, Any]]] = {}
+    for file, header in members:
+        groups.setdefault(_series_key(file, header), []).append((file, header))
+    if len(groups) > 1:
+        raise InputError(f"{source}: the files belong to {len(groups)} different series ({', '.join(sorted(groups))}), not one")
+    (key, grouped), = groups.items()
+    return _series_info(key, grouped)
+
+
 def _candidate_files(path: Path) -> list[Path]:
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file() and is_dicom_file(p))
