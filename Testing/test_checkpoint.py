@@ -109,6 +109,19 @@ def test_saving_never_overwrites_unless_asked(tiny_family, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["tiny.safetensors"]  # no temp file left behind
 
 
+def test_a_saved_checkpoint_gets_the_usual_file_mode(tiny_family, tmp_path):
+    """Not mkstemp's private 0600: exported weights are meant to be shared and shipped."""
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        path = save_checkpoint(_trained(), tmp_path / "shared.safetensors", model_name="ckpt-tiny").path
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
 def test_checkpoint_for_another_model_is_refused(tiny_family, tmp_path):
     path = tmp_path / "other.safetensors"
     save_checkpoint(_trained("ckpt-other"), path, model_name="ckpt-other")

@@ -116,6 +116,7 @@ def save_checkpoint(
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a shared checkpoint should read like any file
         if path.exists() and not overwrite:  # appeared while we were writing
             raise OutputExistsError(f"{path} exists already; choose another name or pass overwrite=True")
         os.replace(tmp, path)
@@ -124,6 +125,12 @@ def save_checkpoint(
         raise
     log.info("saved %s checkpoint to %s", model_name, path)
     return read_checkpoint_info(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_checkpoint_info(path: PathLike) -> CheckpointInfo:
