@@ -1,8 +1,8 @@
 """With the shipped trained weights, the saliency of "liver" concentrates inside the liver.
 
-The demo phantom's liver covers about 3 % of its slices. With freqmedclip-tiny-v2 the fused layer
-puts about 22 % of its energy there and the combined map about 8 %; random weights put 1–3 %
-there (below the liver's share). The floors sit between, so a broken sink, a mis-registered map or
+The demo phantom's liver covers about 3 % of its slices. With freqmedclip-tiny-v3 the fused layer
+puts about 23 % of its energy there and the combined map about 6 % (v2: 22 % and 8 %); random
+weights put 1–3 % there (below the liver's share). The floors sit between, so a broken sink, a mis-registered map or
 lost weights fall under them.
 """
 
