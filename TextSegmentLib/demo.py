@@ -92,7 +92,7 @@ def run_demo(
     from .io import read_volume
     from .report import write_html_report
     from .saliency import explain, save_montage, write_saliency
-    from .weights import load_model
+    from .weights import load_model, weights_label
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -108,12 +108,12 @@ def run_demo(
 
     model = load_model(model_name, weights=weights, device=device)
     run = explain(volume, [text for _, text, _ in cases], model=model, stage=stage, device=device, progress=progress)
-    weights_label = _weights_label(model, weights)
-    write_segmentation(run, out_dir=out_dir / "segmentation", model_name=model_name, weights=weights_label,
+    label = weights_label(model, weights)
+    write_segmentation(run, out_dir=out_dir / "segmentation", model_name=model_name, weights=label,
                        overwrite=overwrite)
     write_saliency(run.features, out_dir=out_dir / "saliency", overwrite=overwrite)
 
-    report = DemoReport(out_dir=out_dir, model=model_name, weights=weights_label, device=run.device,
+    report = DemoReport(out_dir=out_dir, model=model_name, weights=label, device=run.device,
                        seconds=run.seconds)
     for i, ((level, text, truth), result) in enumerate(zip(cases, run.results)):
         montage = save_montage(run.features[i], volume=volume, mask=result.mask,
@@ -122,13 +122,3 @@ def run_demo(
         report.cases.append(DemoCase(prompt=text, level=level, voxels=result.voxels, dice=score, montage=montage))
     report.report = write_html_report(report, path=out_dir / "index.html", overwrite=overwrite)
     return report
-
-
-def _weights_label(model: Any, weights: Optional[str]) -> str:
-    """A short human name for the weights the model carries (manifest id, file name or 'random')."""
-    source = getattr(model, "weights_source", None)
-    if source is None:
-        return str(weights or "default")
-    if source.entry is not None:
-        return source.entry.id
-    return "random" if source.is_random else (source.path.name if source.path else str(weights))

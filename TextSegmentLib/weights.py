@@ -339,6 +339,13 @@ class WeightsSource:
         return self.kind == RANDOM
 
     @property
+    def label(self) -> str:
+        """A short human name for reports: the manifest id, else the file name, else 'random'."""
+        if self.entry is not None:
+            return self.entry.id
+        return "random" if self.is_random else (self.path.name if self.path else "unknown")
+
+    @property
     def licence(self) -> str:
         if self.info is not None and self.info.metadata.get("licence"):
             return str(self.info.metadata["licence"])
@@ -483,6 +490,12 @@ def _known_ids_hint(known: Iterable[WeightsEntry], model_name: str) -> str:
 
 
 # --------------------------------------------------------------------------- the one door to a model
+
+
+def weights_label(model: Any, weights: Optional[str] = None) -> str:
+    """What to call the weights ``model`` carries in a report (see ``WeightsSource.label``)."""
+    source = getattr(model, "weights_source", None)
+    return source.label if source is not None else str(weights or "default")
 
 
 def load_model(

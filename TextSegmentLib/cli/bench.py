@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..semantibench import compare, run_bench, write_report
     from ..training.data import load_source
-    from ..weights import load_model
+    from ..weights import load_model, weights_label
     from .progressbar import progress_bar
 
     specs = list(args.data)
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         if not model_name:
             continue
         model = load_model(model_name, weights=weights, device=args.device)
-        label = str(getattr(getattr(model, "weights_source", None), "path", None) or weights or "default")
+        label = weights_label(model, weights)
         with progress_bar(disable=args.quiet) as bar:
             reports.append(run_bench(model, cases, model_name=model_name, weights=label, dataset=dataset,
                                      progress=bar, batch_size=args.batch_size, device=args.device))
