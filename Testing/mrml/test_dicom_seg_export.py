@@ -12,7 +12,6 @@ physical space, each frame pointing at the file that lies at its position.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
@@ -21,41 +20,20 @@ import pydicom
 import pytest
 import slicer  # noqa: F401 - before TextSegmentLib: slicer-core's meta package imports this folder's modules too
 import SimpleITK as sitk
-import torch
-from torch import nn
+from mrml_models import BoneModel as _BoneModel
 
 from TextSegmentLib.errors import InputError, OutputExistsError
-from TextSegmentLib.models.base import ModelOutput, TextFeatures, TextSegmentationModel
 from TextSegmentLib.slicer_bridge import DICOM_UIDS_ATTRIBUTE, dicom_source_files, node_from_volume
 from TextSegmentLib.slicer_logic import SegmentationLogic
 from TextSegmentLib.volume import Volume, reorient_to
 
-SIGN = {"bone": 1.0, "soft tissue": -1.0}  # which side of mid-grey in the bone window (400 HU) a prompt takes
 ABDOMEN = ("totalseg_example_ct_dicom", "series")
 THREE_SLICES = ("dcmqi_ct3slice", "series")
 
 
-@dataclass
-class Config:
-    image_size: int = 512  # the series' matrix: fitting a slice to the model grid is the identity
-
-
-class BoneModel(TextSegmentationModel):
-    """test_logic's BoneModel at 512 px: 'bone' is HU above 400, 'soft tissue' the rest."""
-
-    tap_names = ("pixels",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.config = Config()
-        self.scale = nn.Parameter(torch.tensor(40.0))
-
-    def encode_text(self, prompts, aux_prompts=None):
-        return TextFeatures(pooled=torch.tensor([[SIGN[p]] for p in prompts]))
-
-    def forward(self, images, text, *, taps=None):
-        logits = self.scale * text.pooled[:, :1, None, None] * (images[:, 2:3] - 0.5)
-        return ModelOutput(logits=logits, taps={"pixels": images} if taps else {})
+def BoneModel() -> _BoneModel:
+    """test_logic's per-pixel model at the series' 512 px: fitting a slice to the model grid is the identity."""
+    return _BoneModel(image_size=512)
 
 
 # Slicer's DICOM module, played by the test ------------------------------------------------------

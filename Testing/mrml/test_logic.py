@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +15,11 @@ import pytest
 import slicer  # noqa: F401 - before TextSegmentLib: slicer-core's meta package imports this folder's modules too
 import torch
 import vtk
-from torch import nn
+from mrml_models import BoneModel
 from vtk.util import numpy_support
 
 from TextSegmentLib.errors import Cancelled, InputError
 from TextSegmentLib.io import read_label_map
-from TextSegmentLib.models.base import ModelOutput, TextFeatures, TextSegmentationModel
 from TextSegmentLib.progress import CancelToken
 from TextSegmentLib.slicer_bridge import SALIENCY_ATTRIBUTE, export_segmentation, node_from_volume
 from TextSegmentLib.slicer_logic import (
@@ -42,40 +40,6 @@ from TextSegmentLib.slicer_logic import (
 from TextSegmentLib.volume import Volume
 
 REPO = Path(__file__).resolve().parents[2]
-SIGN = {"bone": 1.0, "soft tissue": -1.0}  # which side of mid-grey in the bone window (400 HU) a prompt takes
-
-
-@dataclass
-class Config:
-    image_size: int = 32
-
-
-class BoneModel(TextSegmentationModel):
-    """'bone' is HU above 400 (mid-grey of the bone window), 'soft tissue' the rest; records its threads.
-
-    ``gate`` (an Event) holds every forward pass until set, so a test can act while a job runs.
-    """
-
-    tap_names = ("pixels",)
-
-    def __init__(self, gate: threading.Event | None = None) -> None:
-        super().__init__()
-        self.config = Config()
-        self.scale = nn.Parameter(torch.tensor(40.0))
-        self.gate = gate
-        self.started = threading.Event()
-        self.threads: list[str] = []
-
-    def encode_text(self, prompts, aux_prompts=None):
-        return TextFeatures(pooled=torch.tensor([[SIGN[p]] for p in prompts]))
-
-    def forward(self, images, text, *, taps=None):
-        self.threads.append(threading.current_thread().name)
-        self.started.set()
-        if self.gate is not None:
-            assert self.gate.wait(10), "the test never opened the gate"
-        logits = self.scale * text.pooled[:, :1, None, None] * (images[:, 2:3] - 0.5)
-        return ModelOutput(logits=logits, taps={"pixels": images} if taps else {})
 
 
 def _ct(direction=np.diag([-1.0, 1.0, 1.0])) -> tuple[Volume, np.ndarray]:
