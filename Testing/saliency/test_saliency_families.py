@@ -53,3 +53,31 @@ def test_a_batch_where_no_row_has_a_target_gives_zero_maps(family_model, stage):
     assert not has_target.any()
     for name in model.joint_tap_names:
         assert maps[name].shape[0] == 2 and not maps[name].any()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_image_taps_are_projected_once_per_image_with_the_same_maps(family_model, stage, monkeypatch):
+    """Rows prompt-major (P·B): a tap the prompt cannot change needs one projection per image, not per row."""
+    from TextSegmentLib.saliency.sink import SaliencyConfig, explain_batch
+
+    model = family_model
+    size, images, prompts = model.image_size, 2, 3
+    batch = torch.rand(images, 3, size, size, generator=torch.Generator().manual_seed(5))
+    rows = torch.arange(prompts).repeat_interleave(images)
+    layers = [name for name in model.joint_tap_names if name in model.image_tap_names]
+    assert layers, "both families have ViT taps computed from the image alone"
+    target = torch.zeros(prompts * images, size, size)
+    target[:, size // 4 : size // 2, size // 3 : size // 2] = 1.0
+    target[2, :2] = 1.0  # one row's target differs, so rows are not all alike
+    with torch.inference_mode():
+        output = model(batch[torch.arange(images).repeat(prompts)], model.encode_text(["liver", "spleen", "aorta"]).index(rows),
+                       taps=layers)
+        config = SaliencyConfig(stage=stage)
+        plain, _, _ = explain_batch(output, layers=layers, target=target, config=config, model=model)
+        seen = []
+        project = model.project_to_joint
+        monkeypatch.setattr(model, "project_to_joint", lambda name, f: seen.append(f.shape[0]) or project(name, f))
+        shared, _, _ = explain_batch(output, layers=layers, target=target, config=config, model=model, images=images)
+    assert seen == [images] * len(layers)
+    for name in layers:
+        torch.testing.assert_close(shared[name], plain[name], rtol=1e-5, atol=1e-5)

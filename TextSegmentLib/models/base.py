@@ -104,6 +104,8 @@ class TextSegmentationModel(nn.Module):
     tap_names: tuple[str, ...] = ()
     # the taps saliency explains by default (a subset keeps whole-CT maps affordable); () = all
     saliency_layers: tuple[str, ...] = ()
+    # taps ``encode_image`` computes: the same for every prompt, so saliency projects them once per image
+    image_tap_names: tuple[str, ...] = ()
 
     @property
     def image_size(self) -> int:

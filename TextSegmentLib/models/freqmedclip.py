@@ -306,6 +306,7 @@ class FreqMedCLIP(ViTJointTaps, TextSegmentationModel):
             *(f"gated.{level}" for level in range(levels)),
             "fused",
         )
+        self.image_tap_names = (*(f"vit.{i}" for i in config.vit_taps), *(f"freq.{level}" for level in range(levels)))
         self._set_trainable()
         self.train()
 

@@ -351,6 +351,11 @@ class TGCNet(ViTJointTaps, TextSegmentationModel):
             *(f"pyramid.{level}" for level in range(NUM_LEVELS)),
             "fused",
         )
+        self.image_tap_names = (
+            *(f"vit.{i}" for i in config.vit_taps),
+            *(f"cnn.{level}" for level in range(NUM_LEVELS)),
+            *(f"pyramid.{level}" for level in range(NUM_LEVELS)),
+        )
 
     def train(self, mode: bool = True) -> "TGCNet":
         super().train(mode)

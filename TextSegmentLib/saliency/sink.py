@@ -214,7 +214,7 @@ class SaliencySink:
         with torch.inference_mode():
             target = self._target(output, indices, fit, n_prompts)
             maps, has_target, info = explain_batch(
-                output, layers=self.taps, target=target, config=self.config, model=self._model
+                output, layers=self.taps, target=target, config=self.config, model=self._model, images=n_images
             )
             has_target = has_target.cpu().numpy().reshape(n_prompts, n_images)
             for p in np.flatnonzero(has_target.any(axis=1)):
@@ -345,12 +345,15 @@ def explain_batch(
     target: Any,
     config: SaliencyConfig = SaliencyConfig(),
     model: Any = None,
+    images: Optional[int] = None,
 ) -> tuple[dict[str, Any], Any, dict[str, dict[str, Any]]]:
     """Raw per-layer maps for one forward pass: ``({layer: (N, h, w)}, has_target (N,), {layer: info})``.
 
     ``target`` holds (N, S, S) weights in [0, 1] on the model grid, one row per output row. Only
     rows with a target are computed; the others stay zero. ``model`` provides the joint-space
-    projection (``joint_tap_names``, ``project_to_joint``) that stages 2 and 3 need.
+    projection (``joint_tap_names``, ``project_to_joint``) that stages 2 and 3 need. With
+    ``images`` = B (rows prompt-major, N = P·B), the model's ``image_tap_names`` are projected once
+    per image rather than once per row: they are the same for every prompt.
     """
     import torch.nn.functional as F
 
@@ -360,6 +363,7 @@ def explain_batch(
     pooled: dict[tuple[int, int], Any] = {}  # the target on each feature grid, shared by same-sized taps
     prompt = None if output.text_embedding is None else output.text_embedding.float()[rows]
     joint = set(getattr(model, "joint_tap_names", ()) or ()) if hasattr(model, "project_to_joint") else set()
+    image_taps = set(getattr(model, "image_tap_names", ()) or ())
     maps: dict[str, Any] = {}
     info: dict[str, dict[str, Any]] = {}
     for name in layers:
@@ -374,12 +378,15 @@ def explain_batch(
                 if prompt is None
                 else "this layer cannot be mapped into the text space: stage 1 used"
             )
-        features = (tap if len(rows) == tap.shape[0] else tap[rows]).float()
+        shared = images is not None and name in image_taps and tap.shape[0] % images == 0
+        if stage > 1 and shared:  # one projection per image, then each row takes its image's
+            features = model.project_to_joint(name, tap[:images].float()).float()[rows % images]
+        else:
+            features = (tap if len(rows) == tap.shape[0] else tap[rows]).float()
+            if stage > 1:
+                features = model.project_to_joint(name, features).float()
         if stage > 1:
-            features, space = (
-                model.project_to_joint(name, features).float(),
-                "joint image-text space (model projection)",
-            )
+            space = "joint image-text space (model projection)"
         shape = tuple(features.shape[-2:])
         if shape not in pooled:
             pooled[shape] = F.adaptive_avg_pool2d(target_rows, shape)[:, 0]
