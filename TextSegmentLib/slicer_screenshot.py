@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
-from vtk.util import numpy_support
 
 from .colors import lookup
 from .errors import InputError
@@ -291,6 +290,8 @@ def _render(slice_logic: Any, ct_node: Any, ct: Volume, index: int, *, width: in
     producer = connection.GetProducer()
     producer.Update()
     image = producer.GetOutputDataObject(connection.GetIndex())
+    from vtk.util import numpy_support  # here, not at import: the engine imports without VTK
+
     x, y, _ = image.GetDimensions()
     pixels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(y, x, -1)
     pixels = pixels[::-1].astype(np.float32)  # VTK rows run bottom-up
