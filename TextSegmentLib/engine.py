@@ -203,6 +203,9 @@ def segment(
     )
 
 
+DECODE_PIXELS = 1 << 17  # images × pixels decoded at once (freqmedclip-base at 352²: 1; tiny at 128²: 8)
+
+
 def _run_batch(model, text, slices_hu, indices, *, plan, size, windows, device, use_amp, features_sink) -> np.ndarray:
     """Probabilities (P, B, H, W) on the slice grid for one batch of slices and every prompt."""
     import torch
@@ -211,12 +214,16 @@ def _run_batch(model, text, slices_hu, indices, *, plan, size, windows, device, 
     images = torch.from_numpy(window_composite(slices_hu, windows=windows))
     fitted, fit = fit_to_square(images, size=size, pixel_spacing=plan.pixel_spacing)
     b = fitted.shape[0]
-    # the backbones run once per slice, then the decoder once per prompt: peak memory does not grow
-    # with the number of prompts; rows of the joined output are prompt-major
+    # the backbones run once per slice, then the decoder once per prompt, a few images at a time:
+    # peak memory grows neither with the number of prompts nor with the decoder's full-resolution
+    # stages; rows of the joined output are prompt-major
     taps = features_sink.taps if features_sink else None
+    step = max(1, DECODE_PIXELS // (size * size))
     with torch.inference_mode(), torch.autocast(device_type=device.type, enabled=use_amp):
         encoded = model.encode_image(fitted.to(device))
-        output = _join([model.decode(encoded, text.index([p] * b), taps=taps) for p in range(n_prompts)])
+        parts = [encoded] if step >= b else [encoded.index(list(range(i, min(b, i + step)))) for i in range(0, b, step)]
+        output = _join([model.decode(part, text.index([p] * len(part)), taps=taps)
+                        for p in range(n_prompts) for part in parts])
     rows = torch.arange(n_prompts, device=device).repeat_interleave(b)
     probs = torch.sigmoid(output.logits.float())[:, 0]
     if features_sink is not None:

@@ -44,3 +44,21 @@ def test_engine_encodes_each_slice_once_for_all_prompts(model, monkeypatch):
     for i, prompt in enumerate(prompts):
         alone = segment(volume, [prompt], model=model, device="cpu", batch_size=2, skip_empty_slices=False)
         np.testing.assert_allclose(together[i].probability.array, alone[0].probability.array, atol=1e-5)
+
+
+def test_the_decoder_runs_a_few_images_at_a_time_with_the_same_result(model, monkeypatch):
+    """Full-resolution decoder stages dominate peak memory: the engine decodes in small groups."""
+    import TextSegmentLib.engine as engine
+
+    volume = make_phantom(seed=5, shape=(4, 64, 64)).ct
+    prompts = ["liver", "spleen"]
+    whole = segment(volume, prompts, model=model, device="cpu", batch_size=4, skip_empty_slices=False)
+    sizes = []
+    decode = model.decode
+    monkeypatch.setattr(model, "decode", lambda features, text, taps=None: sizes.append(len(features)) or
+                        decode(features, text, taps=taps))
+    monkeypatch.setattr(engine, "DECODE_PIXELS", model.image_size ** 2)  # one image per decoder call
+    grouped = segment(volume, prompts, model=model, device="cpu", batch_size=4, skip_empty_slices=False)
+    assert sizes == [1] * 8  # 4 slices × 2 prompts, one batch
+    for a, b in zip(whole, grouped):
+        np.testing.assert_allclose(a.probability.array, b.probability.array, atol=1e-5)
