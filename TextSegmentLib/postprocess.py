@@ -13,18 +13,12 @@ def clean_mask(
     from scipy import ndimage
 
     out = np.asarray(mask).astype(bool)
-    if min_component_voxels > 1 and out.any():
-        labels, count = ndimage.label(out, structure=np.ones((3, 3, 3), dtype=bool))
-        sizes = np.bincount(labels.ravel())
-        keep = sizes >= min_component_voxels
-        keep[0] = False
+    if (largest_component or min_component_voxels > 1) and out.any():
+        labels, sizes = _components(out)
+        keep = sizes >= max(min_component_voxels, 1)  # the background has size 0: never kept
+        if largest_component:
+            keep &= np.arange(sizes.size) == int(np.argmax(sizes))
         out = keep[labels]
-    if largest_component and out.any():
-        labels, count = ndimage.label(out, structure=np.ones((3, 3, 3), dtype=bool))
-        if count > 1:
-            sizes = np.bincount(labels.ravel())
-            sizes[0] = 0
-            out = labels == int(np.argmax(sizes))
     if fill_holes and out.any():
         out = ndimage.binary_fill_holes(out)
     return out.astype(np.uint8)
@@ -32,10 +26,14 @@ def clean_mask(
 
 def largest_component_voxels(mask: np.ndarray) -> int:
     """Voxels in the largest 26-connected component (0 for an empty mask): a speck or a real finding?"""
+    return int(_components(np.asarray(mask).astype(bool))[1].max())
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """26-connected labels of a boolean mask and each label's voxel count (the background's set to 0)."""
     from scipy import ndimage
 
-    mask = np.asarray(mask).astype(bool)
-    if not mask.any():
-        return 0
     labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    return int(np.bincount(labels.ravel())[1:].max())
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels, sizes

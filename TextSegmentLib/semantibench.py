@@ -159,12 +159,14 @@ class BenchReport:
         return out
 
     def false_positive_rate(self) -> Optional[float]:
-        negatives = [r for r in self.results if r.level == "negative"]
-        return sum(r.false_positive for r in negatives) / len(negatives) if negatives else None
+        return self._negative_rate("false_positive")
 
     def false_finding_rate(self) -> Optional[float]:
+        return self._negative_rate("false_finding")
+
+    def _negative_rate(self, flag: str) -> Optional[float]:
         negatives = [r for r in self.results if r.level == "negative"]
-        return sum(r.false_finding for r in negatives) / len(negatives) if negatives else None
+        return sum(getattr(r, flag) for r in negatives) / len(negatives) if negatives else None
 
     def target_table(self) -> list[dict[str, Any]]:
         """Per (target, level): how many prompts, mean Dice (or FP rate for negatives)."""

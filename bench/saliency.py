@@ -115,7 +115,7 @@ def measure_overhead(
     prompts = list(case.targets)
     segment(case.volume, prompts, model=model, device=device)  # warm-up (text cache, allocator)
     plain = min(_timed(lambda: segment(case.volume, prompts, model=model, device=device))[0] for _ in range(repeats))
-    default = list(model.resolve_taps(list(getattr(model, "saliency_layers", ())) or True))
+    default = list(build_saliency_sink(model=model).taps)  # what --saliency gives a user
     layer_sets = [("default", default)]
     if layers is not None and list(layers) != default:
         layer_sets.append(("all" if set(layers) == set(model.tap_names) else "chosen", list(layers)))
