@@ -15,6 +15,7 @@ from TextSegmentLib.saliency.maths import (
     cosine_map,
     gaussian_prior,
     percentile,
+    percentiles,
     region_mean,
     ring_weights,
     robust_rescale,
@@ -72,6 +73,14 @@ def test_percentile_matches_numpy_on_random_values():
     values = torch.randn(1001, generator=torch.Generator().manual_seed(0))
     for q in (1.0, 37.5, 99.0):
         assert float(percentile(values, q)) == pytest.approx(np.percentile(values.numpy(), q), abs=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 1000])
+def test_percentiles_at_once_match_numpy_with_ties(n):
+    """Several percentiles in one call, on both sides of the median, with repeated values."""
+    values = torch.randint(0, 7, (n,), generator=torch.Generator().manual_seed(n)).float()
+    qs = (0.0, 1.0, 49.9, 50.0, 50.1, 99.0, 100.0)
+    assert percentiles(values, qs) == pytest.approx(list(np.percentile(values.numpy(), qs)), abs=1e-6)
 
 
 def test_robust_rescale_maps_percentiles_to_unit_range():

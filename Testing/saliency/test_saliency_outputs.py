@@ -17,7 +17,7 @@ from TextSegmentLib.io import read_image_file, read_volume, write_volume
 from TextSegmentLib.preprocess import inverse_fit, plan_fit
 from TextSegmentLib.saliency import COMBINED, explain, save_montage, write_saliency
 from TextSegmentLib.saliency.export import LEGEND
-from TextSegmentLib.saliency.sink import source_grid
+from TextSegmentLib.saliency.sink import source_weights, to_source
 
 
 @pytest.fixture
@@ -26,15 +26,32 @@ def explained(model, phantom):
     return volume, ball, explain(volume, ["bright", "dark"], model=model, device="cpu", stage=2)
 
 
-def test_source_grid_lands_maps_where_inverse_fit_does():
+def test_source_weights_land_maps_where_inverse_fit_does():
     fit = plan_fit((20, 40), size=32, pixel_spacing=(3.0, 1.0))  # anisotropic and padded
     assert fit.padding != (0, 0, 0, 0)
-    y, x = torch.meshgrid(torch.linspace(0, 1, 8), torch.linspace(0, 1, 8), indexing="ij")
-    coarse = (torch.sin(3 * x) + y**2)[None, None]  # a smooth 8×8 map over the model square
-    direct = F.grid_sample(coarse, source_grid(fit), mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
+    y, x = torch.meshgrid(torch.linspace(0, 1, 8), torch.linspace(0, 1, 6), indexing="ij")
+    coarse = (torch.sin(3 * x) + y**2)[None, None]  # a smooth 8×6 map over the model square
+    direct = to_source(coarse, source_weights(fit, (8, 6)))[0, 0]
     via_square = inverse_fit(F.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False), fit)[0, 0]
     assert direct.shape == (20, 40)
     assert torch.allclose(direct, via_square, atol=0.03)
+
+
+@pytest.mark.parametrize("source", [(20, 40), (37, 11), (32, 32)])
+def test_source_weights_equal_bilinear_grid_sampling_with_border_padding(source):
+    """The separable matrices are grid_sample's bilinear lookup (border padding, align_corners=False)."""
+    fit = plan_fit(source, size=32, pixel_spacing=(1.3, 0.7))
+    coarse = torch.rand(2, 3, 8, 5, generator=torch.Generator().manual_seed(1))
+    height, width = fit.source_shape
+    top, _, left, _ = fit.padding
+    rows = (top + (torch.arange(height) + 0.5) * fit.resized_shape[0] / height) / fit.size
+    cols = (left + (torch.arange(width) + 0.5) * fit.resized_shape[1] / width) / fit.size
+    y, x = torch.meshgrid(rows * 2 - 1, cols * 2 - 1, indexing="ij")
+    grid = torch.stack([x, y], dim=-1)[None].expand(2, -1, -1, -1)
+    expected = F.grid_sample(coarse, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    weights = source_weights(fit, (8, 5))
+    assert all(torch.allclose(w.sum(dim=1), torch.ones(len(w))) for w in weights)
+    torch.testing.assert_close(to_source(coarse, weights), expected, rtol=0, atol=1e-5)
 
 
 def test_maps_and_legend_round_trip_through_files(explained, tmp_path):

@@ -198,6 +198,17 @@ def test_layers_can_be_chosen_and_float16_matches_uint8(model, phantom):
         assert np.abs(as_half.values(name) - as_uint8.values(name)).max() <= 1.0 / 255 + 1e-3
 
 
+@pytest.mark.parametrize("encoding", ["uint8", "float16"])
+def test_the_combined_map_is_the_mean_of_the_layer_maps(model, phantom, encoding):
+    """Layers of different resolutions: the combined map is resampled in one product, not summed."""
+    volume, _, _ = phantom
+    result = run_explain(model, volume, config=SaliencyConfig(stage=2, encoding=encoding)).features[0]
+    layers = [name for name in result.layers if name != COMBINED]
+    mean = np.mean([result.values(name) for name in layers], axis=0)
+    assert mean.max() > 0.5
+    assert np.abs(result.values(COMBINED) - mean).max() <= 1.0 / 255 + 1e-3  # each layer rounded on its own
+
+
 def test_saliency_costs_no_extra_forward_pass(phantom):
     volume, _, _ = phantom
     plain, explained = PlantedModel(), PlantedModel()

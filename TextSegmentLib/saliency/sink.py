@@ -20,6 +20,7 @@ every layer of a model without text embeddings, falls back to stage 1 and the le
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
@@ -217,12 +218,16 @@ class SaliencySink:
                 output, layers=self.taps, target=target, config=self.config, model=self._model, images=n_images
             )
             has_target = has_target.cpu().numpy().reshape(n_prompts, n_images)
+            maps = {name: m.to("cpu", torch.float16) for name, m in maps.items()}
             for p in np.flatnonzero(has_target.any(axis=1)):
-                rows = torch.from_numpy(np.flatnonzero(has_target[p]) + p * n_images)
                 kept = self._kept.setdefault((int(p), fit), _Kept())
                 kept.indices.append(np.asarray(indices)[has_target[p]])
+                if has_target[p].all():  # the common case: a contiguous block of rows, no gather
+                    rows: Any = slice(p * n_images, (p + 1) * n_images)
+                else:
+                    rows = torch.from_numpy(np.flatnonzero(has_target[p]) + p * n_images)
                 for name, m in maps.items():
-                    kept.maps.setdefault(name, []).append(m[rows.to(m.device)].to("cpu", torch.float16))
+                    kept.maps.setdefault(name, []).append(m[rows])
         self._layer_info.update(info)
         self._seconds += time.perf_counter() - started
 
@@ -250,12 +255,12 @@ class SaliencySink:
 
         from ..preprocess.resize import fit_to_square
 
-        if self._target_slices is None:
-            probability = torch.sigmoid(output.logits[:, 0].float())
-            target = (probability >= self.config.threshold).float()
-            inside = torch.zeros_like(target)
-            inside[:, fit.crop[0], fit.crop[1]] = 1.0
-            return target * inside
+        if self._target_slices is None:  # sigmoid(logit) >= t  <=>  logit >= log(t / (1 - t))
+            cut = math.log(self.config.threshold / (1.0 - self.config.threshold))
+            logits = output.logits[:, 0]
+            target = logits.new_zeros(logits.shape, dtype=torch.float32)
+            target[:, fit.crop[0], fit.crop[1]] = (logits[:, fit.crop[0], fit.crop[1]] >= cut).float()
+            return target
         slices = torch.from_numpy(self._target_slices[indices].astype(np.float32))
         fitted, _ = fit_to_square(slices, size=self._size, pixel_spacing=self._plan.pixel_spacing, mode="linear")
         return fitted.clamp(0.0, 1.0).to(output.logits.device).repeat(n_prompts, 1, 1)
@@ -279,26 +284,37 @@ class SaliencySink:
         names = list(self.taps) + ([COMBINED] if config.combine else [])
         dtype = np.uint8 if config.encoding == "uint8" else np.float16
         stacks = {name: np.zeros(plan.shape, dtype=dtype) for name in names}
+        # Encoding is affine (uint8: 255·v + 0.5, then truncation rounds) and bilinear weights sum to
+        # one, so it is applied to the small maps before resampling. The combined map (the mean of
+        # the layers) is resampled in one product: Σ_g R_g (S_g C_gᵀ) = [R_1 … R_G] · [S_1 C_1ᵀ; …],
+        # with S_g the sum of group g's small maps, rather than as a sum of full-size maps.
+        scale, offset = (255.0, 0.5) if dtype == np.uint8 else (1.0, 0.0)
         for fit, indices, maps in merged:
-            grid = source_grid(fit, device=self._device)
+            same_size: dict[tuple[int, ...], list[str]] = {}  # layers on one grid share one resampling
+            for name in self.taps:
+                same_size.setdefault(tuple(maps[name].shape[1:]), []).append(name)
+            resamplers = {shape: source_weights(fit, shape, device=self._device) for shape in same_size}
             for start in range(0, len(indices), FINISH_CHUNK):
                 chunk = indices[start : start + FINISH_CHUNK]
-                total = None
-                for name in self.taps:
-                    unit = robust_rescale(
-                        maps[name][start : start + FINISH_CHUNK].to(self._device), bounds=bounds[name]
-                    )
-                    on_source = F.grid_sample(
-                        unit[:, None],
-                        grid.expand(len(chunk), -1, -1, -1),
-                        mode="bilinear",
-                        padding_mode="border",
-                        align_corners=False,
-                    )[:, 0]
-                    total = on_source if total is None else total + on_source
-                    stacks[name][chunk] = _encode(on_source, dtype)
+                tall, wide = [], []  # the combined map's factors, one block per group
+                for shape, group in same_size.items():
+                    unit = torch.stack(
+                        [
+                            robust_rescale(maps[name][start : start + FINISH_CHUNK].to(self._device), bounds=bounds[name])
+                            for name in group
+                        ],
+                        dim=1,
+                    )  # (n, layers, h, w) in [0, 1]
+                    if config.combine:
+                        rows, cols = resamplers[shape]
+                        tall.append(rows)
+                        wide.append(unit.sum(dim=1) @ (cols.T * (scale / len(self.taps))))
+                    on_source = to_source(unit * scale + offset, resamplers[shape])
+                    for k, name in enumerate(group):
+                        stacks[name][chunk] = _encode(on_source[:, k], dtype)
                 if config.combine:
-                    stacks[COMBINED][chunk] = _encode(total / len(self.taps), dtype)
+                    combined = torch.cat(tall, dim=1) @ torch.cat(wide, dim=1)
+                    stacks[COMBINED][chunk] = _encode(combined.add_(offset), dtype)
 
         target_slices = int(sum(len(indices) for _, indices, _ in merged))
         prompt = self._prompts[p]
@@ -349,23 +365,27 @@ def explain_batch(
 ) -> tuple[dict[str, Any], Any, dict[str, dict[str, Any]]]:
     """Raw per-layer maps for one forward pass: ``({layer: (N, h, w)}, has_target (N,), {layer: info})``.
 
-    ``target`` holds (N, S, S) weights in [0, 1] on the model grid, one row per output row. Only
-    rows with a target are computed; the others stay zero. ``model`` provides the joint-space
-    projection (``joint_tap_names``, ``project_to_joint``) that stages 2 and 3 need. With
-    ``images`` = B (rows prompt-major, N = P·B), the model's ``image_tap_names`` are projected once
-    per image rather than once per row: they are the same for every prompt.
+    ``target`` holds (N, S, S) weights in [0, 1] on the model grid, one row per output row; rows
+    without a target come back as zeros. ``model`` provides the joint-space projection
+    (``joint_tap_names``, ``project_to_joint``) that stages 2 and 3 need. With ``images`` = B
+    (rows prompt-major, N = P·B), the model's ``image_tap_names`` are the same for every prompt:
+    they are projected once per image, and at stages 1–2 each image's features are compared with
+    its P references at once instead of being copied P times.
+
+    Every row is computed, even one without a target (it is zeroed at the end): on CPU these
+    small maps cost per operation, so gathering the rows that matter costs more than it saves.
     """
+    import torch
     import torch.nn.functional as F
 
-    boxes, has_target = box_of(target >= 0.5)
-    rows = has_target.nonzero().squeeze(1)
-    boxes, target_rows = boxes[rows], target[rows].float()[:, None]
-    pooled: dict[tuple[int, int], Any] = {}  # the target on each feature grid, shared by same-sized taps
-    prompt = None if output.text_embedding is None else output.text_embedding.float()[rows]
+    boxes, has_target = box_of(target)
+    target_rows = target.float()[:, None]
+    prompt = None if output.text_embedding is None else output.text_embedding.float()
     joint = set(getattr(model, "joint_tap_names", ()) or ()) if hasattr(model, "project_to_joint") else set()
     image_taps = set(getattr(model, "image_tap_names", ()) or ())
-    maps: dict[str, Any] = {}
+    features_of: dict[str, Any] = {}
     info: dict[str, dict[str, Any]] = {}
+    per_image_of: dict[str, bool] = {}
     for name in layers:
         if name not in output.taps:
             raise InputError(f"the model returned no feature tap {name!r}; it returned {sorted(output.taps)}")
@@ -379,29 +399,77 @@ def explain_batch(
                 else "this layer cannot be mapped into the text space: stage 1 used"
             )
         shared = images is not None and name in image_taps and tap.shape[0] % images == 0
-        if stage > 1 and shared:  # one projection per image, then each row takes its image's
-            features = model.project_to_joint(name, tap[:images].float()).float()[rows % images]
-        else:
-            features = (tap if len(rows) == tap.shape[0] else tap[rows]).float()
-            if stage > 1:
-                features = model.project_to_joint(name, features).float()
+        features = (tap[:images] if shared else tap).float()
         if stage > 1:
+            features = model.project_to_joint(name, features).float()
             space = "joint image-text space (model projection)"
-        shape = tuple(features.shape[-2:])
-        if shape not in pooled:
-            pooled[shape] = F.adaptive_avg_pool2d(target_rows, shape)[:, 0]
-        raw = _layer_map(features, stage=stage, weights=pooled[shape], boxes=boxes, prompt=prompt, config=config)
-        if max(shape) > config.max_map_size:
-            raw = F.adaptive_avg_pool2d(raw[:, None], _capped(shape, config.max_map_size))[:, 0]
-        full = raw.new_zeros((tap.shape[0],) + tuple(raw.shape[1:]))
-        full[rows] = raw
-        maps[name] = full
+        per_image_of[name] = shared and stage < 3
+        if shared and not per_image_of[name]:  # stage 3 weighs each row's own context: one copy per row
+            features = features.repeat(tap.shape[0] // images, 1, 1, 1)
+        features_of[name] = features
         info[name] = {"stage": stage, "space": space, "feature_shape": list(features.shape[1:]), "note": note}
-    return maps, has_target, info
+
+    # Layers with the same stage and feature shape (the ViT blocks, typically) are stacked along the
+    # batch and mapped in one go.
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for name, features in features_of.items():
+        key = (info[name]["stage"], per_image_of[name]) + tuple(features.shape[1:])
+        groups.setdefault(key, []).append(name)
+    pooled: dict[tuple[int, int], Any] = {}  # the target on each feature grid, shared by same-sized taps
+    for shape in sorted({key[-2:] for key in groups}, key=lambda hw: -hw[0] * hw[1]):  # finest first
+        pooled[shape] = _pool(target_rows, shape, pooled)
+    maps: dict[str, Any] = {}
+    for (stage, per_image, *_, h, w), names in groups.items():
+        k = len(names)
+        features = torch.cat([features_of[n] for n in names]) if k > 1 else features_of[names[0]]
+        weights, row_prompt = pooled[(h, w)], prompt
+        if per_image:  # prompt-major rows (P·B, ...) -> (B, P, ...)
+            weights, row_prompt = _by_image(weights, images), _by_image(prompt, images)
+
+        def stacked(x: Any) -> Any:
+            return x if k == 1 or x is None else x.repeat(k, *([1] * (x.ndim - 1)))
+
+        raw = _layer_map(
+            features, stage=stage, weights=stacked(weights), boxes=stacked(boxes), prompt=stacked(row_prompt), config=config
+        )
+        for name, part in zip(names, raw.chunk(k)):
+            if per_image:  # (B, P, h, w) -> prompt-major (P·B, h, w)
+                part = part.transpose(0, 1).reshape(-1, h, w)
+            if max(h, w) > config.max_map_size:
+                part = F.adaptive_avg_pool2d(part[:, None], _capped((h, w), config.max_map_size))[:, 0]
+            maps[name] = torch.where(has_target[:, None, None], part, 0.0)
+    return {name: maps[name] for name in layers}, has_target, info
+
+
+def _by_image(x: Any, images: int) -> Any:
+    """Prompt-major rows (P·B, ...) as (B, P, ...): each image with its P prompts' rows."""
+    if x is None:
+        return None
+    return x.reshape((-1, images) + tuple(x.shape[1:])).transpose(0, 1)
+
+
+def _pool(target: Any, shape: tuple[int, int], pooled: dict[tuple[int, int], Any]) -> Any:
+    """The (N, 1, S, S) target averaged onto an ``shape`` grid, from the finest pooled grid that divides into it.
+
+    Block means of block means over equal blocks are the block means: pooling 64×64 down to 8×8
+    reads 16× less than pooling the 128×128 target again.
+    """
+    import torch.nn.functional as F
+
+    sources = [(tuple(t.shape[-2:]), t[:, None]) for t in pooled.values()] + [(tuple(target.shape[-2:]), target)]
+    fits = [(h, w, t) for (h, w), t in sources if h % shape[0] == 0 and w % shape[1] == 0]
+    if not fits:
+        return F.adaptive_avg_pool2d(target, shape)[:, 0]
+    h, w, source = min(fits, key=lambda fit: fit[0] * fit[1])
+    return F.avg_pool2d(source, (h // shape[0], w // shape[1]))[:, 0]
 
 
 def _layer_map(features: Any, *, stage: int, weights: Any, boxes: Any, prompt: Any, config: SaliencyConfig) -> Any:
-    """One layer's raw map (N, h, w) for rows that all have a target; ``weights`` is the target on this grid."""
+    """One layer's raw map for rows that all have a target; ``weights`` is the target on this grid.
+
+    Row by row: features (N, C, h, w), weights (N, h, w), prompt (N, C) → (N, h, w). Per image
+    (stages 1–2): features (B, C, h, w), weights (B, P, h, w), prompt (B, P, C) → (B, P, h, w).
+    """
     import torch
 
     if stage == 1:
@@ -425,21 +493,39 @@ def _layer_map(features: Any, *, stage: int, weights: Any, boxes: Any, prompt: A
     )
 
 
-def source_grid(fit: Any, *, device: Any = "cpu") -> Any:
-    """``grid_sample`` coordinates (1, H, W, 2) of every source pixel on the fitted model square.
+def source_weights(fit: Any, shape: tuple[int, int], *, device: Any = "cpu") -> tuple[Any, Any]:
+    """Bilinear resampling matrices (H, h) and (W, w) from an (h, w) map over the model square to the source slice.
 
-    Maps of any resolution cover the whole square, so one grid per batch brings every layer back
-    to the source slice in a single bilinear lookup (the padding is simply never sampled).
+    A map of any resolution covers the whole fitted square; source pixel centres land inside its
+    unpadded part. Each row holds the two weights of the neighbouring cells (sum 1, edge cells
+    repeated past the border), exactly ``grid_sample(..., "bilinear", padding_mode="border",
+    align_corners=False)``, but separable: two small matrix products instead of a gather per pixel.
     """
     import torch
 
     height, width = fit.source_shape
     top, _, left, _ = fit.padding
     inner_h, inner_w = fit.resized_shape
-    rows = (top + (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * inner_h / height) / fit.size
-    cols = (left + (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * inner_w / width) / fit.size
-    y, x = torch.meshgrid(rows * 2 - 1, cols * 2 - 1, indexing="ij")
-    return torch.stack([x, y], dim=-1)[None]
+
+    def weights(count: int, offset: int, inner: int, cells: int) -> Any:
+        centres = (offset + (torch.arange(count, device=device, dtype=torch.float64) + 0.5) * inner / count) / fit.size
+        position = (centres * cells - 0.5).clamp(0.0, cells - 1)  # in cell units, border-clamped
+        below = position.floor().long()
+        above = (below + 1).clamp(max=cells - 1)
+        frac = position - below
+        matrix = torch.zeros(count, cells, device=device, dtype=torch.float64)
+        rows = torch.arange(count, device=device)
+        matrix.index_put_((rows, below), 1.0 - frac, accumulate=True)
+        matrix.index_put_((rows, above), frac, accumulate=True)
+        return matrix.float()
+
+    return weights(height, top, inner_h, shape[0]), weights(width, left, inner_w, shape[1])
+
+
+def to_source(maps: Any, weights: tuple[Any, Any]) -> Any:
+    """``(..., h, w)`` maps → ``(..., H, W)`` on the source slice, with ``source_weights``."""
+    rows, cols = weights
+    return rows @ maps @ cols.T
 
 
 def _bounds(values: Any, config: SaliencyConfig) -> Optional[tuple[float, float]]:
@@ -454,13 +540,14 @@ def _capped(shape: tuple[int, int], limit: int) -> tuple[int, int]:
     return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
 
 
-def _encode(unit: Any, dtype: Any) -> np.ndarray:
-    """[0, 1] tensor → uint8 (rounded ×255) or float16, encoded where it lies and then moved to numpy."""
+def _encode(scaled: Any, dtype: Any) -> np.ndarray:
+    """Encoded values → numpy: uint8 from ``255·v + 0.5`` (truncation then rounds), float16 from ``v``.
+
+    No clamping: ``v`` is a convex combination of values already clipped to [0, 1].
+    """
     import torch
 
-    if dtype == np.uint8:
-        return unit.mul(255.0).clamp_(0.0, 255.0).add_(0.5).to(torch.uint8).cpu().numpy()  # +0.5, truncate = round
-    return unit.clamp(0.0, 1.0).to(torch.float16).cpu().numpy()
+    return scaled.to(torch.uint8 if dtype == np.uint8 else torch.float16).cpu().numpy()
 
 
 def _roi_mask(roi: Union[Volume, Box], volume: Volume) -> np.ndarray:
