@@ -282,20 +282,22 @@ class SaliencySink:
             for name in self.taps
         }
         names = list(self.taps) + ([COMBINED] if config.combine else [])
-        dtype = np.uint8 if config.encoding == "uint8" else np.float16
-        stacks = {name: np.zeros(plan.shape, dtype=dtype) for name in names}
+        dtype = torch.uint8 if config.encoding == "uint8" else torch.float16
+        stacks = {name: torch.zeros(plan.shape, dtype=dtype) for name in names}
         # Encoding is affine (uint8: 255·v + 0.5, then truncation rounds) and bilinear weights sum to
         # one, so it is applied to the small maps before resampling. The combined map (the mean of
         # the layers) is resampled in one product: Σ_g R_g (S_g C_gᵀ) = [R_1 … R_G] · [S_1 C_1ᵀ; …],
         # with S_g the sum of group g's small maps, rather than as a sum of full-size maps.
-        scale, offset = (255.0, 0.5) if dtype == np.uint8 else (1.0, 0.0)
+        scale, offset = (255.0, 0.5) if dtype == torch.uint8 else (1.0, 0.0)
         for fit, indices, maps in merged:
             same_size: dict[tuple[int, ...], list[str]] = {}  # layers on one grid share one resampling
             for name in self.taps:
                 same_size.setdefault(tuple(maps[name].shape[1:]), []).append(name)
             resamplers = {shape: source_weights(fit, shape, device=self._device) for shape in same_size}
             for start in range(0, len(indices), FINISH_CHUNK):
-                chunk = indices[start : start + FINISH_CHUNK]
+                chunk: Any = indices[start : start + FINISH_CHUNK]
+                if len(chunk) > 1 and np.all(np.diff(chunk) == 1):  # consecutive slices: a view, not a gather
+                    chunk = slice(int(chunk[0]), int(chunk[-1]) + 1)
                 tall, wide = [], []  # the combined map's factors, one block per group
                 for shape, group in same_size.items():
                     unit = torch.stack(
@@ -311,17 +313,17 @@ class SaliencySink:
                         wide.append(unit.sum(dim=1) @ (cols.T * (scale / len(self.taps))))
                     on_source = to_source(unit * scale + offset, resamplers[shape])
                     for k, name in enumerate(group):
-                        stacks[name][chunk] = _encode(on_source[:, k], dtype)
+                        _store(stacks[name], chunk, on_source[:, k])
                 if config.combine:
                     combined = torch.cat(tall, dim=1) @ torch.cat(wide, dim=1)
-                    stacks[COMBINED][chunk] = _encode(combined.add_(offset), dtype)
+                    _store(stacks[COMBINED], chunk, combined.add_(offset))
 
         target_slices = int(sum(len(indices) for _, indices, _ in merged))
         prompt = self._prompts[p]
         maps, legend = {}, {}
         for name in names:
             meta = {"prompt": prompt, "saliency_layer": name}
-            maps[name] = self._volume.with_array(plan.restore(stacks[name]), metadata=meta)
+            maps[name] = self._volume.with_array(plan.restore(stacks[name].numpy()), metadata=meta)
             legend[name] = self._legend(name, bounds.get(name), target_slices)
         return PromptSaliency(prompt=prompt, maps=maps, legend=legend, target_slices=target_slices)
 
@@ -540,14 +542,18 @@ def _capped(shape: tuple[int, int], limit: int) -> tuple[int, int]:
     return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
 
 
-def _encode(scaled: Any, dtype: Any) -> np.ndarray:
-    """Encoded values → numpy: uint8 from ``255·v + 0.5`` (truncation then rounds), float16 from ``v``.
+def _store(stack: Any, chunk: Any, scaled: Any) -> None:
+    """Encode ``scaled`` into the slices ``chunk`` of a CPU ``stack``, converting while copying.
 
-    No clamping: ``v`` is a convex combination of values already clipped to [0, 1].
+    uint8 from ``255·v + 0.5`` (the conversion truncates, so this rounds), float16 from ``v``. No
+    clamping: ``v`` is a convex combination of values already clipped to [0, 1].
     """
     import torch
 
-    return scaled.to(torch.uint8 if dtype == np.uint8 else torch.float16).cpu().numpy()
+    if isinstance(chunk, slice):
+        stack[chunk].copy_(scaled)
+    else:
+        stack[torch.as_tensor(chunk)] = scaled.to(stack.dtype).cpu()
 
 
 def _roi_mask(roi: Union[Volume, Box], volume: Volume) -> np.ndarray:
