@@ -128,7 +128,9 @@ def segment(
     batch = _initial_batch_size(batch_size, target)
     model = model.to(target).eval()
     text = _encode_text_cached(model, prompt_list, aux_list)
-    probabilities = np.zeros((len(prompt_list),) + slices_hu.shape, dtype=np.float32)
+    # One array per prompt, so each can be let go once it is back in the volume's own layout: the
+    # peak then holds the outputs plus one prompt's slices, not every prompt twice.
+    probabilities: list[Optional[np.ndarray]] = [np.zeros(slices_hu.shape, dtype=np.float32) for _ in prompt_list]
     if features_sink is not None:
         features_sink.begin(volume=volume, plan=plan, prompts=prompt_list, model=model)
 
@@ -162,7 +164,8 @@ def segment(
             log.warning(message)
             warnings.append(message)
             continue
-        probabilities[:, indices] = chunk
+        for p, slices in enumerate(probabilities):
+            slices[indices] = chunk[p]
         position += len(indices)
         done += len(indices)
         report(done / n_slices * 0.95, f"slice {done}/{n_slices}")
@@ -175,6 +178,7 @@ def segment(
     min_voxels = int(np.ceil(min_component_ml * 1000.0 / float(np.prod(volume.spacing))))
     for p, prompt in enumerate(prompt_list):
         prob = plan.restore(probabilities[p])
+        probabilities[p] = None  # restore made its own copy (or returned this very array)
         mask = (prob >= threshold).astype(np.uint8)
         if largest_component or fill_holes or min_voxels > 1:
             mask = clean_mask(mask, largest_component=largest_component, fill_holes=fill_holes,

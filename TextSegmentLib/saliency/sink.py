@@ -381,6 +381,7 @@ def explain_batch(
     import torch.nn.functional as F
 
     boxes, has_target = box_of(target)
+    every = bool(has_target.all())
     target_rows = target.float()[:, None]
     prompt = None if output.text_embedding is None else output.text_embedding.float()
     joint = set(getattr(model, "joint_tap_names", ()) or ()) if hasattr(model, "project_to_joint") else set()
@@ -439,7 +440,7 @@ def explain_batch(
                 part = part.transpose(0, 1).reshape(-1, h, w)
             if max(h, w) > config.max_map_size:
                 part = F.adaptive_avg_pool2d(part[:, None], _capped((h, w), config.max_map_size))[:, 0]
-            maps[name] = torch.where(has_target[:, None, None], part, 0.0)
+            maps[name] = part if every else torch.where(has_target[:, None, None], part, 0.0)
     return {name: maps[name] for name in layers}, has_target, info
 
 
