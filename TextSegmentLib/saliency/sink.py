@@ -374,8 +374,10 @@ def explain_batch(
     they are projected once per image, and at stages 1–2 each image's features are compared with
     its P references at once instead of being copied P times.
 
-    Every row is computed, even one without a target (it is zeroed at the end): on CPU these
-    small maps cost per operation, so gathering the rows that matter costs more than it saves.
+    Rows without a target are skipped where that saves work: row-by-row taps (the decoder's, which
+    can be large) are computed for the rows with a target only. Per-image taps are computed for
+    every row and zeroed where there is no target: an image's features are compared with all its
+    prompts at once anyway.
     """
     import torch
     import torch.nn.functional as F
@@ -421,11 +423,19 @@ def explain_batch(
     pooled: dict[tuple[int, int], Any] = {}  # the target on each feature grid, shared by same-sized taps
     for shape in sorted({key[-2:] for key in groups}, key=lambda hw: -hw[0] * hw[1]):  # finest first
         pooled[shape] = _pool(target_rows, shape, pooled)
+    rows = None if every else has_target.nonzero().squeeze(1)
     maps: dict[str, Any] = {}
     for (stage, per_image, *_, h, w), names in groups.items():
         k = len(names)
-        features = torch.cat([features_of[n] for n in names]) if k > 1 else features_of[names[0]]
-        weights, row_prompt = pooled[(h, w)], prompt
+        # Per image the work is one image's features whatever the prompts, so every row is kept;
+        # row by row, only the rows with a target are computed (a decoder map can be large).
+        gather = rows is not None and not per_image
+        chosen = [features_of[n][rows] if gather else features_of[n] for n in names]
+        features = torch.cat(chosen) if k > 1 else chosen[0]
+        weights, row_boxes, row_prompt = pooled[(h, w)], boxes, prompt
+        if gather:
+            weights, row_boxes = weights[rows], boxes[rows]
+            row_prompt = None if prompt is None else prompt[rows]
         if per_image:  # prompt-major rows (P·B, ...) -> (B, P, ...)
             weights, row_prompt = _by_image(weights, images), _by_image(prompt, images)
 
@@ -433,14 +443,21 @@ def explain_batch(
             return x if k == 1 or x is None else x.repeat(k, *([1] * (x.ndim - 1)))
 
         raw = _layer_map(
-            features, stage=stage, weights=stacked(weights), boxes=stacked(boxes), prompt=stacked(row_prompt), config=config
+            features, stage=stage, weights=stacked(weights), boxes=stacked(row_boxes), prompt=stacked(row_prompt),
+            config=config,
         )
         for name, part in zip(names, raw.chunk(k)):
             if per_image:  # (B, P, h, w) -> prompt-major (P·B, h, w)
                 part = part.transpose(0, 1).reshape(-1, h, w)
             if max(h, w) > config.max_map_size:
                 part = F.adaptive_avg_pool2d(part[:, None], _capped((h, w), config.max_map_size))[:, 0]
-            maps[name] = part if every else torch.where(has_target[:, None, None], part, 0.0)
+            if gather:  # back to every row, zeros where there is no target
+                full = part.new_zeros((len(has_target),) + tuple(part.shape[1:]))
+                full[rows] = part
+                part = full
+            elif not every:
+                part = torch.where(has_target[:, None, None], part, 0.0)
+            maps[name] = part
     return {name: maps[name] for name in layers}, has_target, info
 
 
