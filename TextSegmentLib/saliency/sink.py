@@ -268,7 +268,6 @@ class SaliencySink:
     def _finish_prompt(self, p: int) -> PromptSaliency:
         """Rescale each layer over the volume, sample it onto the source slices, encode; chunk by chunk."""
         import torch
-        import torch.nn.functional as F
 
         config, plan = self.config, self._plan
         groups = [(fit, kept) for (q, fit), kept in self._kept.items() if q == p]
