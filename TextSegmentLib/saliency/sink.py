@@ -236,7 +236,8 @@ class SaliencySink:
 
         started = time.perf_counter()
         with torch.inference_mode():
-            prompts = [self._finish_prompt(p) for p in range(len(self._prompts))]
+            resamplers: dict[tuple[Any, tuple[int, ...]], Any] = {}  # (fit, map size) -> matrices, shared by prompts
+            prompts = [self._finish_prompt(p, resamplers) for p in range(len(self._prompts))]
         self._kept, self._model = {}, None
         self._seconds += time.perf_counter() - started
         return SaliencyResult(
@@ -265,7 +266,7 @@ class SaliencySink:
         fitted, _ = fit_to_square(slices, size=self._size, pixel_spacing=self._plan.pixel_spacing, mode="linear")
         return fitted.clamp(0.0, 1.0).to(output.logits.device).repeat(n_prompts, 1, 1)
 
-    def _finish_prompt(self, p: int) -> PromptSaliency:
+    def _finish_prompt(self, p: int, resamplers: dict[tuple[Any, tuple[int, ...]], Any]) -> PromptSaliency:
         """Rescale each layer over the volume, sample it onto the source slices, encode; chunk by chunk."""
         import torch
 
@@ -292,7 +293,9 @@ class SaliencySink:
             same_size: dict[tuple[int, ...], list[str]] = {}  # layers on one grid share one resampling
             for name in self.taps:
                 same_size.setdefault(tuple(maps[name].shape[1:]), []).append(name)
-            resamplers = {shape: source_weights(fit, shape, device=self._device) for shape in same_size}
+            for shape in same_size:
+                if (fit, shape) not in resamplers:
+                    resamplers[fit, shape] = source_weights(fit, shape, device=self._device)
             for start in range(0, len(indices), FINISH_CHUNK):
                 chunk: Any = indices[start : start + FINISH_CHUNK]
                 if len(chunk) > 1 and np.all(np.diff(chunk) == 1):  # consecutive slices: a view, not a gather
@@ -307,10 +310,10 @@ class SaliencySink:
                         dim=1,
                     )  # (n, layers, h, w) in [0, 1]
                     if config.combine:
-                        rows, cols = resamplers[shape]
+                        rows, cols = resamplers[fit, shape]
                         tall.append(rows)
                         wide.append(unit.sum(dim=1) @ (cols.T * (scale / len(self.taps))))
-                    on_source = to_source(unit * scale + offset, resamplers[shape])
+                    on_source = to_source(unit * scale + offset, resamplers[fit, shape])
                     for k, name in enumerate(group):
                         _store(stacks[name], chunk, on_source[:, k])
                 if config.combine:
