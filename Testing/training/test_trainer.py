@@ -6,7 +6,9 @@ import torch
 
 from TextSegmentLib.checkpoint import load_checkpoint, save_checkpoint
 from TextSegmentLib.models import create_model
-from TextSegmentLib.training import TrainConfig, export_weights, lr_factor, segmentation_loss, soft_dice_loss, train
+from TextSegmentLib.training import (
+    TrainConfig, export_weights, lr_factor, presence_loss, segmentation_loss, soft_dice_loss, train,
+)
 from TextSegmentLib.training.trainer import build_optimizer
 
 TINY_OVERRIDES = {"clip_source": "random:textsegment-vit-ti16-text32", "train_vision_tower": True, "train_text_tower": True}
@@ -22,6 +24,29 @@ def test_dice_loss_edges():
     assert float(soft_dice_loss(torch.full((2, 1, 8, 8), 5.0), torch.zeros(2, 1, 8, 8))) == 0.0  # empty: BCE's job
     parts = segmentation_loss(perfect, truth)
     assert math.isclose(float(parts.total), float(parts.dice + parts.bce), rel_tol=1e-6)
+
+
+def test_presence_term_scores_each_image_once():
+    # 10 x 50 = 500 pixels: k = round(0.002 * 500) = 1, so the pooled logit is the maximum
+    logits = torch.full((2, 1, 10, 50), -6.0)
+    masks = torch.zeros(2, 1, 10, 50)
+    masks[0, :, 2:4, 2:4] = 1  # image 0 shows the target, image 1 does not
+    logits[0, :, 2:4, 2:4] = 2.0
+    logits[1, :, 5, 7] = 3.0  # a confident false pixel where the target is absent
+    expected = (math.log1p(math.exp(-2.0)) + math.log1p(math.exp(3.0))) / 2
+    assert float(presence_loss(logits, masks)) == pytest.approx(expected, rel=1e-5)
+    # a false region costs the same per image however few pixels it has: pixel-mean BCE does not
+    clean = logits.clone()
+    clean[1, :, 5, 7] = -6.0
+    assert float(presence_loss(logits, masks)) > float(presence_loss(clean, masks)) + 1.0
+    # 1000 pixels: k = 2, the mean of the two largest
+    wide = torch.full((1, 1, 20, 50), -4.0)
+    wide[0, 0, 0, :2] = torch.tensor([1.0, 3.0])
+    assert float(presence_loss(wide, torch.zeros(1, 1, 20, 50))) == pytest.approx(math.log1p(math.exp(2.0)), rel=1e-5)
+    # off by default; when on, it adds to the total with its weight
+    assert segmentation_loss(logits, masks).presence is None
+    parts = segmentation_loss(logits, masks, presence_weight=0.5)
+    assert float(parts.total) == pytest.approx(float(parts.dice + parts.bce + 0.5 * parts.presence), rel=1e-6)
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -86,3 +111,18 @@ def test_resume_continues_the_schedule(tiny_pool, tmp_path):
         if value.is_floating_point():
             assert value.dtype == torch.float32, key
             torch.testing.assert_close(value, trained, atol=2e-3, rtol=2e-3)
+
+
+def test_fine_tuning_starts_from_the_given_weights(tiny_pool, tmp_path):
+    torch.manual_seed(11)
+    start = create_model("freqmedclip-tiny", **TINY_OVERRIDES)
+    start.set_band_statistics(torch.full((12,), 0.25), torch.full((12,), 2.0))
+    path = tmp_path / "start.safetensors"
+    save_checkpoint(start, path, model_name="freqmedclip-tiny")
+    # learning rates of zero: after the steps the model is still exactly the one it started from
+    result = train(_config(tmp_path / "ft", steps=2, lr_new=0.0, lr_backbone=0.0, init_weights=str(path)),
+                   pools=(tiny_pool, None))
+    for (key, value), tuned in zip(start.state_dict().items(), result.model.state_dict().values()):
+        assert torch.equal(value, tuned.cpu()), key  # band statistics included: fine-tuning keeps the model's own
+    fresh = train(_config(tmp_path / "fresh", steps=2, lr_new=0.0, lr_backbone=0.0), pools=(tiny_pool, None))
+    assert any(not torch.equal(a, b.cpu()) for a, b in zip(start.state_dict().values(), fresh.model.state_dict().values()))

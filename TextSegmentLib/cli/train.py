@@ -18,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", action="append", help="data source, repeatable: phantoms:0-47, totalseg:CT,SEG,CLASSMAP, "
                    "msd:FOLDER, dicomseg:SERIES,SEG")
     p.add_argument("--val", action="append", help="validation source (same forms as --data)")
+    p.add_argument("--init", help="fine-tune: start from these weights (a weights id, e.g. freqmedclip-tiny-v5, or a file)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-minutes", type=float, help="wall-clock budget: save and stop cleanly after it")
@@ -48,7 +49,8 @@ def build_config(args: argparse.Namespace):
     if unknown:
         raise InputError(f"recipe {args.config} has unknown field(s) {unknown}")
     for arg, name in (("model", "model"), ("steps", "steps"), ("batch_size", "batch_size"), ("max_minutes", "max_minutes"),
-                      ("threads", "threads"), ("device", "device"), ("seed", "seed"), ("out", "out_dir")):
+                      ("threads", "threads"), ("device", "device"), ("seed", "seed"), ("out", "out_dir"),
+                      ("init", "init_weights")):
         if getattr(args, arg) is not None:
             values[name] = getattr(args, arg)
     if args.data:

@@ -5,6 +5,13 @@ truth (a negative control, or a target absent from the slice) is left to BCE. Wh
 empty target, a single predicted pixel already costs half the maximum loss, and a from-scratch
 model collapses to predicting nothing anywhere (we saw exactly that). BCE teaches "nothing here"
 gently and keeps gradients alive where Dice saturates.
+
+BCE averaged over pixels is, however, too gentle about a false region on a slice without the
+target: 300 wrong pixels at logit +3 cost 0.05 on a 128² slice. Scored in 3D, such regions on the
+many slices a target does not reach halved the Dice of the heart, colon and pancreas. The optional
+*presence* term (``presence_weight``) scores each image once: BCE between the mean of its top-k
+logits (k = 0.2 % of the pixels) and "is the target on this slice?". An absent target with a
+confident false region then costs about as much as a missed target.
 """
 
 from __future__ import annotations
@@ -33,24 +40,47 @@ def soft_dice_loss(logits: torch.Tensor, masks: torch.Tensor, *, smooth: float =
     return (1 - (2 * overlap + smooth) / (probs.sum(1) + truth.sum(1) + smooth)).mean()
 
 
+PRESENCE_TOP_FRACTION = 0.002
+
+
+def presence_loss(logits: torch.Tensor, masks: torch.Tensor, *, top_fraction: float = PRESENCE_TOP_FRACTION) -> torch.Tensor:
+    """Per-image BCE of "the target is on this slice", from the mean of the image's top-k logits.
+
+    Top-k rather than the maximum so that an absent target's false region is pushed down as a
+    region, not one pixel per step.
+    """
+    flat = logits.float().flatten(1)
+    k = max(1, round(top_fraction * flat.shape[1]))
+    pooled = flat.topk(k, dim=1).values.mean(1)
+    present = (masks.flatten(1).amax(1) > 0).float()
+    return F.binary_cross_entropy_with_logits(pooled, present)
+
+
 @dataclass
 class LossParts:
     total: torch.Tensor
     dice: torch.Tensor
     bce: torch.Tensor
+    presence: Optional[torch.Tensor] = None
     swap: Optional[torch.Tensor] = None
 
     def as_floats(self) -> dict[str, float]:
-        parts = {"loss": self.total, "dice_loss": self.dice, "bce": self.bce, "swap": self.swap}
+        parts = {"loss": self.total, "dice_loss": self.dice, "bce": self.bce, "presence": self.presence, "swap": self.swap}
         return {k: float(v.detach()) for k, v in parts.items() if v is not None}
 
 
 def segmentation_loss(
-    logits: torch.Tensor, masks: torch.Tensor, *, dice_weight: float = 1.0, bce_weight: float = 1.0
+    logits: torch.Tensor, masks: torch.Tensor, *, dice_weight: float = 1.0, bce_weight: float = 1.0,
+    presence_weight: float = 0.0,
 ) -> LossParts:
     dice = soft_dice_loss(logits, masks)
     bce = F.binary_cross_entropy_with_logits(logits.float(), masks.float())
-    return LossParts(total=dice_weight * dice + bce_weight * bce, dice=dice, bce=bce)
+    total = dice_weight * dice + bce_weight * bce
+    presence = None
+    if presence_weight > 0:
+        presence = presence_loss(logits, masks)
+        total = total + presence_weight * presence
+    return LossParts(total=total, dice=dice, bce=bce, presence=presence)
 
 
 def swap_term(

@@ -42,6 +42,7 @@ class TrainConfig:
 
     model: str = "freqmedclip-tiny"
     overrides: dict[str, Any] = field(default_factory=dict)  # config fields of the model preset
+    init_weights: Optional[str] = None  # start from these weights (an id or a checkpoint file): fine-tuning
     sources: tuple[str, ...] = ("phantoms:0-47",)  # see data.load_source
     val_sources: tuple[str, ...] = ("phantoms:1000-1003",)
     real_fraction: Optional[float] = 0.2
@@ -54,6 +55,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.02
     dice_weight: float = 1.0
     bce_weight: float = 1.0
+    presence_weight: float = 0.0  # see losses.presence_loss; 0 reproduces the weights trained before it
     swap_weight: float = 0.1  # FreqMedCLIP only
     level_weights: dict[str, float] = field(default_factory=lambda: dict(LEVEL_WEIGHTS))
     present_fraction: float = 0.8
@@ -116,7 +118,6 @@ def train(
 ) -> TrainResult:
     """Run (or continue) training; returns where it stopped. ``pools`` (train, val) skip loading sources."""
     from ..devices import select_device
-    from ..models.registry import create_model
 
     if config.threads:
         torch.set_num_threads(int(config.threads))
@@ -126,14 +127,14 @@ def train(
     torch.manual_seed(config.seed + info.rank)
     rng = np.random.default_rng([config.seed, info.rank])
 
-    model = create_model(config.model, **config.overrides)
+    model = _initial_model(config)
     train_pool, val_pool = pools or (None, None)
     if train_pool is None:
         train_pool = build_pool([c for s in config.sources for c in load_source(s)], size=model.image_size,
                                 real_fraction=config.real_fraction)
     if val_pool is None and info.is_main and config.val_sources:
         val_pool = build_pool([c for s in config.val_sources for c in load_source(s)], size=model.image_size)
-    if hasattr(model, "set_band_statistics"):
+    if hasattr(model, "set_band_statistics") and not config.init_weights:  # fine-tuning keeps the model's own
         from ..models.layers import band_statistics
 
         model.set_band_statistics(*band_statistics(train_pool.images[::4].float()))
@@ -173,7 +174,8 @@ def train(
         images, masks = batch.images.to(device), batch.masks.to(device)
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
             logits, swap_embedding, text_embedding = runner(images, batch.prompts)
-        parts = segmentation_loss(logits, masks, dice_weight=config.dice_weight, bce_weight=config.bce_weight)
+        parts = segmentation_loss(logits, masks, dice_weight=config.dice_weight, bce_weight=config.bce_weight,
+                                  presence_weight=config.presence_weight)
         loss = parts.total
         if use_swap and swap_embedding is not None:
             term = swap_term(swap_embedding.float(), text_embedding.float(), batch.prompts, masks)
@@ -217,6 +219,18 @@ def train(
     distributed.shutdown(info)
     best_path = out_dir / "best.safetensors"
     return TrainResult(step, finished, history, best_path if best_path.is_file() else None, out_dir, model)
+
+
+def _initial_model(config: TrainConfig) -> nn.Module:
+    """A fresh model from the preset, or (``init_weights``) a trained one to fine-tune."""
+    from ..models.registry import create_model
+    from ..weights import load_model
+
+    if not config.init_weights:
+        return create_model(config.model, **config.overrides)
+    model = load_model(config.model, weights=config.init_weights, device="cpu", **config.overrides)
+    log.info("fine-tuning from %s", config.init_weights)
+    return model.float().train()
 
 
 def _validation_pairs(pool: SlicePool, config: TrainConfig) -> list:
