@@ -27,8 +27,8 @@ def test_every_shipped_recipe_is_a_valid_config(recipe):
     if config.init_weights is not None:
         start = load_manifest().get(config.init_weights)
         assert start is not None and start.model == config.model, config.init_weights
-        assert any(json.loads(r.read_text()).get("init_weights") is None and json.loads(r.read_text())["model"] == start.model
-                   for r in RECIPES)
+        first_phases = [json.loads(r.read_text()) for r in RECIPES]
+        assert any(f.get("init_weights") is None and f["model"] == start.model for f in first_phases)
 
 
 def test_command_line_options_win_over_the_recipe(tmp_path):
