@@ -248,7 +248,7 @@ def build_pool(
     ``real_fraction`` (when there are both kinds) is the share of samples drawn from real cases;
     otherwise every case weighs the same.
     """
-    images, labels, case_of, prompts, names, present = [], [], [], [], [], []
+    images, labels, case_of, prompts, names = [], [], [], [], []
     for c, case in enumerate(cases):
         plan = slice_plan(case.ct, axis="axial")
         hu = plan.extract(case.ct.array)
