@@ -126,6 +126,18 @@ def test_evaluate_case_through_the_engine():
     assert 0 < body.dice <= 1 and body.predicted_voxels == case.ct.array.size
 
 
+def test_evaluate_case_scores_the_masks_after_the_users_clean_up():
+    from TextSegmentLib.training import phantom_cases
+
+    (case,) = phantom_cases([7], shape=(4, 32, 32))
+    volume_ml = case.ct.array.size * float(np.prod(case.ct.spacing)) / 1000.0
+    everything = _ConstantModel(10.0)
+    kept = evaluate_case(everything, case, device="cpu", min_component_ml=volume_ml / 2, fill_holes=True)
+    assert all(r.predicted_voxels == case.ct.array.size for r in kept)  # one region, larger than the cut
+    dropped = BenchReport("all", "w", "toy", evaluate_case(everything, case, device="cpu", min_component_ml=volume_ml * 2))
+    assert all(r.predicted_voxels == 0 for r in dropped.results) and dropped.false_positive_rate() == 0.0
+
+
 def test_a_speck_on_a_negative_is_a_false_positive_but_not_a_false_finding():
     speck = PromptResult("c", "brain", "negative", "brain", 0, 3, None, largest_component_ml=0.01)
     blob = PromptResult("c", "heart", "negative", "heart", 0, 900, None, largest_component_ml=FINDING_ML)
@@ -145,3 +157,16 @@ def test_bench_command_writes_json_markdown_and_plot(tmp_path, capsys):
     assert data["summary"]["cases"] == 1 and data["summary"]["levels"]["L1"]["prompts"]["n"] > 0
     assert (out / "bench.md").read_text().startswith("# SemantiBench") and (out / "bench.png").is_file()
     assert "PSS" in capsys.readouterr().out
+
+
+def test_bench_command_notes_the_clean_up_it_scored(tmp_path):
+    from TextSegmentLib.cli import main
+
+    out = tmp_path / "bench"
+    code = main(["bench", "--model", "freqmedclip-tiny", "--weights", "random", "--phantoms", "1", "--seed", "2000",
+                 "--phantom-shape", "3x48x48", "--device", "cpu", "--out", str(out), "--quiet", "--cleanup",
+                 "--min-component-ml", "0.5"])
+    assert code == 0
+    note = "masks cleaned up as by `segment --cleanup --min-component-ml 0.5`"
+    assert note in (out / "bench.md").read_text()
+    assert json.loads((out / "bench.json").read_text())["summary"]["notes"] == [note]

@@ -301,7 +301,8 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             job = self.logic.segment(
                 volume=p.inputVolume, prompts=p.prompts, model=p.model, weights=p.weights or None,
                 aux_prompts=p.auxPrompts if p.model.startswith("tgcnet") else None, device=p.device,
-                threshold=p.threshold, saliency=p.saliency, saliency_stage=p.saliencyStage,
+                threshold=p.threshold, min_component_ml=p.minIslandMl, saliency=p.saliency,
+                saliency_stage=p.saliencyStage,
                 segmentation_node=p.outputSegmentation, colormap=p.colormap, wait=False,
             )
         except Exception as exc:

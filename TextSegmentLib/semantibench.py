@@ -266,9 +266,14 @@ def compare(a: BenchReport, b: BenchReport) -> dict[str, Any]:
 
 def evaluate_case(
     model: Any, case: Any, *, prompts: Optional[Sequence[Any]] = None, seed: int = 0, batch_size: Any = "auto",
-    device: str = "auto", max_l2_per_target: int = 1,
+    device: str = "auto", max_l2_per_target: int = 1, largest_component: bool = False, fill_holes: bool = False,
+    min_component_ml: float = 0.0,
 ) -> list[PromptResult]:
-    """Segment every prompt of a case's pyramid with ``engine.segment`` and score it on the volume grid."""
+    """Segment every prompt of a case's pyramid with ``engine.segment`` and score it on the volume grid.
+
+    The clean-up options are ``segment``'s own, so a report scores exactly what a user with those
+    settings gets.
+    """
     from .engine import segment
     from .postprocess import largest_component_voxels
     from .preprocess import slice_plan
@@ -277,7 +282,8 @@ def evaluate_case(
         prompts = build_prompt_pyramid(case.labels, case.label_names, seed=seed, max_l2_per_target=max_l2_per_target,
                                        min_voxels=20)
     prompts = list({p.text: p for p in prompts}.values())  # one result per distinct text
-    run = segment(case.ct, [p.text for p in prompts], model=model, batch_size=batch_size, device=device)
+    run = segment(case.ct, [p.text for p in prompts], model=model, batch_size=batch_size, device=device,
+                  largest_component=largest_component, fill_holes=fill_holes, min_component_ml=min_component_ml)
     plan = slice_plan(case.ct, axis="axial")
     voxel_ml = float(np.prod(case.ct.spacing)) / 1000.0
     results = []

@@ -80,6 +80,7 @@ PARAMETERS = (
     Parameter("weights", str, ""),  # "" = the model's default weights
     Parameter("device", str, "auto", choices=("auto", "cuda", "cpu")),
     Parameter("threshold", float, 0.5, bounds=(0.05, 0.95)),
+    Parameter("minIslandMl", float, 0.0, bounds=(0.0, 1000.0)),  # 0 = keep every island
     Parameter("outputSegmentation", "vtkMRMLSegmentationNode"),
     Parameter("saliency", bool, False),
     Parameter("saliencyStage", int, 1, bounds=(1, 3)),
@@ -345,6 +346,7 @@ class SegmentationLogic:
         device: str = "auto",
         batch_size: Union[int, str] = "auto",
         threshold: float = 0.5,
+        min_component_ml: float = 0.0,
         saliency: bool = False,
         saliency_stage: int = 1,
         saliency_layers: Union[str, Sequence[str], None] = None,
@@ -359,7 +361,9 @@ class SegmentationLogic:
         ``wait=True`` computes and applies on the caller's thread and returns a ``SegmentOutcome``;
         ``wait=False`` returns a ``Job`` whose ``result`` is that outcome once ``poll()`` finished it.
         ``model`` is a preset name or a model object; ``segmentation_node`` is reused (prompts
-        already in it are replaced) or, if None, a new node is added.
+        already in it are replaced) or, if None, a new node is added. ``min_component_ml`` drops
+        3D islands smaller than that many mL from each mask, as the Segment Editor's Islands effect
+        would (``docs/results.md`` measures what it does to the shipped models).
         """
         from .slicer_bridge import volume_from_node
 
@@ -379,7 +383,8 @@ class SegmentationLogic:
 
                 sink = build_saliency_sink(model=loaded, layers=saliency_layers, stage=saliency_stage)
             run = segment(source, prompt_list, model=loaded, aux_prompts=aux, device=run_device, batch_size=batch_size,
-                          threshold=threshold, progress=report, cancel=token, features_sink=sink)
+                          threshold=threshold, min_component_ml=min_component_ml, progress=report, cancel=token,
+                          features_sink=sink)
             run.warnings[:0] = notes
             return run
 

@@ -109,6 +109,7 @@ def test_parameters_survive_save_and_reload(context, ct_node, tmp_path, suffix):
     chosen = {
         "inputVolume": ct_node, "outputSegmentation": output, "prompts": "liver\nleft kidney \"cyst\" <&>",
         "auxPrompts": "", "model": "tgcnet-tiny", "weights": "my-weights", "device": "cpu", "threshold": 0.35,
+        "minIslandMl": 2.5,
         "saliency": True, "saliencyStage": 3, "saliencyLayer": "vit.11", "saliencyOpacity": 0.7,
         "colormap": "Viridis", "combinedMap": False,
     }
@@ -183,6 +184,16 @@ def test_blocking_segment_adds_one_segment_per_prompt_and_never_touches_the_inpu
                           segmentation_node=outcome.segmentation_node)
     assert again.segmentation_node is outcome.segmentation_node
     assert segmentation.GetNumberOfSegments() == 2
+
+
+def test_islands_under_the_chosen_volume_are_dropped(logic, context, ct_node, tmp_path):
+    _, bone = _ct()
+    bone_ml = bone.sum() * 0.8 * 0.8 * 2.0 / 1000.0  # 0.41 mL, one island
+    kept = logic.segment(volume=ct_node, prompts="bone", model=BoneModel(), device="cpu", min_component_ml=bone_ml / 2)
+    np.testing.assert_array_equal(_segment_masks(kept.segmentation_node, ct_node, context, tmp_path) == 1, bone)
+    dropped = logic.segment(volume=ct_node, prompts="bone", model=BoneModel(), device="cpu", min_component_ml=bone_ml * 2)
+    assert not (_segment_masks(dropped.segmentation_node, ct_node, context, tmp_path) == 1).any()
+    assert any("nothing found" in w for w in dropped.warnings)
 
 
 def test_no_volume_selected_is_an_error(logic):

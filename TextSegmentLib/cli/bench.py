@@ -30,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shared-data", default="../shared/data", help="where the shared real data lies")
     p.add_argument("--compare-model", help="a second model to run on the same cases (paired Wilcoxon)")
     p.add_argument("--compare-weights", help="weights for --compare-model")
+    p.add_argument("--cleanup", action="store_true", help="score masks after segment's --cleanup "
+                   "(largest 3D component, holes filled)")
+    p.add_argument("--min-component-ml", type=float, default=0.0,
+                   help="score masks after dropping 3D islands under this volume (segment's option)")
     p.add_argument("--out", "-o", required=True, help="output folder")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -56,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
     cases = [case for spec in specs for case in load_source(spec)]
     dataset = "; ".join(names)
 
+    cleanup = {"largest_component": args.cleanup, "fill_holes": args.cleanup, "min_component_ml": args.min_component_ml}
+    notes = ([f"masks cleaned up as by `segment{' --cleanup' if args.cleanup else ''}"
+              f"{f' --min-component-ml {args.min_component_ml:g}' if args.min_component_ml else ''}`"]
+             if args.cleanup or args.min_component_ml else [])
     reports = []
     for model_name, weights in ((args.model, args.weights), (args.compare_model, args.compare_weights)):
         if not model_name:
@@ -64,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         label = weights_label(model, weights)
         with progress_bar(disable=args.quiet) as bar:
             reports.append(run_bench(model, cases, model_name=model_name, weights=label, dataset=dataset,
-                                     progress=bar, batch_size=args.batch_size, device=args.device))
+                                     progress=bar, batch_size=args.batch_size, device=args.device, **cleanup))
+        reports[-1].notes += notes
     comparison = compare(reports[0], reports[1]) if len(reports) == 2 else None
     out = Path(args.out)
     paths = write_report(reports[0], out, comparison=comparison)
