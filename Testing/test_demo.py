@@ -9,8 +9,8 @@ from TextSegmentLib.demo import dice, run_demo
 from TextSegmentLib.errors import OutputExistsError
 
 # The shipped freqmedclip-tiny-v5 scores Dice 0.89 (L1) and 0.88 (L3) on this phantom, tgcnet-tiny-v3
-# 0.85 and 0.85 (docs/results.md); random weights score below 0.07. The floor sits between with margin: a broken pipeline (flipped
-# masks, wrong windowing, lost weights) falls under it.
+# 0.85 and 0.85 (docs/results.md); random weights score below 0.07. The floor sits between with
+# margin: a broken pipeline (flipped masks, wrong windowing, lost weights) falls under it.
 DICE_FLOOR = 0.5
 
 
