@@ -61,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
     dataset = "; ".join(names)
 
     cleanup = {"largest_component": args.cleanup, "fill_holes": args.cleanup, "min_component_ml": args.min_component_ml}
-    notes = ([f"masks cleaned up as by `segment{' --cleanup' if args.cleanup else ''}"
-              f"{f' --min-component-ml {args.min_component_ml:g}' if args.min_component_ml else ''}`"]
-             if args.cleanup or args.min_component_ml else [])
+    flags = (" --cleanup" if args.cleanup else "") + (
+        f" --min-component-ml {args.min_component_ml:g}" if args.min_component_ml else "")
+    notes = [f"masks cleaned up as by `segment{flags}`"] if flags else []
     reports = []
     for model_name, weights in ((args.model, args.weights), (args.compare_model, args.compare_weights)):
         if not model_name:
