@@ -179,7 +179,7 @@ def segment(
     for p, prompt in enumerate(prompt_list):
         prob = plan.restore(probabilities[p])
         probabilities[p] = None  # restore made its own copy (or returned this very array)
-        mask = (prob >= threshold).astype(np.uint8)
+        mask = (prob >= threshold).view(np.uint8)  # the bool array read as 0/1 bytes: no second copy
         if largest_component or fill_holes or min_voxels > 1:
             mask = clean_mask(mask, largest_component=largest_component, fill_holes=fill_holes,
                               min_component_voxels=min_voxels)
