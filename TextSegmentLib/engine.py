@@ -215,7 +215,8 @@ def _run_batch(model, text, slices_hu, indices, *, plan, size, windows, device, 
     import torch
 
     n_prompts = len(text)
-    fitted, fit = _model_inputs(slices_hu, size=size, pixel_spacing=plan.pixel_spacing, windows=windows)
+    images = torch.from_numpy(window_composite(slices_hu, windows=windows))
+    fitted, fit = fit_to_square(images, size=size, pixel_spacing=plan.pixel_spacing)
     b = fitted.shape[0]
     # the backbones run once per slice, then the decoder once per prompt, a few images at a time:
     # peak memory grows neither with the number of prompts nor with the decoder's full-resolution
@@ -233,20 +234,6 @@ def _run_batch(model, text, slices_hu, indices, *, plan, size, windows, device, 
         features_sink.consume(indices=indices, prompt_rows=rows, output=output, fit=fit)
     probs = probs.cpu().reshape(n_prompts, b, *probs.shape[1:])
     return np.stack([inverse_fit(p, fit, mode="linear").clamp_(0, 1).numpy() for p in probs])
-
-
-def _model_inputs(slices_hu: np.ndarray, *, size: int, pixel_spacing, windows):
-    """Windowed, fitted (B, C, S, S) model inputs, made one slice at a time.
-
-    The windowed channels at full resolution (C float32 copies of a slice, plus the windowing's
-    temporaries) are the largest transient of a batch; slice by slice they never exist for all of
-    it. Windowing is per voxel and the resize per image, so the result is the batch's, bit for bit.
-    """
-    import torch
-
-    parts = [fit_to_square(torch.from_numpy(window_composite(hu[None], windows=windows)), size=size,
-                           pixel_spacing=pixel_spacing) for hu in slices_hu]
-    return torch.cat([image for image, _ in parts]), parts[0][1]
 
 
 def _join(outputs: list):

@@ -101,19 +101,6 @@ def test_batch_size_does_not_change_the_masks():
         np.testing.assert_allclose(a.probability.array, b.probability.array, atol=1e-6)
 
 
-def test_model_inputs_made_slice_by_slice_equal_the_whole_batch_bit_for_bit():
-    from TextSegmentLib.engine import _model_inputs
-    from TextSegmentLib.preprocess import fit_to_square, window_composite
-
-    hu = np.random.default_rng(3).normal(0.0, 500.0, (5, 70, 52)).astype(np.float32)
-    windows = ("abdomen", "lung", "bone")
-    made, fit = _model_inputs(hu, size=32, pixel_spacing=(0.7, 1.3), windows=windows)
-    whole, whole_fit = fit_to_square(torch.from_numpy(window_composite(hu, windows=windows)), size=32,
-                                     pixel_spacing=(0.7, 1.3))
-    assert fit == whole_fit and made.shape == (5, 3, 32, 32)
-    assert torch.equal(made, whole)
-
-
 def test_progress_is_monotonic_and_reaches_one():
     volume, _ = cube_volume()
     seen = []
