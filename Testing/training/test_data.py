@@ -52,6 +52,45 @@ def test_pool_samples_balanced_levels_with_true_masks(tiny_pool):
     assert np.mean(shown) > 0.6  # most positives show their target; some are deliberately empty
 
 
+def test_hard_mining_draws_the_hard_prompts_more_often(tiny_pool):
+    saved = dict(tiny_pool.difficulty)
+    try:
+        tiny_pool.difficulty = {}
+        plain = tiny_pool.sample(np.random.default_rng(5), 60)
+        tiny_pool.difficulty = {p.text: 0.9 for ps in tiny_pool.prompts for p in ps}
+        assert tiny_pool.sample(np.random.default_rng(5), 60) == plain  # off: difficulties are not looked at
+        texts = sorted({p.text for ps in tiny_pool.prompts for p in ps if p.level == "L1"})
+        hard = texts[0]
+        tiny_pool.difficulty = {t: (1.0 if t == hard else 0.01) for t in texts}
+        share = {}
+        for mining in (0.0, 0.8):
+            picks = tiny_pool.sample(np.random.default_rng(7), 2000, level_weights={"L1": 1.0}, hard_mining=mining)
+            share[mining] = np.mean([p.text == hard for _, p in picks])
+        assert share[0.8] > 4 * share[0.0] > 0
+        # the mixture keeps every prompt in play
+        options = [p for p in tiny_pool.prompts[0] if p.level == "L1"]
+        weights = tiny_pool.prompt_weights(options, 0.8)
+        assert weights.sum() == pytest.approx(1.0) and weights.min() >= 0.2 / len(options) - 1e-12
+    finally:
+        tiny_pool.difficulty = saved
+
+
+def test_record_follows_each_prompt_and_skips_unscored_samples(tiny_pool):
+    from TextSegmentLib.training.data import DIFFICULTY_PRIOR, DIFFICULTY_RATE
+
+    saved = dict(tiny_pool.difficulty)
+    try:
+        tiny_pool.difficulty = {}
+        a, b = tiny_pool.prompts[0][0], tiny_pool.prompts[0][1]
+        tiny_pool.record([(0, a), (0, b)], [1.0, float("nan")])
+        assert tiny_pool.difficulty == {a.text: pytest.approx(DIFFICULTY_PRIOR + DIFFICULTY_RATE * (1.0 - DIFFICULTY_PRIOR))}
+        for _ in range(400):
+            tiny_pool.record([(0, a)], [0.1])
+        assert tiny_pool.difficulty[a.text] == pytest.approx(0.1, abs=1e-6)
+    finally:
+        tiny_pool.difficulty = saved
+
+
 def test_parse_seeds_and_bad_source():
     assert parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
     with pytest.raises(InputError):

@@ -10,7 +10,7 @@ from TextSegmentLib.cli.train import build_config
 from TextSegmentLib.errors import InputError
 from TextSegmentLib.weights import load_manifest
 
-RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.json"))
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").rglob("*.json"))  # shipped ones and ablations/
 
 
 def _config(*argv):

@@ -7,7 +7,7 @@ import torch
 from TextSegmentLib.checkpoint import load_checkpoint, save_checkpoint
 from TextSegmentLib.models import create_model
 from TextSegmentLib.training import (
-    TrainConfig, export_weights, lr_factor, presence_loss, segmentation_loss, soft_dice_loss, train,
+    TrainConfig, export_weights, lr_factor, per_image_dice_loss, presence_loss, segmentation_loss, soft_dice_loss, train,
 )
 from TextSegmentLib.training.trainer import build_optimizer
 
@@ -24,6 +24,19 @@ def test_dice_loss_edges():
     assert float(soft_dice_loss(torch.full((2, 1, 8, 8), 5.0), torch.zeros(2, 1, 8, 8))) == 0.0  # empty: BCE's job
     parts = segmentation_loss(perfect, truth)
     assert math.isclose(float(parts.total), float(parts.dice + parts.bce), rel_tol=1e-6)
+
+
+def test_per_image_dice_loss_is_nan_where_there_is_nothing_to_score():
+    truth = torch.zeros(3, 1, 8, 8)
+    truth[0, :, 2:5, 2:5] = 1
+    truth[2, :, 0:2, 0:2] = 1
+    logits = torch.randn(3, 1, 8, 8)
+    per_image = per_image_dice_loss(logits, truth)
+    assert torch.isnan(per_image[1]) and not torch.isnan(per_image[[0, 2]]).any()
+    assert float(soft_dice_loss(logits, truth)) == pytest.approx(float(per_image[[0, 2]].mean()), rel=1e-6)
+    probs = torch.sigmoid(logits[2, 0])
+    by_hand = 1 - (2 * probs[0:2, 0:2].sum() + 1) / (probs.sum() + 4 + 1)
+    assert float(per_image[2]) == pytest.approx(float(by_hand), rel=1e-5)
 
 
 def test_presence_term_scores_each_image_once():
@@ -89,11 +102,15 @@ def _config(out_dir, **changes):
     return TrainConfig(**base)
 
 
-def test_resume_continues_the_schedule(tiny_pool, tmp_path):
-    whole = train(_config(tmp_path / "whole"), pools=(tiny_pool, None))
-    first = train(_config(tmp_path / "parts", stop_after=2), pools=(tiny_pool, None))
+@pytest.mark.parametrize("hard_mining", [0.0, 0.9])
+def test_resume_continues_the_schedule(tiny_pool, tmp_path, hard_mining):
+    whole = train(_config(tmp_path / "whole", hard_mining=hard_mining), pools=(tiny_pool, None))
+    learnt = dict(tiny_pool.difficulty)
+    first = train(_config(tmp_path / "parts", stop_after=2, hard_mining=hard_mining), pools=(tiny_pool, None))
     assert (first.step, first.finished) == (2, False)
-    second = train(_config(tmp_path / "parts"), resume=True, pools=(tiny_pool, None))
+    tiny_pool.difficulty = {"not this run's": 1.0}  # resume must bring back the run's own difficulties
+    second = train(_config(tmp_path / "parts", hard_mining=hard_mining), resume=True, pools=(tiny_pool, None))
+    assert tiny_pool.difficulty == learnt and (hard_mining == 0) == (not learnt)
     assert (second.step, second.finished) == (4, True)
     assert second.history["step"] == [1, 2, 3, 4]
     assert second.history["lr"] == whole.history["lr"]  # the very same warm-up + cosine

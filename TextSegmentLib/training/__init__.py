@@ -1,7 +1,7 @@
 """Training: data pools from phantoms and labelled CT, losses, the loop, and torchrun DDP."""
 
 from .data import Batch, LabelledCase, SlicePool, augment, build_pool, load_source, mirror_prompt, phantom_cases
-from .losses import presence_loss, segmentation_loss, soft_dice_loss, swap_term
+from .losses import per_image_dice_loss, presence_loss, segmentation_loss, soft_dice_loss, swap_term
 from .trainer import TrainConfig, TrainResult, export_weights, lr_factor, plot_curves, train, validate
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "mirror_prompt",
     "phantom_cases",
     "plot_curves",
+    "per_image_dice_loss",
     "presence_loss",
     "segmentation_loss",
     "soft_dice_loss",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 AIR_HU = -500.0  # the engine skips such slices; training does too
 LEVEL_WEIGHTS = {"L1": 0.3, "L2": 0.2, "L3": 0.3, "negative": 0.2}
+DIFFICULTY_PRIOR = 0.5  # a prompt not yet scored counts as half solved
+DIFFICULTY_RATE = 0.05  # EMA step: a prompt's difficulty follows its last ~20 scored samples
 
 
 @dataclass
@@ -192,6 +195,7 @@ class SlicePool:
     label_names: list[dict[int, str]]  # per case
     case_weight: np.ndarray  # (cases,) relative sampling weight
     present: list[list[np.ndarray]] = field(default_factory=list)  # per case, per prompt: slice ids with a non-empty mask
+    difficulty: dict[str, float] = field(default_factory=dict)  # prompt text -> running 1 - soft Dice (see record)
 
     @property
     def size(self) -> int:
@@ -205,12 +209,14 @@ class SlicePool:
 
     def sample(
         self, rng: np.random.Generator, batch_size: int, *, level_weights: Mapping[str, float] = LEVEL_WEIGHTS,
-        present_fraction: float = 0.8,
+        present_fraction: float = 0.8, hard_mining: float = 0.0,
     ) -> list[tuple[int, Prompt]]:
         """(slice, prompt) pairs: a level by weight, a case having it, a prompt, then a slice.
 
         With probability ``present_fraction`` the slice shows the target; otherwise any slice of the
-        case (often one without it, whose mask is empty).
+        case (often one without it, whose mask is empty). ``hard_mining`` (0–1) is the share of the
+        prompt choice that follows each prompt's running difficulty (``record``) instead of being
+        uniform; 0 draws exactly the pairs it drew before the option existed.
         """
         levels = [lv for lv in level_weights if any(p.level == lv for ps in self.prompts for p in ps)]
         weights = np.array([level_weights[lv] for lv in levels], dtype=float)
@@ -220,7 +226,10 @@ class SlicePool:
             w = self.case_weight[cases]
             case = int(rng.choice(cases, p=w / w.sum()))
             options = [i for i, p in enumerate(self.prompts[case]) if p.level == level]
-            k = int(rng.choice(options))
+            if hard_mining > 0:
+                k = int(rng.choice(options, p=self.prompt_weights([self.prompts[case][i] for i in options], hard_mining)))
+            else:
+                k = int(rng.choice(options))
             shown = self.present[case][k]
             if level != "negative" and len(shown) and rng.random() < present_fraction:
                 index = int(rng.choice(shown))
@@ -228,6 +237,29 @@ class SlicePool:
                 index = int(rng.choice(np.flatnonzero(self.case_of == case)))
             picks.append((index, self.prompts[case][k]))
         return picks
+
+    def prompt_weights(self, prompts: Sequence[Prompt], hard_mining: float) -> np.ndarray:
+        """Choice probabilities: ``(1 - h) · uniform + h · difficulty / sum(difficulty)``.
+
+        Why a mixture: pure difficulty sampling would all but stop showing the solved structures,
+        and a model fine-tuned that way forgets them.
+        """
+        d = np.array([self.difficulty.get(p.text, DIFFICULTY_PRIOR) for p in prompts], dtype=float)
+        uniform = np.full(len(d), 1.0 / len(d))
+        hard = d / d.sum() if d.sum() > 0 else uniform
+        p = (1 - hard_mining) * uniform + hard_mining * hard
+        return p / p.sum()
+
+    def record(self, picks: Sequence[tuple[int, Prompt]], losses: Sequence[float]) -> None:
+        """Fold each scored sample's ``1 - soft Dice`` into its prompt's running difficulty.
+
+        NaN (an empty mask: nothing to score) leaves the prompt as it was.
+        """
+        for (_, prompt), loss in zip(picks, losses):
+            loss = float(loss)
+            if math.isfinite(loss):
+                old = self.difficulty.get(prompt.text, DIFFICULTY_PRIOR)
+                self.difficulty[prompt.text] = old + DIFFICULTY_RATE * (loss - old)
 
     def batch(self, picks: Sequence[tuple[int, Prompt]]) -> Batch:
         indices = torch.tensor([i for i, _ in picks])

@@ -25,19 +25,24 @@ import torch.nn.functional as F
 SMOOTH = 1.0
 
 
+def per_image_dice_loss(logits: torch.Tensor, masks: torch.Tensor, *, smooth: float = SMOOTH) -> torch.Tensor:
+    """``1 - (2|P∩G| + s) / (|P| + |G| + s)`` for each image, ``P`` = sigmoid(logits); NaN where the mask is empty."""
+    probs = torch.sigmoid(logits.float()).flatten(1)
+    truth = masks.float().flatten(1)
+    loss = 1 - (2 * (probs * truth).sum(1) + smooth) / (probs.sum(1) + truth.sum(1) + smooth)
+    return torch.where(truth.sum(1) > 0, loss, torch.full_like(loss, float("nan")))
+
+
 def soft_dice_loss(logits: torch.Tensor, masks: torch.Tensor, *, smooth: float = SMOOTH) -> torch.Tensor:
-    """Mean over images with a non-empty mask of ``1 - (2|P∩G| + s) / (|P| + |G| + s)``, ``P`` = sigmoid(logits).
+    """Mean of ``per_image_dice_loss`` over the images with a non-empty mask.
 
     0 (still part of the graph) when every mask is empty.
     """
-    probs = torch.sigmoid(logits.float()).flatten(1)
-    truth = masks.float().flatten(1)
-    keep = truth.sum(1) > 0
+    losses = per_image_dice_loss(logits, masks, smooth=smooth)
+    keep = ~torch.isnan(losses)
     if not bool(keep.any()):
-        return probs.sum() * 0.0
-    probs, truth = probs[keep], truth[keep]
-    overlap = (probs * truth).sum(1)
-    return (1 - (2 * overlap + smooth) / (probs.sum(1) + truth.sum(1) + smooth)).mean()
+        return torch.sigmoid(logits.float()).sum() * 0.0
+    return losses[keep].mean()
 
 
 PRESENCE_TOP_FRACTION = 0.002

@@ -29,7 +29,7 @@ from torch import nn
 from ..semantibench import dice
 from . import distributed
 from .data import LEVEL_WEIGHTS, SlicePool, augment, build_pool, load_source
-from .losses import segmentation_loss, swap_term
+from .losses import per_image_dice_loss, segmentation_loss, swap_term
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class TrainConfig:
     swap_weight: float = 0.1  # FreqMedCLIP only
     level_weights: dict[str, float] = field(default_factory=lambda: dict(LEVEL_WEIGHTS))
     present_fraction: float = 0.8
+    hard_mining: float = 0.0  # share of the prompt choice led by each prompt's running difficulty (SlicePool.sample)
     augment: bool = True
     flip_prob: float = 0.0
     seed: int = 0
@@ -144,6 +145,7 @@ def train(
         optimizer, lambda s: lr_factor(s, total=config.steps, warmup=config.warmup_steps, min_ratio=config.min_lr_ratio)
     )
     step, history, best = 0, {"step": [], "loss": [], "lr": [], "val_step": [], "val": []}, -1.0
+    train_pool.difficulty = {}  # a run's own: a pool handed in may have been used by another run
     state_path = out_dir / "last.pt"
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -152,6 +154,7 @@ def train(
         schedule.load_state_dict(state["schedule"])
         step, history, best = int(state["step"]), json.loads(state["history"]), float(state["best"])
         rng.bit_generator.state = json.loads(state["rng"])
+        train_pool.difficulty = json.loads(state.get("difficulty", "{}"))
         log.info("resumed %s at step %d", state_path, step)
     model.to(device).train()
     runner = distributed.wrap(_Step(model), info, device=device)
@@ -167,7 +170,7 @@ def train(
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
     while step < config.steps:
         picks = train_pool.sample(rng, config.batch_size, level_weights=config.level_weights,
-                                  present_fraction=config.present_fraction)
+                                  present_fraction=config.present_fraction, hard_mining=config.hard_mining)
         batch = train_pool.batch(picks)
         if config.augment:
             batch = augment(batch, rng, flip_prob=config.flip_prob)
@@ -177,6 +180,8 @@ def train(
         parts = segmentation_loss(logits, masks, dice_weight=config.dice_weight, bce_weight=config.bce_weight,
                                   presence_weight=config.presence_weight)
         loss = parts.total
+        if config.hard_mining > 0:
+            train_pool.record(picks, per_image_dice_loss(logits.detach(), masks).cpu().tolist())
         if use_swap and swap_embedding is not None:
             term = swap_term(swap_embedding.float(), text_embedding.float(), batch.prompts, masks)
             # a zero-weighted use keeps every rank's graph identical when no row has a target (DDP)
@@ -209,7 +214,7 @@ def train(
                     best = scores["mean"]
                     _save_weights(model, out_dir / "best.safetensors", config, step=step, scores=scores)
             if step % config.checkpoint_every == 0 or stopping:
-                _save_state(state_path, model, optimizer, schedule, step, history, best, rng)
+                _save_state(state_path, model, optimizer, schedule, step, history, best, rng, train_pool.difficulty)
                 plot_curves(history, out_dir / "curves.png")
             if progress is not None:
                 progress(step / config.steps, f"step {step}/{config.steps} loss {loss_value:.3f}")
@@ -263,10 +268,11 @@ def validate(model: nn.Module, pool: SlicePool, pairs: list, *, device: torch.de
     return scores
 
 
-def _save_state(path, model, optimizer, schedule, step, history, best, rng) -> None:
+def _save_state(path, model, optimizer, schedule, step, history, best, rng, difficulty) -> None:
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
         "step": step, "history": json.dumps(history), "best": best, "rng": json.dumps(rng.bit_generator.state),
+        "difficulty": json.dumps(difficulty),
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
