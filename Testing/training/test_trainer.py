@@ -143,3 +143,39 @@ def test_fine_tuning_starts_from_the_given_weights(tiny_pool, tmp_path):
         assert torch.equal(value, tuned.cpu()), key  # band statistics included: fine-tuning keeps the model's own
     fresh = train(_config(tmp_path / "fresh", steps=2, lr_new=0.0, lr_backbone=0.0), pools=(tiny_pool, None))
     assert any(not torch.equal(a, b.cpu()) for a, b in zip(start.state_dict().values(), fresh.model.state_dict().values()))
+
+
+def test_export_can_mix_the_trained_weights_with_the_starting_ones(tmp_path):
+    torch.manual_seed(1)
+    trained, start = (create_model("freqmedclip-tiny", **TINY_OVERRIDES) for _ in range(2))
+    save_checkpoint(trained, tmp_path / "trained.safetensors", model_name="freqmedclip-tiny")
+    save_checkpoint(start, tmp_path / "start.safetensors", model_name="freqmedclip-tiny")
+    mixed = export_weights(tmp_path / "trained.safetensors", tmp_path / "mixed.safetensors",
+                           mix_with=str(tmp_path / "start.safetensors"), mix=0.25)
+    assert mixed.metadata["mixed_with"] == {"weights": str(tmp_path / "start.safetensors"), "share_of_trained": 0.25}
+    loaded, _ = load_checkpoint(mixed.path)
+    a, b = trained.state_dict(), start.state_dict()
+    floats = [key for key, value in loaded.state_dict().items() if value.is_floating_point()]
+    assert any(not torch.equal(a[key], b[key]) for key in floats)  # the two really differ
+    for key in floats:
+        torch.testing.assert_close(loaded.state_dict()[key], 0.25 * a[key] + 0.75 * b[key], atol=2e-3, rtol=2e-3)
+
+
+def test_a_mix_that_cannot_be_made_fails_with_the_reason(tmp_path, tiny_pool):
+    from TextSegmentLib.errors import InputError, WeightsError
+
+    torch.manual_seed(2)
+    save_checkpoint(create_model("freqmedclip-tiny", **TINY_OVERRIDES), tmp_path / "a.safetensors", model_name="freqmedclip-tiny")
+    other = create_model("freqmedclip-tiny", clip_source="random:textsegment-vit-ti16-text256")
+    save_checkpoint(other, tmp_path / "b.safetensors", model_name="freqmedclip-tiny")
+    with pytest.raises(WeightsError, match="not the same freqmedclip-tiny network"):
+        export_weights(tmp_path / "a.safetensors", tmp_path / "x.safetensors", mix_with=str(tmp_path / "b.safetensors"), mix=0.5)
+    with pytest.raises(InputError, match="needs the weights to mix with"):
+        export_weights(tmp_path / "a.safetensors", tmp_path / "x.safetensors", mix=0.5)
+    with pytest.raises(InputError, match=r"\(0, 1\]"):
+        export_weights(tmp_path / "a.safetensors", tmp_path / "x.safetensors", mix_with=str(tmp_path / "a.safetensors"), mix=0.0)
+    assert not (tmp_path / "x.safetensors").exists()
+    # a recipe that could not be exported fails before a single step is trained
+    with pytest.raises(InputError, match="set init_weights too"):
+        train(_config(tmp_path / "run", export_mix=0.5), pools=(tiny_pool, None))
+    assert not (tmp_path / "run").exists()

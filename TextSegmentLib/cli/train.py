@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--out", "-o", help="run folder (checkpoints, history, curves)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--export", help="write the best weights here as an fp16 TextSegment checkpoint when done")
+    p.add_argument("--export", help="write the best weights here as an fp16 TextSegment checkpoint when done "
+                   "(mixed with the init weights when the recipe sets export_mix below 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --export file")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"last validation: {result.history['val'][-1]}")
     if args.export and result.best_path is not None:
         info = export_weights(result.best_path, Path(args.export), overwrite=args.overwrite,
-                              metadata={"recipe": str(args.config or "")})
+                              metadata={"recipe": str(args.config or "")},
+                              mix_with=config.init_weights, mix=config.export_mix)
         print(f"exported {info.path} ({info.path.stat().st_size / 1e6:.1f} MB, fp16)")
     return 0

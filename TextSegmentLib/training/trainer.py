@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InputError, WeightsError
 from ..semantibench import dice
 from . import distributed
 from .data import LEVEL_WEIGHTS, SlicePool, augment, build_pool, load_source
@@ -60,6 +61,7 @@ class TrainConfig:
     level_weights: dict[str, float] = field(default_factory=lambda: dict(LEVEL_WEIGHTS))
     present_fraction: float = 0.8
     hard_mining: float = 0.0  # share of the prompt choice led by each prompt's running difficulty (SlicePool.sample)
+    export_mix: float = 1.0  # share of the trained weights in the export; the rest is init_weights' (export_weights)
     augment: bool = True
     flip_prob: float = 0.0
     seed: int = 0
@@ -120,6 +122,7 @@ def train(
     """Run (or continue) training; returns where it stopped. ``pools`` (train, val) skip loading sources."""
     from ..devices import select_device
 
+    check_export_mix(config)
     if config.threads:
         torch.set_num_threads(int(config.threads))
     device = select_device(config.device)
@@ -226,6 +229,14 @@ def train(
     return TrainResult(step, finished, history, best_path if best_path.is_file() else None, out_dir, model)
 
 
+def check_export_mix(config: TrainConfig) -> None:
+    """Fail before training, not after it, when the export could not be mixed as asked."""
+    if not 0.0 < config.export_mix <= 1.0:
+        raise InputError(f"export_mix must lie in (0, 1], got {config.export_mix}")
+    if config.export_mix < 1.0 and not config.init_weights:
+        raise InputError("export_mix below 1 mixes the trained weights with init_weights: set init_weights too")
+
+
 def _initial_model(config: TrainConfig) -> nn.Module:
     """A fresh model from the preset, or (``init_weights``) a trained one to fine-tune."""
     from ..models.registry import create_model
@@ -287,18 +298,44 @@ def _save_weights(model, path: Path, config: TrainConfig, *, step: int, scores: 
 
 
 def export_weights(
-    source: Path, dest: Path, *, dtype: str = "float16", metadata: Optional[dict] = None, overwrite: bool = False
+    source: Path, dest: Path, *, dtype: str = "float16", metadata: Optional[dict] = None, overwrite: bool = False,
+    mix_with: Optional[str] = None, mix: float = 1.0,
 ) -> Any:
     """Re-save a checkpoint with its floating tensors in ``dtype`` (half the size for fp16).
 
-    Loading casts back: ``load_state_dict`` copies into the model's fp32 parameters.
+    Loading casts back: ``load_state_dict`` copies into the model's fp32 parameters. ``mix`` < 1
+    exports ``mix`` × the trained weights + (1 − ``mix``) × those of ``mix_with`` (the weights the
+    run started from): weight-space ensembling of a fine-tune with its starting point (WiSE-FT),
+    which keeps what the earlier weights knew at no cost at inference.
     """
     from ..checkpoint import load_checkpoint, save_checkpoint
 
     model, info = load_checkpoint(source)
+    merged = {**info.metadata, **(metadata or {})}
+    if not 0.0 < mix <= 1.0:
+        raise InputError(f"export mix must lie in (0, 1], got {mix}")
+    if mix < 1.0:
+        if not mix_with:
+            raise InputError("an export mix below 1 needs the weights to mix with (the run's init_weights)")
+        _mix_into(model, mix_with, mix=mix, model_name=info.model_name, source=source)
+        merged["mixed_with"] = {"weights": str(mix_with), "share_of_trained": mix}
     small = copy.deepcopy(model).to(getattr(torch, dtype))
-    merged = {**info.metadata, **(metadata or {}), "stored_dtype": dtype}
+    merged["stored_dtype"] = dtype
     return save_checkpoint(small, dest, model_name=info.model_name, metadata=merged, overwrite=overwrite)
+
+
+def _mix_into(model: nn.Module, weights: str, *, mix: float, model_name: str, source: Path) -> None:
+    """model ← mix · model + (1 − mix) · ``weights``, over the floating tensors; both must be the same network."""
+    from ..weights import load_model
+
+    other = load_model(model_name, weights=weights, device="cpu").state_dict()
+    state = model.state_dict()
+    if set(other) != set(state) or any(other[k].shape != v.shape for k, v in state.items()):
+        raise WeightsError(f"cannot mix {source} with {weights}: they are not the same {model_name} network")
+    with torch.no_grad():
+        for key, value in state.items():
+            if value.is_floating_point():
+                value.mul_(mix).add_(other[key].to(value.dtype), alpha=1.0 - mix)
 
 
 def plot_curves(history: dict, path: Path) -> None:
