@@ -122,7 +122,7 @@ def train(
     """Run (or continue) training; returns where it stopped. ``pools`` (train, val) skip loading sources."""
     from ..devices import select_device
 
-    check_export_mix(config)
+    check_mix(config.export_mix, mix_with=config.init_weights)  # fail now, not after the training
     if config.threads:
         torch.set_num_threads(int(config.threads))
     device = select_device(config.device)
@@ -229,12 +229,13 @@ def train(
     return TrainResult(step, finished, history, best_path if best_path.is_file() else None, out_dir, model)
 
 
-def check_export_mix(config: TrainConfig) -> None:
-    """Fail before training, not after it, when the export could not be mixed as asked."""
-    if not 0.0 < config.export_mix <= 1.0:
-        raise InputError(f"export_mix must lie in (0, 1], got {config.export_mix}")
-    if config.export_mix < 1.0 and not config.init_weights:
-        raise InputError("export_mix below 1 mixes the trained weights with init_weights: set init_weights too")
+def check_mix(mix: float, *, mix_with: Optional[str]) -> None:
+    """The export mix (``TrainConfig.export_mix``) is a share in (0, 1]; below 1 it needs weights to mix with."""
+    if not 0.0 < mix <= 1.0:
+        raise InputError(f"export mix must lie in (0, 1], got {mix}")
+    if mix < 1.0 and not mix_with:
+        raise InputError("an export mix below 1 needs the weights to mix with (the run's init_weights): "
+                         "set init_weights too")
 
 
 def _initial_model(config: TrainConfig) -> nn.Module:
@@ -310,13 +311,10 @@ def export_weights(
     """
     from ..checkpoint import load_checkpoint, save_checkpoint
 
+    check_mix(mix, mix_with=mix_with)
     model, info = load_checkpoint(source)
     merged = {**info.metadata, **(metadata or {})}
-    if not 0.0 < mix <= 1.0:
-        raise InputError(f"export mix must lie in (0, 1], got {mix}")
     if mix < 1.0:
-        if not mix_with:
-            raise InputError("an export mix below 1 needs the weights to mix with (the run's init_weights)")
         _mix_into(model, mix_with, mix=mix, model_name=info.model_name, source=source)
         merged["mixed_with"] = {"weights": str(mix_with), "share_of_trained": mix}
     small = copy.deepcopy(model).to(getattr(torch, dtype))
