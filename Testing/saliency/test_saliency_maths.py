@@ -148,3 +148,21 @@ def test_stage3_four_components_by_hand():
     # scores: e1 → +1, e2 → +1, e3 → −0.5 − 0.5 = −1; total weight 3; unit = (score/3 + 1)/2
     unit = torch.tensor([(1 / 3 + 1) / 2, (1 / 3 + 1) / 2, (-1 / 3 + 1) / 2])
     assert torch.allclose(out, (unit * prior[0, 0])[None, None])
+
+
+def test_stage3_equals_the_weighted_sum_of_its_four_cosines_row_by_row_and_per_image():
+    """One combined reference per row is the same score as four cosines weighed one by one."""
+    gen = torch.Generator().manual_seed(3)
+    features = torch.randn(2, 6, 4, 5, generator=gen)
+    refs = [torch.randn(2, 3, 6, generator=gen) for _ in range(4)]  # (B, P, C): 3 prompts per image
+    prior = torch.rand(2, 3, 4, 5, generator=gen)
+    weights = Stage3Weights(prototype=1.0, prompt=0.7, global_image=0.5, context=0.3)
+    signs = (weights.prototype, weights.prompt, -weights.global_image, -weights.context)
+    score = sum(s * cosine_map(features, r) for s, r in zip(signs, refs))
+    expected = (score / weights.total + 1.0) / 2.0 * prior
+    names = ("prototype", "prompt", "global_image", "context")
+    per_image = stage3_map(features, prior=prior, weights=weights, **dict(zip(names, refs)))
+    torch.testing.assert_close(per_image, expected)
+    for p in range(3):  # row by row: each prompt's rows alone give that prompt's maps
+        rows = stage3_map(features, prior=prior[:, p], weights=weights, **{n: r[:, p] for n, r in zip(names, refs)})
+        torch.testing.assert_close(rows, expected[:, p])

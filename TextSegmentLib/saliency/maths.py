@@ -41,16 +41,21 @@ def normalise(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return x / x.norm(dim=dim, keepdim=True).clamp_min(EPS)
 
 
-def cosine_map(features: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of every feature vector with its row's reference(s).
+def projection_map(features: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Each unit-normalised feature vector dotted with its row's reference(s), taken as they are.
 
     (N, C, h, w) with (N, C) → (N, h, w); with K references per row, (N, K, C) → (N, K, h, w).
     The features are normalised once however many references there are.
     """
     length = features.square().sum(dim=1).sqrt_().clamp_min_(EPS)  # ~40× faster than vector_norm(dim=1) on CPU
     references = reference if reference.ndim == 3 else reference[:, None]
-    similarity = torch.einsum("nchw,nkc->nkhw", features, normalise(references, 2)) / length[:, None]
+    similarity = torch.einsum("nchw,nkc->nkhw", features, references) / length[:, None]
     return similarity if reference.ndim == 3 else similarity[:, 0]
+
+
+def cosine_map(features: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every feature vector with its row's reference(s); shapes as ``projection_map``."""
+    return projection_map(features, normalise(reference, dim=-1))
 
 
 def region_mean(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -198,11 +203,17 @@ def stage3_map(
     prior: torch.Tensor,
     weights: Stage3Weights = Stage3Weights(),
 ) -> torch.Tensor:
-    """Four-component score, mapped from [-1, 1] to [0, 1] and multiplied by the spatial ``prior``."""
-    signed = torch.tensor(
-        [weights.prototype, weights.prompt, -weights.global_image, -weights.context], device=features.device
+    """Four-component score, mapped from [-1, 1] to [0, 1] and multiplied by the spatial ``prior``.
+
+    The score Σ_k s_k · cos(f, r_k) equals f̂ · Σ_k s_k r̂_k, so the four unit references are
+    combined first and each position needs one dot product, not four. (N, C) references with an
+    (N, h, w) prior give (N, h, w); (N, K, C) with (N, K, h, w) give (N, K, h, w).
+    """
+    reference = (
+        weights.prototype * normalise(prototype, dim=-1)
+        + weights.prompt * normalise(prompt, dim=-1)
+        - weights.global_image * normalise(global_image, dim=-1)
+        - weights.context * normalise(context, dim=-1)
     )
-    similarities = cosine_map(features, torch.stack([prototype, prompt, global_image, context], dim=1))
-    score = torch.einsum("nkhw,k->nhw", similarities, signed)
-    unit = (score / max(weights.total, EPS) + 1.0) / 2.0
+    unit = (projection_map(features, reference) / max(weights.total, EPS) + 1.0) / 2.0
     return unit * prior

@@ -373,8 +373,8 @@ def explain_batch(
     without a target come back as zeros. ``model`` provides the joint-space projection
     (``joint_tap_names``, ``project_to_joint``) that stages 2 and 3 need. With ``images`` = B
     (rows prompt-major, N = P·B), the model's ``image_tap_names`` are the same for every prompt:
-    they are projected once per image, and at stages 1–2 each image's features are compared with
-    its P references at once instead of being copied P times.
+    they are projected once per image, and each image's features are compared with its P
+    references at once instead of being copied P times.
 
     Rows without a target are skipped where that saves work: row-by-row taps (the decoder's, which
     can be large) are computed for the rows with a target only. Per-image taps are computed for
@@ -410,9 +410,7 @@ def explain_batch(
         if stage > 1:
             features = model.project_to_joint(name, features).float()
             space = "joint image-text space (model projection)"
-        per_image_of[name] = shared and stage < 3
-        if shared and not per_image_of[name]:  # stage 3 weighs each row's own context: one copy per row
-            features = features.repeat(tap.shape[0] // images, 1, 1, 1)
+        per_image_of[name] = shared
         features_of[name] = features
         info[name] = {"stage": stage, "space": space, "feature_shape": list(features.shape[1:]), "note": note}
 
@@ -439,7 +437,7 @@ def explain_batch(
             weights, row_boxes = weights[rows], boxes[rows]
             row_prompt = None if prompt is None else prompt[rows]
         if per_image:  # prompt-major rows (P·B, ...) -> (B, P, ...)
-            weights, row_prompt = _by_image(weights, images), _by_image(prompt, images)
+            weights, row_boxes, row_prompt = (_by_image(x, images) for x in (weights, boxes, prompt))
 
         def stacked(x: Any) -> Any:
             return x if k == 1 or x is None else x.repeat(k, *([1] * (x.ndim - 1)))
@@ -489,8 +487,9 @@ def _pool(target: Any, shape: tuple[int, int], pooled: dict[tuple[int, int], Any
 def _layer_map(features: Any, *, stage: int, weights: Any, boxes: Any, prompt: Any, config: SaliencyConfig) -> Any:
     """One layer's raw map for rows that all have a target; ``weights`` is the target on this grid.
 
-    Row by row: features (N, C, h, w), weights (N, h, w), prompt (N, C) → (N, h, w). Per image
-    (stages 1–2): features (B, C, h, w), weights (B, P, h, w), prompt (B, P, C) → (B, P, h, w).
+    Row by row: features (N, C, h, w), weights (N, h, w), boxes (N, 4), prompt (N, C) → (N, h, w).
+    Per image: features (B, C, h, w), weights (B, P, h, w), boxes (B, P, 4), prompt (B, P, C) →
+    (B, P, h, w).
     """
     import torch
 
@@ -499,18 +498,24 @@ def _layer_map(features: Any, *, stage: int, weights: Any, boxes: Any, prompt: A
     if stage == 2:
         return stage2_map(features, prototype=region_mean(features, weights), prompt=prompt, alpha=config.alpha)
     shape = tuple(features.shape[-2:])
-    ring = ring_weights(boxes, shape, margin=config.ring_margin)
-    prototype, context, global_image = region_mean(
-        features, torch.stack([weights, ring, torch.ones_like(ring)], dim=1)
-    ).unbind(dim=1)
-    context = torch.where((ring.sum(dim=(1, 2)) > 0)[:, None], context, global_image)
+    flat = boxes.reshape(-1, 4)
+    ring = ring_weights(flat, shape, margin=config.ring_margin).reshape(weights.shape)
+    prior = gaussian_prior(flat, shape, sigma_scale=config.sigma_scale, floor=config.prior_floor).reshape(weights.shape)
+    if weights.ndim == 4:  # per image: P targets and P rings, and one global mean shared by the prompts
+        k = weights.shape[1]
+        means = region_mean(features, torch.cat([weights, ring, torch.ones_like(ring[:, :1])], dim=1))
+        prototype, context, global_image = means[:, :k], means[:, k : 2 * k], means[:, 2 * k :].expand(-1, k, -1)
+    else:
+        means = region_mean(features, torch.stack([weights, ring, torch.ones_like(ring)], dim=1))
+        prototype, context, global_image = means.unbind(dim=1)
+    context = torch.where((ring.sum(dim=(-2, -1)) > 0)[..., None], context, global_image)
     return stage3_map(
         features,
         prototype=prototype,
         prompt=prompt,
         global_image=global_image,
         context=context,
-        prior=gaussian_prior(boxes, shape, sigma_scale=config.sigma_scale, floor=config.prior_floor),
+        prior=prior,
         weights=config.weights,
     )
 
