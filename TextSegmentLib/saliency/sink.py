@@ -497,19 +497,18 @@ def _layer_map(features: Any, *, stage: int, weights: Any, boxes: Any, prompt: A
         return stage1_map(features, prototype=region_mean(features, weights))
     if stage == 2:
         return stage2_map(features, prototype=region_mean(features, weights), prompt=prompt, alpha=config.alpha)
-    shape = tuple(features.shape[-2:])
+    rows = weights.ndim == 3  # row by row is per image with one prompt each
+    if rows:
+        weights, boxes, prompt = weights[:, None], boxes[:, None], prompt[:, None]
+    (b, k), shape = weights.shape[:2], tuple(features.shape[-2:])
     flat = boxes.reshape(-1, 4)
     ring = ring_weights(flat, shape, margin=config.ring_margin).reshape(weights.shape)
     prior = gaussian_prior(flat, shape, sigma_scale=config.sigma_scale, floor=config.prior_floor).reshape(weights.shape)
-    if weights.ndim == 4:  # per image: P targets and P rings, and one global mean shared by the prompts
-        k = weights.shape[1]
-        means = region_mean(features, torch.cat([weights, ring, torch.ones_like(ring[:, :1])], dim=1))
-        prototype, context, global_image = means[:, :k], means[:, k : 2 * k], means[:, 2 * k :].expand(-1, k, -1)
-    else:
-        means = region_mean(features, torch.stack([weights, ring, torch.ones_like(ring)], dim=1))
-        prototype, context, global_image = means.unbind(dim=1)
+    # the K targets, the K rings and the whole image (one global mean shared by the prompts), in one pass
+    means = region_mean(features, torch.cat([weights, ring, torch.ones_like(ring[:, :1])], dim=1))
+    prototype, context, global_image = means[:, :k], means[:, k : 2 * k], means[:, 2 * k :].expand(b, k, -1)
     context = torch.where((ring.sum(dim=(-2, -1)) > 0)[..., None], context, global_image)
-    return stage3_map(
+    maps = stage3_map(
         features,
         prototype=prototype,
         prompt=prompt,
@@ -518,6 +517,7 @@ def _layer_map(features: Any, *, stage: int, weights: Any, boxes: Any, prompt: A
         prior=prior,
         weights=config.weights,
     )
+    return maps[:, 0] if rows else maps
 
 
 def source_weights(fit: Any, shape: tuple[int, int], *, device: Any = "cpu") -> tuple[Any, Any]:
