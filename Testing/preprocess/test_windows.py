@@ -51,6 +51,7 @@ def test_composite_is_channel_first_per_slice_in_unit_range():
     out = window_composite(hu)
     assert out.shape == (4, 3, 16, 24) and out.dtype == np.float32
     assert out.min() >= 0.0 and out.max() <= 1.0
+    np.testing.assert_array_equal(out[:, 0], apply_window(hu, preset="abdomen"))
     np.testing.assert_array_equal(out[:, 1], apply_window(hu, preset="lung"))
     np.testing.assert_array_equal(out[:, 2], apply_window(hu, preset="bone"))
 
@@ -68,3 +69,5 @@ def test_composite_on_tensors_matches_numpy():
     from_tensor = window_composite(torch.from_numpy(hu))
     assert isinstance(from_tensor, torch.Tensor) and from_tensor.dtype == torch.float32
     np.testing.assert_allclose(from_tensor.numpy(), window_composite(hu), atol=1e-6)
+    for c, preset in enumerate(("abdomen", "lung", "bone")):  # windowed in place: the very same values
+        assert torch.equal(from_tensor[:, c], apply_window(torch.from_numpy(hu), preset=preset))

@@ -107,21 +107,32 @@ def window_composite(hu: Any, *, windows: Sequence[WindowSpec] = DEFAULT_COMPOSI
     """Stack one windowed image per entry of ``windows`` as channels: (N, H, W) → (N, C, H, W).
 
     A single (H, W) slice gives (C, H, W). The channel axis is always the one just before H, W.
+    Each channel is windowed in place in the output, so a whole volume (training windows whole
+    cases) costs its output and no temporaries: about 1 GB less at 300 × 512² than before.
     """
     if len(windows) == 0:
         raise InputError("window_composite needs at least one window")
     image = _as_float32(hu)
     if image.ndim < 2:
         raise InputError(f"window_composite needs an (H, W) or (N, H, W) image, got shape {tuple(image.shape)}")
-    channels = [_window(image, get_window(spec)) for spec in windows]
+    shape = tuple(image.shape[:-2]) + (len(windows),) + tuple(image.shape[-2:])
     torch = _torch_module_of(image)
-    if torch is not None:
-        return torch.stack(channels, dim=-3)
-    return np.stack(channels, axis=-3)
+    out = image.new_empty(shape) if torch is not None else np.empty(shape, dtype=np.float32)
+    for c, spec in enumerate(windows):
+        _window(image, get_window(spec), out=out[..., c, :, :])
+    return out
 
 
-def _window(image: Any, window: Window) -> Any:
-    return ((image - window.low) / window.width).clip(0.0, 1.0)
+def _window(image: Any, window: Window, *, out: Any = None) -> Any:
+    """``(image - low) / width`` clipped to [0, 1]; written into ``out`` (same values) when given."""
+    if out is None:
+        return ((image - window.low) / window.width).clip(0.0, 1.0)
+    out[...] = image
+    out -= window.low
+    out /= window.width
+    if isinstance(out, np.ndarray):
+        return np.clip(out, 0.0, 1.0, out=out)
+    return out.clamp_(0.0, 1.0)
 
 
 def _as_float32(values: Any) -> Any:
