@@ -124,9 +124,9 @@ def window_composite(hu: Any, *, windows: Sequence[WindowSpec] = DEFAULT_COMPOSI
 
 
 def _window(image: Any, window: Window, *, out: Any = None) -> Any:
-    """``(image - low) / width`` clipped to [0, 1]; written into ``out`` (same values) when given."""
+    """``(image - low) / width`` clipped to [0, 1], computed in ``out`` (a new array if not given)."""
     if out is None:
-        return ((image - window.low) / window.width).clip(0.0, 1.0)
+        out = image.new_empty(image.shape) if _torch_module_of(image) is not None else np.empty_like(image)
     out[...] = image
     out -= window.low
     out /= window.width
