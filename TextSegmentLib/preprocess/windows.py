@@ -115,9 +115,7 @@ def window_composite(hu: Any, *, windows: Sequence[WindowSpec] = DEFAULT_COMPOSI
     image = _as_float32(hu)
     if image.ndim < 2:
         raise InputError(f"window_composite needs an (H, W) or (N, H, W) image, got shape {tuple(image.shape)}")
-    shape = tuple(image.shape[:-2]) + (len(windows),) + tuple(image.shape[-2:])
-    torch = _torch_module_of(image)
-    out = image.new_empty(shape) if torch is not None else np.empty(shape, dtype=np.float32)
+    out = _empty(image, tuple(image.shape[:-2]) + (len(windows),) + tuple(image.shape[-2:]))
     for c, spec in enumerate(windows):
         _window(image, get_window(spec), out=out[..., c, :, :])
     return out
@@ -126,13 +124,20 @@ def window_composite(hu: Any, *, windows: Sequence[WindowSpec] = DEFAULT_COMPOSI
 def _window(image: Any, window: Window, *, out: Any = None) -> Any:
     """``(image - low) / width`` clipped to [0, 1], computed in ``out`` (a new array if not given)."""
     if out is None:
-        out = image.new_empty(image.shape) if _torch_module_of(image) is not None else np.empty_like(image)
+        out = _empty(image, tuple(image.shape))
     out[...] = image
     out -= window.low
     out /= window.width
-    if isinstance(out, np.ndarray):
-        return np.clip(out, 0.0, 1.0, out=out)
-    return out.clamp_(0.0, 1.0)
+    if _torch_module_of(out) is not None:
+        return out.clamp_(0.0, 1.0)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _empty(image: Any, shape: tuple) -> Any:
+    """An uninitialised float32 array or tensor (on ``image``'s device) of ``shape``."""
+    if _torch_module_of(image) is not None:
+        return image.new_empty(shape)
+    return np.empty(shape, dtype=np.float32)
 
 
 def _as_float32(values: Any) -> Any:
