@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from TextSegmentLib.saliency.maths import (
+    HISTOGRAM_MIN,
     Stage3Weights,
     box_of,
     box_weights,
@@ -81,6 +82,20 @@ def test_percentiles_at_once_match_numpy_with_ties(n):
     values = torch.randint(0, 7, (n,), generator=torch.Generator().manual_seed(n)).float()
     qs = (0.0, 1.0, 49.9, 50.0, 50.1, 99.0, 100.0)
     assert percentiles(values, qs) == pytest.approx(list(np.percentile(values.numpy(), qs)), abs=1e-6)
+
+
+@pytest.mark.parametrize("spread", [0.3, 1e4])
+def test_percentiles_of_many_float16_values_match_numpy_exactly(spread):
+    """The bit-pattern histogram path: negatives, zeros of both signs, ties and both tails, exactly."""
+    n = HISTOGRAM_MIN + 1001
+    values = (torch.randn(n, generator=torch.Generator().manual_seed(3)) * spread).half()
+    values[:500] = 0.0
+    values[500:600] = -0.0
+    values[600:700] = values[700]  # ties
+    qs = (0.0, 1.0, 37.5, 50.0, 99.0, 100.0)
+    expected = np.percentile(values.float().numpy().astype(np.float64), qs)
+    assert percentiles(values, qs) == pytest.approx(list(expected), rel=1e-12, abs=1e-12)
+    assert percentiles(values, qs) == pytest.approx(percentiles(values.float(), qs), rel=1e-12, abs=1e-12)
 
 
 def test_robust_rescale_maps_percentiles_to_unit_range():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 EPS = 1e-8
@@ -49,7 +50,7 @@ def projection_map(features: torch.Tensor, reference: torch.Tensor) -> torch.Ten
     """
     length = features.square().sum(dim=1).sqrt_().clamp_min_(EPS)  # ~40× faster than vector_norm(dim=1) on CPU
     references = reference if reference.ndim == 3 else reference[:, None]
-    similarity = torch.einsum("nchw,nkc->nkhw", features, references) / length[:, None]
+    similarity = torch.bmm(references, features.flatten(2)).unflatten(2, features.shape[2:]) / length[:, None]
     return similarity if reference.ndim == 3 else similarity[:, 0]
 
 
@@ -62,41 +63,71 @@ def region_mean(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted mean feature over positions weighted by ``weights`` ≥ 0; zeros where a region is empty.
 
     (N, h, w) weights give (N, C); K regions at once, (N, K, h, w), give (N, K, C) in one pass.
+    Written as (N, K, hw) @ (N, hw, C): with one region, einsum's (N, C, hw) @ (N, hw, 1) is a
+    batched matrix-vector product that runs ~10× slower on CPU.
     """
-    if weights.ndim == 4:
-        total = weights.sum(dim=(2, 3))
-        return torch.einsum("nchw,nkhw->nkc", features, weights) / total.clamp_min(EPS)[..., None]
-    total = weights.sum(dim=(1, 2))
-    return torch.einsum("nchw,nhw->nc", features, weights) / total.clamp_min(EPS)[:, None]
+    regions = weights if weights.ndim == 4 else weights[:, None]
+    total = regions.sum(dim=(2, 3)).clamp_min(EPS)[..., None]
+    means = torch.bmm(regions.flatten(2), features.flatten(2).transpose(1, 2)) / total
+    return means if weights.ndim == 4 else means[:, 0]
 
 
 def percentiles(values: torch.Tensor, qs: tuple[float, ...]) -> list[float]:
     """The ``qs``-th percentiles (0–100) of all ``values``, linearly interpolated like ``numpy.percentile``.
 
-    Exact order statistics from two partial sorts (``topk`` of the smallest values for the low
-    percentiles, of the largest for the high ones) rather than a full ``sort``: about 5× faster for
-    the 1st/99th percentiles on CPU. Not ``torch.quantile``, which refuses inputs above 16 M
-    elements (a whole volume of maps can have more).
+    Exact order statistics without a full ``sort``: from a histogram of the bit patterns when the
+    values are many float16s (the sink keeps its maps so; 2–3× faster than ``topk`` from 10⁵
+    values on), otherwise from two partial sorts (``topk`` of the smallest values for the low
+    percentiles, of the largest for the high ones; ~5× faster than ``sort``). Not
+    ``torch.quantile``, which refuses inputs above 16 M elements (a whole volume of maps can
+    have more).
     """
-    flat = values.reshape(-1).float()
+    flat = values.reshape(-1)
     n = flat.numel()
     positions = [(n - 1) * float(q) / 100.0 for q in qs]
     ranks = sorted({r for p in positions for r in (int(p), min(int(p) + 1, n - 1))})
-    low = [r for r in ranks if r < n // 2]
-    high = [r for r in ranks if r >= n // 2]
-    value = {}
-    if low:
-        smallest = flat.topk(max(low) + 1, largest=False, sorted=True).values
-        value.update((r, smallest[r]) for r in low)
-    if high:
-        largest = flat.topk(n - min(high), largest=True, sorted=True).values
-        value.update((r, largest[n - 1 - r]) for r in high)
+    if flat.dtype == torch.float16 and n >= HISTOGRAM_MIN:
+        value = _float16_order_statistics(flat, ranks)
+    else:
+        value = _order_statistics(flat.float(), ranks)
     out = []
     for position in positions:
         below = int(position)
         above = min(below + 1, n - 1)
         out.append(float(value[below] + (value[above] - value[below]) * (position - below)))
     return out
+
+
+HISTOGRAM_MIN = 32_768  # below this, topk beats counting 65,536 bins
+
+
+def _order_statistics(flat: torch.Tensor, ranks: list[int]) -> dict[int, float]:
+    """The ``ranks``-th smallest values (0-based) of ``flat``, from partial sorts of either end."""
+    n = flat.numel()
+    low = [r for r in ranks if r < n // 2]
+    high = [r for r in ranks if r >= n // 2]
+    value = {}
+    if low:
+        smallest = flat.topk(max(low) + 1, largest=False, sorted=True).values
+        value.update((r, float(smallest[r])) for r in low)
+    if high:
+        largest = flat.topk(n - min(high), largest=True, sorted=True).values
+        value.update((r, float(largest[n - 1 - r])) for r in high)
+    return value
+
+
+def _float16_order_statistics(flat: torch.Tensor, ranks: list[int]) -> dict[int, float]:
+    """The ``ranks``-th smallest of float16 ``flat``, exactly, from one pass over its 65,536 bit patterns.
+
+    Bit patterns become keys that sort as the values do (negatives reversed below positives);
+    the k-th smallest value is the key where the running count first exceeds k.
+    """
+    bits = flat.contiguous().cpu().numpy().view(np.uint16)
+    keys = np.where(bits & 0x8000, ~bits, bits | 0x8000)
+    counts = np.bincount(keys, minlength=1 << 16).cumsum()
+    found = np.searchsorted(counts, np.asarray(ranks), side="right").astype(np.uint16)
+    values = np.where(found & 0x8000, found & 0x7FFF, ~found).astype(np.uint16).view(np.float16)
+    return {r: float(v) for r, v in zip(ranks, values)}
 
 
 def percentile(values: torch.Tensor, q: float) -> float:

@@ -19,6 +19,7 @@ every layer of a model without text embeddings, falls back to stage 1 and the le
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -284,20 +285,32 @@ class SaliencySink:
         names = list(self.taps) + ([COMBINED] if config.combine else [])
         dtype = torch.uint8 if config.encoding == "uint8" else torch.float16
         stacks = {name: torch.zeros(plan.shape, dtype=dtype) for name in names}
+        # The plan's flips are folded into the resampling matrices (rows, columns) and into where
+        # each slice is stored, so the stacks come out in the volume's own order and need no
+        # flipped copy at the end; only a transposing plan (coronal or sagittal slicing) needs one.
+        row_flip, col_flip = plan.flips[1], plan.flips[2]
+        unflipped = dataclasses.replace(plan, flips=(False, False, False))
         # Encoding is affine (uint8: 255·v + 0.5, then truncation rounds) and bilinear weights sum to
         # one, so it is applied to the small maps before resampling. The combined map (the mean of
         # the layers) is resampled in one product: Σ_g R_g (S_g C_gᵀ) = [R_1 … R_G] · [S_1 C_1ᵀ; …],
         # with S_g the sum of group g's small maps, rather than as a sum of full-size maps.
         scale, offset = (255.0, 0.5) if dtype == torch.uint8 else (1.0, 0.0)
+        # Each layer's chunk is resampled into one reused float32 buffer and encoded from there: the
+        # working memory is one chunk of one layer, and it stays in cache (~10 % faster than fresh
+        # (chunk, layers, H, W) products).
+        scratch = torch.empty((FINISH_CHUNK,) + tuple(plan.shape[1:]), device=self._device)
         for fit, indices, maps in merged:
             same_size: dict[tuple[int, ...], list[str]] = {}  # layers on one grid share one resampling
             for name in self.taps:
                 same_size.setdefault(tuple(maps[name].shape[1:]), []).append(name)
             for shape in same_size:
                 if (fit, shape) not in resamplers:
-                    resamplers[fit, shape] = source_weights(fit, shape, device=self._device)
+                    rows, cols = source_weights(fit, shape, device=self._device)
+                    resamplers[fit, shape] = (rows.flip(0) if row_flip else rows, cols.flip(0) if col_flip else cols)
+            stored = plan.num_slices - 1 - indices if plan.flips[0] else indices
             for start in range(0, len(indices), FINISH_CHUNK):
-                chunk: Any = indices[start : start + FINISH_CHUNK]
+                chunk: Any = stored[start : start + FINISH_CHUNK]
+                on_source = scratch[: len(chunk)]
                 if len(chunk) > 1 and np.all(np.diff(chunk) == 1):  # consecutive slices: a view, not a gather
                     chunk = slice(int(chunk[0]), int(chunk[-1]) + 1)
                 tall, wide = [], []  # the combined map's factors, one block per group
@@ -313,11 +326,11 @@ class SaliencySink:
                         rows, cols = resamplers[fit, shape]
                         tall.append(rows)
                         wide.append(unit.sum(dim=1) @ (cols.T * (scale / len(self.taps))))
-                    on_source = to_source(unit * scale + offset, resamplers[fit, shape])
                     for k, name in enumerate(group):
-                        _store(stacks[name], chunk, on_source[:, k])
+                        to_source(unit[:, k] * scale + offset, resamplers[fit, shape], out=on_source)
+                        _store(stacks[name], chunk, on_source)
                 if config.combine:
-                    combined = torch.cat(tall, dim=1) @ torch.cat(wide, dim=1)
+                    combined = torch.matmul(torch.cat(tall, dim=1), torch.cat(wide, dim=1), out=on_source)
                     _store(stacks[COMBINED], chunk, combined.add_(offset))
 
         target_slices = int(sum(len(indices) for _, indices, _ in merged))
@@ -325,7 +338,7 @@ class SaliencySink:
         maps, legend = {}, {}
         for name in names:
             meta = {"prompt": prompt, "saliency_layer": name}
-            maps[name] = self._volume.with_array(plan.restore(stacks[name].numpy()), metadata=meta)
+            maps[name] = self._volume.with_array(unflipped.restore(stacks[name].numpy()), metadata=meta)
             legend[name] = self._legend(name, bounds.get(name), target_slices)
         return PromptSaliency(prompt=prompt, maps=maps, legend=legend, target_slices=target_slices)
 
@@ -481,6 +494,9 @@ def _pool(target: Any, shape: tuple[int, int], pooled: dict[tuple[int, int], Any
     if not fits:
         return F.adaptive_avg_pool2d(target, shape)[:, 0]
     h, w, source = min(fits, key=lambda fit: fit[0] * fit[1])
+    if (h, w) == (2 * shape[0], 2 * shape[1]):  # four strided sums: ~6× faster than avg_pool2d's 2×2 on CPU
+        pairs = source[..., 0::2, :] + source[..., 1::2, :]
+        return (pairs[..., 0::2] + pairs[..., 1::2]).mul_(0.25)[:, 0]
     return F.avg_pool2d(source, (h // shape[0], w // shape[1]))[:, 0]
 
 
@@ -549,10 +565,12 @@ def source_weights(fit: Any, shape: tuple[int, int], *, device: Any = "cpu") -> 
     return weights(height, top, inner_h, shape[0]), weights(width, left, inner_w, shape[1])
 
 
-def to_source(maps: Any, weights: tuple[Any, Any]) -> Any:
+def to_source(maps: Any, weights: tuple[Any, Any], *, out: Any = None) -> Any:
     """``(..., h, w)`` maps → ``(..., H, W)`` on the source slice, with ``source_weights``."""
+    import torch
+
     rows, cols = weights
-    return rows @ maps @ cols.T
+    return torch.matmul(rows @ maps, cols.T, out=out)
 
 
 def _bounds(values: Any, config: SaliencyConfig) -> Optional[tuple[float, float]]:
