@@ -3,8 +3,9 @@
     .venv/bin/python bench/saliency.py --model freqmedclip-tiny --weights random --real
     .venv/bin/python bench/saliency.py --model freqmedclip-tiny --weights <trained id> --real --doc docs/explainability.md
 
-Cases: held-out phantoms (seeds from ``HELD_OUT_SEED`` on; training never uses them) and, with
-``--real``, the real CT in ../shared/data with its TotalSegmentator labels (silver, not manual).
+Cases: held-out phantoms (seeds from ``HELD_OUT_SEED`` on; training never uses them; 96×96 in-plane,
+and with ``--large-phantoms`` 512×512 as in clinical CT) and, with ``--real``, the real CT in
+../shared/data with its TotalSegmentator labels (silver, not manual).
 
 Two measurements per case:
 
@@ -46,6 +47,7 @@ log = logging.getLogger("bench.saliency")
 
 HELD_OUT_SEED = 90_000
 PHANTOM_SHAPE = (24, 96, 96)
+LARGE_PHANTOM_SHAPE = (24, 512, 512)  # a clinical CT's in-plane size: the maps' resampling grows with it
 PHANTOM_PROMPTS = ("liver", "spleen", "left kidney", "right kidney")
 REAL_CT = Path("ct/totalseg_example_ct_sm/example_ct_sm.nii.gz")
 REAL_LABELS = Path("ct/totalseg_example_ct_sm/example_seg.nii.gz")
@@ -70,10 +72,11 @@ def phantom_cases(
     from TextSegmentLib.phantom import make_phantom
 
     cases = []
+    suffix = "" if tuple(shape) == PHANTOM_SHAPE else f" ({shape[1]}×{shape[2]})"
     for seed in range(HELD_OUT_SEED, HELD_OUT_SEED + count):
         phantom = make_phantom(seed=seed, shape=tuple(shape))
         targets = _targets(prompts, phantom.labels.array, phantom.label_names)
-        cases.append(Case(f"phantom-{seed}", phantom.ct, targets))
+        cases.append(Case(f"phantom-{seed}{suffix}", phantom.ct, targets))
     return cases
 
 
@@ -448,6 +451,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--clip-source", default=None, help="model override, e.g. random:ViT-B-16 (a base-sized tower offline)"
     )
     parser.add_argument("--phantoms", type=int, default=2, help="held-out phantom cases")
+    parser.add_argument(
+        "--large-phantoms", type=int, default=0, help="held-out phantoms at 24×512×512 (a clinical in-plane size)"
+    )
     parser.add_argument("--real", action="store_true", help="also the real CT in ../shared/data")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--stages", default="1,2,3")
@@ -470,7 +476,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.manual_seed(0)  # random weights are then the same on every run
     overrides = {"clip_source": args.clip_source} if args.clip_source else {}
     model = load_model(args.model, weights=args.weights, device=args.device, **overrides)
-    cases = phantom_cases(args.phantoms) + (real_cases(Path(args.data)) if args.real else [])
+    cases = phantom_cases(args.phantoms) + phantom_cases(args.large_phantoms, shape=LARGE_PHANTOM_SHAPE)
+    cases += real_cases(Path(args.data)) if args.real else []
     stages = [int(s) for s in args.stages.split(",")]
     layers = args.layers.split(",") if args.layers else None
     result = run_benchmark(
