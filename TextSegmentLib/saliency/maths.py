@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 EPS = 1e-8
+HISTOGRAM_MIN = 32_768  # float16 percentiles by histogram from this many values on; below, topk beats 65,536 bins
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,6 @@ def percentiles(values: torch.Tensor, qs: tuple[float, ...]) -> list[float]:
         above = min(below + 1, n - 1)
         out.append(float(value[below] + (value[above] - value[below]) * (position - below)))
     return out
-
-
-HISTOGRAM_MIN = 32_768  # below this, topk beats counting 65,536 bins
 
 
 def _order_statistics(flat: torch.Tensor, ranks: list[int]) -> dict[int, float]:

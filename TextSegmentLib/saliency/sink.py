@@ -284,7 +284,6 @@ class SaliencySink:
             for name in self.taps
         }
         names = list(self.taps) + ([COMBINED] if config.combine else [])
-        dtype = torch.uint8 if config.encoding == "uint8" else torch.float16
         # numpy's zeros come from calloc: pages are mapped as slices are written, at half the cost of
         # torch.zeros filling them first (a 512² volume's ten maps per prompt are ~60 MB).
         stacks = {name: torch.from_numpy(np.zeros(plan.shape, dtype=config.encoding)) for name in names}
@@ -297,7 +296,7 @@ class SaliencySink:
         # one, so it is applied to the small maps before resampling. The combined map (the mean of
         # the layers) is resampled in one product: Σ_g R_g (S_g C_gᵀ) = [R_1 … R_G] · [S_1 C_1ᵀ; …],
         # with S_g the sum of group g's small maps, rather than as a sum of full-size maps.
-        scale, offset = (255.0, 0.5) if dtype == torch.uint8 else (1.0, 0.0)
+        scale, offset = (255.0, 0.5) if config.encoding == "uint8" else (1.0, 0.0)
         # Each layer's chunk is resampled into one reused float32 buffer and encoded from there: the
         # working memory is one chunk of one layer, and it stays in cache (~10 % faster than fresh
         # (chunk, layers, H, W) products).
@@ -318,19 +317,16 @@ class SaliencySink:
                     chunk = slice(int(chunk[0]), int(chunk[-1]) + 1)
                 tall, wide = [], []  # the combined map's factors, one block per group
                 for shape, group in same_size.items():
-                    unit = torch.stack(
-                        [
-                            robust_rescale(maps[name][start : start + FINISH_CHUNK].to(self._device), bounds=bounds[name])
-                            for name in group
-                        ],
-                        dim=1,
-                    )  # (n, layers, h, w) in [0, 1]
+                    units = [  # (n, h, w) in [0, 1], one per layer
+                        robust_rescale(maps[name][start : start + FINISH_CHUNK].to(self._device), bounds=bounds[name])
+                        for name in group
+                    ]
                     if config.combine:
                         rows, cols = resamplers[fit, shape]
                         tall.append(rows)
-                        wide.append(unit.sum(dim=1) @ (cols.T * (scale / len(self.taps))))
-                    for k, name in enumerate(group):
-                        to_source(unit[:, k] * scale + offset, resamplers[fit, shape], out=on_source)
+                        wide.append(sum(units) @ (cols.T * (scale / len(self.taps))))
+                    for name, unit in zip(group, units):
+                        to_source(unit * scale + offset, resamplers[fit, shape], out=on_source)
                         _store(stacks[name], chunk, on_source)
                 if config.combine:
                     combined = torch.matmul(torch.cat(tall, dim=1), torch.cat(wide, dim=1), out=on_source)
