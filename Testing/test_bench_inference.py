@@ -54,12 +54,14 @@ def measured(bench, one_thread):
 
 def test_the_three_methods_run_the_same_network(measured):
     _, outputs = measured
-    engine = outputs["engine"]
+    engine = np.stack(outputs["engine"]).astype(np.float32)  # kept as float16, the engine's default
+    assert outputs["engine"][0].dtype == np.float16
     assert engine.shape == (1, 2, 64, 64)
     assert engine.std() > 1e-4  # a random model still gives a map that varies, so agreement means something
     for method in ("naive", "sliceinferer"):
-        assert outputs[method].shape == engine.shape
-        assert np.abs(outputs[method] - engine).max() < 1e-4, method
+        theirs = np.stack(outputs[method])
+        assert theirs.shape == engine.shape
+        assert np.abs(theirs - engine).max() < 1e-4 + 2.0**-11, method  # float32 noise plus one float16 step
 
 
 def test_records_hold_times_memory_and_the_engine_scaling(measured):

@@ -27,6 +27,9 @@ DEFAULT_WINDOWS = ("abdomen", "lung", "bone")
 AIR_HU = -500.0  # a slice with no voxel above this holds no body: nothing to segment there
 CPU_BATCH = 4
 CUDA_BATCH = 32
+# float16 keeps a probability to within 2.5e-4 at half float32's memory (the outputs are the engine's
+# largest arrays: 150 MB per prompt for a 300-slice 512² CT); the masks come from float32 either way
+PROBABILITY_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class SegmentationResult:
     """One prompt's output on the input grid."""
 
     prompt: str
-    probability: Volume  # float32 in [0, 1]
+    probability: Volume  # in [0, 1]; float16 unless ``segment(probability_dtype="float32")``
     mask: Volume  # uint8, 1 inside
     aux_prompt: Optional[str] = None
 
@@ -83,6 +86,7 @@ def segment(
     fill_holes: bool = False,
     min_component_ml: float = 0.0,
     amp: Union[bool, str] = "auto",
+    probability_dtype: str = "float16",
     progress: Optional[ProgressCallback] = None,
     cancel: Union[CancelToken, Callable[[], bool], None] = None,
     features_sink: Optional[Any] = None,
@@ -95,6 +99,8 @@ def segment(
     Raises ``Cancelled`` (nothing returned) when ``cancel`` fires between batches.
     ``min_component_ml`` drops islands smaller than that volume (Slicer's "remove small islands"):
     slice-wise models leave specks, and a prompt whose mask ends up empty is reported as not found.
+    ``probability_dtype`` ("float16" or "float32") is how the probability maps are kept; the masks
+    are thresholded from the network's float32 output before that, so they do not depend on it.
     """
     import torch
 
@@ -107,7 +113,9 @@ def segment(
         raise InputError(f"threshold must lie strictly between 0 and 1, got {threshold}")
     if not min_component_ml >= 0.0:
         raise InputError(f"min_component_ml must be 0 or more (mL), got {min_component_ml}")
-    if not np.all(np.isfinite(volume.array)):
+    if probability_dtype not in PROBABILITY_DTYPES:
+        raise InputError(f"probability_dtype must be one of {', '.join(PROBABILITY_DTYPES)}, got {probability_dtype!r}")
+    if not _all_finite(volume.array):
         raise InputError(f"{volume.source or 'volume'}: contains NaN or infinite values")
 
     started = time.perf_counter()
@@ -130,7 +138,10 @@ def segment(
     text = _encode_text_cached(model, prompt_list, aux_list)
     # One array per prompt, so each can be let go once it is back in the volume's own layout: the
     # peak then holds the outputs plus one prompt's slices, not every prompt twice.
-    probabilities: list[Optional[np.ndarray]] = [np.zeros(slices_hu.shape, dtype=np.float32) for _ in prompt_list]
+    kept = PROBABILITY_DTYPES[probability_dtype]
+    cut = np.float32(threshold)  # masks and stored maps compare in float32, as a reader of the written maps will
+    probabilities: list[Optional[np.ndarray]] = [np.zeros(slices_hu.shape, dtype=kept) for _ in prompt_list]
+    masks: list[Optional[np.ndarray]] = [np.zeros(slices_hu.shape, dtype=np.uint8) for _ in prompt_list]
     if features_sink is not None:
         features_sink.begin(volume=volume, plan=plan, prompts=prompt_list, model=model)
 
@@ -142,7 +153,7 @@ def segment(
         indices = wanted[position : position + batch]
         try:
             chunk = _run_batch(
-                model, text, slices_hu[indices], indices, plan=plan, size=size, windows=windows,
+                model, text, slices_hu, indices, plan=plan, size=size, windows=windows,
                 device=target, use_amp=use_amp, features_sink=features_sink,
             )
         except torch.OutOfMemoryError:
@@ -164,8 +175,8 @@ def segment(
             log.warning(message)
             warnings.append(message)
             continue
-        for p, slices in enumerate(probabilities):
-            slices[indices] = chunk[p]
+        for p in range(len(prompt_list)):
+            masks[p][indices], probabilities[p][indices] = _threshold(chunk[p], cut, dtype=kept)
         position += len(indices)
         done += len(indices)
         report(done / n_slices * 0.95, f"slice {done}/{n_slices}")
@@ -177,9 +188,8 @@ def segment(
     results = []
     min_voxels = int(np.ceil(min_component_ml * 1000.0 / float(np.prod(volume.spacing))))
     for p, prompt in enumerate(prompt_list):
-        prob = plan.restore(probabilities[p])
-        probabilities[p] = None  # restore made its own copy (or returned this very array)
-        mask = (prob >= threshold).view(np.uint8)  # the bool array read as 0/1 bytes: no second copy
+        prob, mask = plan.restore(probabilities[p]), plan.restore(masks[p])
+        probabilities[p] = masks[p] = None  # restore made its own copies (or returned these very arrays)
         if largest_component or fill_holes or min_voxels > 1:
             mask = clean_mask(mask, largest_component=largest_component, fill_holes=fill_holes,
                               min_component_voxels=min_voxels)
@@ -207,17 +217,56 @@ def segment(
     )
 
 
+def _threshold(values: np.ndarray, cut: np.float32, *, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The mask ``values >= cut`` and ``values`` (float32) cast to ``dtype``, no value crossing ``cut``.
+
+    Rounding to float16 can carry a probability just under the threshold onto it (or one on it
+    just under); such values get the nearest float16 on their own side, so thresholding a written
+    map gives the mask exactly, at most one float16 step (4.9e-4) from the float32 value. The
+    check compares bit patterns: for values ≥ 0 they sort as the values do, and integer compares
+    are fast where numpy's float16 ones are not.
+    """
+    mask = values >= cut
+    if dtype is np.float32:
+        return mask, values
+    import torch
+
+    out = torch.from_numpy(values).half().numpy()  # the same rounding as numpy's astype, 2x faster
+    nearest = np.float16(cut)
+    if np.float32(nearest) >= cut:
+        lower, upper = np.nextafter(nearest, np.float16(-np.inf)), nearest
+    else:
+        lower, upper = nearest, np.nextafter(nearest, np.float16(np.inf))
+    crossed = (out.view(np.int16) >= upper.view(np.int16)) != mask  # values are probabilities: ≥ 0
+    if crossed.any():
+        out[crossed] = np.where(mask[crossed], upper, lower)
+    return mask, out
+
+
+def _all_finite(array: np.ndarray, *, chunk: int = 1 << 22) -> bool:
+    """No NaN or infinity, checked a few MB at a time (``np.isfinite`` of a whole CT is a volume-sized temporary)."""
+    if array.dtype.kind in "biu":
+        return True
+    step = max(1, chunk // max(1, array[:1].size))  # whole slices along the first axis: no copy of a strided volume
+    return all(np.isfinite(array[i : i + step]).all() for i in range(0, len(array), step))
+
+
 DECODE_PIXELS = 1 << 17  # images × pixels decoded at once (freqmedclip-base at 352²: 1; tiny at 128²: 8)
 
 
-def _run_batch(model, text, slices_hu, indices, *, plan, size, windows, device, use_amp, features_sink) -> np.ndarray:
-    """Probabilities (P, B, H, W) on the slice grid for one batch of slices and every prompt."""
+def _run_batch(model, text, slices_hu, indices, *, plan, size, windows, device, use_amp, features_sink) -> list[np.ndarray]:
+    """Per prompt, the probabilities (B, H, W) on the slice grid of the slices ``slices_hu[indices]``."""
     import torch
 
     n_prompts = len(text)
-    images = torch.from_numpy(window_composite(slices_hu, windows=windows))
-    fitted, fit = fit_to_square(images, size=size, pixel_spacing=plan.pixel_spacing)
-    b = fitted.shape[0]
+    # windowed one slice at a time into one buffer: the batch's windowed channels at source
+    # resolution (3 float32 copies of every slice) were its largest transient
+    b = len(indices)
+    window = np.empty((1, len(windows)) + slices_hu.shape[1:], dtype=np.float32)
+    fitted = torch.empty((b, len(windows), size, size), dtype=torch.float32)
+    for i, k in enumerate(indices):
+        window_composite(slices_hu[k : k + 1], windows=windows, out=window)
+        fitted[i : i + 1], fit = fit_to_square(torch.from_numpy(window), size=size, pixel_spacing=plan.pixel_spacing)
     # the backbones run once per slice, then the decoder once per prompt, a few images at a time:
     # peak memory grows neither with the number of prompts nor with the decoder's full-resolution
     # stages; rows of the joined output are prompt-major
@@ -233,7 +282,7 @@ def _run_batch(model, text, slices_hu, indices, *, plan, size, windows, device, 
     if features_sink is not None:
         features_sink.consume(indices=indices, prompt_rows=rows, output=output, fit=fit)
     probs = probs.cpu().reshape(n_prompts, b, *probs.shape[1:])
-    return np.stack([inverse_fit(p, fit, mode="linear").clamp_(0, 1).numpy() for p in probs])
+    return [inverse_fit(p, fit, mode="linear").clamp_(0, 1).numpy() for p in probs]
 
 
 def _join(outputs: list):

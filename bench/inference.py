@@ -120,14 +120,16 @@ def first_slices(volume, n: int):
 
 
 # ---------------------------------------------------------------------------------- the three ways
-def run_engine(model, volume, prompts: Sequence[str], *, device: str, batch_size: int) -> np.ndarray:
+# Each way returns one probability array per prompt, as it made them: stacking them here would be a
+# copy of the outputs that the harness, not the method, adds to the peak memory.
+def run_engine(model, volume, prompts: Sequence[str], *, device: str, batch_size: int) -> list[np.ndarray]:
     from TextSegmentLib.engine import segment
 
     run = segment(volume, list(prompts), model=model, device=device, batch_size=batch_size, skip_empty_slices=False)
-    return np.stack([r.probability.array for r in run.results])
+    return [r.probability.array for r in run.results]
 
 
-def run_naive(model, volume, prompts: Sequence[str], *, device: str) -> np.ndarray:
+def run_naive(model, volume, prompts: Sequence[str], *, device: str) -> list[np.ndarray]:
     """What a first script does: one slice and one prompt at a time, the prompt encoded every time."""
     import torch
 
@@ -147,10 +149,10 @@ def run_naive(model, volume, prompts: Sequence[str], *, device: str) -> np.ndarr
                     logits = model(image.to(target), text).logits
                 prob = torch.sigmoid(logits.float())[:, 0].cpu()
                 out[p, k] = inverse_fit(prob, fit).clamp_(0, 1).numpy()[0]
-    return np.stack([plan.restore(o) for o in out])
+    return [plan.restore(o) for o in out]
 
 
-def run_slice_inferer(model, volume, prompts: Sequence[str], *, device: str, sw_batch_size: int) -> np.ndarray:
+def run_slice_inferer(model, volume, prompts: Sequence[str], *, device: str, sw_batch_size: int) -> list[np.ndarray]:
     """MONAI's way: the whole volume pre-windowed and pre-resized, slices taken along the last spatial dim."""
     import torch
     from monai.inferers import SliceInferer
@@ -176,7 +178,7 @@ def run_slice_inferer(model, volume, prompts: Sequence[str], *, device: str, sw_
             logits = inferer(stack, network)  # (1, 1, S, S, N)
             probs = torch.sigmoid(logits[0, 0].permute(2, 0, 1)).cpu()
             out.append(plan.restore(inverse_fit(probs, fit).clamp_(0, 1).numpy()))
-    return np.stack(out)
+    return out
 
 
 # ------------------------------------------------------------------------------- FLOPs and the floor
@@ -246,7 +248,7 @@ class MethodSession:
         self.small, self.large = first_slices(volume, slices), first_slices(volume, 2 * slices)
         self.seconds: list[float] = []
         self.seconds_2n: list[float] = []
-        self.probabilities: Optional[np.ndarray] = None
+        self.probabilities: Optional[list[np.ndarray]] = None
         self.peak: Optional[float] = None
         self.cuda_peak: Optional[float] = None
 
@@ -448,7 +450,7 @@ def worker(spec_path: str) -> None:
             session.step()
             print("ok", file=protocol, flush=True)
         elif command.strip() == "finish":
-            np.save(spec["probabilities"], session.probabilities)
+            np.savez(spec["probabilities"], *session.probabilities)
             write_json(spec["result"], session.record(count_flops=spec["method"] == "engine"))
             print("done", file=protocol, flush=True)
             return
@@ -459,7 +461,7 @@ class Worker:
 
     def __init__(self, spec: dict, folder: Path):
         self.name = f"{spec['preset']}-{spec['device'].replace(':', '')}-{spec['method']}"
-        self.spec = dict(spec, result=str(folder / f"{self.name}.json"), probabilities=str(folder / f"{self.name}.npy"))
+        self.spec = dict(spec, result=str(folder / f"{self.name}.json"), probabilities=str(folder / f"{self.name}.npz"))
         spec_path = folder / f"{self.name}.spec.json"
         spec_path.write_text(json.dumps(self.spec))
         env = dict(os.environ)
@@ -481,10 +483,11 @@ class Worker:
         self.process.stdin.flush()
         self._expect(answer)
 
-    def finish(self) -> tuple[dict, np.ndarray]:
+    def finish(self) -> tuple[dict, list[np.ndarray]]:
         self.send("finish", "done")
         self.process.wait()
-        return json.loads(Path(self.spec["result"]).read_text()), np.load(self.spec["probabilities"])
+        with np.load(self.spec["probabilities"]) as saved:
+            return json.loads(Path(self.spec["result"]).read_text()), [saved[k] for k in saved.files]
 
 
 def run_benchmark(
@@ -531,7 +534,10 @@ def run_benchmark(
                     record.update(preset=name, floor_target=preset.floor_target)
                     records.append(record)
                 for record in records[-len(METHODS):]:
-                    record["max_abs_diff"] = float(np.abs(outputs[record["method"]] - outputs["engine"]).max())
+                    record["max_abs_diff"] = max(
+                        float(np.abs(mine.astype(np.float32) - ours.astype(np.float32)).max())
+                        for mine, ours in zip(outputs[record["method"]], outputs["engine"])
+                    )
     return records
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from TextSegmentLib.engine import segment
+from TextSegmentLib.engine import _all_finite, _threshold, segment
 from TextSegmentLib.errors import Cancelled, InputError
 from TextSegmentLib.models.base import ModelOutput, TextFeatures, TextSegmentationModel
 from TextSegmentLib.progress import CancelToken
@@ -80,7 +80,7 @@ def test_masks_land_on_the_object_in_physical_space(name):
     assert run.results[0].mask.same_geometry(volume)
     np.testing.assert_array_equal(run.results[0].mask.array.astype(bool), cube)
     np.testing.assert_array_equal(run.results[1].mask.array.astype(bool), ~cube)
-    assert run.results[0].probability.array.dtype == np.float32
+    assert run.results[0].probability.array.dtype == np.float16
 
 
 def test_resize_path_round_trips_to_the_source_grid():
@@ -167,6 +167,64 @@ def test_nan_volume_is_refused():
     bad = volume.with_array(np.where(volume.array > 0, np.nan, 0.0))
     with pytest.raises(InputError, match="NaN"):
         segment(bad, "bright", model=WindowModel(), device="cpu")
+
+
+def test_nan_is_found_in_any_chunk_of_a_strided_volume():
+    hu = np.zeros((12, 8, 8), np.float32)
+    hu[11, 7, 7] = np.nan
+    strided = np.swapaxes(hu, 0, 2)  # not contiguous: checked without a copy, slice block by slice block
+    assert not _all_finite(strided, chunk=64)
+    assert not _all_finite(hu, chunk=64)
+    assert _all_finite(np.zeros((12, 8, 8), np.float32), chunk=64)
+    assert _all_finite(np.zeros((3, 4, 4), np.int16))
+
+
+def test_probabilities_kept_as_float16_while_masks_follow_float32():
+    """A threshold between a float32 probability and its float16 rounding: the mask keeps float32's side."""
+    volume, _ = cube_volume()
+    hu = volume.array.astype(np.float32) + np.linspace(0, 1200, volume.array.size, dtype=np.float32).reshape(
+        volume.array.shape)
+    volume = volume.with_array(hu)
+    exact = segment(volume, "bright", model=WindowModel(), device="cpu", probability_dtype="float32")
+    p32 = exact.results[0].probability.array
+    assert p32.dtype == np.float32
+    rounded = p32.astype(np.float16).astype(np.float32)
+    crossing = np.flatnonzero((rounded != p32) & (p32 > 0.05) & (p32 < 0.95))
+    assert crossing.size, "the ramp should give probabilities that float16 cannot hold exactly"
+    i = crossing[0]
+    threshold = float((p32.flat[i] + rounded.flat[i]) / 2)  # float32 and float16 fall on either side of it
+    assert (p32.flat[i] >= threshold) != (rounded.flat[i] >= threshold)
+
+    half = segment(volume, "bright", model=WindowModel(), device="cpu", threshold=threshold)
+    p16 = half.results[0].probability.array
+    assert p16.dtype == np.float16
+    np.testing.assert_allclose(p16.astype(np.float32), p32, atol=2.0**-11, rtol=0)
+    assert np.mean(p16.astype(np.float32) == rounded) > 0.99  # plain rounding except at the threshold
+    expected = (p32 >= np.float32(threshold)).astype(np.uint8)
+    np.testing.assert_array_equal(half.results[0].mask.array, expected)
+    # the stored map, read back as float32, thresholds to the very mask: no value crossed in the cast
+    np.testing.assert_array_equal((p16.astype(np.float32) >= np.float32(threshold)).astype(np.uint8), expected)
+    with pytest.raises(InputError, match="probability_dtype"):
+        segment(volume, "bright", model=WindowModel(), device="cpu", probability_dtype="float64")
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.3, 0.50007, 0.4999, 0.9, 0.01, 0.99999])
+def test_float16_maps_never_cross_the_threshold(cut):
+    rng = np.random.default_rng(1)
+    cut = np.float32(cut)
+    values = rng.random((2, 64, 64), dtype=np.float32)
+    values.flat[:4000] = np.clip(cut + (rng.random(4000).astype(np.float32) - 0.5) * np.float32(2e-3), 0, 1)
+    plain = values.astype(np.float16)
+    assert ((plain.astype(np.float32) >= cut) != (values >= cut)).any(), "plain rounding should cross here"
+    mask, kept = _threshold(values, cut, dtype=np.float16)
+    assert kept.dtype == np.float16
+    np.testing.assert_array_equal(mask, values >= cut)
+    np.testing.assert_array_equal(kept.astype(np.float32) >= cut, mask)
+    changed = kept != plain
+    assert np.abs(kept.astype(np.float32) - values).max() <= 2.0**-11
+    assert np.all(np.abs(values[changed] - cut) < 2.0**-10)  # only values at the threshold move
+    exact_mask, exact = _threshold(values, cut, dtype=np.float32)
+    assert exact is values and np.array_equal(exact_mask, mask)
 
 
 def test_cleanup_keeps_the_largest_component():

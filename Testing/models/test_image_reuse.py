@@ -52,13 +52,14 @@ def test_the_decoder_runs_a_few_images_at_a_time_with_the_same_result(model, mon
 
     volume = make_phantom(seed=5, shape=(4, 64, 64)).ct
     prompts = ["liver", "spleen"]
-    whole = segment(volume, prompts, model=model, device="cpu", batch_size=4, skip_empty_slices=False)
+    exact = dict(model=model, device="cpu", batch_size=4, skip_empty_slices=False, probability_dtype="float32")
+    whole = segment(volume, prompts, **exact)
     sizes = []
     decode = model.decode
     monkeypatch.setattr(model, "decode", lambda features, text, taps=None: sizes.append(len(features)) or
                         decode(features, text, taps=taps))
     monkeypatch.setattr(engine, "DECODE_PIXELS", model.image_size ** 2)  # one image per decoder call
-    grouped = segment(volume, prompts, model=model, device="cpu", batch_size=4, skip_empty_slices=False)
+    grouped = segment(volume, prompts, **exact)
     assert sizes == [1] * 8  # 4 slices × 2 prompts, one batch
     for a, b in zip(whole, grouped):
         np.testing.assert_allclose(a.probability.array, b.probability.array, atol=1e-5)

@@ -71,3 +71,26 @@ def test_composite_on_tensors_matches_numpy():
     np.testing.assert_allclose(from_tensor.numpy(), window_composite(hu), atol=1e-6)
     for c, preset in enumerate(("abdomen", "lung", "bone")):  # windowed in place: the very same values
         assert torch.equal(from_tensor[:, c], apply_window(torch.from_numpy(hu), preset=preset))
+
+
+def test_integer_hu_is_windowed_without_a_float_copy_and_gives_the_float_values():
+    hu = np.random.default_rng(2).integers(-1024, 3000, size=(3, 16, 16)).astype(np.int16)
+    expected = window_composite(hu.astype(np.float32))
+    got = window_composite(hu)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)  # bit for bit: the cast happens on the way into the output
+    from_tensor = window_composite(torch.from_numpy(hu))
+    assert from_tensor.dtype == torch.float32
+    np.testing.assert_array_equal(from_tensor.numpy(), expected)
+
+
+def test_composite_writes_into_a_given_buffer_slice_after_slice():
+    hu = np.random.default_rng(3).integers(-1024, 3000, size=(4, 16, 16)).astype(np.int16)
+    whole = window_composite(hu)
+    buffer = np.full((1, 3, 16, 16), np.nan, np.float32)
+    for k in range(4):
+        assert window_composite(hu[k : k + 1], out=buffer) is buffer
+        np.testing.assert_array_equal(buffer[0], whole[k])
+    for bad in (np.empty((1, 3, 16, 16), np.float64), np.empty((1, 2, 16, 16), np.float32)):
+        with pytest.raises(InputError, match="out must be float32"):
+            window_composite(hu[:1], out=bad)
