@@ -251,7 +251,10 @@ def _all_finite(array: np.ndarray, *, chunk: int = 1 << 22) -> bool:
     return all(np.isfinite(array[i : i + step]).all() for i in range(0, len(array), step))
 
 
-DECODE_PIXELS = 1 << 17  # images × pixels decoded at once (freqmedclip-base at 352²: 1; tiny at 128²: 8)
+# images × pixels per network call (freqmedclip-base at 352²: 1 image; tgcnet-tiny at 256²: 2;
+# freqmedclip-tiny at 128²: 8): the decoder's full-resolution stages, and on the CPU the encoders,
+# are memory-bound past this (tgcnet-base encodes 4 images in 28 s at once, in 23 s one by one)
+GROUP_PIXELS = 1 << 17
 
 
 def _run_batch(model, text, slices_hu, indices, *, plan, size, windows, device, use_amp, features_sink) -> list[np.ndarray]:
@@ -267,16 +270,22 @@ def _run_batch(model, text, slices_hu, indices, *, plan, size, windows, device, 
     for i, k in enumerate(indices):
         window_composite(slices_hu[k : k + 1], windows=windows, out=window)
         fitted[i : i + 1], fit = fit_to_square(torch.from_numpy(window), size=size, pixel_spacing=plan.pixel_spacing)
-    # the backbones run once per slice, then the decoder once per prompt, a few images at a time:
-    # peak memory grows neither with the number of prompts nor with the decoder's full-resolution
-    # stages; rows of the joined output are prompt-major
+    # the backbones run once per slice, then the decoder once per prompt, a few images at a time
+    # (on the CPU the encoders too; a GPU wants the whole batch): peak memory grows neither with
+    # the number of prompts nor with the batch; rows of the joined output are prompt-major
     taps = features_sink.taps if features_sink else None
-    step = max(1, DECODE_PIXELS // (size * size))
+    step = max(1, GROUP_PIXELS // (size * size))
+    encode_step = step if device.type == "cpu" else b
+    decoded: list[list] = [[] for _ in range(n_prompts)]
     with torch.inference_mode(), torch.autocast(device_type=device.type, enabled=use_amp):
-        encoded = model.encode_image(fitted.to(device))
-        parts = [encoded] if step >= b else [encoded.index(list(range(i, min(b, i + step)))) for i in range(0, b, step)]
-        output = _join([model.decode(part, text.index([p] * len(part)), taps=taps)
-                        for p in range(n_prompts) for part in parts])
+        for start in range(0, b, encode_step):
+            encoded = model.encode_image(fitted[start : start + encode_step].to(device))
+            n = len(encoded)
+            parts = [encoded] if step >= n else [encoded.index(list(range(i, min(n, i + step)))) for i in range(0, n, step)]
+            for p in range(n_prompts):
+                decoded[p] += [model.decode(part, text.index([p] * len(part)), taps=taps) for part in parts]
+            del encoded, parts
+        output = _join([out for per_prompt in decoded for out in per_prompt])
     rows = torch.arange(n_prompts, device=device).repeat_interleave(b)
     probs = torch.sigmoid(output.logits.float())[:, 0]
     if features_sink is not None:

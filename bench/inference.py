@@ -18,6 +18,9 @@ volume grid from a 512×512 phantom:
   back to the slice grid. The windowing, fitting and mapping back are timed too: every method is
   timed from the HU volume to probabilities on its grid.
 
+Each runner returns one probability array per prompt, as the engine hands them out (float16, the
+engine's default ``probability_dtype``; float32 for the other two), so the harness adds no copy.
+
 Each method runs in its own subprocess, so peak memory is its own: "Δ RSS" is the peak resident
 memory during warm-up and the first timed run minus the process's RSS once the model and the volume
 exist; "peak RSS" is that peak itself (on CUDA also "Δ CUDA", from ``max_memory_allocated``, which

@@ -47,19 +47,21 @@ def test_engine_encodes_each_slice_once_for_all_prompts(model, monkeypatch):
 
 
 def test_the_decoder_runs_a_few_images_at_a_time_with_the_same_result(model, monkeypatch):
-    """Full-resolution decoder stages dominate peak memory: the engine decodes in small groups."""
+    """Full-resolution stages dominate peak memory: on the CPU the engine encodes and decodes in small groups."""
     import TextSegmentLib.engine as engine
 
     volume = make_phantom(seed=5, shape=(4, 64, 64)).ct
     prompts = ["liver", "spleen"]
     exact = dict(model=model, device="cpu", batch_size=4, skip_empty_slices=False, probability_dtype="float32")
     whole = segment(volume, prompts, **exact)
-    sizes = []
-    decode = model.decode
+    sizes, encoded = [], []
+    decode, encode = model.decode, model.encode_image
     monkeypatch.setattr(model, "decode", lambda features, text, taps=None: sizes.append(len(features)) or
                         decode(features, text, taps=taps))
-    monkeypatch.setattr(engine, "DECODE_PIXELS", model.image_size ** 2)  # one image per decoder call
+    monkeypatch.setattr(model, "encode_image", lambda images: encoded.append(len(images)) or encode(images))
+    monkeypatch.setattr(engine, "GROUP_PIXELS", model.image_size ** 2)  # one image per network call
     grouped = segment(volume, prompts, **exact)
+    assert encoded == [1] * 4  # on the CPU the encoders too see one image at a time, each image once
     assert sizes == [1] * 8  # 4 slices × 2 prompts, one batch
     for a, b in zip(whole, grouped):
         np.testing.assert_allclose(a.probability.array, b.probability.array, atol=1e-5)
