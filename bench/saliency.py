@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import replace_doc_block  # noqa: E402
 from TextSegmentLib.volume import Volume  # noqa: E402
 
 log = logging.getLogger("bench.saliency")
@@ -53,7 +53,7 @@ REAL_CT = Path("ct/totalseg_example_ct_sm/example_ct_sm.nii.gz")
 REAL_LABELS = Path("ct/totalseg_example_ct_sm/example_seg.nii.gz")
 REAL_CLASS_MAP = Path("ct/totalsegmentator_class_maps.json")
 REAL_PROMPTS = ("liver", "spleen", "left kidney", "aorta")
-DOC_START, DOC_END = "<!-- bench:saliency:start -->", "<!-- bench:saliency:end -->"
+DOC_BLOCK = "saliency"  # <!-- bench:saliency:start/end --> in docs/explainability.md
 GRAD_CAM = "grad-cam"
 OURS = "gradient-free"
 
@@ -396,14 +396,6 @@ def format_targets(checked: dict) -> str:
     return "\n".join(lines)
 
 
-def update_doc(path: Path, table: str) -> None:
-    text = path.read_text()
-    if DOC_START not in text or DOC_END not in text:
-        raise SystemExit(f"{path}: no {DOC_START} … {DOC_END} block to replace")
-    pattern = re.compile(re.escape(DOC_START) + ".*?" + re.escape(DOC_END), re.S)
-    path.write_text(pattern.sub(lambda _: f"{DOC_START}\n{table}\n{DOC_END}", text))
-
-
 # ------------------------------------------------------------------------------------------- run
 def run_benchmark(
     model: Any,
@@ -463,7 +455,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", default=str(REPO / "out" / "bench_saliency.json"))
-    parser.add_argument("--doc", default=None, help="Markdown file whose bench:saliency block gets the table")
+    parser.add_argument("--doc", default=None, help="Markdown file whose bench:BLOCK block gets the table")
+    parser.add_argument("--doc-block", default=DOC_BLOCK, help="BLOCK for --doc (one per model, say)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -513,7 +506,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
     print(f"wrote {args.json}")
     if args.doc:
-        update_doc(Path(args.doc), table)
+        replace_doc_block(args.doc, args.doc_block, table)
         print(f"updated {args.doc}")
     return 0
 

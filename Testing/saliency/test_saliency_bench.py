@@ -51,8 +51,8 @@ def test_bench_scores_the_planted_answer_and_writes_its_table(tmp_path):
     table = bench.format_tables(result["summary"], result["overhead"], title="planted")
     assert "| gradient-free | 1 | deep |" in table and "n/a (tap not on the logit path)" in table
     doc = tmp_path / "doc.md"
-    doc.write_text(f"intro\n{bench.DOC_START}\nold\n{bench.DOC_END}\noutro\n")
-    bench.update_doc(doc, table)
+    doc.write_text(f"intro\n<!-- bench:{bench.DOC_BLOCK}:start -->\nold\n<!-- bench:{bench.DOC_BLOCK}:end -->\noutro\n")
+    bench.replace_doc_block(doc, bench.DOC_BLOCK, table)
     text = doc.read_text()
     assert "old" not in text and "| gradient-free | 1 | deep |" in text and text.endswith("outro\n")
     assert math.isfinite(deep["ms_per_slice"]) and np.isfinite(deep["dice"])

@@ -36,7 +36,9 @@ def test_every_tap_of_both_families_gives_a_map_on_the_input_grid(family_model):
         assert item.layers == [*model.tap_names, COMBINED]
         for layer in model.tap_names:
             assert item.maps[layer].same_geometry(volume) and item.maps[layer].array.dtype == np.uint8
-            assert item.legend[layer]["stage"] == (3 if layer in joint else 1)
+            assert item.legend[layer]["stage"] == 3
+            assert (layer in joint) == item.legend[layer]["space"].startswith("joint")
+            assert (layer in joint) == ("note" not in item.legend[layer])
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -165,6 +165,24 @@ def test_stage3_four_components_by_hand():
     assert torch.allclose(out, (unit * prior[0, 0])[None, None])
 
 
+def test_stage3_without_a_prompt_keeps_its_three_image_components_by_hand():
+    e1, e2, e3 = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]
+    features = grid(e1, e2, e3)
+    prior = torch.tensor([[[1.0, 0.5, 0.25]]])
+    out = stage3_map(
+        features,
+        prototype=torch.tensor([e1]),
+        prompt=None,
+        global_image=torch.tensor([e3]),
+        context=torch.tensor([e2]),
+        prior=prior,
+        weights=Stage3Weights(prototype=1.0, prompt=1.0, global_image=0.5, context=0.5),
+    )
+    # scores: e1 → +1, e2 → −0.5 (context), e3 → −0.5 (global); total weight 2 without the prompt's
+    unit = torch.tensor([(1 / 2 + 1) / 2, (-0.5 / 2 + 1) / 2, (-0.5 / 2 + 1) / 2])
+    assert torch.allclose(out, (unit * prior[0, 0])[None, None])
+
+
 def test_stage3_equals_the_weighted_sum_of_its_four_cosines_row_by_row_and_per_image():
     """One combined reference per row is the same score as four cosines weighed one by one."""
     gen = torch.Generator().manual_seed(3)

@@ -144,10 +144,30 @@ def test_stage_2_uses_the_projection_where_it_exists_and_says_where_it_falls_bac
     assert legend["joint"]["stage"] == 2 and legend["joint"]["space"].startswith("joint")
     assert legend["deep"]["stage"] == 1 and "cannot be mapped" in legend["deep"]["note"]
     assert legend[COMBINED]["layers"] == ["shallow", "deep", "joint"]
-    no_text = run_explain(PlantedModel(with_text_embedding=False), volume, stage=3).features[0].legend
+    no_text = run_explain(PlantedModel(with_text_embedding=False), volume, stage=2).features[0].legend
     assert all(
         no_text[name]["stage"] == 1 and "no prompt embedding" in no_text[name]["note"] for name in ("deep", "joint")
     )
+
+
+def test_stage_3_outside_the_text_space_drops_only_its_prompt_term(model, phantom):
+    """The image components and the prior stay (the default), or stage 1 when asked for."""
+    volume, _, _ = phantom
+    legend = run_explain(model, volume, stage=3).features[0].legend
+    assert legend["joint"]["stage"] == 3 and "note" not in legend["joint"]
+    assert legend["deep"]["stage"] == 3 and "without its prompt term" in legend["deep"]["note"]
+    assert legend["deep"]["space"] == "layer features"
+    no_text = run_explain(PlantedModel(with_text_embedding=False), volume, stage=3).features[0].legend
+    assert all(
+        no_text[name]["stage"] == 3 and "no prompt embedding" in no_text[name]["note"] for name in ("deep", "joint")
+    )
+    as_stage_1 = SaliencyConfig(stage=3, stage3_without_text="stage-1")
+    fallback = run_explain(model, volume, stage=3, config=as_stage_1).features[0]
+    assert fallback.legend["deep"]["stage"] == 1 and "stage 1 used" in fallback.legend["deep"]["note"]
+    stage_1 = run_explain(model, volume, stage=1).features[0]
+    assert np.array_equal(fallback.maps["deep"].array, stage_1.maps["deep"].array)
+    with pytest.raises(InputError, match="stage3_without_text"):
+        SaliencyConfig(stage=3, stage3_without_text="drop")
 
 
 def test_with_a_fixed_target_only_the_prompt_aware_stages_change_with_the_prompt(model, phantom):

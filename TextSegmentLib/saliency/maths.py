@@ -10,12 +10,14 @@ inside a box when its centre ``((i + 0.5) / h)`` is.
 * stage 2: similarity to the normalised blend of the prototype and the prompt embedding;
 * stage 3: ``+`` prototype, ``+`` prompt, ``-`` global image feature, ``-`` context around the box,
   mapped to [0, 1] and weighted by a Gaussian prior around the box centre that never drops below
-  ``floor`` (the paper keeps "awareness of distant anatomical context").
+  ``floor`` (the paper keeps "awareness of distant anatomical context"). Without a prompt (a layer
+  outside the text space) it keeps its three image components and the prior.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import numpy as np
 import torch
@@ -226,7 +228,7 @@ def stage3_map(
     features: torch.Tensor,
     *,
     prototype: torch.Tensor,
-    prompt: torch.Tensor,
+    prompt: Optional[torch.Tensor],
     global_image: torch.Tensor,
     context: torch.Tensor,
     prior: torch.Tensor,
@@ -236,13 +238,17 @@ def stage3_map(
 
     The score Σ_k s_k · cos(f, r_k) equals f̂ · Σ_k s_k r̂_k, so the four unit references are
     combined first and each position needs one dot product, not four. (N, C) references with an
-    (N, h, w) prior give (N, h, w); (N, K, C) with (N, K, h, w) give (N, K, h, w).
+    (N, h, w) prior give (N, h, w); (N, K, C) with (N, K, h, w) give (N, K, h, w). ``prompt`` =
+    None drops the prompt term, weight included, and keeps the three image components.
     """
     reference = (
         weights.prototype * normalise(prototype, dim=-1)
-        + weights.prompt * normalise(prompt, dim=-1)
         - weights.global_image * normalise(global_image, dim=-1)
         - weights.context * normalise(context, dim=-1)
     )
+    if prompt is None:
+        weights = replace(weights, prompt=0.0)
+    else:
+        reference = reference + weights.prompt * normalise(prompt, dim=-1)
     unit = (projection_map(features, reference) / max(weights.total, EPS) + 1.0) / 2.0
     return unit * prior

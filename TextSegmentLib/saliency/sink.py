@@ -14,7 +14,9 @@ Stages 2 and 3 compare features with the prompt embedding, so they need the laye
 image–text space. A model offers that by listing ``joint_tap_names`` and mapping those taps with
 ``project_to_joint(name, features)`` (both families do it with the CLIP tower's own final norm and
 projection: exact for the last block, an approximation for earlier ones). Every other layer, or
-every layer of a model without text embeddings, falls back to stage 1 and the legend says so.
+every layer of a model without text embeddings, has no prompt term: stage 2 falls back to stage 1,
+stage 3 keeps its three image components and its prior (``stage3_without_text``), and the legend
+says so.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 
 COMBINED = "combined"
 ENCODINGS = ("uint8", "float16")
+STAGE3_WITHOUT_TEXT = ("image-terms", "stage-1")
 STACK_MAX_CELLS = 1024  # feature maps up to 32 × 32 are stacked with same-shaped layers and mapped at once
 FINISH_CHUNK = 32  # slices brought to the source grid at once: bounds the float32 working memory
 METHOD = "gradient-free cosine similarity (Stage 1 prototype / 2 prototype+prompt / 3 four-component)"
@@ -70,12 +73,19 @@ class SaliencyConfig:
     encoding: str = "uint8"
     combine: bool = True
     max_map_size: int = 128  # finer maps are area-pooled to this before being kept
+    # stage 3 on a layer with no text-space projection: keep prototype, global image, context and
+    # prior and drop only the prompt term ("image-terms"), or fall back to stage 1 ("stage-1")
+    stage3_without_text: str = "image-terms"
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2, 3):
             raise InputError(f"saliency stage must be 1, 2 or 3, got {self.stage!r}")
         if self.encoding not in ENCODINGS:
             raise InputError(f"saliency encoding must be one of {', '.join(ENCODINGS)}, got {self.encoding!r}")
+        if self.stage3_without_text not in STAGE3_WITHOUT_TEXT:
+            raise InputError(
+                f"stage3_without_text must be one of {', '.join(STAGE3_WITHOUT_TEXT)}, got {self.stage3_without_text!r}"
+            )
         if not 0.0 <= self.low_percentile < self.high_percentile <= 100.0:
             raise InputError("saliency percentiles need 0 <= low < high <= 100")
         if not 0.0 < self.threshold < 1.0:
@@ -405,24 +415,28 @@ def explain_batch(
     features_of: dict[str, Any] = {}
     info: dict[str, dict[str, Any]] = {}
     per_image_of: dict[str, bool] = {}
+    text_of: dict[str, bool] = {}  # compared with the prompt embedding (joint space at stages 2, 3)
     for name in layers:
         if name not in output.taps:
             raise InputError(f"the model returned no feature tap {name!r}; it returned {sorted(output.taps)}")
         tap = output.taps[name]
         stage, space, note = config.stage, "layer features", None
-        if stage > 1 and (prompt is None or name not in joint):
-            stage = 1
-            note = (
-                "no prompt embedding from this model: stage 1 used"
-                if prompt is None
-                else "this layer cannot be mapped into the text space: stage 1 used"
-            )
+        text = stage > 1 and prompt is not None and name in joint
+        if stage > 1 and not text:
+            reason = "this layer cannot be mapped into the text space"
+            if prompt is None:
+                reason = "no prompt embedding from this model"
+            if stage == 3 and config.stage3_without_text == "image-terms":
+                note = f"{reason}: stage 3 without its prompt term (prototype, global image, context, prior)"
+            else:
+                stage, note = 1, f"{reason}: stage 1 used"
         shared = images is not None and name in image_taps and tap.shape[0] % images == 0
         features = (tap[:images] if shared else tap).float()
-        if stage > 1:
+        if text:
             features = model.project_to_joint(name, features).float()
             space = "joint image-text space (model projection)"
         per_image_of[name] = shared
+        text_of[name] = text
         features_of[name] = features
         info[name] = {"stage": stage, "space": space, "feature_shape": list(features.shape[1:]), "note": note}
 
@@ -430,9 +444,9 @@ def explain_batch(
     # stacked along the batch and mapped in one go; large maps are mapped one by one.
     groups: dict[tuple[Any, ...], list[str]] = {}
     for name, features in features_of.items():
-        key = (info[name]["stage"], per_image_of[name]) + tuple(features.shape[1:])
+        key = (info[name]["stage"], text_of[name], per_image_of[name]) + tuple(features.shape[1:])
         if features.shape[-2] * features.shape[-1] > STACK_MAX_CELLS:  # copying it costs more than a call
-            key = key[:2] + (name,) + key[2:]
+            key = key[:3] + (name,) + key[3:]
         groups.setdefault(key, []).append(name)
     pooled: dict[tuple[int, int], Any] = {}  # the target on each feature grid, shared by same-sized taps
     for shape in sorted({key[-2:] for key in groups}, key=lambda hw: -hw[0] * hw[1]):  # finest first
@@ -440,19 +454,19 @@ def explain_batch(
     rows = None if every else has_target.nonzero().squeeze(1)
     maps: dict[str, Any] = {}
     surrounds: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
-    for (stage, per_image, *_, h, w), names in groups.items():
+    for (stage, text, per_image, *_, h, w), names in groups.items():
         k = len(names)
         # Per image the work is one image's features whatever the prompts, so every row is kept;
         # row by row, only the rows with a target are computed (a decoder map can be large).
         gather = rows is not None and not per_image
         chosen = [features_of[n][rows] if gather else features_of[n] for n in names]
         features = torch.cat(chosen) if k > 1 else chosen[0]
-        weights, row_boxes, row_prompt = pooled[(h, w)], boxes, prompt
+        weights, row_boxes, row_prompt = pooled[(h, w)], boxes, prompt if text else None
         if gather:
             weights, row_boxes = weights[rows], boxes[rows]
-            row_prompt = None if prompt is None else prompt[rows]
+            row_prompt = None if row_prompt is None else row_prompt[rows]
         if per_image:  # prompt-major rows (P·B, ...) -> (B, P, ...)
-            weights, row_boxes, row_prompt = (_by_image(x, images) for x in (weights, boxes, prompt))
+            weights, row_boxes, row_prompt = (_by_image(x, images) for x in (weights, boxes, row_prompt))
 
         def stacked(x: Any) -> Any:
             return x if k == 1 or x is None else x.repeat(k, *([1] * (x.ndim - 1)))
@@ -515,7 +529,8 @@ def _layer_map(
 
     Row by row: features (N, C, h, w), weights (N, h, w), prompt (N, C) → (N, h, w). Per image:
     features (B, C, h, w), weights (B, P, h, w), prompt (B, P, C) → (B, P, h, w). Stage 3 takes
-    its regions and prior on this grid from ``_surround``.
+    its regions and prior on this grid from ``_surround``, and drops its prompt term when
+    ``prompt`` is None.
     """
     import torch
 
@@ -525,7 +540,7 @@ def _layer_map(
         return stage2_map(features, prototype=region_mean(features, weights), prompt=prompt, alpha=config.alpha)
     regions, has_ring, prior = surround
     rows = weights.ndim == 3  # row by row is per image with one prompt each
-    if rows:
+    if rows and prompt is not None:
         prompt = prompt[:, None]
     b, k = prior.shape[:2]
     # the K targets, the K rings and the whole image (one global mean shared by the prompts), in one pass
