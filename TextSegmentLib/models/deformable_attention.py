@@ -61,8 +61,8 @@ def deformable_sample(
     ``attention_weights`` (B, Q, H, L, P) → (B, Q, H·Dh).
 
     Each level's samples are weighted and summed as soon as they are read, so the working memory
-    is one level's samples, not all levels' samples plus their concatenation and product (about a
-    quarter of a tgcnet-tiny forward pass's peak at two images).
+    is one level's samples, not all levels' samples plus their concatenation and product (about
+    20 MB less at the peak of a tgcnet-tiny run at two images per call, docs/performance.md).
     """
     batch, _, heads, head_dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
