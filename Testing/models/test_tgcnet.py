@@ -234,6 +234,23 @@ def test_an_opened_text_tower_trains_as_the_backbone_group(tiny, images):
     assert any(not torch.equal(p, before[n]) for n, p in model.text.named_parameters())
 
 
+def test_an_opened_vision_tower_trains_as_the_backbone_group(tiny, images):
+    config = dataclasses.replace(tiny.config, train_vision_tower=True)
+    model = TGCNet(config, vision=copy.deepcopy(tiny.vision), text=copy.deepcopy(tiny.text)).train()
+    vision = {id(p) for p in model.vision.parameters()}
+    groups = model.parameter_groups()
+    assert {id(p) for p in groups["backbone"]} == vision
+    assert vision.isdisjoint(id(p) for p in groups["new"])
+    assert all(not p.requires_grad for p in model.text.parameters())  # the text tower stays frozen
+    assert model.vision.training and not model.text.training
+    before = {n: p.detach().clone() for n, p in model.vision.named_parameters()}
+    optimiser = torch.optim.AdamW(groups["backbone"], lr=1e-2)
+    out = model(images[..., :128, :128], model.encode_text(["liver", "spleen"]))
+    out.logits.square().mean().backward()
+    optimiser.step()
+    assert any(not torch.equal(p, before[n]) for n, p in model.vision.named_parameters())
+
+
 def test_taps_are_on_the_gradient_path_for_grad_cam(tiny, images):
     pixels = images.clone().requires_grad_(True)
     names = ["vit.3", "cnn.0", "pyramid.2", "decoder.1", "fused"]

@@ -76,8 +76,9 @@ class TGCNetConfig:
     use_vlcm: bool = True
     aux_use_llm: bool = True  # ask an LLM for auxiliary text when the user configured one (aux_prompts)
     # The paper freezes both CLIP towers: they arrive pretrained. A tower trained from random
-    # weights (our CPU-trained tiny model) knows no words, so it may open the text tower.
+    # weights (our CPU-trained tiny model) knows no words and sees no organs, so it may open them.
     train_text_tower: bool = False
+    train_vision_tower: bool = False
 
 
 # ----------------------------------------------------------------------------------------- blocks
@@ -324,8 +325,9 @@ class TGCNet(ViTJointTaps, TextSegmentationModel):
     (torch.Size([2, 1, 256, 256]), torch.Size([2, 64, 32, 32]))
 
     The towers (``VisionTower``/``TextTower`` or stand-ins with the same attributes) are frozen
-    and kept in eval mode; every other module trains. ``train_text_tower`` opens the text tower
-    (as the ``backbone`` group) for a model whose towers start from random weights.
+    and kept in eval mode; every other module trains. ``train_text_tower`` and
+    ``train_vision_tower`` open a tower (as the ``backbone`` group) for a model whose towers start
+    from random weights.
     """
 
     def __init__(self, config: TGCNetConfig, *, vision: nn.Module, text: nn.Module) -> None:
@@ -338,6 +340,7 @@ class TGCNet(ViTJointTaps, TextSegmentationModel):
             tower.requires_grad_(False)
             tower.eval()
         self.text.requires_grad_(config.train_text_tower)
+        self.vision.requires_grad_(config.train_vision_tower)
 
         self.cnn = CNNBranch(config.cnn_widths, depth=config.cnn_depth)
         self.sse = SemanticStructuralEncoder(config, vit_width=vision.width)
@@ -364,14 +367,15 @@ class TGCNet(ViTJointTaps, TextSegmentationModel):
 
     def train(self, mode: bool = True) -> "TGCNet":
         super().train(mode)
-        self.vision.eval()  # frozen towers never switch on dropout: prompts encode the same every time
+        if not self.config.train_vision_tower:
+            self.vision.eval()  # frozen towers never switch on dropout: prompts encode the same every time
         if not self.config.train_text_tower:
             self.text.eval()
         return self
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters as ``backbone`` (the text tower when opened, else none) and ``new``."""
-        tower = {id(p) for p in self.text.parameters()}
+        """Trainable parameters as ``backbone`` (the towers opened, else none) and ``new``."""
+        tower = {id(p) for p in (*self.text.parameters(), *self.vision.parameters())}
         trainable = [p for p in self.parameters() if p.requires_grad]
         return {"backbone": [p for p in trainable if id(p) in tower], "new": [p for p in trainable if id(p) not in tower]}
 
