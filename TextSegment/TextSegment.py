@@ -302,7 +302,7 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 volume=p.inputVolume, prompts=p.prompts, model=p.model, weights=p.weights or None,
                 aux_prompts=p.auxPrompts if p.model.startswith("tgcnet") else None, device=p.device,
                 threshold=p.threshold, min_component_ml=p.minIslandMl, saliency=p.saliency,
-                saliency_stage=p.saliencyStage,
+                saliency_stage=p.saliencyStage, saliency_grid="compact" if p.compactSaliency else "source",
                 segmentation_node=p.outputSegmentation, colormap=p.colormap, wait=False,
             )
         except Exception as exc:

@@ -236,6 +236,19 @@ def _check_grid(volume: Volume, reference_node: Any, what: str) -> None:
         )
 
 
+def _check_extent(volume: Volume, reference_node: Any, what: str) -> None:
+    """Like ``_check_grid``, but a coarser grid over the same extent (compact saliency maps) passes too."""
+    from .saliency.grid import same_extent
+
+    shape = _shape(reference_node)
+    if not same_extent(volume.ijk_to_lps(), volume.shape, _ijk_to_lps(reference_node), shape,
+                       tolerance_mm=GEOMETRY_TOLERANCE_MM):
+        raise InputError(
+            f"{what} does not cover the volume {reference_node.GetName()!r} "
+            f"(shape {volume.shape} vs {shape}); it must come from a run on that volume"
+        )
+
+
 # subject hierarchy -----------------------------------------------------------------------------
 def _place_beside(node: Any, reference_node: Any, context: SlicerContext) -> None:
     """Put ``node`` under the reference's study (or its parent folder) and its parent transform."""
@@ -420,7 +433,7 @@ def add_saliency_volumes(
     if not isinstance(maps, Mapping) or not maps:
         raise InputError("no saliency maps given: expected {layer: Volume} or a prompt's saliency result")
     for layer, volume in maps.items():
-        _check_grid(volume, reference_node, f"the saliency map {layer!r}")
+        _check_extent(volume, reference_node, f"the saliency map {layer!r}")
     color_node = saliency_color_node(context=context, colormap=colormap)
     existing = _saliency_nodes(context)
     nodes = {}

@@ -84,6 +84,7 @@ PARAMETERS = (
     Parameter("outputSegmentation", "vtkMRMLSegmentationNode"),
     Parameter("saliency", bool, False),
     Parameter("saliencyStage", int, 1, bounds=(1, 3)),
+    Parameter("compactSaliency", bool, True),  # maps on the compact grid (saliency/grid.py)
     Parameter("saliencyLayer", str, ""),  # "" = the combined map
     Parameter("saliencyOpacity", float, 0.5, bounds=(0.0, 1.0)),
     Parameter("colormap", str, "Inferno", choices=COLORMAPS),
@@ -350,6 +351,7 @@ class SegmentationLogic:
         saliency: bool = False,
         saliency_stage: int = 1,
         saliency_layers: Union[str, Sequence[str], None] = None,
+        saliency_grid: str = "compact",
         segmentation_node: Any = None,
         colormap: str = "Inferno",
         wait: bool = True,
@@ -363,7 +365,10 @@ class SegmentationLogic:
         ``model`` is a preset name or a model object; ``segmentation_node`` is reused (prompts
         already in it are replaced) or, if None, a new node is added. ``min_component_ml`` drops
         3D islands smaller than that many mL from each mask, as the Segment Editor's Islands effect
-        would (``docs/results.md`` measures what it does to the shipped models).
+        would (``docs/results.md`` measures what it does to the shipped models). ``saliency_grid``
+        "compact" (the default) keeps the heatmaps at most 128 voxels a side in-plane over the input's
+        extent: 16× less memory on a 512 × 512 CT, and Slicer interpolates them on display; "source"
+        puts them on the input's voxel grid.
         """
         from .slicer_bridge import volume_from_node
 
@@ -381,7 +386,8 @@ class SegmentationLogic:
             if saliency:
                 from .saliency import build_saliency_sink
 
-                sink = build_saliency_sink(model=loaded, layers=saliency_layers, stage=saliency_stage)
+                sink = build_saliency_sink(model=loaded, layers=saliency_layers, stage=saliency_stage,
+                                           grid=saliency_grid)
             run = segment(source, prompt_list, model=loaded, aux_prompts=aux, device=run_device, batch_size=batch_size,
                           threshold=threshold, min_component_ml=min_component_ml, progress=report, cancel=token,
                           features_sink=sink)

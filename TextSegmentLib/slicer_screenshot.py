@@ -244,6 +244,7 @@ def _values(thing: VolumeOrNode) -> np.ndarray:
 def _choose_slice(ct: Volume, slice_index: Union[int, str], *, mask: Any, saliency: Any) -> int:
     """The canonical axial slice to show: the given one, or where the mask (else the saliency) is largest."""
     from .preprocess import slice_plan
+    from .saliency.grid import on_grid_of
 
     plan = slice_plan(ct, axis="axial")
     if slice_index != AUTO:
@@ -255,6 +256,8 @@ def _choose_slice(ct: Volume, slice_index: Union[int, str], *, mask: Any, salien
     for thing in (mask, saliency):
         if thing is not None:
             values = _values(thing)
+            if thing is saliency:  # a compact map covers the CT's extent on a coarser grid
+                values = on_grid_of(values, ct.shape)
             if values.shape != ct.shape:
                 raise InputError(f"the mask and saliency must lie on the CT's grid {ct.shape}, got {values.shape}")
             weight = values > 0 if thing is mask else values

@@ -10,7 +10,8 @@ and with ``--large-phantoms`` 512×512 as in clinical CT) and, with ``--real``, 
 Two measurements per case:
 
 * **overhead**: ``segment`` with and without the saliency sink on the whole volume (best of
-  ``--repeats``): what ``--saliency`` adds to a segmentation run;
+  ``--repeats``): what ``--saliency`` adds to a segmentation run, with the maps stored on the
+  compact grid (the default) and on the source grid (``--grids``);
 * **slices**: on the slices where a prompt's ground truth is largest, the model input is built as
   the engine builds it; the gradient-free maps (each stage) come from one inference pass and
   Grad-CAM from its own pass with a backward. Both explain the same target (``--target gt``: the
@@ -27,6 +28,7 @@ checks, never evidence about the method.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -103,17 +105,24 @@ def _targets(prompts: Sequence[str], labels: np.ndarray, names: dict[int, str]) 
 
 # ---------------------------------------------------------------------------------- measurements
 def measure_overhead(
-    model: Any, case: Case, *, stages: Sequence[int], layers: Optional[Sequence[str]], device: str, repeats: int
+    model: Any,
+    case: Case,
+    *,
+    stages: Sequence[int],
+    layers: Optional[Sequence[str]],
+    device: str,
+    repeats: int,
+    grids: Sequence[str] = ("compact", "source"),
 ) -> list[dict]:
     """What the sink adds to a whole-volume ``segment`` run, best of ``repeats``.
 
     Measured for the model's default layer set (what ``--saliency`` gives a user) and, when
     different, for ``layers``. ``overhead`` is the sink's own time over the rest of the *same*
     run, so a busy machine slows both sides alike; the plain run's wall time is reported beside
-    it as a cross-check.
+    it as a cross-check. Each of ``grids`` (where the maps are stored) is measured in turn.
     """
     from TextSegmentLib.engine import segment
-    from TextSegmentLib.saliency import build_saliency_sink
+    from TextSegmentLib.saliency import SaliencyConfig, build_saliency_sink
 
     prompts = list(case.targets)
     segment(case.volume, prompts, model=model, device=device)  # warm-up (text cache, allocator)
@@ -123,28 +132,28 @@ def measure_overhead(
     if layers is not None and list(layers) != default:
         layer_sets.append(("all" if set(layers) == set(model.tap_names) else "chosen", list(layers)))
     rows = []
-    for label, chosen in layer_sets:
-        for stage in stages:
-            best = None
-            for _ in range(repeats):
-                sink = build_saliency_sink(model=model, layers=chosen, stage=stage)
-                seconds, run = _timed(lambda: segment(case.volume, prompts, model=model, device=device, features_sink=sink))
-                share = run.features.seconds / max(seconds - run.features.seconds, 1e-9)
-                if best is None or share < best[0]:
-                    best = (share, seconds, run.features.seconds)
-            rows.append(
-                {
-                    "case": case.name,
-                    "layers": f"{label} ({len(chosen)})",
-                    "stage": stage,
-                    "prompts": len(prompts),
-                    "slices": case.volume.shape[0],
-                    "segment_s": plain,
-                    "segment_with_saliency_s": best[1],
-                    "sink_s": best[2],
-                    "overhead": best[0],
-                }
-            )
+    for (label, chosen), grid, stage in itertools.product(layer_sets, grids, stages):
+        best = None
+        for _ in range(repeats):
+            sink = build_saliency_sink(model=model, layers=chosen, config=SaliencyConfig(stage=stage, grid=grid))
+            seconds, run = _timed(lambda: segment(case.volume, prompts, model=model, device=device, features_sink=sink))
+            share = run.features.seconds / max(seconds - run.features.seconds, 1e-9)
+            if best is None or share < best[0]:
+                best = (share, seconds, run.features.seconds)
+        rows.append(
+            {
+                "case": case.name,
+                "layers": f"{label} ({len(chosen)}), {grid} grid",
+                "grid": grid,
+                "stage": stage,
+                "prompts": len(prompts),
+                "slices": case.volume.shape[0],
+                "segment_s": plain,
+                "segment_with_saliency_s": best[1],
+                "sink_s": best[2],
+                "overhead": best[0],
+            }
+        )
     return rows
 
 
@@ -407,6 +416,7 @@ def run_benchmark(
     slices_per_prompt: int = 4,
     device: str = "cpu",
     repeats: int = 3,
+    grids: Sequence[str] = ("compact", "source"),
 ) -> dict:
     layers = list(model.resolve_taps(True if layers is None else list(layers)))
     rows, overhead = [], []
@@ -421,7 +431,7 @@ def run_benchmark(
             slices_per_prompt=slices_per_prompt,
             repeats=repeats,
         )
-        overhead += measure_overhead(model, case, stages=stages, layers=layers, device=device, repeats=repeats)
+        overhead += measure_overhead(model, case, stages=stages, layers=layers, device=device, repeats=repeats, grids=grids)
     summary = summarise(rows)
     return {
         "layers": layers,
@@ -450,6 +460,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--stages", default="1,2,3")
     parser.add_argument("--layers", default=None, help="comma-separated taps (default: all)")
+    parser.add_argument(
+        "--grids", default="compact,source", help="where the overhead runs store the maps (comma-separated; compact is the default of the tool)"
+    )
     parser.add_argument("--target", choices=("gt", "predicted"), default="gt")
     parser.add_argument("--slices-per-prompt", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
@@ -482,6 +495,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         slices_per_prompt=args.slices_per_prompt,
         device=args.device,
         repeats=args.repeats,
+        grids=[g.strip() for g in args.grids.split(",") if g.strip()],
     )
     result.update(
         model=args.model,

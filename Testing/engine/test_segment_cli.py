@@ -49,18 +49,20 @@ def test_segment_writes_label_map_legend_and_probabilities(phantom_file, tmp_pat
     assert "voxels" in capsys.readouterr().out
 
 
-def test_segment_with_saliency_writes_one_map_per_layer(phantom_file, tmp_path):
+@pytest.mark.parametrize("grid", ["source", "compact"])
+def test_segment_with_saliency_writes_one_map_per_layer(phantom_file, tmp_path, grid):
     out = tmp_path / "seg"
     code = main(["segment", str(phantom_file), "-p", "liver", "--out", str(out), "--weights", "random", "--quiet",
-                 "--saliency", "--layers", "vit.3,vit.11", "--stage", "2"])
+                 "--saliency", "--layers", "vit.3,vit.11", "--stage", "2", "--saliency-grid", grid])
     assert code == 0
     legend = json.loads((out / "saliency" / "saliency_legend.json").read_text())
     assert legend["stage"] == 2
     files = [layer["file"] for layer in legend["prompts"][0]["layers"]]
     assert len(files) == 3  # two layers and the combined map
+    assert all(("compact" in layer["grid"]) == (grid == "compact") for layer in legend["prompts"][0]["layers"])
     for relative in files:
         image = sitk.ReadImage(str(out / "saliency" / relative))
-        assert image.GetSize() == sitk.ReadImage(str(phantom_file)).GetSize()
+        assert image.GetSize() == sitk.ReadImage(str(phantom_file)).GetSize()  # 64² slices: no grid is coarser
 
 
 def test_segment_refuses_to_replace_results_and_writes_nothing_new(phantom_file, tmp_path, capsys):

@@ -284,6 +284,25 @@ def test_saliency_layers_become_float_volumes_with_our_inferno(context):
                for i in range(context.scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode"))) == 1
 
 
+def test_compact_saliency_maps_keep_their_own_grid_over_the_ct_and_others_are_refused(context):
+    from TextSegmentLib.saliency.grid import over_extent
+
+    ct = _ct("oblique", shape=(6, 12, 8))
+    node = node_from_volume(ct, context=context, name="CT")
+    compact = over_extent(ct, np.full((6, 6, 4), 128, np.uint8))  # half the voxels each way in-plane
+    added = add_saliency_volumes({"vit.11": compact}, reference_node=node, context=context, prompt="liver")["vit.11"]
+    back = volume_from_node(added)
+    assert back.shape == (6, 6, 4)
+    assert np.allclose(back.ijk_to_lps(), compact.ijk_to_lps(), atol=1e-9)
+    assert np.allclose(back.array, 128 / 255.0, atol=1e-6)
+    moved = Volume(compact.array, spacing=compact.spacing, origin=np.add(compact.origin, (0.5, 0.0, 0.0)),
+                   direction=compact.direction)
+    count = _node_count(context)
+    with pytest.raises(InputError, match="does not cover"):
+        add_saliency_volumes({"vit.3": moved}, reference_node=node, context=context, prompt="liver")
+    assert _node_count(context) == count
+
+
 def test_our_inferno_is_matplotlibs():
     from matplotlib import colormaps
 

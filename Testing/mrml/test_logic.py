@@ -110,8 +110,8 @@ def test_parameters_survive_save_and_reload(context, ct_node, tmp_path, suffix):
         "inputVolume": ct_node, "outputSegmentation": output, "prompts": "liver\nleft kidney \"cyst\" <&>",
         "auxPrompts": "", "model": "tgcnet-tiny", "weights": "my-weights", "device": "cpu", "threshold": 0.35,
         "minIslandMl": 2.5,
-        "saliency": True, "saliencyStage": 3, "saliencyLayer": "vit.11", "saliencyOpacity": 0.7,
-        "colormap": "Viridis", "combinedMap": False,
+        "saliency": True, "saliencyStage": 3, "compactSaliency": False, "saliencyLayer": "vit.11",
+        "saliencyOpacity": 0.7, "colormap": "Viridis", "combinedMap": False,
     }
     assert set(chosen) == {p.name for p in PARAMETERS}
     write_parameters(find_parameter_node(context.scene), chosen)

@@ -35,10 +35,10 @@ def test_bench_scores_the_planted_answer_and_writes_its_table(tmp_path):
     assert (
         -1.0 <= lines[(bench.OURS, 3, "joint")]["prompt_swap_r"] < 0.5
     )  # "bright" and "dark" explain opposite regions
-    assert [o["stage"] for o in result["overhead"]] == [1, 3]
-    assert {o["layers"] for o in result["overhead"]} == {"default (3)"}  # no saliency_layers: every tap
+    assert [(o["grid"], o["stage"]) for o in result["overhead"]] == [("compact", 1), ("compact", 3), ("source", 1), ("source", 3)]
+    assert {o["layers"] for o in result["overhead"]} == {"default (3), compact grid", "default (3), source grid"}
     checked = bench.format_targets(result["targets"])
-    assert "| saliency adds ≤ 10 % (default (3), stage 1) |" in checked
+    assert "| saliency adds ≤ 10 % (default (3), compact grid, stage 1) |" in checked
     assert "| prompt-swap r < 0.5, stage 3 (mean over layers) |" in checked
     assert all(o["sink_s"] > 0 for o in result["overhead"])
     assert set(result["targets"]) == {

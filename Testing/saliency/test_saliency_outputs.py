@@ -144,6 +144,29 @@ def test_explain_command_writes_maps_legend_and_montages(tmp_path, monkeypatch, 
         args.func(parser.parse_args(argv))
 
 
+def test_explain_command_stores_compact_maps_over_the_ct_on_request(tmp_path, monkeypatch):
+    from TextSegmentLib import weights
+    from TextSegmentLib.cli import explain as command
+    from TextSegmentLib.saliency.grid import same_extent
+
+    volume, _, _ = sphere_phantom(shape=(3, 160, 160))
+    ct = write_volume(volume, tmp_path / "ct.nii.gz")
+    monkeypatch.setattr(weights, "load_model", lambda name, weights=None, device="auto": PlantedModel())
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers())
+    out = tmp_path / "out"
+    args = parser.parse_args(["explain", str(ct), "--prompt", "bright", "--layers", "deep", "--grid", "compact",
+                              "--out", str(out), "--weights", "random", "--device", "cpu", "--quiet"])
+    assert args.func(args) == 0
+    legend = json.loads((out / LEGEND).read_text())
+    source = read_volume(ct)
+    for layer in legend["prompts"][0]["layers"]:
+        stored = read_image_file(out / layer["file"])
+        assert stored.shape == (3, 128, 128) and "compact" in layer["grid"]
+        assert same_extent(stored.ijk_to_lps(), stored.shape, source.ijk_to_lps(), source.shape, tolerance_mm=1e-3)
+    assert (out / "01_bright_montage.png").stat().st_size > 1000
+
+
 def test_explain_command_rejects_a_malformed_roi():
     from TextSegmentLib.cli.explain import parse_roi
 

@@ -13,6 +13,7 @@ from planted_model import PlantedModel, sphere_phantom
 import TextSegmentLib.saliency.sink as sink_module
 from TextSegmentLib.errors import InputError, ModelError
 from TextSegmentLib.saliency import COMBINED, SaliencyConfig, build_saliency_sink, explain
+from TextSegmentLib.saliency.grid import same_extent
 from TextSegmentLib.saliency.metrics import energy_inside
 from TextSegmentLib.volume import Volume, direction_from_axes
 
@@ -80,6 +81,39 @@ def test_maps_of_an_oblique_volume_sit_on_the_target_in_physical_space(model, an
     assert np.linalg.norm(centre_of_mass - centre) < 1.0  # mm; voxels are 1 × 1 × 2 mm
     slices = central_slices(ball)
     assert energy_inside(heat[slices], ball[slices]) > 0.6
+
+
+def test_the_compact_grid_covers_the_volume_and_agrees_with_the_source_grid(model):
+    """Oblique and flipped: the compact maps keep the target's physical place and the flips exactly."""
+    rotation = [[np.cos(0.25), np.sin(0.25), 0], [-np.sin(0.25), np.cos(0.25), 0], [0, 0, 1]]
+    volume, ball, centre = sphere_phantom(direction_from_axes(rotation))
+    compact = SaliencyConfig(stage=3, grid="compact", max_map_size=16)
+    result = run_explain(model, volume, config=compact).features[0]
+    source = run_explain(model, volume, config=SaliencyConfig(stage=3, grid="source", max_map_size=16)).features[0]
+    for name in result.layers:
+        stored = result.maps[name]
+        assert stored.shape == (8, 16, 16) and stored.spacing == pytest.approx((2.0, 2.0, 2.0))
+        assert same_extent(stored.ijk_to_lps(), stored.shape, volume.ijk_to_lps(), volume.shape, tolerance_mm=1e-6)
+        assert "compact" in result.legend[name]["grid"]
+        decoded = result.values(name)
+        assert decoded.shape == volume.shape
+        assert np.corrcoef(decoded.ravel(), source.values(name).ravel())[0, 1] > 0.97
+    heat = result.maps["deep"].array.astype(np.float32) / 255.0
+    k, j, i = np.nonzero(heat >= 0.5)
+    points = result.maps["deep"].physical_points(np.stack([i, j, k], axis=1))
+    centre_of_mass = (points * heat[k, j, i][:, None]).sum(axis=0) / heat[k, j, i].sum()
+    assert np.linalg.norm(centre_of_mass - centre) < 1.5  # mm; compact voxels are 2 × 2 × 2 mm
+    slices = central_slices(ball)
+    energies = [energy_inside(r.values("deep")[slices], ball[slices]) for r in (result, source)]
+    assert energies[0] == pytest.approx(energies[1], abs=0.01)
+    flip = np.eye(3)
+    flip[1, 1] = -1.0  # rows (array axis 1) run the other way
+    flipped, _, _ = sphere_phantom(flip)
+    straight = run_explain(model, sphere_phantom()[0], config=compact).features[0]
+    mirrored = run_explain(model, flipped, config=compact).features[0]
+    assert np.array_equal(mirrored.maps["deep"].array, np.flip(straight.maps["deep"].array, 1))
+    with pytest.raises(InputError, match="grid"):
+        SaliencyConfig(grid="coarse")
 
 
 def test_results_are_bitwise_deterministic(phantom):

@@ -42,6 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--encoding", choices=("uint8", "float16"), default="uint8", help="how maps are stored (default uint8)"
     )
     p.add_argument(
+        "--grid", choices=("compact", "source"), default="compact",
+        help="compact (default): maps at most 128 voxels a side in-plane over the CT's extent (16x smaller at "
+             "512x512, no detail lost; viewers interpolate them); source: the CT's voxel grid",
+    )
+    p.add_argument(
         "--slice", type=int, default=None, help="montage slice (canonical index along --axis; default: largest target)"
     )
     p.add_argument("--no-contrast", action="store_true", help="montage without percentile stretch + CLAHE")
@@ -86,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     volume = read_volume(args.input, allow_non_ct=args.allow_non_ct)
     roi = parse_roi(args.roi) if args.roi else (read_label_map(args.target_mask) if args.target_mask else None)
     model = load_model(args.model, weights=args.weights, device=args.device)
-    config = SaliencyConfig(stage=args.stage, threshold=args.threshold, encoding=args.encoding)
+    config = SaliencyConfig(stage=args.stage, threshold=args.threshold, encoding=args.encoding, grid=args.grid)
     with progress_bar(disable=args.quiet) as bar:
         run_ = explain(
             volume,

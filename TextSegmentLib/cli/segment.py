@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also write per-layer saliency maps from the same forward pass (into OUT/saliency)")
     p.add_argument("--stage", type=int, choices=(1, 2, 3), default=1, help="saliency stage (with --saliency)")
     p.add_argument("--layers", default=None, help="saliency layers, e.g. vit.3,vit.11 (default: the model's saliency layers)")
+    p.add_argument("--saliency-grid", choices=("compact", "source"), default="compact",
+                   help="compact (default): saliency maps at most 128 voxels a side in-plane over the CT's extent "
+                        "(16x smaller at 512x512, no detail lost; viewers interpolate them); source: the CT's voxel grid")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     if args.saliency:
         from ..saliency import build_saliency_sink
 
-        sink = build_saliency_sink(model=model, layers=args.layers, stage=args.stage, threshold=args.threshold)
+        sink = build_saliency_sink(model=model, layers=args.layers, stage=args.stage, threshold=args.threshold,
+                                   grid=args.saliency_grid)
     with progress_bar(disable=args.quiet) as bar:
         run_ = segment(
             volume, prompts, model=model, aux_prompts=args.aux_prompt, device=args.device,

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..volume import Volume
+from .grid import GRIDS, compact_slice_shape, on_grid_of, over_extent
 from .maths import (
     Stage3Weights,
     box_of,
@@ -73,6 +74,10 @@ class SaliencyConfig:
     encoding: str = "uint8"
     combine: bool = True
     max_map_size: int = 128  # finer maps are area-pooled to this before being kept
+    # "compact": in-plane at most max_map_size voxels over the input's extent (grid.py says why: 16×
+    # fewer voxels at 512², no detail lost; slices up to that size keep their grid); "source": the
+    # input's own voxel grid
+    grid: str = "compact"
     # stage 3 on a layer with no text-space projection: keep prototype, global image, context and
     # prior and drop only the prompt term ("image-terms"), or fall back to stage 1 ("stage-1")
     stage3_without_text: str = "image-terms"
@@ -82,6 +87,8 @@ class SaliencyConfig:
             raise InputError(f"saliency stage must be 1, 2 or 3, got {self.stage!r}")
         if self.encoding not in ENCODINGS:
             raise InputError(f"saliency encoding must be one of {', '.join(ENCODINGS)}, got {self.encoding!r}")
+        if self.grid not in GRIDS:
+            raise InputError(f"saliency grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
         if self.stage3_without_text not in STAGE3_WITHOUT_TEXT:
             raise InputError(
                 f"stage3_without_text must be one of {', '.join(STAGE3_WITHOUT_TEXT)}, got {self.stage3_without_text!r}"
@@ -94,21 +101,24 @@ class SaliencyConfig:
 
 @dataclass
 class PromptSaliency:
-    """One prompt's maps: ``maps[layer]`` is a ``Volume`` on the input grid, ``legend[layer]`` says how to read it."""
+    """One prompt's maps: ``maps[layer]`` is a ``Volume`` over the input (on its grid unless the
+    config asked for the compact grid), ``legend[layer]`` says how to read it."""
 
     prompt: str
     maps: dict[str, Volume]
     legend: dict[str, dict[str, Any]]
     target_slices: int
+    source_shape: Optional[tuple[int, int, int]] = None  # the input's grid, where it differs from the maps'
 
     @property
     def layers(self) -> list[str]:
         return list(self.maps)
 
     def values(self, layer: str) -> np.ndarray:
-        """The map of ``layer`` decoded to float32 in [0, 1]."""
+        """The map of ``layer`` decoded to float32 in [0, 1], on the input's voxel grid."""
         array = self.maps[layer].array
-        return array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+        values = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+        return values if self.source_shape is None else on_grid_of(values, self.source_shape)
 
 
 @dataclass
@@ -150,15 +160,17 @@ def build_saliency_sink(
     roi: Roi = None,
     threshold: float = 0.5,
     encoding: str = "uint8",
+    grid: str = "compact",
     config: Optional[SaliencyConfig] = None,
 ) -> "SaliencySink":
     """A features sink for ``segment(...)``; ``layers`` defaults to the model's ``saliency_layers``.
 
     ``layers`` may be a comma-separated string ("vit.3,vit.11"); ``roi`` is a mask ``Volume`` on the
     input grid or an inclusive voxel box ``((i0, i1), (j0, j1), (k0, k1))``. ``config`` overrides
-    the other options when given.
+    the other options when given. ``grid`` "source" stores the maps on the input's voxel grid
+    instead of the compact grid over its extent (``saliency/grid.py``).
     """
-    config = config or SaliencyConfig(stage=stage, threshold=threshold, encoding=encoding)
+    config = config or SaliencyConfig(stage=stage, threshold=threshold, encoding=encoding, grid=grid)
     if isinstance(layers, str):
         layers = [name.strip() for name in layers.split(",") if name.strip()]
     if layers is None:
@@ -294,14 +306,15 @@ class SaliencySink:
             for name in self.taps
         }
         names = list(self.taps) + ([COMBINED] if config.combine else [])
+        stored_plan = self._stored_plan()  # the source grid, or the compact one over the same extent
         # numpy's zeros come from calloc: pages are mapped as slices are written, at half the cost of
         # torch.zeros filling them first (a 512² volume's ten maps per prompt are ~60 MB).
-        stacks = {name: torch.from_numpy(np.zeros(plan.shape, dtype=config.encoding)) for name in names}
+        stacks = {name: torch.from_numpy(np.zeros(stored_plan.shape, dtype=config.encoding)) for name in names}
         # The plan's flips are folded into the resampling matrices (rows, columns) and into where
         # each slice is stored, so the stacks come out in the volume's own order and need no
         # flipped copy at the end; only a transposing plan (coronal or sagittal slicing) needs one.
         row_flip, col_flip = plan.flips[1], plan.flips[2]
-        unflipped = dataclasses.replace(plan, flips=(False, False, False))
+        unflipped = dataclasses.replace(stored_plan, flips=(False, False, False))
         # Encoding is affine (uint8: 255·v + 0.5, then truncation rounds) and bilinear weights sum to
         # one, so it is applied to the small maps before resampling. The combined map (the mean of
         # the layers) is resampled in one product: Σ_g R_g (S_g C_gᵀ) = [R_1 … R_G] · [S_1 C_1ᵀ; …],
@@ -310,14 +323,14 @@ class SaliencySink:
         # Each layer's chunk is resampled into one reused float32 buffer and encoded from there: the
         # working memory is one chunk of one layer, and it stays in cache (~10 % faster than fresh
         # (chunk, layers, H, W) products).
-        scratch = torch.empty((FINISH_CHUNK,) + tuple(plan.shape[1:]), device=self._device)
+        scratch = torch.empty((FINISH_CHUNK,) + tuple(stored_plan.shape[1:]), device=self._device)
         for fit, indices, maps in merged:
             same_size: dict[tuple[int, ...], list[str]] = {}  # layers on one grid share one resampling
             for name in self.taps:
                 same_size.setdefault(tuple(maps[name].shape[1:]), []).append(name)
             for shape in same_size:
                 if (fit, shape) not in resamplers:
-                    rows, cols = source_weights(fit, shape, device=self._device)
+                    rows, cols = source_weights(fit, shape, out_shape=stored_plan.shape[1:], device=self._device)
                     resamplers[fit, shape] = (rows.flip(0) if row_flip else rows, cols.flip(0) if col_flip else cols)
             stored = plan.num_slices - 1 - indices if plan.flips[0] else indices
             for start in range(0, len(indices), FINISH_CHUNK):
@@ -347,9 +360,21 @@ class SaliencySink:
         maps, legend = {}, {}
         for name in names:
             meta = {"prompt": prompt, "saliency_layer": name}
-            maps[name] = self._volume.with_array(unflipped.restore(stacks[name].numpy()), metadata=meta)
+            maps[name] = over_extent(self._volume, unflipped.restore(stacks[name].numpy()), metadata=meta)
             legend[name] = self._legend(name, bounds.get(name), target_slices)
-        return PromptSaliency(prompt=prompt, maps=maps, legend=legend, target_slices=target_slices)
+        compact = stored_plan.source_shape != plan.source_shape
+        return PromptSaliency(prompt=prompt, maps=maps, legend=legend, target_slices=target_slices,
+                              source_shape=plan.source_shape if compact else None)
+
+    def _stored_plan(self) -> Any:
+        """The slice plan of the grid the maps are stored on: the input's, or its compact twin."""
+        plan = self._plan
+        if self.config.grid == "source":
+            return plan
+        rows, cols = compact_slice_shape(plan.shape[1:], self.config.max_map_size)
+        shape = list(plan.source_shape)
+        shape[plan.axes[1]], shape[plan.axes[2]] = rows, cols
+        return dataclasses.replace(plan, source_shape=tuple(shape))
 
     def _legend(self, name: str, bounds: Optional[tuple[float, float]], target_slices: int) -> dict[str, Any]:
         config = self.config
@@ -362,6 +387,8 @@ class SaliencySink:
             "target": _describe_target(self.roi, config.threshold),
             "slices_with_target": target_slices,
             "stage_requested": config.stage,
+            "grid": "the input's voxel grid" if config.grid == "source" else (
+                f"compact: in-plane at most {config.max_map_size} voxels over the input's extent"),
         }
         if name == COMBINED:
             entry.update(method="mean of the per-layer maps", layers=list(self.taps))
@@ -485,7 +512,7 @@ def explain_batch(
             if per_image:  # (B, P, h, w) -> prompt-major (P·B, h, w)
                 part = part.transpose(0, 1).reshape(-1, h, w)
             if max(h, w) > config.max_map_size:
-                part = F.adaptive_avg_pool2d(part[:, None], _capped((h, w), config.max_map_size))[:, 0]
+                part = F.adaptive_avg_pool2d(part[:, None], compact_slice_shape((h, w), config.max_map_size))[:, 0]
             if gather:  # back to every row, zeros where there is no target
                 full = part.new_zeros((len(has_target),) + tuple(part.shape[1:]))
                 full[rows] = part
@@ -576,8 +603,13 @@ def _surround(weights: Any, boxes: Any, *, config: SaliencyConfig) -> tuple[Any,
     return regions, (ring.sum(dim=(-2, -1)) > 0)[..., None], prior
 
 
-def source_weights(fit: Any, shape: tuple[int, int], *, device: Any = "cpu") -> tuple[Any, Any]:
+def source_weights(
+    fit: Any, shape: tuple[int, int], *, out_shape: Optional[tuple[int, int]] = None, device: Any = "cpu"
+) -> tuple[Any, Any]:
     """Bilinear resampling matrices (H, h) and (W, w) from an (h, w) map over the model square to the source slice.
+
+    ``out_shape`` (H, W) samples the source slice's extent on a grid of its own (the compact grid);
+    by default the source slice's own pixels.
 
     A map of any resolution covers the whole fitted square; source pixel centres land inside its
     unpadded part. Each row holds the two weights of the neighbouring cells (sum 1, edge cells
@@ -586,7 +618,7 @@ def source_weights(fit: Any, shape: tuple[int, int], *, device: Any = "cpu") -> 
     """
     import torch
 
-    height, width = fit.source_shape
+    height, width = out_shape or fit.source_shape
     top, _, left, _ = fit.padding
     inner_h, inner_w = fit.resized_shape
 
@@ -618,11 +650,6 @@ def _bounds(values: Any, config: SaliencyConfig) -> Optional[tuple[float, float]
         return None
     low, high = percentiles(values, (config.low_percentile, config.high_percentile))
     return low, high
-
-
-def _capped(shape: tuple[int, int], limit: int) -> tuple[int, int]:
-    scale = limit / max(shape)
-    return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
 
 
 def _store(stack: Any, chunk: Any, scaled: Any) -> None:

@@ -1,0 +1,78 @@
+"""Where saliency maps are stored: on the source grid, or on a compact grid over the same extent.
+
+A heatmap holds no detail finer than the feature map it came from, and the sink keeps no map finer
+than ``max_map_size`` cells a side. On a 512 × 512 CT a map on the source grid is therefore 16×
+more voxels than information: ten uint8 maps per prompt of a 300-slice study are 790 MB, and
+writing them is most of what saliency adds to a run. The compact grid keeps the slice axis and
+shrinks the two in-plane axes to at most ``max_map_size`` voxels, over the same physical extent
+and orientation. Slicer and other viewers interpolate it like any volume; ``on_grid_of`` brings it
+back onto the source grid where voxel-by-voxel comparisons need it (metrics, montages).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from ..volume import Volume
+
+GRIDS = ("source", "compact")
+
+
+def compact_slice_shape(shape: tuple[int, int], limit: int) -> tuple[int, int]:
+    """(H, W) shrunk so that neither side exceeds ``limit``, aspect kept; never enlarged."""
+    scale = min(1.0, limit / max(shape))
+    return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
+
+
+def over_extent(volume: Volume, array: np.ndarray, **changes: Any) -> Volume:
+    """``array`` as a ``Volume`` covering ``volume``'s extent and orientation on its own grid.
+
+    Along each axis the voxels of ``array`` tile the same span as ``volume``'s: the spacing grows by
+    the size ratio and the first voxel's centre moves to the middle of the span it now covers.
+    """
+    factors = [volume.shape[axis] / array.shape[axis] for axis in range(3)]  # array order (z, y, x)
+    origin = np.asarray(volume.origin, dtype=np.float64)
+    spacing = list(volume.spacing)
+    for axis, factor in enumerate(factors):
+        index = 2 - axis  # spacing, origin and direction columns are in (x, y, z) order
+        origin = origin + volume.direction[:, index] * volume.spacing[index] * (factor - 1.0) / 2.0
+        spacing[index] *= factor
+    return dataclasses.replace(volume, array=np.asarray(array), spacing=tuple(spacing), origin=tuple(origin), **changes)
+
+
+def on_grid_of(values: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """float32 ``values`` over some extent resampled onto the ``shape`` grid over that extent (trilinear).
+
+    The inverse placement of ``over_extent``: voxel centres at ``(i + 0.5) · ratio − 0.5``, which is
+    ``interpolate(..., align_corners=False)``. An axis of equal size is left as it is.
+    """
+    if tuple(values.shape) == tuple(shape):
+        return values
+    import torch
+    import torch.nn.functional as F
+
+    source = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))[None, None]
+    return F.interpolate(source, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0].numpy()
+
+
+def same_extent(
+    ijk_to_lps: np.ndarray, shape: tuple[int, int, int], reference_ijk_to_lps: np.ndarray,
+    reference_shape: tuple[int, int, int], *, tolerance_mm: float,
+) -> bool:
+    """Whether two grids (4 × 4 index-to-LPS matrices, (z, y, x) shapes) span the same box, axis for axis.
+
+    Compares the outer corner of the first voxel and the far ends of the three index axes: equal
+    extent and orientation, whatever the voxel counts.
+    """
+
+    def corners(matrix: np.ndarray, zyx: tuple[int, int, int]) -> np.ndarray:
+        size = np.asarray(zyx[::-1], dtype=np.float64)
+        points = np.full((4, 3), -0.5)
+        for axis in range(3):
+            points[axis + 1, axis] = size[axis] - 0.5
+        return (np.asarray(matrix)[:3, :3] @ points.T).T + np.asarray(matrix)[:3, 3]
+
+    return bool(np.allclose(corners(ijk_to_lps, shape), corners(reference_ijk_to_lps, reference_shape), atol=tolerance_mm))
