@@ -3,7 +3,8 @@
 ``segment(..., features_sink=build_saliency_sink(model=model, stage=2))`` asks the model for the
 chosen feature taps, turns every batch's taps into one raw similarity map per layer right away
 (so no feature tensor outlives its batch), and at the end rescales each layer over the whole
-volume, brings it back to the source grid and encodes it compactly. ``run.features`` is then a
+volume, samples it over the input's extent (on the compact grid of ``grid.py`` by default, or on
+the input's own voxel grid) and encodes it in uint8 or float16. ``run.features`` is then a
 ``SaliencyResult``: per prompt, one ``Volume`` per layer plus the combined map, and a legend.
 
 The target every stage is relative to is, per slice, the model's own predicted mask (probability
@@ -291,7 +292,7 @@ class SaliencySink:
         return fitted.clamp(0.0, 1.0).to(output.logits.device).repeat(n_prompts, 1, 1)
 
     def _finish_prompt(self, p: int, resamplers: dict[tuple[Any, tuple[int, ...]], Any]) -> PromptSaliency:
-        """Rescale each layer over the volume, sample it onto the source slices, encode; chunk by chunk."""
+        """Rescale each layer over the volume, sample it onto the stored grid's slices, encode; chunk by chunk."""
         import torch
 
         config, plan = self.config, self._plan
