@@ -217,38 +217,23 @@ def test_frozen_towers_stay_frozen_through_an_optimiser_step(tiny, images):
     assert sum(not torch.equal(p, new[n]) for n, p in model.named_parameters() if n in new) == len(new)
 
 
-def test_an_opened_text_tower_trains_as_the_backbone_group(tiny, images):
-    config = dataclasses.replace(tiny.config, train_text_tower=True)
+@pytest.mark.parametrize("opened, frozen", [("text", "vision"), ("vision", "text")])
+def test_an_opened_tower_trains_as_the_backbone_group(tiny, images, opened, frozen):
+    config = dataclasses.replace(tiny.config, **{f"train_{opened}_tower": True})
     model = TGCNet(config, vision=copy.deepcopy(tiny.vision), text=copy.deepcopy(tiny.text)).train()
-    text = {id(p) for p in model.text.parameters()}
+    tower, other = getattr(model, opened), getattr(model, frozen)
+    ids = {id(p) for p in tower.parameters()}
     groups = model.parameter_groups()
-    assert {id(p) for p in groups["backbone"]} == text
-    assert text.isdisjoint(id(p) for p in groups["new"])
-    assert all(not p.requires_grad for p in model.vision.parameters())  # the vision tower stays frozen
-    assert model.text.training and not model.vision.training
-    before = {n: p.detach().clone() for n, p in model.text.named_parameters()}
+    assert {id(p) for p in groups["backbone"]} == ids
+    assert ids.isdisjoint(id(p) for p in groups["new"])
+    assert all(not p.requires_grad for p in other.parameters())  # the other tower stays frozen
+    assert tower.training and not other.training
+    before = {n: p.detach().clone() for n, p in tower.named_parameters()}
     optimiser = torch.optim.AdamW(groups["backbone"], lr=1e-2)
     out = model(images[..., :128, :128], model.encode_text(["liver", "spleen"]))
     out.logits.square().mean().backward()
     optimiser.step()
-    assert any(not torch.equal(p, before[n]) for n, p in model.text.named_parameters())
-
-
-def test_an_opened_vision_tower_trains_as_the_backbone_group(tiny, images):
-    config = dataclasses.replace(tiny.config, train_vision_tower=True)
-    model = TGCNet(config, vision=copy.deepcopy(tiny.vision), text=copy.deepcopy(tiny.text)).train()
-    vision = {id(p) for p in model.vision.parameters()}
-    groups = model.parameter_groups()
-    assert {id(p) for p in groups["backbone"]} == vision
-    assert vision.isdisjoint(id(p) for p in groups["new"])
-    assert all(not p.requires_grad for p in model.text.parameters())  # the text tower stays frozen
-    assert model.vision.training and not model.text.training
-    before = {n: p.detach().clone() for n, p in model.vision.named_parameters()}
-    optimiser = torch.optim.AdamW(groups["backbone"], lr=1e-2)
-    out = model(images[..., :128, :128], model.encode_text(["liver", "spleen"]))
-    out.logits.square().mean().backward()
-    optimiser.step()
-    assert any(not torch.equal(p, before[n]) for n, p in model.vision.named_parameters())
+    assert any(not torch.equal(p, before[n]) for n, p in tower.named_parameters())
 
 
 def test_taps_are_on_the_gradient_path_for_grad_cam(tiny, images):

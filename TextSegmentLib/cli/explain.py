@@ -41,17 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--encoding", choices=("uint8", "float16"), default="uint8", help="how maps are stored (default uint8)"
     )
-    p.add_argument(
-        "--grid", choices=("compact", "source"), default="compact",
-        help="compact (default): maps at most 128 voxels a side in-plane over the CT's extent (16x smaller at "
-             "512x512, no detail lost; viewers interpolate them); source: the CT's voxel grid",
-    )
+    from .segment import GRID_HELP, add_model_arguments
+
+    p.add_argument("--grid", choices=("compact", "source"), default="compact", help=GRID_HELP)
     p.add_argument(
         "--slice", type=int, default=None, help="montage slice (canonical index along --axis; default: largest target)"
     )
     p.add_argument("--no-contrast", action="store_true", help="montage without percentile stretch + CLAHE")
-    from .segment import add_model_arguments
-
     add_model_arguments(p)
     p.add_argument("--axis", choices=("axial", "coronal", "sagittal"), default="axial")
     p.add_argument("--threshold", type=float, default=0.5)

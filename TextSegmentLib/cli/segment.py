@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+GRID_HELP = ("compact (default): saliency maps at most 128 voxels a side in-plane over the CT's extent (16x smaller "
+             "at 512x512, no detail lost; viewers interpolate them); source: the CT's voxel grid")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("segment", help="segment a CT with one or more text prompts")
@@ -26,9 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also write per-layer saliency maps from the same forward pass (into OUT/saliency)")
     p.add_argument("--stage", type=int, choices=(1, 2, 3), default=1, help="saliency stage (with --saliency)")
     p.add_argument("--layers", default=None, help="saliency layers, e.g. vit.3,vit.11 (default: the model's saliency layers)")
-    p.add_argument("--saliency-grid", choices=("compact", "source"), default="compact",
-                   help="compact (default): saliency maps at most 128 voxels a side in-plane over the CT's extent "
-                        "(16x smaller at 512x512, no detail lost; viewers interpolate them); source: the CT's voxel grid")
+    p.add_argument("--saliency-grid", choices=("compact", "source"), default="compact", help=GRID_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
