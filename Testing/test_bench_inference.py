@@ -139,3 +139,15 @@ def test_doc_block_is_replaced(tmp_path):
     replace_doc_block(doc, "inference", markdown_table([{"a": 1.23456, "b": None}], [("A", "a"), ("B", "b")]))
     text = doc.read_text()
     assert "old" not in text and "| 1.23 | – |" in text and text.startswith("intro") and text.endswith("outro\n")
+
+
+def test_the_engine_can_keep_its_maps_on_the_compact_grid(bench, one_thread):
+    from TextSegmentLib.grid import on_grid_of
+
+    model = bench.build_model("freqmedclip-tiny", device="cpu")
+    volume = bench.make_volume(2, 256)
+    full = bench.run_engine(model, volume, ["liver"], device="cpu", batch_size=2)
+    small = bench.run_engine(model, volume, ["liver"], device="cpu", batch_size=2, probability_grid="compact")
+    assert full[0].shape == (2, 256, 256) and small[0].shape == (2, 128, 128)  # the network's 128 px
+    back = on_grid_of(small[0].astype(np.float32), full[0].shape)
+    assert np.abs(back - full[0].astype(np.float32)).mean() < 0.01 * max(float(full[0].std()), 1e-3) + 1e-3

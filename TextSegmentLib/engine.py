@@ -1,9 +1,10 @@
-"""Slice-by-slice inference: volume → preprocess → model → probability maps and masks on the source grid.
+"""Slice-by-slice inference: volume → preprocess → model → probability maps and masks over the source extent.
 
 The engine owns everything that is not the network: slicing in canonical orientation, windowing,
 aspect-preserving fitting and its inverse, batching, text caching, device and AMP choice, CUDA
 out-of-memory back-off, cancel and progress. It writes nothing: results come back as ``Volume`` s
-on the input grid and the adapters (CLI, Slicer) decide where they go.
+on the input grid (the probability maps, on request, on the compact grid over the same extent:
+``grid.py``) and the adapters (CLI, Slicer) decide where they go.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 from .errors import InputError, TextSegmentError
+from .grid import GRIDS, compact_plan, on_grid_of, over_extent
 from .preprocess import fit_to_square, inverse_fit, slice_plan, window_composite
 from .progress import CancelToken, MonotonicProgress, ProgressCallback, check_cancel
 from .volume import Volume
@@ -34,12 +36,16 @@ PROBABILITY_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 @dataclass(frozen=True)
 class SegmentationResult:
-    """One prompt's output on the input grid."""
+    """One prompt's output on the input grid (the probability map on the compact grid when asked for)."""
 
     prompt: str
     probability: Volume  # in [0, 1]; float16 unless ``segment(probability_dtype="float32")``
     mask: Volume  # uint8, 1 inside
     aux_prompt: Optional[str] = None
+
+    def probability_values(self) -> np.ndarray:
+        """The probabilities on the mask's (the input's) grid as float32, resampled if stored compact."""
+        return on_grid_of(self.probability.array.astype(np.float32), self.mask.shape)
 
     @property
     def voxels(self) -> int:
@@ -87,6 +93,7 @@ def segment(
     min_component_ml: float = 0.0,
     amp: Union[bool, str] = "auto",
     probability_dtype: str = "float16",
+    probability_grid: str = "source",
     progress: Optional[ProgressCallback] = None,
     cancel: Union[CancelToken, Callable[[], bool], None] = None,
     features_sink: Optional[Any] = None,
@@ -101,6 +108,9 @@ def segment(
     slice-wise models leave specks, and a prompt whose mask ends up empty is reported as not found.
     ``probability_dtype`` ("float16" or "float32") is how the probability maps are kept; the masks
     are thresholded from the network's float32 output before that, so they do not depend on it.
+    ``probability_grid="compact"`` keeps each probability map on the compact grid over the volume's
+    extent, at most the network's input size a side in-plane (``grid.py``): the network sees no finer
+    detail, and a 512² CT's map takes 1/16 of the memory. The masks stay on the source grid.
     """
     import torch
 
@@ -115,6 +125,8 @@ def segment(
         raise InputError(f"min_component_ml must be 0 or more (mL), got {min_component_ml}")
     if probability_dtype not in PROBABILITY_DTYPES:
         raise InputError(f"probability_dtype must be one of {', '.join(PROBABILITY_DTYPES)}, got {probability_dtype!r}")
+    if probability_grid not in GRIDS:
+        raise InputError(f"probability_grid must be one of {', '.join(GRIDS)}, got {probability_grid!r}")
     if not _all_finite(volume.array):
         raise InputError(f"{volume.source or 'volume'}: contains NaN or infinite values")
 
@@ -140,7 +152,8 @@ def segment(
     # peak then holds the outputs plus one prompt's slices, not every prompt twice.
     kept = PROBABILITY_DTYPES[probability_dtype]
     cut = np.float32(threshold)  # masks and stored maps compare in float32, as a reader of the written maps will
-    probabilities: list[Optional[np.ndarray]] = [np.zeros(slices_hu.shape, dtype=kept) for _ in prompt_list]
+    stored = compact_plan(plan, size) if probability_grid == "compact" else plan
+    probabilities: list[Optional[np.ndarray]] = [np.zeros(stored.shape, dtype=kept) for _ in prompt_list]
     masks: list[Optional[np.ndarray]] = [np.zeros(slices_hu.shape, dtype=np.uint8) for _ in prompt_list]
     if features_sink is not None:
         features_sink.begin(volume=volume, plan=plan, prompts=prompt_list, model=model)
@@ -176,7 +189,11 @@ def segment(
             warnings.append(message)
             continue
         for p in range(len(prompt_list)):
-            masks[p][indices], probabilities[p][indices] = _threshold(chunk[p], cut, dtype=kept)
+            if stored is plan:
+                masks[p][indices], probabilities[p][indices] = _threshold(chunk[p], cut, dtype=kept)
+            else:
+                masks[p][indices] = chunk[p] >= cut
+                probabilities[p][indices] = _shrink(chunk[p], stored.shape[1:])
         position += len(indices)
         done += len(indices)
         report(done / n_slices * 0.95, f"slice {done}/{n_slices}")
@@ -188,7 +205,7 @@ def segment(
     results = []
     min_voxels = int(np.ceil(min_component_ml * 1000.0 / float(np.prod(volume.spacing))))
     for p, prompt in enumerate(prompt_list):
-        prob, mask = plan.restore(probabilities[p]), plan.restore(masks[p])
+        prob, mask = stored.restore(probabilities[p]), plan.restore(masks[p])
         probabilities[p] = masks[p] = None  # restore made its own copies (or returned these very arrays)
         if largest_component or fill_holes or min_voxels > 1:
             mask = clean_mask(mask, largest_component=largest_component, fill_holes=fill_holes,
@@ -199,7 +216,7 @@ def segment(
         results.append(
             SegmentationResult(
                 prompt=prompt,
-                probability=volume.with_array(prob, metadata={"prompt": prompt}),
+                probability=over_extent(volume, prob, metadata={"prompt": prompt}),
                 mask=volume.with_array(mask, metadata={"prompt": prompt}),
                 aux_prompt=aux_list[p],
             )
@@ -241,6 +258,14 @@ def _threshold(values: np.ndarray, cut: np.float32, *, dtype) -> tuple[np.ndarra
     if crossed.any():
         out[crossed] = np.where(mask[crossed], upper, lower)
     return mask, out
+
+
+def _shrink(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(B, H, W) float32 slices averaged down to (B, *shape): each compact voxel the mean of the span it covers."""
+    import torch
+    import torch.nn.functional as F
+
+    return F.adaptive_avg_pool2d(torch.from_numpy(values), shape).numpy()
 
 
 def _all_finite(array: np.ndarray, *, chunk: int = 1 << 22) -> bool:

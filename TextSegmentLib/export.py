@@ -44,13 +44,20 @@ def slug(text: str, *, max_length: int = 48) -> str:
 
 
 def label_map(run: Any) -> np.ndarray:
-    """uint8/uint16 map: 0 background, i+1 where prompt i wins (highest probability among covering masks)."""
-    masks = np.stack([r.mask.array.astype(bool) for r in run.results])
-    probs = np.stack([r.probability.array for r in run.results])
-    probs = np.where(masks, probs, -1.0)
-    winner = np.argmax(probs, axis=0) + 1
-    dtype = np.uint8 if len(run.results) < 255 else np.uint16
-    return np.where(masks.any(axis=0), winner, 0).astype(dtype)
+    """uint8/uint16 map: 0 background, i+1 where prompt i wins (highest probability among covering masks).
+
+    One prompt at a time (a running best), so the peak holds one probability map on the source grid,
+    not all of them; ties go to the earlier prompt.
+    """
+    shape = run.results[0].mask.shape
+    labels = np.zeros(shape, dtype=np.uint8 if len(run.results) < 255 else np.uint16)
+    best = np.full(shape, -1.0, dtype=np.float32)
+    for i, result in enumerate(run.results, start=1):
+        probability = result.probability_values()
+        wins = (result.mask.array > 0) & (probability > best)
+        labels[wins] = i
+        best[wins] = probability[wins]
+    return labels
 
 
 def write_segmentation(
@@ -92,6 +99,7 @@ def write_segmentation(
         "labels": entries,
         "label_map": LABEL_MAP,
         "overlaps": "each voxel takes the label of the most probable prompt among those covering it",
+        "probability_grid": "source" if all(r.probability.shape == r.mask.shape for r in run.results) else "compact",
         "model": model_name,
         "weights": weights,
         "device": run.device,

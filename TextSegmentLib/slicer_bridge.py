@@ -238,7 +238,7 @@ def _check_grid(volume: Volume, reference_node: Any, what: str) -> None:
 
 def _check_extent(volume: Volume, reference_node: Any, what: str) -> None:
     """Like ``_check_grid``, but a coarser grid over the same extent (compact saliency maps) passes too."""
-    from .saliency.grid import same_extent
+    from .grid import same_extent
 
     shape = _shape(reference_node)
     if not same_extent(volume.ijk_to_lps(), volume.shape, _ijk_to_lps(reference_node), shape,

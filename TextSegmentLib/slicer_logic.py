@@ -84,7 +84,7 @@ PARAMETERS = (
     Parameter("outputSegmentation", "vtkMRMLSegmentationNode"),
     Parameter("saliency", bool, False),
     Parameter("saliencyStage", int, 1, bounds=(1, 3)),
-    Parameter("compactSaliency", bool, True),  # maps on the compact grid (saliency/grid.py)
+    Parameter("compactSaliency", bool, True),  # maps on the compact grid (grid.py)
     Parameter("saliencyLayer", str, ""),  # "" = the combined map
     Parameter("saliencyOpacity", float, 0.5, bounds=(0.0, 1.0)),
     Parameter("colormap", str, "Inferno", choices=COLORMAPS),

@@ -244,7 +244,7 @@ def _values(thing: VolumeOrNode) -> np.ndarray:
 def _choose_slice(ct: Volume, slice_index: Union[int, str], *, mask: Any, saliency: Any) -> int:
     """The canonical axial slice to show: the given one, or where the mask (else the saliency) is largest."""
     from .preprocess import slice_plan
-    from .saliency.grid import on_grid_of
+    from .grid import on_grid_of
 
     plan = slice_plan(ct, axis="axial")
     if slice_index != AUTO:

@@ -20,6 +20,9 @@ volume grid from a 512×512 phantom:
 
 Each runner returns one probability array per prompt, as the engine hands them out (float16, the
 engine's default ``probability_dtype``; float32 for the other two), so the harness adds no copy.
+``--probability-grid compact`` has the engine keep its maps on the compact grid over the volume's
+extent (``TextSegmentLib/grid.py``); the masks stay on the source grid, and "max |Δp|" compares the
+others with the engine's maps resampled back onto it.
 
 Each method runs in its own subprocess, so peak memory is its own: "Δ RSS" is the peak resident
 memory during warm-up and the first timed run minus the process's RSS once the model and the volume
@@ -125,10 +128,13 @@ def first_slices(volume, n: int):
 # ---------------------------------------------------------------------------------- the three ways
 # Each way returns one probability array per prompt, as it made them: stacking them here would be a
 # copy of the outputs that the harness, not the method, adds to the peak memory.
-def run_engine(model, volume, prompts: Sequence[str], *, device: str, batch_size: int) -> list[np.ndarray]:
+def run_engine(
+    model, volume, prompts: Sequence[str], *, device: str, batch_size: int, probability_grid: str = "source"
+) -> list[np.ndarray]:
     from TextSegmentLib.engine import segment
 
-    run = segment(volume, list(prompts), model=model, device=device, batch_size=batch_size, skip_empty_slices=False)
+    run = segment(volume, list(prompts), model=model, device=device, batch_size=batch_size, skip_empty_slices=False,
+                  probability_grid=probability_grid)
     return [r.probability.array for r in run.results]
 
 
@@ -230,12 +236,13 @@ class MethodSession:
 
     def __init__(
         self, method: str, model, volume, prompts: Sequence[str], *, device: str, slices: int, batch_size: int,
-        matmul_size: int = 2048,
+        matmul_size: int = 2048, probability_grid: str = "source",
     ):
         import torch
 
         runners = {
-            "engine": lambda v: run_engine(model, v, prompts, device=device, batch_size=batch_size),
+            "engine": lambda v: run_engine(model, v, prompts, device=device, batch_size=batch_size,
+                                           probability_grid=probability_grid),
             "naive": lambda v: run_naive(model, v, prompts, device=device),
             "sliceinferer": lambda v: run_slice_inferer(model, v, prompts, device=device, sw_batch_size=batch_size),
         }
@@ -445,7 +452,7 @@ def worker(spec_path: str) -> None:
     model = build_model(spec["preset"], device=spec["device"], overrides=spec["overrides"])
     session = MethodSession(
         spec["method"], model, volume, spec["prompts"], device=spec["device"], slices=spec["slices"],
-        batch_size=spec["batch_size"],
+        batch_size=spec["batch_size"], probability_grid=spec["probability_grid"],
     )
     print("ready", file=protocol, flush=True)
     for command in sys.stdin:
@@ -503,9 +510,11 @@ def run_benchmark(
     repeats: Optional[int],
     threads: Optional[int],
     batch_size: Optional[int],
+    probability_grid: str = "source",
 ) -> list[dict]:
     """Per preset and device, one live worker per method; their timed repeats take turns (the order rotates)."""
     from TextSegmentLib.engine import CPU_BATCH, CUDA_BATCH
+    from TextSegmentLib.grid import on_grid_of
 
     chosen = {name: PRESETS[name] for name in presets}
     most = max(2 * (slices or p.slices) for p in chosen.values())
@@ -524,6 +533,7 @@ def run_benchmark(
                 spec = dict(
                     geometry, preset=name, overrides=preset.overrides, device=device, prompts=list(prompts),
                     slices=slices or preset.slices, threads=threads, batch_size=batch,
+                    probability_grid=probability_grid,
                 )
                 workers = [Worker(dict(spec, method=method), folder) for method in METHODS]
                 rounds = repeats or preset.repeats
@@ -536,10 +546,12 @@ def run_benchmark(
                     record, outputs[method] = w.finish()
                     record.update(preset=name, floor_target=preset.floor_target)
                     records.append(record)
+                shapes = [naive.shape for naive in outputs["naive"]]  # every map on the volume's grid (compact ones resampled)
+                on_volume = {m: [on_grid_of(a.astype(np.float32), sh) for a, sh in zip(outputs[m], shapes)] for m in outputs}
                 for record in records[-len(METHODS):]:
+                    record["probability_grid"] = probability_grid if record["method"] == "engine" else "source"
                     record["max_abs_diff"] = max(
-                        float(np.abs(mine.astype(np.float32) - ours.astype(np.float32)).max())
-                        for mine, ours in zip(outputs[record["method"]], outputs["engine"])
+                        float(np.abs(mine - ours).max()) for mine, ours in zip(on_volume[record["method"]], on_volume["engine"])
                     )
     return records
 
@@ -554,6 +566,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default: 3 tiny, 2 base)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--batch-size", type=int, default=None, help="engine batch = sw_batch_size (default: the engine's)")
+    parser.add_argument("--probability-grid", choices=("source", "compact"), default="source",
+                        help="the engine's probability maps: on the CT's grid, or compact (grid.py; the others: source)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny presets, 4 slices of 256², 1 repeat")
     parser.add_argument("--json", default=str(REPO / "out" / "bench_inference.json"))
     parser.add_argument("--doc", default=None, help="Markdown file whose bench:BLOCK block gets the tables")
@@ -584,7 +598,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.perf_counter()
     records = run_benchmark(
         presets=presets, devices=devices, prompts=prompts, size=size, slices=slices, repeats=repeats,
-        threads=args.threads, batch_size=args.batch_size,
+        threads=args.threads, batch_size=args.batch_size, probability_grid=args.probability_grid,
     )
     summary = summarise(records)
     after = machine_info()
@@ -595,6 +609,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"MONAI {before['monai']}, {size}×{size} phantom slices, prompts: {', '.join(prompts)}, "
         f"load average {before['load_average'][0]:.1f} before → {after['load_average'][0]:.1f} after, "
         f"{time.perf_counter() - started:.0f} s in all. Random weights."
+        + (" The engine keeps its probability maps on the compact grid." if args.probability_grid == "compact" else "")
     )
     tables = format_tables(records, summary, title=title)
     print(tables)

@@ -11,6 +11,7 @@ from torch import nn
 
 from TextSegmentLib.engine import _all_finite, _threshold, segment
 from TextSegmentLib.errors import Cancelled, InputError
+from TextSegmentLib.export import label_map
 from TextSegmentLib.models.base import ModelOutput, TextFeatures, TextSegmentationModel
 from TextSegmentLib.progress import CancelToken
 from TextSegmentLib.volume import Volume, direction_from_axes
@@ -249,3 +250,48 @@ def test_small_islands_are_dropped_by_volume_and_an_empty_result_is_reported():
     assert any("'bright': nothing found" in w and "5 mL" in w for w in gone.warnings)
     with pytest.raises(InputError, match="min_component_ml"):
         segment(volume, "bright", model=WindowModel(), device="cpu", min_component_ml=-1.0)
+
+
+@pytest.mark.parametrize("name", sorted(DIRECTIONS))
+def test_compact_probabilities_cover_the_same_extent_and_leave_the_masks_alone(name):
+    from TextSegmentLib.grid import same_extent
+
+    volume, cube = cube_volume(DIRECTIONS[name], shape=(6, 64, 48))
+    source = segment(volume, ["bright", "dark"], model=WindowModel(image_size=32), device="cpu")
+    compact = segment(volume, ["bright", "dark"], model=WindowModel(image_size=32), device="cpu",
+                      probability_grid="compact")
+    for full, small in zip(source.results, compact.results):
+        np.testing.assert_array_equal(small.mask.array, full.mask.array)
+        assert small.mask.same_geometry(volume)
+        prob = small.probability
+        assert prob.array.dtype == np.float16 and prob.array.size == volume.array.size // 4  # 64 × 48 → 32 × 24
+        assert same_extent(prob.ijk_to_lps(), prob.shape, volume.ijk_to_lps(), volume.shape, tolerance_mm=1e-3)
+        back, exact = small.probability_values(), full.probability.array.astype(np.float32)
+        assert back.shape == volume.shape
+        assert np.corrcoef(back.ravel(), exact.ravel())[0, 1] > 0.95
+    np.testing.assert_array_equal(label_map(compact), label_map(source))
+
+
+def test_a_compact_probability_voxel_is_the_mean_of_the_source_voxels_it_covers():
+    volume, _ = cube_volume(shape=(4, 64, 48))  # identity: axial slices are the array as it is
+    full = segment(volume, "bright", model=WindowModel(image_size=32), device="cpu", probability_dtype="float32")
+    small = segment(volume, "bright", model=WindowModel(image_size=32), device="cpu", probability_grid="compact")
+    expected = full.results[0].probability.array.reshape(4, 32, 2, 24, 2).mean(axis=(2, 4))
+    np.testing.assert_allclose(small.results[0].probability.array.astype(np.float32), expected, atol=2.0**-10)
+    assert np.allclose(small.results[0].probability.spacing, (2.0, 2.0, 2.0))
+    with pytest.raises(InputError, match="probability_grid"):
+        segment(volume, "bright", model=WindowModel(), device="cpu", probability_grid="coarse")
+
+
+def test_the_label_map_gives_an_overlap_to_the_more_probable_prompt():
+    volume, _ = cube_volume()
+    ramp = np.linspace(0, 1200, volume.array.size, dtype=np.float32).reshape(volume.shape)
+    run = segment(volume.with_array(ramp), ["dark", "bright"], model=WindowModel(), device="cpu", threshold=0.01)
+    dark, bright = (r.mask.array > 0 for r in run.results)
+    both = dark & bright
+    assert both.any() and (bright & ~dark).any(), "a threshold this low should let the two masks overlap"
+    labels = label_map(run)
+    p_dark, p_bright = (r.probability.array.astype(np.float32) for r in run.results)
+    np.testing.assert_array_equal(labels[both], np.where(p_bright[both] > p_dark[both], 2, 1))
+    assert set(np.unique(labels[both])) == {1, 2}
+    assert set(np.unique(labels[bright & ~dark])) == {2} and set(np.unique(labels[dark & ~bright])) == {1}

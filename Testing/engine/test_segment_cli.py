@@ -49,6 +49,24 @@ def test_segment_writes_label_map_legend_and_probabilities(phantom_file, tmp_pat
     assert "voxels" in capsys.readouterr().out
 
 
+def test_compact_probability_maps_cover_the_ct_with_fewer_voxels(tmp_path):
+    from TextSegmentLib.grid import same_extent
+
+    save_phantom(make_phantom(seed=2, shape=(3, 256, 256)), tmp_path / "ct")
+    ct, out = tmp_path / "ct" / "ct.nii.gz", tmp_path / "seg"
+    code = main(["segment", str(ct), "-p", "liver", "-p", "spleen", "--out", str(out), "--weights", "random",
+                 "--quiet", "--probability-grid", "compact"])
+    assert code == 0
+    legend = json.loads((out / "segmentation.json").read_text())
+    assert legend["probability_grid"] == "compact"
+    source = read_volume(ct)
+    assert read_volume(out / "segmentation.nii.gz", allow_non_ct=True).shape == source.shape
+    for entry in legend["labels"]:
+        prob = read_volume(out / entry["probability_map"], allow_non_ct=True)
+        assert prob.shape == (3, 128, 128)  # freqmedclip-tiny sees 128 px
+        assert same_extent(prob.ijk_to_lps(), prob.shape, source.ijk_to_lps(), source.shape, tolerance_mm=1e-2)
+
+
 @pytest.mark.parametrize("grid", ["source", "compact"])
 def test_segment_with_saliency_writes_one_map_per_layer(phantom_file, tmp_path, grid):
     out = tmp_path / "seg"

@@ -285,7 +285,7 @@ def test_saliency_layers_become_float_volumes_with_our_inferno(context):
 
 
 def test_compact_saliency_maps_keep_their_own_grid_over_the_ct_and_others_are_refused(context):
-    from TextSegmentLib.saliency.grid import over_extent
+    from TextSegmentLib.grid import over_extent
 
     ct = _ct("oblique", shape=(6, 12, 8))
     node = node_from_volume(ct, context=context, name="CT")

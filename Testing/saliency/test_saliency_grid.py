@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from TextSegmentLib.saliency.grid import compact_slice_shape, on_grid_of, over_extent, same_extent
+from TextSegmentLib.grid import compact_slice_shape, on_grid_of, over_extent, same_extent
 from TextSegmentLib.volume import Volume, direction_from_axes
 
 OBLIQUE = direction_from_axes([[np.cos(0.3), np.sin(0.3), 0], [-np.sin(0.3), np.cos(0.3), 0], [0, 0, 1]])

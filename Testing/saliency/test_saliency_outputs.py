@@ -147,7 +147,7 @@ def test_explain_command_writes_maps_legend_and_montages(tmp_path, monkeypatch, 
 def test_explain_command_stores_compact_maps_over_the_ct_on_request(tmp_path, monkeypatch):
     from TextSegmentLib import weights
     from TextSegmentLib.cli import explain as command
-    from TextSegmentLib.saliency.grid import same_extent
+    from TextSegmentLib.grid import same_extent
 
     volume, _, _ = sphere_phantom(shape=(3, 160, 160))
     ct = write_volume(volume, tmp_path / "ct.nii.gz")

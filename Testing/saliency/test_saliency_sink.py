@@ -13,7 +13,7 @@ from planted_model import PlantedModel, sphere_phantom
 import TextSegmentLib.saliency.sink as sink_module
 from TextSegmentLib.errors import InputError, ModelError
 from TextSegmentLib.saliency import COMBINED, SaliencyConfig, build_saliency_sink, explain
-from TextSegmentLib.saliency.grid import same_extent
+from TextSegmentLib.grid import same_extent
 from TextSegmentLib.saliency.metrics import energy_inside
 from TextSegmentLib.volume import Volume, direction_from_axes
 

@@ -30,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stage", type=int, choices=(1, 2, 3), default=1, help="saliency stage (with --saliency)")
     p.add_argument("--layers", default=None, help="saliency layers, e.g. vit.3,vit.11 (default: the model's saliency layers)")
     p.add_argument("--saliency-grid", choices=("compact", "source"), default="compact", help=GRID_HELP)
+    p.add_argument("--probability-grid", choices=("source", "compact"), default="source",
+                   help="source (default): probability maps on the CT's voxel grid; compact: at most the network's "
+                        "input size a side in-plane over the CT's extent (16x smaller for the tiny models at 512x512; "
+                        "the label map and masks stay on the CT's grid)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -68,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, axis=args.axis, threshold=args.threshold,
             skip_empty_slices=not args.keep_empty_slices, largest_component=args.cleanup,
             fill_holes=args.cleanup, min_component_ml=args.min_component_ml, progress=bar, features_sink=sink,
+            probability_grid=args.probability_grid,
         )
     written = write_segmentation(run_, out_dir=out_dir, model_name=args.model, weights=args.weights, overwrite=args.overwrite)
     if sink is not None:

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..volume import Volume
-from .grid import GRIDS, compact_slice_shape, on_grid_of, over_extent
+from ..grid import GRIDS, compact_plan, compact_slice_shape, on_grid_of, over_extent
 from .maths import (
     Stage3Weights,
     box_of,
@@ -169,7 +169,7 @@ def build_saliency_sink(
     ``layers`` may be a comma-separated string ("vit.3,vit.11"); ``roi`` is a mask ``Volume`` on the
     input grid or an inclusive voxel box ``((i0, i1), (j0, j1), (k0, k1))``. ``config`` overrides
     the other options when given. ``grid`` "source" stores the maps on the input's voxel grid
-    instead of the compact grid over its extent (``saliency/grid.py``).
+    instead of the compact grid over its extent (``grid.py``).
     """
     config = config or SaliencyConfig(stage=stage, threshold=threshold, encoding=encoding, grid=grid)
     if isinstance(layers, str):
@@ -369,13 +369,9 @@ class SaliencySink:
 
     def _stored_plan(self) -> Any:
         """The slice plan of the grid the maps are stored on: the input's, or its compact twin."""
-        plan = self._plan
         if self.config.grid == "source":
-            return plan
-        rows, cols = compact_slice_shape(plan.shape[1:], self.config.max_map_size)
-        shape = list(plan.source_shape)
-        shape[plan.axes[1]], shape[plan.axes[2]] = rows, cols
-        return dataclasses.replace(plan, source_shape=tuple(shape))
+            return self._plan
+        return compact_plan(self._plan, self.config.max_map_size)
 
     def _legend(self, name: str, bounds: Optional[tuple[float, float]], target_slices: int) -> dict[str, Any]:
         config = self.config

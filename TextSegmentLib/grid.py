@@ -1,12 +1,13 @@
-"""Where saliency maps are stored: on the source grid, or on a compact grid over the same extent.
+"""Where output maps are stored: on the source grid, or on a compact grid over the same extent.
 
-A heatmap holds no detail finer than the feature map it came from, and the sink keeps no map finer
-than ``max_map_size`` cells a side. On a 512 × 512 CT a map on the source grid is therefore 16×
-more voxels than information: ten uint8 maps per prompt of a 300-slice study are 790 MB, and
-writing them is most of what saliency adds to a run. The compact grid keeps the slice axis and
-shrinks the two in-plane axes to at most ``max_map_size`` voxels, over the same physical extent
-and orientation. Slicer and other viewers interpolate it like any volume; ``on_grid_of`` brings it
-back onto the source grid where voxel-by-voxel comparisons need it (metrics, montages).
+A map holds no detail finer than what it came from. A saliency map is no finer than its feature
+map (the sink keeps none finer than ``max_map_size`` cells a side), and a probability map no finer
+than the network's input square (128 px for the tiny presets). On a 512 × 512 CT a map on the
+source grid is therefore up to 16× more voxels than information: ten uint8 saliency maps per
+prompt of a 300-slice study are 790 MB. The compact grid keeps the slice axis and shrinks the two
+in-plane axes to at most a given size, over the same physical extent and orientation. Slicer and
+other viewers interpolate it like any volume; ``on_grid_of`` brings it back onto the source grid
+where voxel-by-voxel comparisons need it (metrics, montages, the label map's overlaps).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..volume import Volume
+from .volume import Volume
 
 GRIDS = ("source", "compact")
 
@@ -25,6 +26,17 @@ def compact_slice_shape(shape: tuple[int, int], limit: int) -> tuple[int, int]:
     """(H, W) shrunk so that neither side exceeds ``limit``, aspect kept; never enlarged."""
     scale = min(1.0, limit / max(shape))
     return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
+
+
+def compact_plan(plan: Any, limit: int) -> Any:
+    """The slice plan of the compact grid over ``plan``'s extent: its in-plane axes at most ``limit`` voxels.
+
+    Its ``restore`` puts compact slices back into the volume's axis order, ready for ``over_extent``.
+    """
+    rows, cols = compact_slice_shape(plan.shape[1:], limit)
+    shape = list(plan.source_shape)
+    shape[plan.axes[1]], shape[plan.axes[2]] = rows, cols
+    return dataclasses.replace(plan, source_shape=tuple(shape))
 
 
 def over_extent(volume: Volume, array: np.ndarray, **changes: Any) -> Volume:
