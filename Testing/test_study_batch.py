@@ -249,7 +249,7 @@ def test_cli_batch_runs_a_real_model_and_exits_non_zero_on_a_failed_series(share
     _corrupt_copy(shared_data / "dicom" / "dcmqi_ct3slice" / "series", root / "corrupt")
     out = tmp_path / "out"
     code = main(["batch", str(root), "-p", "liver", "--out", str(out), "--model", "freqmedclip-tiny",
-                 "--weights", "random", "--device", "cpu", "--no-dicom-seg", "-q"])
+                 "--weights", "random", "--device", "cpu", "--no-dicom-seg", "--probability-grid", "compact", "-q"])
     assert code == 1
     saved = json.loads((out / REPORT).read_text())
     statuses = {s["description"] or s["modality"]: s["status"] for s in saved["series"]}
@@ -258,6 +258,11 @@ def test_cli_batch_runs_a_real_model_and_exits_non_zero_on_a_failed_series(share
     done = next(s for s in saved["series"] if s["status"] == "ok")
     assert "segmentation.nii.gz" in done["outputs"] and SEG_FILE not in done["outputs"]
     assert not (out / done["folder"] / SEG_FILE).exists()
+    legend = json.loads((out / done["folder"] / "segmentation.json").read_text())
+    assert legend["probability_grid"] == "compact"
+    ct = sitk.ReadImage(str(out / done["folder"] / "segmentation.nii.gz"))
+    prob = sitk.ReadImage(str(out / done["folder"] / legend["labels"][0]["probability_map"]))
+    assert prob.GetSize()[:2] == (128, 128) and prob.GetSize()[2] == ct.GetSize()[2] < ct.GetSize()[0]
     printed = capsys.readouterr().out
     assert "failed" in printed and "1 series done, 1 failed" in printed
 

@@ -106,6 +106,7 @@ def segment_study(
     saliency: bool = False,
     saliency_stage: int = 1,
     saliency_layers: Union[str, Sequence[str], None] = None,
+    probability_grid: str = "source",
     overwrite: bool = False,
     progress: Optional[ProgressCallback] = None,
     cancel: Union[CancelToken, Callable[[], bool], None] = None,
@@ -115,6 +116,7 @@ def segment_study(
 
     ``model`` is a preset name (loaded once with ``weights`` on ``device``) or a model object
     (``model_name`` then names it in the outputs).
+    ``probability_grid="compact"`` keeps the probability maps on the compact grid (``engine.segment``).
     ``reader(series_info) -> Volume`` replaces the engine's DICOM reader (tests, other front ends).
     Raises before any work when the folder holds no CT series or outputs exist (unless
     ``overwrite``); raises ``Cancelled`` after writing the report when cancelled.
@@ -155,7 +157,8 @@ def segment_study(
                 series, outcome, reader=reader, out_dir=output_dir, prompts=prompt_list, model=model,
                 model_name=model_name, weights=weights, aux_prompts=aux_prompts, device=device,
                 batch_size=batch_size, threshold=threshold, dicom_seg=dicom_seg, saliency=saliency,
-                saliency_stage=saliency_stage, saliency_layers=saliency_layers, overwrite=overwrite,
+                saliency_stage=saliency_stage, saliency_layers=saliency_layers, probability_grid=probability_grid,
+                overwrite=overwrite,
                 progress=step, cancel=cancel,
             )
     except Cancelled:
@@ -226,7 +229,8 @@ def _read(series: Any, *, source: Path) -> Any:
 def _run_series(series: Any, outcome: SeriesOutcome, *, reader: Callable[[Any], Any], out_dir: Path,
                 prompts: list[str], model: Any, model_name: str, weights: Optional[str], aux_prompts: Any,
                 device: str, batch_size: Any, threshold: float, dicom_seg: bool, saliency: bool,
-                saliency_stage: int, saliency_layers: Any, overwrite: bool, progress: ProgressCallback,
+                saliency_stage: int, saliency_layers: Any, probability_grid: str, overwrite: bool,
+                progress: ProgressCallback,
                 cancel: Any) -> None:
     """Segment one series into its folder; any failure but a cancel is recorded, never raised."""
     from .engine import segment
@@ -243,7 +247,8 @@ def _run_series(series: Any, outcome: SeriesOutcome, *, reader: Callable[[Any], 
 
             sink = build_saliency_sink(model=model, layers=saliency_layers, stage=saliency_stage)
         run = segment(volume, prompts, model=model, aux_prompts=aux_prompts, device=device, batch_size=batch_size,
-                      threshold=threshold, progress=progress, cancel=cancel, features_sink=sink)
+                      threshold=threshold, probability_grid=probability_grid, progress=progress, cancel=cancel,
+                      features_sink=sink)
         shutil.rmtree(staging, ignore_errors=True)
         written = _write_series(run, volume=volume, series=series, folder=staging, model_name=model_name,
                                 weights=weights, dicom_seg=dicom_seg)

@@ -23,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--saliency", action="store_true", help="also write the layer-wise saliency maps of each series")
     p.add_argument("--stage", type=int, choices=(1, 2, 3), default=1, help="saliency stage (see `textsegment explain`)")
+    p.add_argument("--probability-grid", choices=("source", "compact"), default="source",
+                   help="probability maps on each CT's voxel grid (default) or on the compact grid (see `segment`)")
     p.add_argument("--no-dicom-seg", action="store_true", help="write no DICOM SEG (only NIfTI and the legend)")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier batch in --out")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
             args.dicom_dir, args.prompt, output_dir=args.out, model=args.model, weights=args.weights,
             aux_prompts=args.aux_prompt, device=args.device, batch_size=args.batch_size, threshold=args.threshold,
             dicom_seg=not args.no_dicom_seg, saliency=args.saliency, saliency_stage=args.stage,
-            overwrite=args.overwrite, progress=bar,
+            probability_grid=args.probability_grid, overwrite=args.overwrite, progress=bar,
         )
     for series in report.series:
         name = series.folder or series.description or series.key
