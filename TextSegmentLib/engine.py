@@ -13,7 +13,7 @@ import logging
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -138,11 +138,11 @@ def segment(
     use_amp = target.type == "cuda" and amp in ("auto", True)
 
     plan = slice_plan(volume, axis=axis)
-    slices_hu = plan.extract(volume.array)
+    slices_hu = plan.extract_view(volume.array)  # a view: the batches window a few slices at a time
     n_slices = slices_hu.shape[0]
     wanted = np.arange(n_slices)
     if skip_empty_slices:
-        wanted = wanted[slices_hu.reshape(n_slices, -1).max(axis=1) > AIR_HU]
+        wanted = wanted[slices_hu.max(axis=(1, 2)) > AIR_HU]
     skipped = n_slices - len(wanted)
 
     batch = _initial_batch_size(batch_size, target)
@@ -188,12 +188,13 @@ def segment(
             log.warning(message)
             warnings.append(message)
             continue
-        for p in range(len(prompt_list)):
+        for p, values in enumerate(chunk):
             if stored is plan:
-                masks[p][indices], probabilities[p][indices] = _threshold(chunk[p], cut, dtype=kept)
+                masks[p][indices], probabilities[p][indices] = _threshold(values, cut, dtype=kept)
             else:
-                masks[p][indices] = chunk[p] >= cut
-                probabilities[p][indices] = _shrink(chunk[p], stored.shape[1:])
+                masks[p][indices] = values >= cut
+                probabilities[p][indices] = _shrink(values, stored.shape[1:])
+            del values
         position += len(indices)
         done += len(indices)
         report(done / n_slices * 0.95, f"slice {done}/{n_slices}")
@@ -282,8 +283,12 @@ def _all_finite(array: np.ndarray, *, chunk: int = 1 << 22) -> bool:
 GROUP_PIXELS = 1 << 17
 
 
-def _run_batch(model, text, slices_hu, indices, *, plan, size, windows, device, use_amp, features_sink) -> list[np.ndarray]:
-    """Per prompt, the probabilities (B, H, W) on the slice grid of the slices ``slices_hu[indices]``."""
+def _run_batch(model, text, slices_hu, indices, *, plan, size, windows, device, use_amp, features_sink) -> Iterator[np.ndarray]:
+    """Per prompt, the probabilities (B, H, W) on the slice grid of the slices ``slices_hu[indices]``.
+
+    Mapped back to the slice grid one prompt at a time, as the caller takes them: only one prompt's
+    batch is ever held at source resolution.
+    """
     import torch
 
     n_prompts = len(text)
@@ -316,7 +321,7 @@ def _run_batch(model, text, slices_hu, indices, *, plan, size, windows, device, 
     if features_sink is not None:
         features_sink.consume(indices=indices, prompt_rows=rows, output=output, fit=fit)
     probs = probs.cpu().reshape(n_prompts, b, *probs.shape[1:])
-    return [inverse_fit(p, fit, mode="linear").clamp_(0, 1).numpy() for p in probs]
+    return (inverse_fit(p, fit, mode="linear").clamp_(0, 1).numpy() for p in probs)
 
 
 def _join(outputs: list):

@@ -85,6 +85,9 @@ def test_every_storage_order_gives_the_same_canonical_slices(view):
         volume, _ = volume_with_direction(direction)
         plan = slice_plan(volume, axis=view)
         np.testing.assert_array_equal(plan.extract(volume.array), expected, err_msg=f"direction\n{direction}")
+        view_of = plan.extract_view(volume.array)  # the same slices, no copy
+        np.testing.assert_array_equal(view_of, expected, err_msg=f"view, direction\n{direction}")
+        assert np.shares_memory(view_of, volume.array)
         assert plan.obliquity_deg == 0.0
 
 

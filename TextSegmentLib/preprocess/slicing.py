@@ -83,6 +83,18 @@ class SlicePlan:
         out = np.transpose(array, self.axes)
         return np.ascontiguousarray(np.flip(out, flipped) if flipped else out)
 
+    def extract_view(self, array: np.ndarray) -> np.ndarray:
+        """``extract`` without the copy: the canonical slices as a (possibly strided) numpy view.
+
+        For readers that take a few slices at a time (the engine): a copy of the whole CT would be
+        the largest array of a run after its outputs.
+        """
+        if tuple(array.shape) != self.source_shape:
+            raise ValueError(f"array shape {tuple(array.shape)} does not match the planned volume {self.source_shape}")
+        flipped = [d for d, flip in enumerate(self.flips) if flip]
+        out = np.transpose(array, self.axes)
+        return np.flip(out, flipped) if flipped else out
+
     def restore(self, slices: Any) -> Any:
         """Put canonical (N, H, W) slices back into the volume's (z, y, x) layout: ``extract``'s inverse."""
         if tuple(slices.shape) != self.shape:
