@@ -32,8 +32,11 @@ def compact_plan(plan: Any, limit: int) -> Any:
     """The slice plan of the compact grid over ``plan``'s extent: its in-plane axes at most ``limit`` voxels.
 
     Its ``restore`` puts compact slices back into the volume's axis order, ready for ``over_extent``.
+    Slices no larger than ``limit`` keep ``plan`` itself: their compact grid is the source grid.
     """
     rows, cols = compact_slice_shape(plan.shape[1:], limit)
+    if (rows, cols) == tuple(plan.shape[1:]):
+        return plan
     shape = list(plan.source_shape)
     shape[plan.axes[1]], shape[plan.axes[2]] = rows, cols
     return dataclasses.replace(plan, source_shape=tuple(shape))

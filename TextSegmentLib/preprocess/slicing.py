@@ -73,15 +73,14 @@ class SlicePlan:
 
         Works for numpy arrays and torch tensors alike (HU, probabilities or labels).
         """
+        torch = _torch_module_of(array)
+        if torch is None:
+            return np.ascontiguousarray(self.extract_view(array))
         if tuple(array.shape) != self.source_shape:
             raise ValueError(f"array shape {tuple(array.shape)} does not match the planned volume {self.source_shape}")
         flipped = [d for d, flip in enumerate(self.flips) if flip]
-        torch = _torch_module_of(array)
-        if torch is not None:
-            out = array.permute(*self.axes)
-            return torch.flip(out, flipped) if flipped else out.contiguous()
-        out = np.transpose(array, self.axes)
-        return np.ascontiguousarray(np.flip(out, flipped) if flipped else out)
+        out = array.permute(*self.axes)
+        return torch.flip(out, flipped) if flipped else out.contiguous()
 
     def extract_view(self, array: np.ndarray) -> np.ndarray:
         """``extract`` without the copy: the canonical slices as a (possibly strided) numpy view.
