@@ -83,3 +83,55 @@ def test_image_taps_are_projected_once_per_image_with_the_same_maps(family_model
     assert seen == [images] * len(layers)
     for name in layers:
         torch.testing.assert_close(shared[name], plain[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_stage_3_equals_its_formula_row_by_row_when_some_rows_have_no_target(family_model, per_image):
+    """The batched sink (rings and priors of every grid at once, rows gathered) against the maths, one row at a time."""
+    import torch.nn.functional as F
+
+    from TextSegmentLib.saliency.maths import box_of, gaussian_prior, region_mean, ring_weights, stage3_map
+    from TextSegmentLib.saliency.sink import SaliencyConfig, explain_batch
+
+    model = family_model
+    size, images, prompts = model.image_size, 2, 2
+    batch = torch.rand(images, 3, size, size, generator=torch.Generator().manual_seed(7))
+    target = torch.zeros(prompts * images, size, size)
+    target[0, size // 4 : size // 2, size // 3 : size // 2] = 1.0
+    target[2, size // 2 :, : size // 4] = 1.0  # rows 1 and 3 have no target
+    config = SaliencyConfig(stage=3)
+    layers = [name for name in model.tap_names if name not in model.joint_tap_names]  # no prompt term
+    with torch.inference_mode():
+        rows = torch.arange(prompts).repeat_interleave(images)
+        output = model(batch[torch.arange(images).repeat(prompts)], model.encode_text(["liver", "spleen"]).index(rows),
+                       taps=layers)
+        maps, has_target, _ = explain_batch(output, layers=layers, target=target, config=config, model=model,
+                                            images=images if per_image else None)
+        assert has_target.tolist() == [True, False, True, False]
+        checked = 0
+        for name in layers:
+            features = output.taps[name].float()
+            h, w = features.shape[-2:]
+            if max(h, w) > config.max_map_size:  # pooled before it is kept: not this formula's business
+                continue
+            for row in range(prompts * images):
+                if not has_target[row]:
+                    assert not maps[name][row].any()
+                    continue
+                f = features[row : row + 1]
+                inside = F.adaptive_avg_pool2d(target[row : row + 1, None], (h, w))[:, 0]
+                box, _ = box_of(target[row : row + 1])
+                ring = ring_weights(box, (h, w), margin=config.ring_margin)
+                whole = region_mean(f, torch.ones_like(inside))
+                expected = stage3_map(
+                    f,
+                    prototype=region_mean(f, inside),
+                    prompt=None,
+                    global_image=whole,
+                    context=region_mean(f, ring) if ring.any() else whole,
+                    prior=gaussian_prior(box, (h, w), sigma_scale=config.sigma_scale, floor=config.prior_floor),
+                    weights=config.weights,
+                )
+                torch.testing.assert_close(maps[name][row], expected[0], rtol=1e-4, atol=1e-5)
+                checked += 1
+    assert checked >= 4

@@ -12,6 +12,7 @@ from TextSegmentLib.saliency.maths import (
     HISTOGRAM_MIN,
     Stage3Weights,
     box_of,
+    box_surrounds,
     box_weights,
     cosine_map,
     gaussian_prior,
@@ -130,6 +131,25 @@ def test_gaussian_prior_by_hand():
     assert float(prior[0, 0, 0]) == pytest.approx(1.0)
     assert float(prior[0, 0, 1]) == pytest.approx(0.2 + 0.8 * math.exp(-0.5))
     assert float(prior[0, 1, 1]) == pytest.approx(0.2 + 0.8 * math.exp(-1.0))
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.25])
+def test_box_surrounds_match_the_ring_and_prior_grid_by_grid(floor):
+    """All grids at once (square, oblong, coarser than the box) equal the one-grid functions."""
+    generator = torch.Generator().manual_seed(0)
+    corners = torch.rand(40, 2, 2, generator=generator)
+    low, high = corners.min(dim=1).values, corners.max(dim=1).values
+    boxes = torch.cat([low, high], dim=1)
+    boxes[:3] = 0.0  # rows without a target
+    boxes[3, 2] = boxes[3, 0]  # a box one line thin
+    shapes = [(2, 2), (8, 8), (3, 5), (16, 4), (64, 64)]
+    surrounds = box_surrounds(boxes, shapes + [(8, 8)], margin=0.5, sigma_scale=1.5, floor=floor)
+    assert list(surrounds) == shapes
+    for shape in shapes:
+        ring, prior = surrounds[shape]
+        assert torch.equal(ring, ring_weights(boxes, shape, margin=0.5))
+        assert torch.allclose(prior, gaussian_prior(boxes, shape, sigma_scale=1.5, floor=floor), atol=1e-6)
+    assert box_surrounds(boxes, []) == {}
 
 
 def test_stage1_is_similarity_to_the_prototype():

@@ -16,8 +16,9 @@ inside a box when its centre ``((i + 0.5) / h)`` is.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -206,6 +207,68 @@ def gaussian_prior(
     dx = (_cell_centres(w, boxes.device)[None, :] - ((x0 + x1) / 2)[:, None]) / sx
     gauss = torch.exp(-0.5 * (dy[:, :, None] ** 2 + dx[:, None, :] ** 2))
     return floor + (1.0 - floor) * gauss
+
+
+def box_surrounds(
+    boxes: torch.Tensor,
+    shapes: Sequence[tuple[int, int]],
+    *,
+    margin: float = 0.5,
+    sigma_scale: float = 1.0,
+    floor: float = 0.25,
+) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """``ring_weights`` and ``gaussian_prior`` of the same boxes on several grids at once: {shape: (ring, prior)}.
+
+    Stage 3 needs both on every tapped grid of every batch, and computed grid by grid they cost
+    more than the maps themselves (dozens of tiny operations each). Both are separable: a box is
+    the product of a row and a column interval, the Gaussian the product of two 1-D Gaussians. So
+    each axis is evaluated once over the cells of every grid together, and each grid then costs two
+    batched outer products: ring = grown_y ⊗ grown_x − inside_y ⊗ inside_x, prior = floor +
+    (1 − floor) · g_y ⊗ g_x.
+    """
+    shapes = list(dict.fromkeys(tuple(shape) for shape in shapes))
+    if not shapes:
+        return {}
+    y0, x0, y1, x1 = boxes.float().unbind(dim=1)
+    grown_y, inside_y, gauss_y = _axis_factors(y0, y1, [(h, max(h, w)) for h, w in shapes], margin, sigma_scale)
+    grown_x, inside_x, gauss_x = _axis_factors(x0, x1, [(w, max(h, w)) for h, w in shapes], margin, sigma_scale)
+    # one (N, Σh, 3) @ (N, 3, w) product per grid gives [ring | prior − floor] side by side
+    rows = torch.stack([grown_y, inside_y.neg_(), gauss_y.mul_(1.0 - floor)], dim=2)
+    cols = torch.stack([grown_x, inside_x, gauss_x], dim=1)
+    row_parts = rows.split([h for h, _ in shapes], dim=1)
+    col_parts = cols.split([w for _, w in shapes], dim=2)
+    surrounds = {}
+    for shape, r, c in zip(shapes, row_parts, col_parts):
+        ring = torch.bmm(r[..., :2], c[:, :2])
+        prior = torch.bmm(r[..., 2:], c[:, 2:]).add_(floor)
+        surrounds[shape] = ring, prior
+    return surrounds
+
+
+def _axis_factors(
+    lo: torch.Tensor, hi: torch.Tensor, cells: list[tuple[int, int]], margin: float, sigma_scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Along one axis, over the cells of several grids end to end: grown box, box and Gaussian, each (N, T).
+
+    ``cells`` lists (cells on this axis, the grid's larger side) per grid; the larger side sets
+    the smallest σ, as in ``gaussian_prior``.
+    """
+    centres, min_sigma = _axis_cells(tuple(cells), lo.device)
+    lo, hi = lo[:, None], hi[:, None]
+    grow = (hi - lo) * margin
+    grown = ((centres >= lo - grow) & (centres <= hi + grow)).float()
+    inside = ((centres >= lo) & (centres <= hi)).float()
+    sigma = torch.maximum((hi - lo) * sigma_scale, min_sigma)
+    gauss = torch.exp(-0.5 * ((centres - (lo + hi) / 2) / sigma) ** 2)
+    return grown, inside, gauss
+
+
+@functools.lru_cache(maxsize=64)
+def _axis_cells(cells: tuple[tuple[int, int], ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cell centres of several grids along one axis, end to end, and each cell's smallest σ."""
+    centres = torch.cat([_cell_centres(n, device) for n, _ in cells])
+    min_sigma = torch.cat([torch.full((n,), 1.0 / side, device=device) for n, side in cells])
+    return centres, min_sigma
 
 
 def stage1_map(features: torch.Tensor, *, prototype: torch.Tensor) -> torch.Tensor:

@@ -37,10 +37,9 @@ from ..grid import GRIDS, compact_plan, compact_slice_shape, on_grid_of, over_ex
 from .maths import (
     Stage3Weights,
     box_of,
-    gaussian_prior,
+    box_surrounds,
     percentiles,
     region_mean,
-    ring_weights,
     robust_rescale,
     stage1_map,
     stage2_map,
@@ -477,6 +476,15 @@ def explain_batch(
         pooled[shape] = _pool(target_rows, shape, pooled)
     rows = None if every else has_target.nonzero().squeeze(1)
     maps: dict[str, Any] = {}
+    # stage 3's context ring and prior depend on the targets' boxes and the grid only: every row's, on
+    # every grid at once, then per layer group the rows it maps
+    rings_and_priors = box_surrounds(
+        boxes,
+        [key[-2:] for key in groups if key[0] == 3],
+        margin=config.ring_margin,
+        sigma_scale=config.sigma_scale,
+        floor=config.prior_floor,
+    )
     surrounds: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
     for (stage, text, per_image, *_, h, w), names in groups.items():
         k = len(names)
@@ -485,21 +493,26 @@ def explain_batch(
         gather = rows is not None and not per_image
         chosen = [features_of[n][rows] if gather else features_of[n] for n in names]
         features = torch.cat(chosen) if k > 1 else chosen[0]
-        weights, row_boxes, row_prompt = pooled[(h, w)], boxes, prompt if text else None
+        weights, row_prompt = pooled[(h, w)], prompt if text else None
         if gather:
-            weights, row_boxes = weights[rows], boxes[rows]
+            weights = weights[rows]
             row_prompt = None if row_prompt is None else row_prompt[rows]
         if per_image:  # prompt-major rows (P·B, ...) -> (B, P, ...)
-            weights, row_boxes, row_prompt = (_by_image(x, images) for x in (weights, boxes, row_prompt))
+            weights, row_prompt = _by_image(weights, images), _by_image(row_prompt, images)
 
         def stacked(x: Any) -> Any:
             return x if k == 1 or x is None else x.repeat(k, *([1] * (x.ndim - 1)))
 
         surround = None
-        if stage == 3:  # the regions depend on the targets and the grid only: shared by the layers on it
+        if stage == 3:  # shared by the layers on one grid with the same rows
             key = (h, w, per_image, gather)
             if key not in surrounds:
-                surrounds[key] = _surround(weights, row_boxes, config=config)
+                ring, prior = rings_and_priors[(h, w)]
+                if gather:
+                    ring, prior = ring[rows], prior[rows]
+                if per_image:
+                    ring, prior = _by_image(ring, images), _by_image(prior, images)
+                surrounds[key] = _surround(weights, ring, prior)
             surround = tuple(stacked(x) for x in surrounds[key])
         raw = _layer_map(
             features, stage=stage, weights=stacked(weights), prompt=stacked(row_prompt), config=config,
@@ -583,19 +596,16 @@ def _layer_map(
     return maps[:, 0] if rows else maps
 
 
-def _surround(weights: Any, boxes: Any, *, config: SaliencyConfig) -> tuple[Any, Any, Any]:
+def _surround(weights: Any, ring: Any, prior: Any) -> tuple[Any, Any, Any]:
     """Stage 3's regions on one grid: (targets, rings, whole image) weights, which rings are non-empty, the prior.
 
-    Row by row: weights (N, h, w), boxes (N, 4); per image: (B, P, h, w), (B, P, 4). Shapes come
-    back per image: (B, 2P + 1, h, w), (B, P, 1) and (B, P, h, w), with P = 1 row by row.
+    Row by row: weights, ring and prior (N, h, w); per image: (B, P, h, w). Shapes come back per
+    image: (B, 2P + 1, h, w), (B, P, 1) and (B, P, h, w), with P = 1 row by row.
     """
     import torch
 
     if weights.ndim == 3:
-        weights, boxes = weights[:, None], boxes[:, None]
-    shape, flat = tuple(weights.shape[-2:]), boxes.reshape(-1, 4)
-    ring = ring_weights(flat, shape, margin=config.ring_margin).reshape(weights.shape)
-    prior = gaussian_prior(flat, shape, sigma_scale=config.sigma_scale, floor=config.prior_floor).reshape(weights.shape)
+        weights, ring, prior = weights[:, None], ring[:, None], prior[:, None]
     regions = torch.cat([weights, ring, torch.ones_like(ring[:, :1])], dim=1)
     return regions, (ring.sum(dim=(-2, -1)) > 0)[..., None], prior
 
