@@ -135,3 +135,25 @@ def test_stage_3_equals_its_formula_row_by_row_when_some_rows_have_no_target(fam
                 torch.testing.assert_close(maps[name][row], expected[0], rtol=1e-4, atol=1e-5)
                 checked += 1
     assert checked >= 4
+
+
+def test_a_tap_that_is_another_taps_tensor_is_mapped_once(family_model, monkeypatch):
+    """"fused" is the last decoder stage itself: its map is that stage's, computed once."""
+    from TextSegmentLib.saliency import sink
+
+    model = family_model
+    size = model.image_size
+    target = torch.zeros(2, size, size)
+    target[:, size // 4 : size // 2, size // 3 : size // 2] = 1.0
+    with torch.inference_mode():
+        output = model(torch.rand(2, 3, size, size), model.encode_text(["liver"]), taps=model.tap_names)
+        last = [name for name in model.tap_names if name != "fused" and output.taps[name] is output.taps["fused"]]
+        assert len(last) == 1
+        calls = []
+        layer_map = sink._layer_map
+        monkeypatch.setattr(sink, "_layer_map", lambda features, **kw: calls.append(1) or layer_map(features, **kw))
+        maps, _, info = sink.explain_batch(output, layers=[last[0], "fused"], target=target,
+                                           config=sink.SaliencyConfig(stage=3), model=model)
+    assert len(calls) == 1
+    assert torch.equal(maps["fused"], maps[last[0]]) and maps["fused"].any()
+    assert info["fused"] == info[last[0]]

@@ -439,6 +439,9 @@ def explain_batch(
     info: dict[str, dict[str, Any]] = {}
     per_image_of: dict[str, bool] = {}
     text_of: dict[str, bool] = {}  # compared with the prompt embedding (joint space at stages 2, 3)
+    # a tap that is the very tensor of an earlier one ("fused" is the last decoder stage) shares its map
+    aliases: dict[str, str] = {}
+    first_of: dict[tuple[int, int, bool, bool], str] = {}
     for name in layers:
         if name not in output.taps:
             raise InputError(f"the model returned no feature tap {name!r}; it returned {sorted(output.taps)}")
@@ -454,6 +457,10 @@ def explain_batch(
             else:
                 stage, note = 1, f"{reason}: stage 1 used"
         shared = images is not None and name in image_taps and tap.shape[0] % images == 0
+        same = first_of.setdefault((id(tap), stage, text, shared), name)
+        if same != name:
+            aliases[name], info[name] = same, info[same]
+            continue
         features = (tap[:images] if shared else tap).float()
         if text:
             features = model.project_to_joint(name, features).float()
@@ -530,7 +537,7 @@ def explain_batch(
             elif not every:
                 part = torch.where(has_target[:, None, None], part, 0.0)
             maps[name] = part
-    return {name: maps[name] for name in layers}, has_target, info
+    return {name: maps[aliases.get(name, name)] for name in layers}, has_target, info
 
 
 def _by_image(x: Any, images: int) -> Any:
