@@ -44,7 +44,7 @@ def test_every_tap_of_both_families_gives_a_map_on_the_input_grid(family_model):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_a_batch_where_no_row_has_a_target_gives_zero_maps(family_model, stage):
     """E.g. a slice whose predicted mask is empty: the joint-space layers must cope with zero rows."""
-    from TextSegmentLib.saliency.sink import SaliencyConfig, explain_batch
+    from TextSegmentLib.saliency import SaliencyConfig, explain_batch
 
     model = family_model
     size = model.image_size
@@ -60,7 +60,7 @@ def test_a_batch_where_no_row_has_a_target_gives_zero_maps(family_model, stage):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_image_taps_are_projected_once_per_image_with_the_same_maps(family_model, stage, monkeypatch):
     """Rows prompt-major (P·B): a tap the prompt cannot change needs one projection per image, not per row."""
-    from TextSegmentLib.saliency.sink import SaliencyConfig, explain_batch
+    from TextSegmentLib.saliency import SaliencyConfig, explain_batch
 
     model = family_model
     size, images, prompts = model.image_size, 2, 3
@@ -91,7 +91,7 @@ def test_stage_3_equals_its_formula_row_by_row_when_some_rows_have_no_target(fam
     import torch.nn.functional as F
 
     from TextSegmentLib.saliency.maths import box_of, gaussian_prior, region_mean, ring_weights, stage3_map
-    from TextSegmentLib.saliency.sink import SaliencyConfig, explain_batch
+    from TextSegmentLib.saliency import SaliencyConfig, explain_batch
 
     model = family_model
     size, images, prompts = model.image_size, 2, 2
@@ -139,7 +139,7 @@ def test_stage_3_equals_its_formula_row_by_row_when_some_rows_have_no_target(fam
 
 def test_a_tap_that_is_another_taps_tensor_is_mapped_once(family_model, monkeypatch):
     """"fused" is the last decoder stage itself: its map is that stage's, computed once."""
-    from TextSegmentLib.saliency import sink
+    from TextSegmentLib.saliency import SaliencyConfig, layer_maps
 
     model = family_model
     size = model.image_size
@@ -150,10 +150,10 @@ def test_a_tap_that_is_another_taps_tensor_is_mapped_once(family_model, monkeypa
         last = [name for name in model.tap_names if name != "fused" and output.taps[name] is output.taps["fused"]]
         assert len(last) == 1
         calls = []
-        layer_map = sink._layer_map
-        monkeypatch.setattr(sink, "_layer_map", lambda features, **kw: calls.append(1) or layer_map(features, **kw))
-        maps, _, info = sink.explain_batch(output, layers=[last[0], "fused"], target=target,
-                                           config=sink.SaliencyConfig(stage=3), model=model)
+        layer_map = layer_maps._layer_map
+        monkeypatch.setattr(layer_maps, "_layer_map", lambda features, **kw: calls.append(1) or layer_map(features, **kw))
+        maps, _, info = layer_maps.explain_batch(output, layers=[last[0], "fused"], target=target,
+                                                 config=SaliencyConfig(stage=3), model=model)
     assert len(calls) == 1
     assert torch.equal(maps["fused"], maps[last[0]]) and maps["fused"].any()
     assert info["fused"] == info[last[0]]

@@ -12,19 +12,12 @@ reference representations of the target (stage 1: organ prototype; 2: + prompt e
 ``grad_cam`` is the gradient baseline and ``metrics`` scores maps against a target mask.
 """
 
+from .config import SaliencyConfig
 from .export import write_saliency
+from .layer_maps import explain_batch
 from .maths import Stage3Weights
 from .montage import save_montage
-from .sink import (
-    COMBINED,
-    PromptSaliency,
-    SaliencyConfig,
-    SaliencyResult,
-    SaliencySink,
-    build_saliency_sink,
-    explain,
-    explain_batch,
-)
+from .sink import COMBINED, PromptSaliency, SaliencyResult, SaliencySink, build_saliency_sink, explain
 
 __all__ = [
     "COMBINED",

@@ -2,22 +2,14 @@
 
 ``segment(..., features_sink=build_saliency_sink(model=model, stage=2))`` asks the model for the
 chosen feature taps, turns every batch's taps into one raw similarity map per layer right away
-(so no feature tensor outlives its batch), and at the end rescales each layer over the whole
-volume, samples it over the input's extent (on the compact grid of ``grid.py`` by default, or on
+(``layer_maps.explain_batch``: no feature tensor outlives its batch), and at the end rescales each
+layer over the whole volume, samples it over the input's extent (on the compact grid of ``grid.py`` by default, or on
 the input's own voxel grid) and encodes it in uint8 or float16. ``run.features`` is then a
 ``SaliencyResult``: per prompt, one ``Volume`` per layer plus the combined map, and a legend.
 
 The target every stage is relative to is, per slice, the model's own predicted mask (probability
 ≥ ``threshold``) unless a ROI (a box or a mask on the input grid) is given. A slice without a
 target has nothing to explain and gets a zero map; the legend counts the slices that had one.
-
-Stages 2 and 3 compare features with the prompt embedding, so they need the layer in the joint
-image–text space. A model offers that by listing ``joint_tap_names`` and mapping those taps with
-``project_to_joint(name, features)`` (both families do it with the CLIP tower's own final norm and
-projection: exact for the last block, an approximation for earlier ones). Every other layer, or
-every layer of a model without text embeddings, has no prompt term: stage 2 falls back to stage 1,
-stage 3 keeps its three image components and its prior (``stage3_without_text``), and the legend
-says so.
 """
 
 from __future__ import annotations
@@ -33,70 +25,18 @@ import numpy as np
 
 from ..errors import InputError
 from ..volume import Volume
-from ..grid import GRIDS, compact_plan, compact_slice_shape, on_grid_of, over_extent
-from .maths import (
-    Stage3Weights,
-    box_of,
-    box_surrounds,
-    percentiles,
-    region_mean,
-    robust_rescale,
-    stage1_map,
-    stage2_map,
-    stage3_map,
-)
+from ..grid import compact_plan, on_grid_of, over_extent
+from .config import SaliencyConfig
+from .layer_maps import explain_batch
+from .maths import percentiles, robust_rescale
 
 log = logging.getLogger(__name__)
 
 COMBINED = "combined"
-ENCODINGS = ("uint8", "float16")
-STAGE3_WITHOUT_TEXT = ("image-terms", "stage-1")
-STACK_MAX_CELLS = 1024  # feature maps up to 32 × 32 are stacked with same-shaped layers and mapped at once
 FINISH_CHUNK = 32  # slices brought to the source grid at once: bounds the float32 working memory
 METHOD = "gradient-free cosine similarity (Stage 1 prototype / 2 prototype+prompt / 3 four-component)"
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # inclusive (i, j, k) voxel index ranges
 Roi = Union[Volume, Box, None]
-
-
-@dataclass(frozen=True)
-class SaliencyConfig:
-    """Everything that shapes the maps; the defaults are those of docs/explainability.md."""
-
-    stage: int = 1
-    alpha: float = 0.5  # stage 2: weight of the prototype against the prompt
-    weights: Stage3Weights = Stage3Weights()
-    sigma_scale: float = 1.0  # stage 3: Gaussian σ as a multiple of the box size
-    prior_floor: float = 0.25  # stage 3: the prior never drops below this far from the target
-    ring_margin: float = 0.5  # stage 3: context ring width as a multiple of the box size
-    low_percentile: float = 1.0
-    high_percentile: float = 99.0
-    threshold: float = 0.5  # predicted-mask threshold when no ROI is given
-    encoding: str = "uint8"
-    combine: bool = True
-    max_map_size: int = 128  # finer maps are area-pooled to this before being kept
-    # "compact": in-plane at most max_map_size voxels over the input's extent (grid.py says why: 16×
-    # fewer voxels at 512², no detail lost; slices up to that size keep their grid); "source": the
-    # input's own voxel grid
-    grid: str = "compact"
-    # stage 3 on a layer with no text-space projection: keep prototype, global image, context and
-    # prior and drop only the prompt term ("image-terms"), or fall back to stage 1 ("stage-1")
-    stage3_without_text: str = "image-terms"
-
-    def __post_init__(self) -> None:
-        if self.stage not in (1, 2, 3):
-            raise InputError(f"saliency stage must be 1, 2 or 3, got {self.stage!r}")
-        if self.encoding not in ENCODINGS:
-            raise InputError(f"saliency encoding must be one of {', '.join(ENCODINGS)}, got {self.encoding!r}")
-        if self.grid not in GRIDS:
-            raise InputError(f"saliency grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
-        if self.stage3_without_text not in STAGE3_WITHOUT_TEXT:
-            raise InputError(
-                f"stage3_without_text must be one of {', '.join(STAGE3_WITHOUT_TEXT)}, got {self.stage3_without_text!r}"
-            )
-        if not 0.0 <= self.low_percentile < self.high_percentile <= 100.0:
-            raise InputError("saliency percentiles need 0 <= low < high <= 100")
-        if not 0.0 < self.threshold < 1.0:
-            raise InputError(f"saliency threshold must lie strictly between 0 and 1, got {self.threshold}")
 
 
 @dataclass
@@ -401,220 +341,6 @@ class SaliencySink:
         if info.get("note"):
             entry["note"] = info["note"]
         return entry
-
-
-def explain_batch(
-    output: Any,
-    *,
-    layers: Sequence[str],
-    target: Any,
-    config: SaliencyConfig = SaliencyConfig(),
-    model: Any = None,
-    images: Optional[int] = None,
-) -> tuple[dict[str, Any], Any, dict[str, dict[str, Any]]]:
-    """Raw per-layer maps for one forward pass: ``({layer: (N, h, w)}, has_target (N,), {layer: info})``.
-
-    ``target`` holds (N, S, S) weights in [0, 1] on the model grid, one row per output row; rows
-    without a target come back as zeros. ``model`` provides the joint-space projection
-    (``joint_tap_names``, ``project_to_joint``) that stages 2 and 3 need. With ``images`` = B
-    (rows prompt-major, N = P·B), the model's ``image_tap_names`` are the same for every prompt:
-    they are projected once per image, and each image's features are compared with its P
-    references at once instead of being copied P times.
-
-    Rows without a target are skipped where that saves work: row-by-row taps (the decoder's, which
-    can be large) are computed for the rows with a target only. Per-image taps are computed for
-    every row and zeroed where there is no target: an image's features are compared with all its
-    prompts at once anyway.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    boxes, has_target = box_of(target)
-    every = bool(has_target.all())
-    target_rows = target.float()[:, None]
-    prompt = None if output.text_embedding is None else output.text_embedding.float()
-    joint = set(getattr(model, "joint_tap_names", ()) or ()) if hasattr(model, "project_to_joint") else set()
-    image_taps = set(getattr(model, "image_tap_names", ()) or ())
-    features_of: dict[str, Any] = {}
-    info: dict[str, dict[str, Any]] = {}
-    per_image_of: dict[str, bool] = {}
-    text_of: dict[str, bool] = {}  # compared with the prompt embedding (joint space at stages 2, 3)
-    # a tap that is the very tensor of an earlier one ("fused" is the last decoder stage) shares its map
-    aliases: dict[str, str] = {}
-    first_of: dict[tuple[int, int, bool, bool], str] = {}
-    for name in layers:
-        if name not in output.taps:
-            raise InputError(f"the model returned no feature tap {name!r}; it returned {sorted(output.taps)}")
-        tap = output.taps[name]
-        stage, space, note = config.stage, "layer features", None
-        text = stage > 1 and prompt is not None and name in joint
-        if stage > 1 and not text:
-            reason = "this layer cannot be mapped into the text space"
-            if prompt is None:
-                reason = "no prompt embedding from this model"
-            if stage == 3 and config.stage3_without_text == "image-terms":
-                note = f"{reason}: stage 3 without its prompt term (prototype, global image, context, prior)"
-            else:
-                stage, note = 1, f"{reason}: stage 1 used"
-        shared = images is not None and name in image_taps and tap.shape[0] % images == 0
-        same = first_of.setdefault((id(tap), stage, text, shared), name)
-        if same != name:
-            aliases[name], info[name] = same, info[same]
-            continue
-        features = (tap[:images] if shared else tap).float()
-        if text:
-            features = model.project_to_joint(name, features).float()
-            space = "joint image-text space (model projection)"
-        per_image_of[name] = shared
-        text_of[name] = text
-        features_of[name] = features
-        info[name] = {"stage": stage, "space": space, "feature_shape": list(features.shape[1:]), "note": note}
-
-    # Layers with the same stage and small feature maps of one shape (the ViT blocks, typically) are
-    # stacked along the batch and mapped in one go; large maps are mapped one by one.
-    groups: dict[tuple[Any, ...], list[str]] = {}
-    for name, features in features_of.items():
-        key = (info[name]["stage"], text_of[name], per_image_of[name]) + tuple(features.shape[1:])
-        if features.shape[-2] * features.shape[-1] > STACK_MAX_CELLS:  # copying it costs more than a call
-            key = key[:3] + (name,) + key[3:]
-        groups.setdefault(key, []).append(name)
-    pooled: dict[tuple[int, int], Any] = {}  # the target on each feature grid, shared by same-sized taps
-    for shape in sorted({key[-2:] for key in groups}, key=lambda hw: -hw[0] * hw[1]):  # finest first
-        pooled[shape] = _pool(target_rows, shape, pooled)
-    rows = None if every else has_target.nonzero().squeeze(1)
-    maps: dict[str, Any] = {}
-    # stage 3's context ring and prior depend on the targets' boxes and the grid only: every row's, on
-    # every grid at once, then per layer group the rows it maps
-    rings_and_priors = box_surrounds(
-        boxes,
-        [key[-2:] for key in groups if key[0] == 3],
-        margin=config.ring_margin,
-        sigma_scale=config.sigma_scale,
-        floor=config.prior_floor,
-    )
-    surrounds: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
-    for (stage, text, per_image, *_, h, w), names in groups.items():
-        k = len(names)
-        # Per image the work is one image's features whatever the prompts, so every row is kept;
-        # row by row, only the rows with a target are computed (a decoder map can be large).
-        gather = rows is not None and not per_image
-        chosen = [features_of[n][rows] if gather else features_of[n] for n in names]
-        features = torch.cat(chosen) if k > 1 else chosen[0]
-        weights, row_prompt = pooled[(h, w)], prompt if text else None
-        if gather:
-            weights = weights[rows]
-            row_prompt = None if row_prompt is None else row_prompt[rows]
-        if per_image:  # prompt-major rows (P·B, ...) -> (B, P, ...)
-            weights, row_prompt = _by_image(weights, images), _by_image(row_prompt, images)
-
-        def stacked(x: Any) -> Any:
-            return x if k == 1 or x is None else x.repeat(k, *([1] * (x.ndim - 1)))
-
-        surround = None
-        if stage == 3:  # shared by the layers on one grid with the same rows
-            key = (h, w, per_image, gather)
-            if key not in surrounds:
-                ring, prior = rings_and_priors[(h, w)]
-                if gather:
-                    ring, prior = ring[rows], prior[rows]
-                if per_image:
-                    ring, prior = _by_image(ring, images), _by_image(prior, images)
-                surrounds[key] = _surround(weights, ring, prior)
-            surround = tuple(stacked(x) for x in surrounds[key])
-        raw = _layer_map(
-            features, stage=stage, weights=stacked(weights), prompt=stacked(row_prompt), config=config,
-            surround=surround,
-        )
-        for name, part in zip(names, raw.chunk(k)):
-            if per_image:  # (B, P, h, w) -> prompt-major (P·B, h, w)
-                part = part.transpose(0, 1).reshape(-1, h, w)
-            if max(h, w) > config.max_map_size:
-                part = F.adaptive_avg_pool2d(part[:, None], compact_slice_shape((h, w), config.max_map_size))[:, 0]
-            if gather:  # back to every row, zeros where there is no target
-                full = part.new_zeros((len(has_target),) + tuple(part.shape[1:]))
-                full[rows] = part
-                part = full
-            elif not every:
-                part = torch.where(has_target[:, None, None], part, 0.0)
-            maps[name] = part
-    return {name: maps[aliases.get(name, name)] for name in layers}, has_target, info
-
-
-def _by_image(x: Any, images: int) -> Any:
-    """Prompt-major rows (P·B, ...) as (B, P, ...): each image with its P prompts' rows."""
-    if x is None:
-        return None
-    return x.reshape((-1, images) + tuple(x.shape[1:])).transpose(0, 1)
-
-
-def _pool(target: Any, shape: tuple[int, int], pooled: dict[tuple[int, int], Any]) -> Any:
-    """The (N, 1, S, S) target averaged onto an ``shape`` grid, from the finest pooled grid that divides into it.
-
-    Block means of block means over equal blocks are the block means: pooling 64×64 down to 8×8
-    reads 16× less than pooling the 128×128 target again.
-    """
-    import torch.nn.functional as F
-
-    sources = [(tuple(t.shape[-2:]), t[:, None]) for t in pooled.values()] + [(tuple(target.shape[-2:]), target)]
-    fits = [(h, w, t) for (h, w), t in sources if h % shape[0] == 0 and w % shape[1] == 0]
-    if not fits:
-        return F.adaptive_avg_pool2d(target, shape)[:, 0]
-    h, w, source = min(fits, key=lambda fit: fit[0] * fit[1])
-    if (h, w) == (2 * shape[0], 2 * shape[1]):  # four strided sums: ~6× faster than avg_pool2d's 2×2 on CPU
-        pairs = source[..., 0::2, :] + source[..., 1::2, :]
-        return (pairs[..., 0::2] + pairs[..., 1::2]).mul_(0.25)[:, 0]
-    return F.avg_pool2d(source, (h // shape[0], w // shape[1]))[:, 0]
-
-
-def _layer_map(
-    features: Any, *, stage: int, weights: Any, prompt: Any, config: SaliencyConfig, surround: Any = None
-) -> Any:
-    """One layer's raw map for rows that all have a target; ``weights`` is the target on this grid.
-
-    Row by row: features (N, C, h, w), weights (N, h, w), prompt (N, C) → (N, h, w). Per image:
-    features (B, C, h, w), weights (B, P, h, w), prompt (B, P, C) → (B, P, h, w). Stage 3 takes
-    its regions and prior on this grid from ``_surround``, and drops its prompt term when
-    ``prompt`` is None.
-    """
-    import torch
-
-    if stage == 1:
-        return stage1_map(features, prototype=region_mean(features, weights))
-    if stage == 2:
-        return stage2_map(features, prototype=region_mean(features, weights), prompt=prompt, alpha=config.alpha)
-    regions, has_ring, prior = surround
-    rows = weights.ndim == 3  # row by row is per image with one prompt each
-    if rows and prompt is not None:
-        prompt = prompt[:, None]
-    b, k = prior.shape[:2]
-    # the K targets, the K rings and the whole image (one global mean shared by the prompts), in one pass
-    means = region_mean(features, regions)
-    prototype, context, global_image = means[:, :k], means[:, k : 2 * k], means[:, 2 * k :].expand(b, k, -1)
-    context = torch.where(has_ring, context, global_image)
-    maps = stage3_map(
-        features,
-        prototype=prototype,
-        prompt=prompt,
-        global_image=global_image,
-        context=context,
-        prior=prior,
-        weights=config.weights,
-    )
-    return maps[:, 0] if rows else maps
-
-
-def _surround(weights: Any, ring: Any, prior: Any) -> tuple[Any, Any, Any]:
-    """Stage 3's regions on one grid: (targets, rings, whole image) weights, which rings are non-empty, the prior.
-
-    Row by row: weights, ring and prior (N, h, w); per image: (B, P, h, w). Shapes come back per
-    image: (B, 2P + 1, h, w), (B, P, 1) and (B, P, h, w), with P = 1 row by row.
-    """
-    import torch
-
-    if weights.ndim == 3:
-        weights, ring, prior = weights[:, None], ring[:, None], prior[:, None]
-    regions = torch.cat([weights, ring, torch.ones_like(ring[:, :1])], dim=1)
-    return regions, (ring.sum(dim=(-2, -1)) > 0)[..., None], prior
 
 
 def source_weights(
