@@ -8,9 +8,15 @@ import pytest
 from TextSegmentLib.cli import build_parser
 from TextSegmentLib.cli.train import build_config
 from TextSegmentLib.errors import InputError
+from TextSegmentLib.training import load_recipe, recipe_chain, reproduce
 from TextSegmentLib.weights import load_manifest
 
-RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").rglob("*.json"))  # shipped ones and ablations/
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = sorted(RECIPES_DIR.rglob("*.json"))  # shipped ones and ablations/
+SHIPPED = [entry for entry in load_manifest().entries if entry.kind == "checkpoint" and entry.bundled]
+
+
+TINY = {"clip_source": "random:textsegment-vit-ti16-text32", "train_vision_tower": True, "train_text_tower": True}
 
 
 def _config(*argv):
@@ -23,12 +29,17 @@ def test_every_shipped_recipe_is_a_valid_config(recipe):
     fields = json.loads(recipe.read_text())
     assert config.model == fields["model"] and config.steps == fields["steps"]
     assert config.sources == tuple(fields["sources"])
-    # from scratch, or a second phase on shipped weights that are themselves one recipe from scratch
-    if config.init_weights is not None:
+    if config.init_weights is not None:  # a later phase starts from shipped weights of the same model
         start = load_manifest().get(config.init_weights)
         assert start is not None and start.model == config.model, config.init_weights
-        first_phases = [json.loads(r.read_text()) for r in RECIPES]
-        assert any(f.get("init_weights") is None and f["model"] == start.model for f in first_phases)
+
+
+@pytest.mark.parametrize("entry", SHIPPED, ids=lambda e: e.id)
+def test_every_shipped_model_has_one_chain_of_recipes_back_to_random_weights(entry):
+    chain = recipe_chain(entry.id, recipes_dir=RECIPES_DIR)
+    assert chain[-1].weights_id == entry.id and chain[0].starts_from is None
+    assert [phase.starts_from for phase in chain[1:]] == [phase.weights_id for phase in chain[:-1]]
+    assert {load_recipe(phase.recipe).model for phase in chain} == {entry.model}
 
 
 def test_command_line_options_win_over_the_recipe(tmp_path):
@@ -43,3 +54,63 @@ def test_a_misspelt_recipe_field_is_named(tmp_path):
     recipe.write_text(json.dumps({"model": "freqmedclip-tiny", "presense_weight": 1.0}))
     with pytest.raises(InputError, match="presense_weight"):
         _config("--config", str(recipe))
+
+
+def _recipe(folder, name, **fields):
+    base = {"comment": "a tiny phase for the tests", "model": "freqmedclip-tiny", "overrides": TINY,
+            "sources": ["phantoms:3-4@6x64x64"], "val_sources": ["phantoms:5@6x64x64"], "steps": 2, "batch_size": 2,
+            "warmup_steps": 1, "val_every": 2, "val_pairs_per_level": 2, "seed": 1, "out_dir": "runs/not-here"}
+    (folder / f"{name}.json").write_text(json.dumps({**base, **fields}))
+
+
+def test_reproduce_trains_each_phase_from_the_previous_export_and_continues_where_it_stopped(tmp_path):
+    from TextSegmentLib.checkpoint import load_checkpoint
+
+    recipes, out = tmp_path / "recipes", tmp_path / "made"
+    recipes.mkdir()
+    _recipe(recipes, "freqmedclip-tiny-v1")
+    _recipe(recipes, "freqmedclip-tiny-v2", init_weights="freqmedclip-tiny-v1", export_mix=0.5, seed=2)
+    said = []
+    made = reproduce("freqmedclip-tiny-v2", out_dir=out, recipes_dir=recipes, threads=1, report=said.append)
+    assert made == out / "freqmedclip-tiny-v2.safetensors"
+    first = out / "freqmedclip-tiny-v1.safetensors"
+    assert first.is_file() and not (tmp_path / "runs").exists()  # nothing outside out_dir
+    _, info = load_checkpoint(made)
+    # the second phase started from (and was mixed with) the first phase's own export, not a shipped file
+    assert info.metadata["training"]["config"]["init_weights"] == str(first)
+    assert info.metadata["mixed_with"]["weights"] == str(first)
+    assert info.metadata["reproduces"] == "freqmedclip-tiny-v2"
+    assert json.loads((out / "freqmedclip-tiny-v2" / "config.json").read_text())["out_dir"] == str(out / "freqmedclip-tiny-v2")
+
+    # again, after the last export was lost: the first phase is kept, the second's finished run exported again
+    made.unlink()
+    stamp = first.stat().st_mtime_ns
+    said.clear()
+    assert reproduce("freqmedclip-tiny-v2", out_dir=out, recipes_dir=recipes, threads=1, report=said.append) == made
+    assert first.stat().st_mtime_ns == stamp and made.is_file()
+    assert "kept" in said[0] and "resuming" in said[1]
+
+
+def test_broken_chains_are_named(tmp_path):
+    _recipe(tmp_path, "a-v2", init_weights="a-v1")
+    with pytest.raises(InputError, match=r"no recipe for a-v1 \(the recipe of a-v2 starts from it\)"):
+        recipe_chain("a-v2", recipes_dir=tmp_path)
+    _recipe(tmp_path, "a-v1", init_weights="a-v2")
+    with pytest.raises(InputError, match="loop back to a-v2"):
+        recipe_chain("a-v2", recipes_dir=tmp_path)
+    _recipe(tmp_path, "a-v1", init_weights="runs/mine.safetensors")
+    with pytest.raises(InputError, match="starts from the file"):
+        recipe_chain("a-v2", recipes_dir=tmp_path)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        load_recipe(tmp_path / "bad.json")
+
+
+def test_reproduce_dry_run_lists_the_shipped_chain(capsys):
+    from TextSegmentLib.cli import main
+
+    assert main(["reproduce", "tgcnet-tiny-v9", "--out", "unused", "--recipes", str(RECIPES_DIR), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("1. tgcnet-tiny-v2: ") and lines[0].endswith("from random weights")
+    assert lines[-1].startswith(f"{len(lines)}. tgcnet-tiny-v9: ") and lines[-1].endswith("from tgcnet-tiny-v8")
+    assert not Path("unused").exists()

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 from .. import __version__
 from ..errors import TextSegmentError
 
-COMMANDS = ("batch", "bench", "demo", "explain", "info", "phantom", "segment", "train", "weights")
+COMMANDS = ("batch", "bench", "demo", "explain", "info", "phantom", "reproduce", "segment", "train", "weights")
 
 
 def build_parser() -> argparse.ArgumentParser:

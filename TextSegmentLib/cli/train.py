@@ -6,8 +6,6 @@ Multi-process: ``torchrun --nproc-per-node N -m TextSegmentLib train --config ..
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 from pathlib import Path
 
 
@@ -35,20 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    from ..errors import InputError
-    from ..training import TrainConfig
+    from ..training import TrainConfig, load_recipe
 
     values = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise InputError(f"recipe {path} not found")
-        values = json.loads(path.read_text())
-        values.pop("comment", None)
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise InputError(f"recipe {args.config} has unknown field(s) {unknown}")
     for arg, name in (("model", "model"), ("steps", "steps"), ("batch_size", "batch_size"), ("max_minutes", "max_minutes"),
                       ("threads", "threads"), ("device", "device"), ("seed", "seed"), ("out", "out_dir"),
                       ("init", "init_weights")):
@@ -58,10 +45,7 @@ def build_config(args: argparse.Namespace):
         values["sources"] = tuple(args.data)
     if args.val:
         values["val_sources"] = tuple(args.val)
-    for key in ("sources", "val_sources"):
-        if key in values:
-            values[key] = tuple(values[key])
-    return TrainConfig(**values)
+    return load_recipe(args.config, **values) if args.config else TrainConfig(**values)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -167,7 +167,7 @@ def train(
     use_swap = config.swap_weight > 0 and hasattr(model, "set_band_statistics")
     val_pairs = _validation_pairs(val_pool, config) if val_pool is not None else None
 
-    started, run_steps, finished = time.monotonic(), 0, False
+    started, run_steps, finished = time.monotonic(), 0, step >= config.steps  # a resumed run may be done already
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")

@@ -1,0 +1,39 @@
+"""``textsegment reproduce WEIGHTS_ID --out DIR``: make a shipped model again from scratch, phase by phase."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reproduce", help="train a shipped model again from random weights, following its recipes")
+    p.add_argument("weights", help="a shipped weights id, e.g. tgcnet-tiny-v9 (its recipe is RECIPES/<id>.json)")
+    p.add_argument("--out", "-o", required=True, help="folder for every phase's run and export (run again to continue)")
+    p.add_argument("--recipes", default="recipes", help="recipe folder (default: recipes, from the repository root)")
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dry-run", action="store_true", help="list the phases and their recipes; train nothing")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training import load_recipe, recipe_chain, reproduce
+    from .progressbar import progress_bar
+
+    chain = recipe_chain(args.weights, recipes_dir=args.recipes)
+    if args.dry_run:
+        for number, phase in enumerate(chain, start=1):
+            steps = load_recipe(phase.recipe).steps
+            start = f"from {phase.starts_from}" if phase.starts_from else "from random weights"
+            print(f"{number}. {phase.weights_id}: {phase.recipe}, {steps} steps {start}")
+        return 0
+    with progress_bar(disable=args.quiet) as bar:
+        made = reproduce(args.weights, out_dir=args.out, recipes_dir=args.recipes, threads=args.threads,
+                         device=args.device, progress=bar)
+    if made is None:
+        return 1
+    model = load_recipe(chain[-1].recipe).model
+    print(f"made {made}; compare it with the shipped one: textsegment bench --model {model} --weights {made} "
+          f"--compare-model {model} --compare-weights {args.weights} --phantoms 4 --seed 2000 --out OUT")
+    return 0

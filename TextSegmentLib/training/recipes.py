@@ -1,0 +1,134 @@
+"""Recipes: a ``TrainConfig`` as JSON, and the chain of them that makes a shipped model from scratch.
+
+Every shipped model has its recipe in ``recipes/<weights id>.json``. A later phase names the
+weights it starts from in ``init_weights`` (``tgcnet-tiny-v9`` starts from ``tgcnet-tiny-v8``),
+so following those names back leads to the one phase that starts from random weights.
+``reproduce`` trains that chain in order, each phase from the previous phase's own export (never
+from the shipped file), so the last export is the shipped model made again from nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+from ..errors import InputError
+from .trainer import TrainConfig
+
+PathLike = Union[str, Path]
+
+
+def load_recipe(path: PathLike, **overrides: Any) -> TrainConfig:
+    """The ``TrainConfig`` a recipe file describes, with ``overrides`` (fields not None) on top.
+
+    The ``comment`` field is documentation; any other unknown field is a clear error, so a
+    misspelt option cannot be silently ignored.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"recipe {path} not found")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise InputError(f"recipe {path} is not valid JSON: {error}") from None
+    if not isinstance(values, dict):
+        raise InputError(f"recipe {path} must hold a JSON object of TrainConfig fields")
+    values.pop("comment", None)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise InputError(f"recipe {path} has unknown field(s) {unknown}")
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    for key in ("sources", "val_sources"):
+        if key in values:
+            values[key] = tuple(values[key])
+    return TrainConfig(**values)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One training run of a chain: the weights it makes, its recipe, and the weights it starts from."""
+
+    weights_id: str
+    recipe: Path
+    starts_from: Optional[str]  # the weights id of the phase before; None: random weights
+
+
+def recipe_chain(weights_id: str, *, recipes_dir: PathLike = "recipes") -> list[Phase]:
+    """The phases that make ``weights_id``, first (from scratch) to last."""
+    recipes_dir = Path(recipes_dir)
+    chain: list[Phase] = []
+    current: Optional[str] = weights_id
+    while current is not None:
+        if any(phase.weights_id == current for phase in chain):
+            raise InputError(f"the recipes starting from {weights_id} loop back to {current}")
+        path = recipes_dir / f"{current}.json"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in recipes_dir.glob("*.json"))) or "none"
+            needed = f" (the recipe of {chain[-1].weights_id} starts from it)" if chain else ""
+            raise InputError(f"no recipe for {current}{needed}: expected {path}; recipes there: {known}")
+        starts_from = load_recipe(path).init_weights
+        if starts_from is not None and Path(starts_from).suffix:
+            raise InputError(f"{path} starts from the file {starts_from}, not from a weights id with a recipe")
+        chain.append(Phase(current, path, starts_from))
+        current = starts_from
+    return chain[::-1]
+
+
+def reproduce(
+    weights_id: str,
+    *,
+    out_dir: PathLike,
+    recipes_dir: PathLike = "recipes",
+    threads: Optional[int] = None,
+    device: Optional[str] = None,
+    progress: Any = None,
+    report: Callable[[str], None] = print,
+) -> Optional[Path]:
+    """Train every phase of ``weights_id``'s chain into ``out_dir``; returns the last export, or None if stopped.
+
+    Phase ``X`` trains in ``out_dir/X/`` and exports ``out_dir/X.safetensors``. A phase whose
+    export exists is kept, and one whose run folder holds a checkpoint is resumed, so running the
+    same command again continues an interrupted reproduction. Nothing outside ``out_dir`` is written.
+    """
+    from .trainer import export_weights, train
+
+    out_dir = Path(out_dir)
+    chain = recipe_chain(weights_id, recipes_dir=recipes_dir)
+    previous: Optional[Path] = None
+    for number, phase in enumerate(chain, start=1):
+        export = out_dir / f"{phase.weights_id}.safetensors"
+        label = f"phase {number}/{len(chain)}: {phase.weights_id} ({phase.recipe})"
+        if export.is_file():
+            report(f"{label}: kept {export}")
+            previous = export
+            continue
+        run_dir = out_dir / phase.weights_id
+        config = load_recipe(
+            phase.recipe,
+            out_dir=str(run_dir),
+            init_weights=str(previous) if previous is not None else None,
+            threads=threads,
+            device=device,
+        )
+        resume = (run_dir / "last.pt").is_file()
+        report(f"{label}: {'resuming' if resume else 'training'} {config.steps} steps into {run_dir}")
+        result = train(config, resume=resume, progress=progress)
+        if not result.finished:
+            report(f"{label}: stopped at step {result.step}; run the same command again to continue")
+            return None
+        if result.best_path is None:
+            raise InputError(f"{phase.recipe} validates on nothing (no val_sources), so it has no best weights to export")
+        export_weights(
+            result.best_path,
+            export,
+            metadata={"recipe": str(phase.recipe), "reproduces": phase.weights_id},
+            mix_with=config.init_weights,
+            mix=config.export_mix,
+        )
+        report(f"{label}: exported {export}")
+        previous = export
+    return previous
