@@ -232,7 +232,7 @@ def box_surrounds(
     y0, x0, y1, x1 = boxes.float().unbind(dim=1)
     grown_y, inside_y, gauss_y = _axis_factors(y0, y1, [(h, max(h, w)) for h, w in shapes], margin, sigma_scale)
     grown_x, inside_x, gauss_x = _axis_factors(x0, x1, [(w, max(h, w)) for h, w in shapes], margin, sigma_scale)
-    # one (N, Σh, 3) @ (N, 3, w) product per grid gives [ring | prior − floor] side by side
+    # per grid, (N, h, 2) @ (N, 2, w) gives the ring and (N, h, 1) @ (N, 1, w) the prior less its floor
     rows = torch.stack([grown_y, inside_y.neg_(), gauss_y.mul_(1.0 - floor)], dim=2)
     cols = torch.stack([grown_x, inside_x, gauss_x], dim=1)
     row_parts = rows.split([h for h, _ in shapes], dim=1)
