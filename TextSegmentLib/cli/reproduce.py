@@ -18,22 +18,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import load_recipe, recipe_chain, reproduce
+    from ..training import recipe_chain, reproduce
     from .progressbar import progress_bar
 
     chain = recipe_chain(args.weights, recipes_dir=args.recipes)
     if args.dry_run:
         for number, phase in enumerate(chain, start=1):
-            steps = load_recipe(phase.recipe).steps
             start = f"from {phase.starts_from}" if phase.starts_from else "from random weights"
-            print(f"{number}. {phase.weights_id}: {phase.recipe}, {steps} steps {start}")
+            print(f"{number}. {phase.weights_id}: {phase.recipe}, {phase.config.steps} steps {start}")
         return 0
     with progress_bar(disable=args.quiet) as bar:
         made = reproduce(args.weights, out_dir=args.out, recipes_dir=args.recipes, threads=args.threads,
                          device=args.device, progress=bar)
     if made is None:
         return 1
-    model = load_recipe(chain[-1].recipe).model
+    model = chain[-1].config.model
     print(f"made {made}; compare it with the shipped one: textsegment bench --model {model} --weights {made} "
           f"--compare-model {model} --compare-weights {args.weights} --phantoms 4 --seed 2000 --out OUT")
     return 0

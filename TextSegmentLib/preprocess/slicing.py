@@ -76,9 +76,7 @@ class SlicePlan:
         torch = _torch_module_of(array)
         if torch is None:
             return np.ascontiguousarray(self.extract_view(array))
-        if tuple(array.shape) != self.source_shape:
-            raise ValueError(f"array shape {tuple(array.shape)} does not match the planned volume {self.source_shape}")
-        flipped = [d for d, flip in enumerate(self.flips) if flip]
+        flipped = self._flipped_axes(array)
         out = array.permute(*self.axes)
         return torch.flip(out, flipped) if flipped else out.contiguous()
 
@@ -88,11 +86,15 @@ class SlicePlan:
         For readers that take a few slices at a time (the engine): a copy of the whole CT would be
         the largest array of a run after its outputs.
         """
-        if tuple(array.shape) != self.source_shape:
-            raise ValueError(f"array shape {tuple(array.shape)} does not match the planned volume {self.source_shape}")
-        flipped = [d for d, flip in enumerate(self.flips) if flip]
+        flipped = self._flipped_axes(array)
         out = np.transpose(array, self.axes)
         return np.flip(out, flipped) if flipped else out
+
+    def _flipped_axes(self, array: Any) -> list[int]:
+        """The slice axes to flip, once ``array`` is checked to be on the planned volume's grid."""
+        if tuple(array.shape) != self.source_shape:
+            raise ValueError(f"array shape {tuple(array.shape)} does not match the planned volume {self.source_shape}")
+        return [d for d, flip in enumerate(self.flips) if flip]
 
     def restore(self, slices: Any) -> Any:
         """Put canonical (N, H, W) slices back into the volume's (z, y, x) layout: ``extract``'s inverse."""

@@ -122,12 +122,15 @@ def explain_batch(
         gather = rows is not None and not per_image
         chosen = [features_of[n][rows] if gather else features_of[n] for n in names]
         features = torch.cat(chosen) if k > 1 else chosen[0]
-        weights, row_prompt = pooled[(h, w)], prompt if text else None
-        if gather:
-            weights = weights[rows]
-            row_prompt = None if row_prompt is None else row_prompt[rows]
-        if per_image:  # prompt-major rows (P·B, ...) -> (B, P, ...)
-            weights, row_prompt = _by_image(weights, images), _by_image(row_prompt, images)
+
+        def own_rows(x: Any) -> Any:
+            """This group's rows of a per-row tensor: those with a target, or per image (B, P, ...)."""
+            if x is None:
+                return None
+            x = x[rows] if gather else x
+            return _by_image(x, images) if per_image else x  # prompt-major rows (P·B, ...) -> (B, P, ...)
+
+        weights, row_prompt = own_rows(pooled[(h, w)]), own_rows(prompt if text else None)
 
         def stacked(x: Any) -> Any:
             return x if k == 1 or x is None else x.repeat(k, *([1] * (x.ndim - 1)))
@@ -136,11 +139,7 @@ def explain_batch(
         if stage == 3:  # shared by the layers on one grid with the same rows
             key = (h, w, per_image, gather)
             if key not in surrounds:
-                ring, prior = rings_and_priors[(h, w)]
-                if gather:
-                    ring, prior = ring[rows], prior[rows]
-                if per_image:
-                    ring, prior = _by_image(ring, images), _by_image(prior, images)
+                ring, prior = (own_rows(x) for x in rings_and_priors[(h, w)])
                 surrounds[key] = _surround(weights, ring, prior)
             surround = tuple(stacked(x) for x in surrounds[key])
         raw = _layer_map(

@@ -3,9 +3,10 @@
 ``segment(..., features_sink=build_saliency_sink(model=model, stage=2))`` asks the model for the
 chosen feature taps, turns every batch's taps into one raw similarity map per layer right away
 (``layer_maps.explain_batch``: no feature tensor outlives its batch), and at the end rescales each
-layer over the whole volume, samples it over the input's extent (on the compact grid of ``grid.py`` by default, or on
-the input's own voxel grid) and encodes it in uint8 or float16. ``run.features`` is then a
-``SaliencyResult``: per prompt, one ``Volume`` per layer plus the combined map, and a legend.
+layer over the whole volume, samples it over the input's extent (on the compact grid of
+``grid.py`` by default, or on the input's own voxel grid) and encodes it in uint8 or float16.
+``run.features`` is then a ``SaliencyResult``: per prompt, one ``Volume`` per layer plus the
+combined map, and a legend.
 
 The target every stage is relative to is, per slice, the model's own predicted mask (probability
 ≥ ``threshold``) unless a ROI (a box or a mask on the input grid) is given. A slice without a

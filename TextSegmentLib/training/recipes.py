@@ -50,11 +50,16 @@ def load_recipe(path: PathLike, **overrides: Any) -> TrainConfig:
 
 @dataclass(frozen=True)
 class Phase:
-    """One training run of a chain: the weights it makes, its recipe, and the weights it starts from."""
+    """One training run of a chain: the weights it makes, its recipe, and that recipe's config."""
 
     weights_id: str
     recipe: Path
-    starts_from: Optional[str]  # the weights id of the phase before; None: random weights
+    config: TrainConfig
+
+    @property
+    def starts_from(self) -> Optional[str]:
+        """The weights id of the phase before; None: random weights."""
+        return self.config.init_weights
 
 
 def recipe_chain(weights_id: str, *, recipes_dir: PathLike = "recipes") -> list[Phase]:
@@ -70,11 +75,11 @@ def recipe_chain(weights_id: str, *, recipes_dir: PathLike = "recipes") -> list[
             known = ", ".join(sorted(p.stem for p in recipes_dir.glob("*.json"))) or "none"
             needed = f" (the recipe of {chain[-1].weights_id} starts from it)" if chain else ""
             raise InputError(f"no recipe for {current}{needed}: expected {path}; recipes there: {known}")
-        starts_from = load_recipe(path).init_weights
-        if starts_from is not None and Path(starts_from).suffix:
-            raise InputError(f"{path} starts from the file {starts_from}, not from a weights id with a recipe")
-        chain.append(Phase(current, path, starts_from))
-        current = starts_from
+        phase = Phase(current, path, load_recipe(path))
+        if phase.starts_from is not None and Path(phase.starts_from).suffix:
+            raise InputError(f"{path} starts from the file {phase.starts_from}, not from a weights id with a recipe")
+        chain.append(phase)
+        current = phase.starts_from
     return chain[::-1]
 
 
@@ -107,12 +112,12 @@ def reproduce(
             previous = export
             continue
         run_dir = out_dir / phase.weights_id
-        config = load_recipe(
-            phase.recipe,
+        config = dataclasses.replace(
+            phase.config,
             out_dir=str(run_dir),
             init_weights=str(previous) if previous is not None else None,
-            threads=threads,
-            device=device,
+            threads=threads if threads is not None else phase.config.threads,
+            device=device if device is not None else phase.config.device,
         )
         resume = (run_dir / "last.pt").is_file()
         report(f"{label}: {'resuming' if resume else 'training'} {config.steps} steps into {run_dir}")
