@@ -17,6 +17,8 @@ from TextSegmentLib.models.layers import (
     band_statistics,
     haar_dwt,
     haar_idwt,
+    bilinear_matrix,
+    resize_by_matrices,
     resize_to,
 )
 
@@ -87,3 +89,42 @@ def test_conv_block_channel_norm_and_resize_shapes():
     torch.testing.assert_close(normed.mean(1), torch.zeros(2, 9, 9), atol=1e-5, rtol=0)
     assert resize_to(x, (4, 5)).shape == (2, 6, 4, 5)
     assert resize_to(x, (9, 9)) is x
+
+
+@pytest.mark.parametrize(
+    "shape, size",
+    [
+        ((2, 3, 16, 16), (64, 64)),  # the decoder's upsampling
+        ((1, 3, 2, 2), (64, 64)),  # a coarse stage to a fine one
+        ((1, 2, 7, 5), (3, 11)),  # down along one axis, up along the other
+        ((2, 4, 32, 32), (17, 9)),  # downsampling, not a divisor
+        ((1, 1, 1, 1), (4, 4)),
+        ((1, 2, 20, 31), (20, 62)),  # one axis unchanged
+        ((1, 2, 40, 40), (80, 80)),
+        ((1, 160, 8, 8), (4, 4)),
+    ],
+)
+def test_resize_by_matrices_and_resize_to_equal_pytorch_bilinear(shape, size):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    expected = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(resize_by_matrices(x, size), expected, atol=5e-6, rtol=0)
+    torch.testing.assert_close(resize_to(x, size), expected, atol=5e-6, rtol=0)
+
+
+def test_bilinear_matrix_rows_are_two_neighbour_weights_summing_to_one():
+    matrix = bilinear_matrix(4, 8)
+    torch.testing.assert_close(matrix.sum(dim=1), torch.ones(8))
+    assert int((matrix > 0).sum(dim=1).max()) == 2
+    # output cell 3 of 8 sits at input coordinate (3 + 0.5) · 4 / 8 − 0.5 = 1.25: 0.75 of cell 1, 0.25 of cell 2
+    torch.testing.assert_close(matrix[3], torch.tensor([0.0, 0.75, 0.25, 0.0]))
+    torch.testing.assert_close(matrix[0], torch.tensor([1.0, 0.0, 0.0, 0.0]))  # clamped at the first cell
+
+
+def test_resize_matrices_made_under_inference_mode_still_train():
+    """The matrices are cached: one first built under inference mode must still work with autograd."""
+    bilinear_matrix.cache_clear()
+    with torch.inference_mode():
+        resize_to(torch.randn(1, 1, 5, 5), (9, 9))
+    x = torch.randn(1, 1, 5, 5, requires_grad=True)
+    resize_to(x, (9, 9)).sum().backward()
+    assert x.grad is not None and bool(x.grad.abs().sum() > 0)

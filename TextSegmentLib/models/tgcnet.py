@@ -305,7 +305,7 @@ class CostAggregationDecoder(nn.Module):
             cost = grouped_cosine(self.pixel_embed(level), text_vector, self.groups)
             parts = [cost, self.guidance[i](level)]
             if x is not None:
-                parts.append(F.interpolate(x, size=level.shape[-2:], mode="bilinear", align_corners=False))
+                parts.append(resize_to(x, level.shape[-2:]))
             x = self.film[i](self.stages[i](torch.cat(parts, dim=1)), text)
             stages.append(x)
         return stages
