@@ -109,6 +109,8 @@ def test_resize_by_matrices_and_resize_to_equal_pytorch_bilinear(shape, size):
     expected = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
     torch.testing.assert_close(resize_by_matrices(x, size), expected, atol=5e-6, rtol=0)
     torch.testing.assert_close(resize_to(x, size), expected, atol=5e-6, rtol=0)
+    channels_last = x.contiguous(memory_format=torch.channels_last)  # the kernel's path
+    torch.testing.assert_close(resize_to(channels_last, size), expected, atol=5e-6, rtol=0)
 
 
 def test_bilinear_matrix_rows_are_two_neighbour_weights_summing_to_one():

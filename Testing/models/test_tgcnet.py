@@ -13,7 +13,7 @@ from torch import nn
 from TextSegmentLib.aux_prompts import find_description
 from TextSegmentLib.errors import InputError, ModelError
 from TextSegmentLib.models import TextFeatures, create_model, get_model_config, list_models
-from TextSegmentLib.models.tgcnet import TGCNet
+from TextSegmentLib.models.tgcnet import TGCNet, grouped_cosine
 
 PAPER_TRAINABLE = 10.3e6
 BIOMEDCLIP_RANDOM = "random:BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
@@ -279,3 +279,20 @@ def test_inconsistent_configs_are_refused(tiny):
         TGCNet(dataclasses.replace(tiny.config, image_size=250), vision=tiny.vision, text=tiny.text)
     with pytest.raises(ModelError, match="out of range"):
         TGCNet(dataclasses.replace(tiny.config, vit_taps=(3, 12)), vision=tiny.vision, text=tiny.text)
+
+
+def test_grouped_cosine_is_the_cosine_per_channel_group_and_zero_safe():
+    generator = torch.Generator().manual_seed(3)
+    pixels = torch.randn(2, 12, 5, 7, generator=generator)
+    pixels[0, 4:8, 2, 3] = 0.0  # one pixel with an all-zero group: cosine 0, finite gradient
+    pixels.requires_grad_(True)
+    text = torch.randn(2, 12, generator=generator)
+    cost = grouped_cosine(pixels, text, 3)
+    assert cost.shape == (2, 3, 5, 7)
+    for g in range(3):
+        channels = slice(4 * g, 4 * g + 4)
+        expected = F.cosine_similarity(pixels[:, channels], text[:, channels, None, None], dim=1, eps=1e-12)
+        torch.testing.assert_close(cost[:, g], expected, atol=1e-6, rtol=0)
+    assert float(cost[0, 1, 2, 3].detach()) == 0.0
+    cost.sum().backward()
+    assert bool(torch.isfinite(pixels.grad).all())

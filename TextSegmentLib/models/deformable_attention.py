@@ -63,18 +63,21 @@ def deformable_sample(
     Each level's samples are weighted and summed as soon as they are read, so the working memory
     is one level's samples, not all levels' samples plus their concatenation and product (about
     20 MB less at the peak of a tgcnet-tiny run at two images per call, docs/performance.md).
+    The samples are read points-major, (B·H, Dh, P, Q), so weighting and summing the P points run
+    along the long, contiguous query axis: with queries-major samples (…, Q, P), summing four
+    innermost values made the whole call 1.6× slower on the CPU (``bench/cpu_kernels.py``).
     """
     batch, _, heads, head_dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
     sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
     grids = 2.0 * sampling_locations - 1.0
-    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels, points)
+    weights = attention_weights.permute(0, 2, 3, 4, 1).reshape(batch * heads, 1, levels, points, queries)
     out = None
     for level, (value_level, (h, w)) in enumerate(zip(value.split(sizes, dim=1), spatial_shapes.tolist())):
         value_level = value_level.permute(0, 2, 3, 1).reshape(batch * heads, head_dim, int(h), int(w))
-        grid = grids[:, :, :, level].transpose(1, 2).reshape(batch * heads, queries, points, 2)
+        grid = grids[:, :, :, level].permute(0, 2, 3, 1, 4).reshape(batch * heads, points, queries, 2)
         sampled = F.grid_sample(value_level, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        part = (sampled * weights[..., level, :]).sum(-1)  # (B·H, Dh, Q, P) → (B·H, Dh, Q)
+        part = (sampled * weights[:, :, level]).sum(2)  # (B·H, Dh, P, Q) → (B·H, Dh, Q)
         out = part if out is None else out + part
     return out.reshape(batch, heads * head_dim, queries).transpose(1, 2)
 

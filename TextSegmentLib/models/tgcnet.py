@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 NUM_LEVELS = 4  # CNN / pyramid strides 4, 8, 16, 32
 STRIDES = (4, 8, 16, 32)
+NORM_EPS = 1e-12  # F.normalize's default
 
 
 @dataclass
@@ -273,11 +274,20 @@ class VisionLanguageCalibration(nn.Module):
 
 
 def grouped_cosine(pixels: torch.Tensor, text: torch.Tensor, groups: int) -> torch.Tensor:
-    """Cosine between each pixel and the text vector per channel group: ``(B, C, h, w), (B, C) → (B, G, h, w)``."""
+    """Cosine between each pixel and the text vector per channel group: ``(B, C, h, w), (B, C) → (B, G, h, w)``.
+
+    A multiply-and-sum over each group's channels divided by the pixels' lengths, from sums of
+    squares. ``F.normalize`` along the group-channel axis (a middle axis of 8) took ~10 ms per
+    64 × 64 level on the CPU, a fifth of tgcnet-tiny's forward pass; this takes 0.5 ms. Lengths are
+    clamped at ``NORM_EPS`` as ``F.normalize`` clamps them (and below it get no gradient rather than
+    an infinite one); they are summed in float32, so float16 under AMP cannot overflow.
+    """
     batch, channels, height, width = pixels.shape
-    pixels = F.normalize(pixels.reshape(batch, groups, channels // groups, height, width), dim=2)
-    text = F.normalize(text.reshape(batch, groups, channels // groups), dim=2)
-    return torch.einsum("bgchw,bgc->bghw", pixels, text)
+    grouped = pixels.reshape(batch, groups, channels // groups, height, width)
+    text = F.normalize(text.reshape(batch, groups, channels // groups), dim=2, eps=NORM_EPS)
+    dots = (grouped * text[..., None, None]).sum(dim=2)
+    lengths = grouped.float().square().sum(dim=2).clamp_min(NORM_EPS**2).sqrt()
+    return dots / lengths
 
 
 class CostAggregationDecoder(nn.Module):
