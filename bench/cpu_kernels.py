@@ -14,7 +14,7 @@ equivalent (up to float rounding):
   queries-major and summing four innermost values is slow; reading them points-major sums along
   the long query axis.
 
-Two tables:
+Three tables:
 
 * **calls**: every distinct call of these functions in the first batch of ``segment`` on the real
   CT with each tiny preset (shapes recorded, inputs random), timed both ways (best of
@@ -22,9 +22,11 @@ Two tables:
 * **segment**: ``segment`` on the real CT (its four prompts) for freqmedclip-tiny and tgcnet-tiny
   with their shipped weights, with every replacement on and with the textbook forms everywhere,
   alternating in one process (best of ``--repeats`` each), the largest probability difference
-  and how many mask voxels differ.
+  and how many mask voxels differ;
+* **training**: forward + backward of one training-sized batch (8 images, 8 prompts) of each
+  preset, both ways (best of ``--repeats``).
 
-Prints both tables, writes JSON (``--json``) and, with ``--doc``, replaces the
+Prints the tables, writes JSON (``--json``) and, with ``--doc``, replaces the
 ``<!-- bench:cpu-kernels:start/end -->`` block of that file.
 """
 
@@ -206,7 +208,46 @@ def segment_rows(*, repeats: int, data_root: Path) -> list[dict]:
     return rows
 
 
-def format_tables(calls: list[dict], segments: list[dict]) -> str:
+def training_rows(*, repeats: int) -> list[dict]:
+    """Forward + backward of one training-sized batch (8 images, 8 prompts) both ways."""
+    import torch
+
+    from TextSegmentLib.weights import load_model
+
+    prompts = ["liver", "spleen", "left kidney", "aorta", "liver without the tumour", "pancreas", "heart", "stomach"]
+    rows = []
+    for preset, weights in PRESETS:
+        model = load_model(preset, weights=weights, device="cpu").train()
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        size = int(model.image_size)
+        images = torch.rand(8, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            model(images, model.encode_text(prompts)).logits.float().sigmoid().mean().backward()
+
+        best = {"ours": float("inf"), "textbook": float("inf")}
+        for _ in range(repeats):
+            for way in ("ours", "textbook"):
+                with textbook_everywhere() if way == "textbook" else contextlib.nullcontext():
+                    step()  # warm-up in this form
+                    start = time.perf_counter()
+                    step()
+                    best[way] = min(best[way], time.perf_counter() - start)
+        rows.append(
+            {
+                "preset": f"{preset} ({weights})",
+                "batch": f"8 × {size}², 8 prompts, forward + backward",
+                "textbook_s": best["textbook"],
+                "ours_s": best["ours"],
+                "speedup": best["textbook"] / best["ours"],
+            }
+        )
+    return rows
+
+
+def format_tables(calls: list[dict], segments: list[dict], training: list[dict]) -> str:
     return "\n\n".join(
         [
             markdown_table(
@@ -220,6 +261,11 @@ def format_tables(calls: list[dict], segments: list[dict]) -> str:
                 [("preset", "preset"), ("case", "case"), ("textbook forms s", "textbook_s"), ("ours s", "ours_s"),
                  ("speed-up", "speedup"), ("max |Δ probability|", "max_abs_diff_probability"),
                  ("mask voxels differing", "mask_voxels_differing")],
+            ),
+            markdown_table(
+                training,
+                [("preset", "preset"), ("training step", "batch"), ("textbook forms s", "textbook_s"),
+                 ("ours s", "ours_s"), ("speed-up", "speedup")],
             ),
         ]
     )
@@ -270,10 +316,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     calls = call_rows(repeats=args.repeats, data_root=Path(args.data_root))
     segments = segment_rows(repeats=args.repeats, data_root=Path(args.data_root))
-    tables = format_tables(calls, segments)
+    training = training_rows(repeats=args.repeats)
+    tables = format_tables(calls, segments, training)
     print(tables)
     machine = machine_info()
-    path = write_json(args.json, {"machine": machine, "calls": calls, "segment": segments})
+    path = write_json(args.json, {"machine": machine, "calls": calls, "segment": segments, "training": training})
     print(f"wrote {path}")
     if args.doc:
         note = (
