@@ -15,9 +15,9 @@ from TextSegmentLib.models.layers import (
     ConvBlock,
     FiLM,
     band_statistics,
+    bilinear_matrix,
     haar_dwt,
     haar_idwt,
-    bilinear_matrix,
     resize_by_matrices,
     resize_to,
 )
