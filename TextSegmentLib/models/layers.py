@@ -152,14 +152,16 @@ def resize_to(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tens
     inputs two products with (out × in) interpolation matrices do the same in 0.6 ms. From 64 × 64
     inputs on the dense matrices cost more than the kernel, and for outputs under 16 × 16 the
     products' fixed cost does; there the kernel stays in use. So it does for channels-last
-    layouts (tgcnet's token maps), which the kernel handles ~15× faster than (N, C, h, w)
-    (``bench/cpu_kernels.py``).
+    layouts (tgcnet's token maps) at inference, which the kernel handles ~15× faster than
+    (N, C, h, w); but its backward pass is slow for both layouts, so in training the products
+    win for channels-last inputs too (``bench/cpu_kernels.py``).
     """
     size = tuple(int(s) for s in size)
     if tuple(x.shape[-2:]) == size:
         return x
     products_pay = max(x.shape[-2:]) <= MATMUL_RESIZE_MAX_SIDE and min(size) >= MATMUL_RESIZE_MIN_OUTPUT
-    if x.device.type == "cpu" and x.is_floating_point() and x.is_contiguous() and products_pay:
+    layout_pays = x.is_contiguous() or (x.requires_grad and torch.is_grad_enabled())
+    if x.device.type == "cpu" and x.is_floating_point() and products_pay and layout_pays:
         return resize_by_matrices(x, size)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
