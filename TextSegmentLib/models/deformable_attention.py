@@ -65,7 +65,7 @@ def deformable_sample(
     20 MB less at the peak of a tgcnet-tiny run at two images per call, docs/performance.md).
     The samples are read points-major, (B·H, Dh, P, Q), so weighting and summing the P points run
     along the long, contiguous query axis: with queries-major samples (…, Q, P), summing four
-    innermost values made the whole call 1.6× slower on the CPU (``bench/cpu_kernels.py``).
+    innermost values made the whole call 1.5–1.6× slower on the CPU (``bench/cpu_kernels.py``).
     """
     batch, _, heads, head_dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
