@@ -7,8 +7,8 @@ import torch
 from TextSegmentLib.errors import InputError
 from TextSegmentLib.prompts import ground_truth
 from TextSegmentLib.training.data import (
-    Batch, align_labels, augment, load_dicom_seg_case, load_msd_task, load_source, load_totalsegmentator_case,
-    mirror_prompt, parse_seeds,
+    Batch, align_labels, augment, labels_per_slice, load_dicom_seg_case, load_msd_task, load_source,
+    load_totalsegmentator_case, mirror_prompt, parse_seeds,
 )
 
 
@@ -138,3 +138,28 @@ def test_msd_task_folder(tmp_path):
     (case,) = load_msd_task(tmp_path)
     assert case.label_names == {1: "liver"}
     assert int(case.labels.array.sum()) == int(liver.sum()) > 0
+
+
+def test_labels_per_slice_counts_each_value_on_its_own_slice():
+    labels = np.zeros((3, 4, 4), dtype=np.int16)
+    labels[0, 1, 1] = 2
+    labels[2, :, 0] = 5
+    shown = labels_per_slice(labels, max_label=7)
+    assert shown.shape == (3, 8)
+    assert np.flatnonzero(shown[0]).tolist() == [0, 2]
+    assert np.flatnonzero(shown[1]).tolist() == [0]
+    assert np.flatnonzero(shown[2]).tolist() == [0, 5]
+
+
+def test_pool_presence_is_where_each_prompts_ground_truth_has_voxels(tiny_pool):
+    """The per-slice presence from label counts equals the one from every prompt's full mask."""
+    offsets = np.cumsum([0] + [int((tiny_pool.case_of == c).sum()) for c in range(len(tiny_pool.prompts))])
+    checked = 0
+    for c, prompts in enumerate(tiny_pool.prompts):
+        labels = tiny_pool.labels[offsets[c] : offsets[c + 1]].numpy()
+        for prompt, present in zip(prompts, tiny_pool.present[c]):
+            mask = ground_truth(prompt, labels, tiny_pool.label_names[c])
+            expected = offsets[c] + np.flatnonzero(mask.any(axis=(1, 2)))
+            np.testing.assert_array_equal(present, expected)
+            checked += int(len(expected) > 0)
+    assert checked > 20  # most prompts are shown somewhere; absent ones must come out empty

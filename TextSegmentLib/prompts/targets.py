@@ -67,13 +67,16 @@ class Target:
         exc = set().union(*(expand(n, available) for n in self.exclude)) if self.exclude else set()
         return inc - exc
 
-    def mask(self, label_map: Any, label_names: LabelNames) -> np.ndarray:
-        array = np.asarray(getattr(label_map, "array", label_map))
+    def label_ids(self, label_names: LabelNames) -> list[int]:
+        """The label values (never 0, the background) whose union is this target's mask."""
         names = names_by_id(label_names)
         wanted = self.labels(names.values())
-        ids = [i for i, n in names.items() if n in wanted and i > 0]
-        lut = np.zeros(max(int(array.max(initial=0)), max(names, default=0)) + 1, dtype=bool)
-        lut[ids] = True
+        return [i for i, n in names.items() if n in wanted and i > 0]
+
+    def mask(self, label_map: Any, label_names: LabelNames) -> np.ndarray:
+        array = np.asarray(getattr(label_map, "array", label_map))
+        lut = np.zeros(max(int(array.max(initial=0)), max(names_by_id(label_names), default=0)) + 1, dtype=bool)
+        lut[self.label_ids(label_names)] = True
         return lut[array]
 
     def to_dict(self) -> dict[str, list[str]]:
