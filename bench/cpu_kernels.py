@@ -3,7 +3,7 @@
     .venv/bin/python bench/cpu_kernels.py --threads 1 --doc docs/performance.md    # ~3 min, other core idle
 
 Four places where the plain PyTorch expression hits a slow CPU path, each replaced by an exact
-equivalent (up to float rounding):
+equivalent (up to float rounding), and the trainer's optimizer step:
 
 * **bilinear resize** (``models.layers.resize_to``): ``F.interpolate`` on (N, C, h, w) tensors
   costs ~5 ns per output value whatever the input; small contiguous inputs to outputs of 16 × 16
@@ -27,7 +27,8 @@ Three tables:
   alternating in one process (best of ``--repeats`` each), the largest probability difference
   and how many mask voxels differ;
 * **training**: forward + backward of one training-sized batch (8 images, 8 prompts) of each
-  preset, both ways (best of ``--repeats``).
+  preset, both ways (best of ``--repeats``), and the AdamW step on its gradients: PyTorch's
+  default on the CPU (a loop over tensors) against the fused kernel the trainer uses.
 
 Prints the tables, writes JSON (``--json``) and, with ``--doc``, replaces the
 ``<!-- bench:cpu-kernels:start/end -->`` block of that file.
@@ -253,6 +254,23 @@ def training_rows(*, repeats: int) -> list[dict]:
                 "textbook_s": best["textbook"],
                 "ours_s": best["ours"],
                 "speedup": best["textbook"] / best["ours"],
+            }
+        )
+        # the optimizer step on these gradients: PyTorch's default on the CPU (a loop over
+        # tensors) against the fused kernel the trainer asks for
+        parameters = [p for p in model.parameters() if p.grad is not None]
+        optimizer_s = {}
+        for way, options in (("textbook", {"foreach": False}), ("ours", {"fused": True})):
+            optimizer = torch.optim.AdamW(parameters, lr=1e-5, weight_decay=0.01, **options)
+            optimizer.step()
+            optimizer_s[way] = _best_ms(optimizer.step, repeats) / 1e3
+        rows.append(
+            {
+                "preset": f"{preset} ({weights})",
+                "batch": f"AdamW step over {len(parameters)} tensors (loop → fused)",
+                "textbook_s": optimizer_s["textbook"],
+                "ours_s": optimizer_s["ours"],
+                "speedup": optimizer_s["textbook"] / optimizer_s["ours"],
             }
         )
     return rows
