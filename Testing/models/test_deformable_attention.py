@@ -54,7 +54,8 @@ def generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
-def test_sampling_matches_naive_reference_on_random_inputs(generator):
+@pytest.mark.parametrize("with_autograd", [False, True])  # the two ways of summing the points
+def test_sampling_matches_naive_reference_on_random_inputs(generator, with_autograd):
     batch, queries, heads, head_dim, points = 2, 6, 2, 3, 3
     tokens = sum(h * w for h, w in SHAPES)
     value = torch.randn(batch, tokens, heads, head_dim, generator=generator, dtype=torch.float64)
@@ -63,9 +64,10 @@ def test_sampling_matches_naive_reference_on_random_inputs(generator):
     locations = locations * 1.4 - 0.2
     weights = torch.rand(batch, queries, heads, len(SHAPES), points, generator=generator, dtype=torch.float64)
 
-    got = deformable_sample(value, torch.tensor(SHAPES), locations, weights)
-    expected = naive_deformable_sample(value, SHAPES, locations, weights)
-    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+    got = deformable_sample(value.requires_grad_(with_autograd), torch.tensor(SHAPES), locations, weights)
+    assert got.requires_grad == with_autograd
+    expected = naive_deformable_sample(value.detach(), SHAPES, locations, weights)
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-9, atol=1e-9)
 
 
 def test_module_matches_naive_reference(generator):

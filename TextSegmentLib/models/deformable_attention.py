@@ -65,7 +65,10 @@ def deformable_sample(
     20 MB less at the peak of a tgcnet-tiny run at two images per call, docs/performance.md).
     The samples are read points-major, (B·H, Dh, P, Q), so weighting and summing the P points run
     along the long, contiguous query axis: with queries-major samples (…, Q, P), summing four
-    innermost values made the whole call 1.5–1.6× slower on the CPU (``bench/cpu_kernels.py``).
+    innermost values made the whole call 1.7× slower on the CPU (``bench/cpu_kernels.py``).
+    Without autograd each point's weighted samples are added into one running sum (``addcmul_``)
+    instead of being multiplied out and summed; with autograd the product-and-sum stays, since
+    the in-place sum's backward pass costs more than it saves.
     """
     batch, _, heads, head_dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
@@ -77,8 +80,16 @@ def deformable_sample(
         value_level = value_level.permute(0, 2, 3, 1).reshape(batch * heads, head_dim, int(h), int(w))
         grid = grids[:, :, :, level].permute(0, 2, 3, 1, 4).reshape(batch * heads, points, queries, 2)
         sampled = F.grid_sample(value_level, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        part = (sampled * weights[:, :, level]).sum(2)  # (B·H, Dh, P, Q) → (B·H, Dh, Q)
-        out = part if out is None else out + part
+        # (B·H, Dh, P, Q) · (B·H, 1, P, Q), summed over P → (B·H, Dh, Q)
+        if torch.is_grad_enabled() and (sampled.requires_grad or weights.requires_grad):
+            part = (sampled * weights[:, :, level]).sum(2)
+            out = part if out is None else out + part
+            continue
+        for point in range(points):
+            if out is None:
+                out = sampled[:, :, point] * weights[:, :, level, point]
+            else:
+                out.addcmul_(sampled[:, :, point], weights[:, :, level, point])
     return out.reshape(batch, heads * head_dim, queries).transpose(1, 2)
 
 

@@ -110,7 +110,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     groups = model.parameter_groups() if hasattr(model, "parameter_groups") else {"new": [p for p in model.parameters() if p.requires_grad]}
     lrs = {"new": config.lr_new, "backbone": config.lr_backbone}
     # fused: one kernel for all parameters. PyTorch's default on the CPU is a loop over tensors,
-    # which took 45–70 ms a step for the tiny models (fused: 9–15 ms; bench/cpu_kernels.py)
+    # which took 40–70 ms a step for the tiny models (fused: 8–17 ms; bench/cpu_kernels.py)
     return torch.optim.AdamW(
         [{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups.items() if ps],
         weight_decay=config.weight_decay,
