@@ -92,7 +92,7 @@ def textbook_sampling_locations(reference_points, offsets, spatial_shapes):
 
 
 def _targets():
-    """(module, attribute, textbook form, who calls it): where each replacement lives."""
+    """(kernel, [(module, attribute)], textbook form): where each replacement is looked up by its callers."""
     from TextSegmentLib.models import deformable_attention, freqmedclip, layers, tgcnet
 
     return [
@@ -105,23 +105,29 @@ def _targets():
 
 
 @contextlib.contextmanager
-def textbook_everywhere():
-    """Every replacement swapped for its textbook form for the duration."""
+def _swapped(stand_in: Callable[[str, Callable, Callable], Callable]):
+    """Each replacement's attribute set to ``stand_in(kernel, ours, textbook)`` for the duration."""
     saved = []
     try:
-        for _, places, textbook in _targets():
+        for kernel, places, textbook in _targets():
+            ours = getattr(*places[0])
             for module, name in places:
                 saved.append((module, name, getattr(module, name)))
-                setattr(module, name, textbook)
+                setattr(module, name, stand_in(kernel, ours, textbook))
         yield
     finally:
         for module, name, original in saved:
             setattr(module, name, original)
 
 
+def textbook_everywhere():
+    """Every replacement swapped for its textbook form for the duration (a context manager)."""
+    return _swapped(lambda kernel, ours, textbook: textbook)
+
+
 # ------------------------------------------------------------------------------- measurements
 def recorded_calls(model: Any, case: Any) -> list[tuple[str, Callable, Callable, tuple]]:
-    """The distinct calls of the three functions in the first batch of ``segment`` on ``case``.
+    """The distinct calls of the replaced functions in the first batch of ``segment`` on ``case``.
 
     Returns (kernel, ours, textbook, args) per call; calls that differ only in their batch size
     (the last, partial batch) are counted once, at the first batch's size.
@@ -129,39 +135,27 @@ def recorded_calls(model: Any, case: Any) -> list[tuple[str, Callable, Callable,
     from TextSegmentLib.engine import segment
 
     calls: dict[tuple, tuple] = {}
-    originals = []
-    for kernel, places, textbook in _targets():
-        ours = getattr(places[0][0], places[0][1])
-        for module, name in places:
-            original = getattr(module, name)
-            originals.append((module, name, original))
 
-            def spy(*args, _kernel=kernel, _ours=ours, _textbook=textbook, _original=original):
-                key = (_kernel,) + tuple(tuple(a.shape[1:]) if hasattr(a, "shape") else a for a in args)
-                key += (args[0].is_contiguous(),)  # the layout decides the resize path
-                if not (_kernel == "bilinear resize" and tuple(args[0].shape[-2:]) == tuple(args[1])):  # no-op
-                    calls.setdefault(key, (_kernel, _ours, _textbook, args))
-                return _original(*args)
+    def spy(kernel: str, ours: Callable, textbook: Callable) -> Callable:
+        def record(*args):
+            key = (kernel,) + tuple(tuple(a.shape[1:]) if hasattr(a, "shape") else a for a in args)
+            key += (args[0].is_contiguous(),)  # the layout decides the resize path
+            if not (kernel == "bilinear resize" and tuple(args[0].shape[-2:]) == tuple(args[1])):  # no-op
+                calls.setdefault(key, (kernel, ours, textbook, args))
+            return ours(*args)
 
-            setattr(module, name, spy)
-    try:
+        return record
+
+    with _swapped(spy):
         segment(case.volume, ["liver"], model=model, device="cpu")
-    finally:
-        for module, name, original in originals:
-            setattr(module, name, original)
     return list(calls.values())
 
 
-def call_rows(*, repeats: int, data_root: Path) -> list[dict]:
+def call_rows(models: dict[str, Any], case: Any, *, repeats: int) -> list[dict]:
     import torch
 
-    from bench.saliency import real_cases
-    from TextSegmentLib.weights import load_model
-
-    case = real_cases(data_root)[0]
     rows = []
-    for preset, weights in PRESETS:
-        model = load_model(preset, weights=weights, device="cpu")
+    for preset, model in models.items():
         for kernel, ours, textbook, args in recorded_calls(model, case):
             args = tuple(_random_like(a) for a in args)
             with torch.inference_mode():
@@ -183,18 +177,15 @@ def call_rows(*, repeats: int, data_root: Path) -> list[dict]:
     return rows
 
 
-def segment_rows(*, repeats: int, data_root: Path) -> list[dict]:
+def segment_rows(models: dict[str, Any], case: Any, *, repeats: int) -> list[dict]:
     import numpy as np
 
-    from bench.saliency import real_cases
     from TextSegmentLib.engine import segment
-    from TextSegmentLib.weights import load_model
 
-    case = real_cases(data_root)[0]
     prompts = list(case.targets)
     rows = []
-    for preset, weights in PRESETS:
-        model = load_model(preset, weights=weights, device="cpu")
+    for preset, model in models.items():
+        weights = dict(PRESETS)[preset]
         best = {"ours": float("inf"), "textbook": float("inf")}
         result = {}
         for _ in range(repeats):
@@ -228,7 +219,7 @@ def training_rows(*, repeats: int) -> list[dict]:
 
     prompts = ["liver", "spleen", "left kidney", "aorta", "liver without the tumour", "pancreas", "heart", "stomach"]
     rows = []
-    for preset, weights in PRESETS:
+    for preset, weights in PRESETS:  # models of their own: training mode and gradients change them
         model = load_model(preset, weights=weights, device="cpu").train()
         for parameter in model.parameters():
             parameter.requires_grad_(True)
@@ -310,12 +301,14 @@ def _random_like(arg: Any) -> Any:
 
 def _output_note(kernel: str, args: tuple) -> str:
     if kernel == "bilinear resize":
+        import torch
+
         from TextSegmentLib.models import layers
 
-        shape, size = args[0].shape, args[1]
-        small = max(shape[-2:]) <= layers.MATMUL_RESIZE_MAX_SIDE and min(size) >= layers.MATMUL_RESIZE_MIN_OUTPUT
-        layout = "" if args[0].is_contiguous() else ", channels-last input"
-        return "×".join(map(str, size)) + layout + ("" if small and not layout else " (resize_to keeps the kernel)")
+        x, size = args
+        with torch.inference_mode():  # as in segment
+            kept = "" if layers.resize_takes_matrices(x, size) else " (resize_to keeps the kernel)"
+        return "×".join(map(str, size)) + ("" if x.is_contiguous() else ", channels-last input") + kept
     return ""
 
 
@@ -343,8 +336,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    calls = call_rows(repeats=args.repeats, data_root=Path(args.data_root))
-    segments = segment_rows(repeats=args.repeats, data_root=Path(args.data_root))
+    from bench.saliency import real_cases
+    from TextSegmentLib.weights import load_model
+
+    case = real_cases(Path(args.data_root))[0]
+    models = {preset: load_model(preset, weights=weights, device="cpu") for preset, weights in PRESETS}
+    calls = call_rows(models, case, repeats=args.repeats)
+    segments = segment_rows(models, case, repeats=args.repeats)
     training = training_rows(repeats=args.repeats)
     tables = format_tables(calls, segments, training)
     print(tables)

@@ -159,11 +159,16 @@ def resize_to(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tens
     size = tuple(int(s) for s in size)
     if tuple(x.shape[-2:]) == size:
         return x
-    products_pay = max(x.shape[-2:]) <= MATMUL_RESIZE_MAX_SIDE and min(size) >= MATMUL_RESIZE_MIN_OUTPUT
-    layout_pays = x.is_contiguous() or (x.requires_grad and torch.is_grad_enabled())
-    if x.device.type == "cpu" and x.is_floating_point() and products_pay and layout_pays:
+    if resize_takes_matrices(x, size):
         return resize_by_matrices(x, size)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def resize_takes_matrices(x: torch.Tensor, size: tuple[int, int]) -> bool:
+    """Whether ``resize_to`` resizes ``x`` to ``size`` by matrix products rather than PyTorch's kernel."""
+    products_pay = max(x.shape[-2:]) <= MATMUL_RESIZE_MAX_SIDE and min(size) >= MATMUL_RESIZE_MIN_OUTPUT
+    layout_pays = x.is_contiguous() or (x.requires_grad and torch.is_grad_enabled())
+    return x.device.type == "cpu" and x.is_floating_point() and products_pay and layout_pays
 
 
 def resize_by_matrices(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
