@@ -346,14 +346,35 @@ def _join(outputs: list):
     )
 
 
-_TEXT_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_TEXT_CACHE: "weakref.WeakKeyDictionary[Any, tuple[tuple, dict]]" = weakref.WeakKeyDictionary()
+
+
+def _weights_state(model) -> tuple:
+    """What the cached embeddings depend on: every parameter's identity, storage, version, device and dtype.
+
+    An in-place change (``load_state_dict``, an optimiser step, ``p.mul_``) bumps a tensor's version
+    counter, and ``.to()`` or new weights give new storage, so a model whose weights changed after
+    a ``segment`` call does not get its old prompts' embeddings back. ~1 µs per parameter tensor.
+    """
+    return tuple((id(p), p.data_ptr(), _version(p), p.device, p.dtype) for p in model.parameters())
+
+
+def _version(tensor) -> Optional[int]:
+    try:
+        return tensor._version
+    except RuntimeError:  # a model built under inference_mode: its tensors keep no version counter
+        return None
 
 
 def _encode_text_cached(model, prompts: list[str], aux: list[Optional[str]]):
-    """Encode each (prompt, aux) pair once per model, across calls (Slicer re-runs the same prompts)."""
+    """Encode each (prompt, aux) pair once per model and weights, across calls (Slicer re-runs the same prompts)."""
     import torch
 
-    cache = _TEXT_CACHE.setdefault(model, {})
+    state = _weights_state(model)
+    kept_state, cache = _TEXT_CACHE.get(model, (None, {}))
+    if kept_state != state:
+        cache = {}
+        _TEXT_CACHE[model] = (state, cache)
     missing = [(p, a) for p, a in zip(prompts, aux) if (p, a) not in cache]
     if missing:
         with torch.inference_mode():

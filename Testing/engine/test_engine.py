@@ -156,6 +156,36 @@ def test_text_is_encoded_once_per_prompt_across_calls(monkeypatch):
     assert calls == [["bright"], ["dark"]]
 
 
+class PolarityModel(WindowModel):
+    """WindowModel whose prompt embedding goes through a weight: polarity -1 reads 'bright' as 'dark'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.polarity = nn.Parameter(torch.tensor(1.0))
+
+    def encode_text(self, prompts, aux_prompts=None):
+        pooled = super().encode_text(prompts, aux_prompts).pooled
+        return TextFeatures(pooled=pooled if self.polarity > 0 else 1 - pooled)
+
+
+@pytest.mark.parametrize("change", ["in place", "load_state_dict"])
+def test_prompts_are_encoded_again_once_the_weights_change(change):
+    volume, _ = cube_volume()
+    model = PolarityModel()
+    bright, dark = (segment(volume, [p], model=model, device="cpu")[0].mask.array for p in ("bright", "dark"))
+    assert (bright != dark).any()
+    if change == "in place":  # what an optimiser step does
+        with torch.no_grad():
+            model.polarity.mul_(-1)
+    else:  # other weights into the same model object
+        flipped = PolarityModel()
+        with torch.no_grad():
+            flipped.polarity.fill_(-1)
+        model.load_state_dict(flipped.state_dict())
+    again = segment(volume, ["bright"], model=model, device="cpu")[0].mask.array
+    np.testing.assert_array_equal(again, dark)
+
+
 @pytest.mark.parametrize("prompts", [[], [""], ["   "]])
 def test_empty_prompts_are_refused(prompts):
     volume, _ = cube_volume()
