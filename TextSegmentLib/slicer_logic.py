@@ -646,7 +646,7 @@ class SegmentationLogic:
         """(model, device to run on, notes): loaded once and kept (one model at a time: GPU memory)."""
         if not isinstance(model, str):
             return model, device, []
-        key = (model, weights or "", device)
+        key = (model, weights or "", device, _file_state(weights))
         with self._models_lock:
             cached = self._models.get(key)
         if cached is not None:
@@ -670,7 +670,7 @@ class SegmentationLogic:
             run_device = "cpu"
             loaded = loader(model, weights=weights or None, device=run_device)
         with self._models_lock:  # one model at a time, under the device asked for and the one it runs on
-            self._models = {key: (loaded, run_device), (model, weights or "", run_device): (loaded, run_device)}
+            self._models = {key: (loaded, run_device), key[:2] + (run_device,) + key[3:]: (loaded, run_device)}
         return loaded, run_device, notes
 
     def _last_model(self) -> Any:
@@ -760,3 +760,15 @@ def missing_requirements(requirements: Iterable[str]) -> list[str]:
         if not requirement.specifier.contains(installed, prereleases=True):
             missing.append(f"{text} (installed: {installed})")
     return missing
+
+
+def _file_state(weights: Optional[str]) -> Optional[tuple[int, int]]:
+    """(mtime, size) when ``weights`` names a file: a checkpoint rewritten in place (a user's own
+    training run exporting again) is loaded again instead of the model kept from the old file."""
+    if not weights:
+        return None
+    try:
+        stat = Path(weights).expanduser().stat()
+    except (OSError, ValueError):
+        return None  # an id, "random", a hub id: immutable once resolved
+    return stat.st_mtime_ns, stat.st_size

@@ -318,6 +318,27 @@ def test_models_are_loaded_once_and_out_of_memory_falls_back_to_the_cpu(context,
         logic.shutdown()
 
 
+def test_a_weights_file_rewritten_in_place_is_loaded_again(context, ct_node, tmp_path):
+    checkpoint = tmp_path / "mine.safetensors"
+    checkpoint.write_bytes(b"first export")
+    calls = []
+
+    def loader(name, *, weights, device):
+        calls.append(Path(weights).read_bytes())
+        return BoneModel()
+
+    logic = SegmentationLogic(context=context, model_loader=loader)
+    try:
+        for _ in range(2):
+            logic.segment(volume=ct_node, prompts=["bone"], model="bone-model", weights=str(checkpoint), device="cpu")
+        assert calls == [b"first export"]  # kept while the file stays the same
+        checkpoint.write_bytes(b"second, longer export")  # the user's training run exported again
+        logic.segment(volume=ct_node, prompts=["bone"], model="bone-model", weights=str(checkpoint), device="cpu")
+        assert calls == [b"first export", b"second, longer export"]
+    finally:
+        logic.shutdown()
+
+
 def test_study_batch_through_the_logic_asynchronously(logic, shared_data, tmp_path):
     from TextSegmentLib.study_batch import REPORT
 
