@@ -1,0 +1,138 @@
+"""Post-hoc changes that need no training, scored on phantoms the way ``textsegment bench`` scores.
+
+    .venv/bin/python bench/post_hoc.py --model tgcnet-tiny --soups tgcnet-tiny-v9 tgcnet-tiny-v8+tgcnet-tiny-v9
+    .venv/bin/python bench/post_hoc.py --model tgcnet-tiny --weights tgcnet-tiny-v9 --phantoms 2000-2003 \
+        --smoothing "0.25,0.5,0.25" "1/6,2/3,1/6" --thresholds 0.4 0.5 0.6
+
+Three questions about the shipped weights, each answered by mean 3D Dice per prompt level
+(L1 / L2 / L3) and how many absent structures (negative controls) get any voxel:
+
+* **weight averages** (``--soups A+B+C``): the uniform average of checkpoints of one lineage
+  (each phase starts from the one before, so they share a basin), as in "model soups";
+* **smoothing across slices** (``--smoothing W``): each probability map averaged with its
+  neighbours along the slice axis with weights ``W`` (edge slices repeated) before thresholding;
+* **thresholds** (``--thresholds T``): the mask at probability ≥ T instead of the engine's 0.5.
+
+The prompt pyramids are the bench's (``build_prompt_pyramid``, seed = case index, one L2 per
+target). Pick settings on the validation phantoms (1000–1003, the default, the ones training
+picks its checkpoints on) and only then look at the held-out seeds 2000+. Prints a Markdown
+table; ``--json`` writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from fractions import Fraction
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import markdown_table, write_json  # noqa: E402
+
+LEVELS = ("L1", "L2", "L3")
+
+
+def soup_state(model_name: str, members: Sequence[str]) -> dict:
+    """The uniform average of the members' floating tensors (others from the last member)."""
+    from TextSegmentLib.weights import load_model
+
+    states = [load_model(model_name, weights=w, device="cpu").state_dict() for w in members]
+    return {
+        key: sum(s[key].float() for s in states) / len(states) if value.is_floating_point() else value
+        for key, value in states[-1].items()
+    }
+
+
+def smoothed(probability: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+    """``probability`` (slices first) averaged along axis 0 with ``weights``, edge slices repeated."""
+    reach = len(weights) // 2
+    padded = np.concatenate([probability[:1].repeat(reach, 0), probability, probability[-1:].repeat(reach, 0)])
+    return sum(w * padded[i : i + len(probability)] for i, w in enumerate(weights))
+
+
+def score(model, cases, variants: dict) -> dict[str, dict]:
+    """{variant: {level: [Dice], "negatives": n, "marked": n}}; a variant maps (slices, h, w) probabilities to masks."""
+    from TextSegmentLib.engine import segment
+    from TextSegmentLib.preprocess import slice_plan
+    from TextSegmentLib.semantibench import build_prompt_pyramid, dice, ground_truth
+
+    out = {name: {"negatives": 0, "marked": 0, **{level: [] for level in LEVELS}} for name in variants}
+    for index, case in enumerate(cases):
+        prompts = build_prompt_pyramid(case.labels, case.label_names, seed=index, max_l2_per_target=1, min_voxels=20)
+        prompts = list({p.text: p for p in prompts}.values())
+        run = segment(case.ct, [p.text for p in prompts], model=model, device="cpu", probability_dtype="float32")
+        plan = slice_plan(case.ct, axis="axial")
+        for prompt, result in zip(prompts, run.results):
+            probability = plan.extract(result.probability.array)
+            truth = None if prompt.level == "negative" else ground_truth(prompt, case.labels, case.label_names)
+            for name, to_mask in variants.items():
+                mask = plan.restore(to_mask(probability).astype(np.uint8)).astype(bool)
+                if truth is None:
+                    out[name]["negatives"] += 1
+                    out[name]["marked"] += bool(mask.any())
+                else:
+                    out[name][prompt.level].append(dice(mask, truth))
+    return out
+
+
+def rows_of(scores: dict[str, dict], kind: str) -> list[dict]:
+    rows = []
+    for name, s in scores.items():
+        means = {level: float(np.mean(s[level])) for level in LEVELS}
+        rows.append({"kind": kind, "variant": name, **means, "mean": float(np.mean(list(means.values()))),
+                     "negatives marked": f"{s['marked']}/{s['negatives']}"})
+    return rows
+
+
+def _weights(text: str) -> list[float]:
+    return [float(Fraction(part.strip())) for part in text.split(",")]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tgcnet-tiny")
+    parser.add_argument("--weights", default=None, help="weights for --smoothing/--thresholds (default: the model's)")
+    parser.add_argument("--phantoms", default="1000-1003", help="phantom seeds FIRST-LAST (default: validation)")
+    parser.add_argument("--shape", default="32x128x128")
+    parser.add_argument("--soups", nargs="*", default=[], help="weight averages, members joined by '+'")
+    parser.add_argument("--smoothing", nargs="*", default=[], help="slice weights, e.g. '0.25,0.5,0.25' or '1/6,2/3,1/6'")
+    parser.add_argument("--thresholds", nargs="*", type=float, default=[])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from TextSegmentLib.training.data import load_source
+    from TextSegmentLib.weights import load_model
+
+    torch.set_num_threads(args.threads)
+    cases = load_source(f"phantoms:{args.phantoms}@{args.shape}")
+    rows: list[dict] = []
+    if args.smoothing or args.thresholds:
+        model = load_model(args.model, weights=args.weights, device="cpu")
+        variants = {"mask at 0.5 (as shipped)": lambda p: p >= 0.5}
+        variants.update({f"smoothing {w}": (lambda p, w=_weights(w): smoothed(p, w) >= 0.5) for w in args.smoothing})
+        variants.update({f"threshold {t:g}": (lambda p, t=t: p >= t) for t in args.thresholds})
+        rows += rows_of(score(model, cases, variants), "post-processing")
+    for soup in args.soups:
+        members = soup.split("+")
+        model = load_model(args.model, weights=members[-1], device="cpu")
+        model.load_state_dict(soup_state(args.model, members))
+        rows += rows_of(score(model, cases, {soup: lambda p: p >= 0.5}), "weight average")
+    columns = [("kind", "kind"), ("variant", "variant"), *((f"{level} Dice", level) for level in LEVELS),
+               ("mean", "mean"), ("negatives marked", "negatives marked")]
+    print(f"{args.model}, phantoms {args.phantoms} ({args.shape}), {torch.get_num_threads()} thread(s)\n")
+    print(markdown_table(rows, columns))
+    if args.json:
+        write_json(args.json, {"model": args.model, "phantoms": args.phantoms, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
