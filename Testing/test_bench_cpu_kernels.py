@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,17 +13,12 @@ from TextSegmentLib.models import deformable_attention, layers, tgcnet
 from TextSegmentLib.models.deformable_attention import MultiScaleDeformableAttention, flatten_levels
 from TextSegmentLib.phantom import make_phantom
 from TextSegmentLib.weights import load_model
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "cpu_kernels.py"
+from bench_scripts import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_cpu_kernels", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("cpu_kernels")
 
 
 @pytest.fixture(scope="module")

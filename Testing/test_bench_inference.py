@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "inference.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_inference", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+from bench_scripts import BENCH_DIR, load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_bench()
+    return load_bench("inference")
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +120,7 @@ def test_flop_count_includes_attention_on_the_cpu(bench):
 
 
 def test_doc_block_is_replaced(tmp_path):
-    sys.path.insert(0, str(BENCH.parents[1]))
+    sys.path.insert(0, str(BENCH_DIR.parent))
     from bench.common import markdown_table, replace_doc_block
 
     doc = tmp_path / "performance.md"

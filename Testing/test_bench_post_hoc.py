@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "post_hoc.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_post_hoc", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from bench_scripts import load_bench
 
 
 def test_smoothing_averages_neighbouring_slices_and_repeats_the_edges():
-    bench = load_bench()
+    bench = load_bench("post_hoc")
     probability = np.array([0.0, 1.0, 0.0, 0.4], dtype=np.float32)[:, None, None]
     out = bench.smoothed(probability, [0.25, 0.5, 0.25])[:, 0, 0]
     # slice 0 sees (0, 0, 1): the first slice repeated; slice 3 sees (0, 0.4, 0.4)
@@ -30,7 +18,7 @@ def test_smoothing_averages_neighbouring_slices_and_repeats_the_edges():
 
 
 def test_variants_that_change_nothing_score_as_shipped(tmp_path, capsys):
-    bench = load_bench()
+    bench = load_bench("post_hoc")
     out = tmp_path / "post_hoc.json"
     bench.main([
         "--model", "freqmedclip-tiny", "--weights", "freqmedclip-tiny-v8", "--phantoms", "1000-1000",

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 from planted_model import PlantedModel, sphere_phantom
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "saliency.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_saliency", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+from bench_scripts import load_bench
 
 
 def test_bench_scores_the_planted_answer_and_writes_its_table(tmp_path):
-    bench = load_bench()
+    bench = load_bench("saliency")
     volume, ball, _ = sphere_phantom()
     body = (volume.array > -500) & ~ball
     case = bench.Case("planted", volume, {"bright": ball, "dark": body})
