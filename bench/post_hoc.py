@@ -11,7 +11,9 @@ Three questions about the shipped weights, each answered by mean 3D Dice per pro
   (each phase starts from the one before, so they share a basin), as in "model soups";
 * **smoothing across slices** (``--smoothing W``): each probability map averaged with its
   neighbours along the slice axis with weights ``W`` (edge slices repeated) before thresholding;
-* **thresholds** (``--thresholds T``): the mask at probability ≥ T instead of the engine's 0.5.
+* **thresholds** (``--thresholds T``): the mask at probability ≥ T instead of the engine's 0.5;
+* **test-time shifts** (``--shifts ROWS,COLUMNS``): the mean of the runs on the CT and on copies
+  moved in-plane by whole voxels (air comes in), each map moved back before the mean.
 
 The prompt pyramids are the bench's (``build_prompt_pyramid``, seed = case index, one L2 per
 target). Pick settings on the validation phantoms (1000–1003, the default, the ones training
@@ -55,20 +57,40 @@ def smoothed(probability: np.ndarray, weights: Sequence[float]) -> np.ndarray:
     return sum(w * padded[i : i + len(probability)] for i, w in enumerate(weights))
 
 
-def score(model, cases, variants: dict) -> dict[str, dict]:
-    """{variant: {level: [Dice], "negatives": n, "marked": n}}; a variant maps (slices, h, w) probabilities to masks."""
+def shifted(array: np.ndarray, rows: int, columns: int, *, fill: float) -> np.ndarray:
+    """``array`` moved by (rows, columns) along its last two axes; what comes in is ``fill``."""
+    out = np.full_like(array, fill)
+    height, width = array.shape[-2:]
+    out[..., max(rows, 0) : height + min(rows, 0), max(columns, 0) : width + min(columns, 0)] = array[
+        ..., max(-rows, 0) : height + min(-rows, 0), max(-columns, 0) : width + min(-columns, 0)
+    ]
+    return out
+
+
+def score(model, cases, variants: dict, *, shifts: Sequence[tuple[int, int]] = ((0, 0),)) -> dict[str, dict]:
+    """{variant: {level: [Dice], "negatives": n, "marked": n}}; a variant maps (slices, h, w) probabilities to masks.
+
+    With several ``shifts`` the probabilities are the mean of runs on copies of the CT moved by
+    (rows, columns) in its array (air comes in), each moved back (test-time augmentation).
+    """
     from TextSegmentLib.engine import segment
     from TextSegmentLib.preprocess import slice_plan
     from TextSegmentLib.semantibench import build_prompt_pyramid, dice, ground_truth
+    from TextSegmentLib.volume import Volume
 
     out = {name: {"negatives": 0, "marked": 0, **{level: [] for level in LEVELS}} for name in variants}
     for index, case in enumerate(cases):
         prompts = build_prompt_pyramid(case.labels, case.label_names, seed=index, max_l2_per_target=1, min_voxels=20)
         prompts = list({p.text: p for p in prompts}.values())
-        run = segment(case.ct, [p.text for p in prompts], model=model, device="cpu", probability_dtype="float32")
-        plan = slice_plan(case.ct, axis="axial")
-        for prompt, result in zip(prompts, run.results):
-            probability = plan.extract(result.probability.array)
+        ct, runs = case.ct, []
+        for rows, columns in shifts:
+            moved = Volume(array=shifted(ct.array, rows, columns, fill=-1024), spacing=ct.spacing, origin=ct.origin,
+                           direction=ct.direction)
+            run = segment(moved, [p.text for p in prompts], model=model, device="cpu", probability_dtype="float32")
+            runs.append([shifted(r.probability.array, -rows, -columns, fill=0.0) for r in run.results])
+        plan = slice_plan(ct, axis="axial")
+        for number, prompt in enumerate(prompts):
+            probability = plan.extract(sum(r[number] for r in runs) / len(runs))
             truth = None if prompt.level == "negative" else ground_truth(prompt, case.labels, case.label_names)
             for name, to_mask in variants.items():
                 mask = plan.restore(to_mask(probability).astype(np.uint8)).astype(bool)
@@ -102,6 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--soups", nargs="*", default=[], help="weight averages, members joined by '+'")
     parser.add_argument("--smoothing", nargs="*", default=[], help="slice weights, e.g. '0.25,0.5,0.25' or '1/6,2/3,1/6'")
     parser.add_argument("--thresholds", nargs="*", type=float, default=[])
+    parser.add_argument("--shifts", nargs="*", default=[], help="test-time shifts 'ROWS,COLUMNS' averaged with the unshifted run")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -120,6 +143,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         variants.update({f"smoothing {w}": (lambda p, w=_weights(w): smoothed(p, w) >= 0.5) for w in args.smoothing})
         variants.update({f"threshold {t:g}": (lambda p, t=t: p >= t) for t in args.thresholds})
         rows += rows_of(score(model, cases, variants), "post-processing")
+    if args.shifts:
+        model = load_model(args.model, weights=args.weights, device="cpu")
+        shifts = [(0, 0)] + [tuple(int(v) for v in shift.split(",")) for shift in args.shifts]
+        name = "mean over shifts " + " ".join(f"({r},{c})" for r, c in shifts)
+        rows += rows_of(score(model, cases, {name: lambda p: p >= 0.5}, shifts=shifts), "test-time shifts")
     for soup in args.soups:
         members = soup.split("+")
         model = load_model(args.model, weights=members[-1], device="cpu")
