@@ -646,7 +646,8 @@ class SegmentationLogic:
         """(model, device to run on, notes): loaded once and kept (one model at a time: GPU memory)."""
         if not isinstance(model, str):
             return model, device, []
-        key = (model, weights or "", device, _file_state(weights))
+        file_state = _file_state(weights)
+        key = (model, weights or "", device, file_state)
         with self._models_lock:
             cached = self._models.get(key)
         if cached is not None:
@@ -670,7 +671,7 @@ class SegmentationLogic:
             run_device = "cpu"
             loaded = loader(model, weights=weights or None, device=run_device)
         with self._models_lock:  # one model at a time, under the device asked for and the one it runs on
-            self._models = {key: (loaded, run_device), key[:2] + (run_device,) + key[3:]: (loaded, run_device)}
+            self._models = {key: (loaded, run_device), (model, weights or "", run_device, file_state): (loaded, run_device)}
         return loaded, run_device, notes
 
     def _last_model(self) -> Any:
