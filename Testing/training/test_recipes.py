@@ -91,6 +91,27 @@ def test_reproduce_trains_each_phase_from_the_previous_export_and_continues_wher
     assert "kept" in said[0] and "resuming" in said[1]
 
 
+def test_a_quick_check_with_fewer_steps_is_marked_and_never_continued_as_the_real_run(tmp_path):
+    from TextSegmentLib.checkpoint import read_checkpoint_info
+
+    recipes, out = tmp_path / "recipes", tmp_path / "check"
+    recipes.mkdir()
+    _recipe(recipes, "freqmedclip-tiny-v1")
+    _recipe(recipes, "freqmedclip-tiny-v2", init_weights="freqmedclip-tiny-v1", seed=2)
+    made = reproduce("freqmedclip-tiny-v2", out_dir=out, recipes_dir=recipes, threads=1, steps=1, report=lambda _: None)
+    for phase in ("freqmedclip-tiny-v1", "freqmedclip-tiny-v2"):
+        assert json.loads((out / phase / "config.json").read_text())["steps"] == 1  # the recipes say 2
+        assert read_checkpoint_info(out / f"{phase}.safetensors").metadata["steps_per_phase"] == 1
+    with pytest.raises(InputError, match="was made with 1 steps per phase, not the recipes' steps: give another --out"):
+        reproduce("freqmedclip-tiny-v2", out_dir=out, recipes_dir=recipes, threads=1, report=lambda _: None)
+    made.unlink()
+    (out / "freqmedclip-tiny-v1.safetensors").unlink()  # only the run folders are left
+    with pytest.raises(InputError, match="holds a run of 1 steps, not 2"):
+        reproduce("freqmedclip-tiny-v2", out_dir=out, recipes_dir=recipes, threads=1, report=lambda _: None)
+    with pytest.raises(InputError, match="at least 1"):
+        reproduce("freqmedclip-tiny-v2", out_dir=out, recipes_dir=recipes, steps=0)
+
+
 def test_broken_chains_are_named(tmp_path):
     _recipe(tmp_path, "a-v2", init_weights="a-v1")
     with pytest.raises(InputError, match=r"no recipe for a-v1 \(the recipe of a-v2 starts from it\)"):

@@ -13,6 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dry-run", action="store_true", help="list the phases and their recipes; train nothing")
+    p.add_argument("--steps", type=int, help="train each phase for this many steps only: a quick check that the whole "
+                   "chain runs here before the real run (into another --out); not the shipped model")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -29,9 +31,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     with progress_bar(disable=args.quiet) as bar:
         made = reproduce(args.weights, out_dir=args.out, recipes_dir=args.recipes, threads=args.threads,
-                         device=args.device, progress=bar)
+                         device=args.device, steps=args.steps, progress=bar)
     if made is None:
         return 1
+    if args.steps is not None:
+        print(f"made {made} with {args.steps} steps per phase: the chain runs here. For the model itself, run "
+              f"again without --steps into another --out folder.")
+        return 0
     model = chain[-1].config.model
     print(f"made {made}; compare it with the shipped one: textsegment bench --model {model} --weights {made} "
           f"--compare-model {model} --compare-weights {args.weights} --phantoms 4 --seed 2000 --out OUT")

@@ -90,6 +90,7 @@ def reproduce(
     recipes_dir: PathLike = "recipes",
     threads: Optional[int] = None,
     device: Optional[str] = None,
+    steps: Optional[int] = None,
     progress: Any = None,
     report: Callable[[str], None] = print,
 ) -> Optional[Path]:
@@ -98,9 +99,17 @@ def reproduce(
     Phase ``X`` trains in ``out_dir/X/`` and exports ``out_dir/X.safetensors``. A phase whose
     export exists is kept, and one whose run folder holds a checkpoint is resumed, so running the
     same command again continues an interrupted reproduction. Nothing outside ``out_dir`` is written.
+
+    ``steps`` trains every phase for that many steps instead of its recipe's: a check, in minutes,
+    that the whole chain runs on this machine (its data, its memory, every phase's options) before
+    the hours the recipes take. Its exports record ``steps_per_phase``; they are not the shipped
+    model, and a folder made with one step count is never continued with another.
     """
+    from ..checkpoint import read_checkpoint_info
     from .trainer import export_weights, train
 
+    if steps is not None and steps < 1:
+        raise InputError(f"steps per phase must be at least 1, got {steps}")
     out_dir = Path(out_dir)
     chain = recipe_chain(weights_id, recipes_dir=recipes_dir)
     previous: Optional[Path] = None
@@ -108,6 +117,7 @@ def reproduce(
         export = out_dir / f"{phase.weights_id}.safetensors"
         label = f"phase {number}/{len(chain)}: {phase.weights_id} ({phase.recipe})"
         if export.is_file():
+            _check_same_steps(export, read_checkpoint_info(export).metadata.get("steps_per_phase"), steps)
             report(f"{label}: kept {export}")
             previous = export
             continue
@@ -118,7 +128,11 @@ def reproduce(
             init_weights=str(previous) if previous is not None else None,
             threads=threads if threads is not None else phase.config.threads,
             device=device if device is not None else phase.config.device,
+            steps=steps if steps is not None else phase.config.steps,
         )
+        ran = json.loads((run_dir / "config.json").read_text()).get("steps") if (run_dir / "config.json").is_file() else None
+        if ran is not None and ran != config.steps:
+            raise InputError(f"{run_dir} holds a run of {ran} steps, not {config.steps}: give another --out folder")
         resume = (run_dir / "last.pt").is_file()
         report(f"{label}: {'resuming' if resume else 'training'} {config.steps} steps into {run_dir}")
         result = train(config, resume=resume, progress=progress)
@@ -130,10 +144,20 @@ def reproduce(
         export_weights(
             result.best_path,
             export,
-            metadata={"recipe": str(phase.recipe), "reproduces": phase.weights_id},
+            metadata={"recipe": str(phase.recipe), "reproduces": phase.weights_id,
+                      **({"steps_per_phase": steps} if steps is not None else {})},
             mix_with=config.init_weights,
             mix=config.export_mix,
         )
         report(f"{label}: exported {export}")
         previous = export
     return previous
+
+
+def _check_same_steps(made: Path, made_with: Optional[int], asked: Optional[int]) -> None:
+    """Refuse to continue a reproduction made with another step count (a quick check's folder, say)."""
+    if made_with != asked:
+        def said(n: Optional[int]) -> str:
+            return "the recipes' steps" if n is None else f"{n} steps per phase"
+
+        raise InputError(f"{made} was made with {said(made_with)}, not {said(asked)}: give another --out folder")
