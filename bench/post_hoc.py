@@ -4,7 +4,7 @@
     .venv/bin/python bench/post_hoc.py --model tgcnet-tiny --weights tgcnet-tiny-v9 --phantoms 2000-2003 \
         --smoothing "0.25,0.5,0.25" "1/6,2/3,1/6" --thresholds 0.4 0.5 0.6
 
-Three questions about the shipped weights, each answered by mean 3D Dice per prompt level
+Four questions about the shipped weights, each answered by mean 3D Dice per prompt level
 (L1 / L2 / L3) and how many absent structures (negative controls) get any voxel:
 
 * **weight averages** (``--soups A+B+C``): the uniform average of checkpoints of one lineage
