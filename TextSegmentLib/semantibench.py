@@ -264,6 +264,16 @@ def compare(a: BenchReport, b: BenchReport) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------- running
 
 
+def case_prompts(
+    case: Any, *, seed: int = 0, max_l2_per_target: int = 1, prompts: Optional[Sequence[Any]] = None
+) -> list[Any]:
+    """The prompts a bench scores on a case: its pyramid (or ``prompts``), one per distinct text."""
+    if prompts is None:
+        prompts = build_prompt_pyramid(case.labels, case.label_names, seed=seed, max_l2_per_target=max_l2_per_target,
+                                       min_voxels=20)
+    return list({p.text: p for p in prompts}.values())
+
+
 def evaluate_case(
     model: Any, case: Any, *, prompts: Optional[Sequence[Any]] = None, seed: int = 0, batch_size: Any = "auto",
     device: str = "auto", max_l2_per_target: int = 1, largest_component: bool = False, fill_holes: bool = False,
@@ -278,10 +288,7 @@ def evaluate_case(
     from .postprocess import largest_component_voxels
     from .preprocess import slice_plan
 
-    if prompts is None:
-        prompts = build_prompt_pyramid(case.labels, case.label_names, seed=seed, max_l2_per_target=max_l2_per_target,
-                                       min_voxels=20)
-    prompts = list({p.text: p for p in prompts}.values())  # one result per distinct text
+    prompts = case_prompts(case, seed=seed, max_l2_per_target=max_l2_per_target, prompts=prompts)
     run = segment(case.ct, [p.text for p in prompts], model=model, batch_size=batch_size, device=device,
                   largest_component=largest_component, fill_holes=fill_holes, min_component_ml=min_component_ml)
     plan = slice_plan(case.ct, axis="axial")

@@ -15,7 +15,7 @@ Four questions about the shipped weights, each answered by mean 3D Dice per prom
 * **test-time shifts** (``--shifts ROWS,COLUMNS``): the mean of the runs on the CT and on copies
   moved in-plane by whole voxels (air comes in), each map moved back before the mean.
 
-The prompt pyramids are the bench's (``build_prompt_pyramid``, seed = case index, one L2 per
+The prompts are the bench's (``semantibench.case_prompts``: the pyramid, seed = case index, one L2 per
 target). Pick settings on the validation phantoms (1000–1003, the default, the ones training
 picks its checkpoints on) and only then look at the held-out seeds 2000+. Prints a Markdown
 table; ``--json`` writes the numbers.
@@ -39,15 +39,17 @@ from bench.common import markdown_table, write_json  # noqa: E402
 LEVELS = ("L1", "L2", "L3")
 
 
-def soup_state(model_name: str, members: Sequence[str]) -> dict:
-    """The uniform average of the members' floating tensors (others from the last member)."""
+def soup_model(model_name: str, members: Sequence[str]):
+    """The last member with every floating tensor replaced by the uniform average over the members."""
     from TextSegmentLib.weights import load_model
 
-    states = [load_model(model_name, weights=w, device="cpu").state_dict() for w in members]
-    return {
+    models = [load_model(model_name, weights=w, device="cpu") for w in members]
+    states = [m.state_dict() for m in models]
+    models[-1].load_state_dict({
         key: sum(s[key].float() for s in states) / len(states) if value.is_floating_point() else value
         for key, value in states[-1].items()
-    }
+    })
+    return models[-1]
 
 
 def smoothed(probability: np.ndarray, weights: Sequence[float]) -> np.ndarray:
@@ -75,13 +77,12 @@ def score(model, cases, variants: dict, *, shifts: Sequence[tuple[int, int]] = (
     """
     from TextSegmentLib.engine import segment
     from TextSegmentLib.preprocess import slice_plan
-    from TextSegmentLib.semantibench import build_prompt_pyramid, dice, ground_truth
+    from TextSegmentLib.semantibench import case_prompts, dice, ground_truth
     from TextSegmentLib.volume import Volume
 
     out = {name: {"negatives": 0, "marked": 0, **{level: [] for level in LEVELS}} for name in variants}
     for index, case in enumerate(cases):
-        prompts = build_prompt_pyramid(case.labels, case.label_names, seed=index, max_l2_per_target=1, min_voxels=20)
-        prompts = list({p.text: p for p in prompts}.values())
+        prompts = case_prompts(case, seed=index)
         ct, runs = case.ct, []
         for rows, columns in shifts:
             moved = Volume(array=shifted(ct.array, rows, columns, fill=-1024), spacing=ct.spacing, origin=ct.origin,
@@ -137,22 +138,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     cases = load_source(f"phantoms:{args.phantoms}@{args.shape}")
     rows: list[dict] = []
+    shipped = load_model(args.model, weights=args.weights, device="cpu") if args.smoothing or args.thresholds or args.shifts else None
     if args.smoothing or args.thresholds:
-        model = load_model(args.model, weights=args.weights, device="cpu")
         variants = {"mask at 0.5 (as shipped)": lambda p: p >= 0.5}
         variants.update({f"smoothing {w}": (lambda p, w=_weights(w): smoothed(p, w) >= 0.5) for w in args.smoothing})
         variants.update({f"threshold {t:g}": (lambda p, t=t: p >= t) for t in args.thresholds})
-        rows += rows_of(score(model, cases, variants), "post-processing")
+        rows += rows_of(score(shipped, cases, variants), "post-processing")
     if args.shifts:
-        model = load_model(args.model, weights=args.weights, device="cpu")
         shifts = [(0, 0)] + [tuple(int(v) for v in shift.split(",")) for shift in args.shifts]
         name = "mean over shifts " + " ".join(f"({r},{c})" for r, c in shifts)
-        rows += rows_of(score(model, cases, {name: lambda p: p >= 0.5}, shifts=shifts), "test-time shifts")
+        rows += rows_of(score(shipped, cases, {name: lambda p: p >= 0.5}, shifts=shifts), "test-time shifts")
     for soup in args.soups:
-        members = soup.split("+")
-        model = load_model(args.model, weights=members[-1], device="cpu")
-        model.load_state_dict(soup_state(args.model, members))
-        rows += rows_of(score(model, cases, {soup: lambda p: p >= 0.5}), "weight average")
+        rows += rows_of(score(soup_model(args.model, soup.split("+")), cases, {soup: lambda p: p >= 0.5}), "weight average")
     columns = [("kind", "kind"), ("variant", "variant"), *((f"{level} Dice", level) for level in LEVELS),
                ("mean", "mean"), ("negatives marked", "negatives marked")]
     print(f"{args.model}, phantoms {args.phantoms} ({args.shape}), {torch.get_num_threads()} thread(s)\n")
