@@ -256,3 +256,36 @@ def test_unknown_prompts_get_slicers_default_meaning_and_a_stable_colour():
     assert lookup("the thing that glows").rgb == style.rgb
     assert len({lookup(f"unknown structure {i}").rgb for i in range(20)}) > 3
     assert all(0 <= c <= 255 for c in style.rgb)
+
+
+def test_gantry_tilted_series_gets_a_seg_with_each_frame_on_its_own_image(shared_data, tmp_path):
+    # slices that drift sideways as they go (gantry tilt): read as a sheared stack, and the SEG must still
+    # be written, each frame at (and referencing) the image whose pixels it was segmented on
+    template = pydicom.dcmread(next((shared_data / "dicom" / "monai_CT_DICOM_tiny").iterdir()))
+    folder = tmp_path / "tilted"
+    folder.mkdir()
+    for k in range(4):
+        ds = template.copy()
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.InstanceNumber = k + 1
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.5 * k, 2.5 * k]  # 0.5 mm further along y on every slice
+        ds.save_as(folder / f"slice{k}")
+    source = read_volume(folder)
+    assert source.metadata["slice_shear_mm"] == pytest.approx(1.5)
+    mask = np.zeros(source.shape, dtype=np.uint8)
+    for k in range(4):
+        mask[k, k : k + 3, 2:5] = 1  # a different patch per slice, so a frame on the wrong image shows
+
+    path = write_dicom_seg([_result(source, "liver", mask)], source=source, path=tmp_path / "seg.dcm")
+
+    seg = pydicom.dcmread(path)
+    frames = seg.pixel_array.reshape(int(seg.NumberOfFrames), int(seg.Rows), int(seg.Columns))
+    positions = _file_positions(source)
+    uid_to_slice = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: k for k, f in enumerate(source.dicom.files)}
+    assert len(frames) == 4
+    for frame, item in zip(frames, seg.PerFrameFunctionalGroupsSequence):
+        referenced = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        position = np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, dtype=np.float64)
+        np.testing.assert_allclose(position, positions[referenced], atol=1e-3)
+        np.testing.assert_array_equal(frame, mask[uid_to_slice[referenced]])

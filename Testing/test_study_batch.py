@@ -279,3 +279,33 @@ def test_the_batch_script_runs_without_slicer(tmp_path):
                               "-p", "liver"], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no such folder" in missing.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_tilted_series_and_a_truncated_header_do_not_stop_the_batch(shared_data, tmp_path):
+    # a gantry-tilted series (slices drift sideways) must be segmented and get its DICOM SEG; a file cut
+    # inside its header (an interrupted copy) must be skipped and named in the report, not crash discovery
+    root = tmp_path / "study"
+    shutil.copytree(shared_data / "dicom" / "dcmqi_ct3slice" / "series", root / "dcmqi")
+    (root / "tilted").mkdir()
+    template = pydicom.dcmread(next((shared_data / "dicom" / "monai_CT_DICOM_tiny").iterdir()))
+    uid = pydicom.uid.generate_uid(entropy_srcs=["TextSegment tilted test series"])
+    for k in range(4):
+        ds = template.copy()
+        ds.SeriesInstanceUID, ds.SeriesDescription = uid, "tilted"
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.5 * k, 2.5 * k]
+        ds.save_as(root / "tilted" / f"slice{k}")
+    partial = root / "partial.dcm"
+    partial.write_bytes((shared_data / "dicom" / "pydicom_CT_small" / "CT_small.dcm").read_bytes()[:990])
+
+    out = tmp_path / "out"
+    report = segment_study(root, ["bone"], output_dir=out, model=HUThresholdModel(), device="cpu")
+
+    by = _by_description(report)
+    assert by["tilted"].status == "ok", by["tilted"].error
+    assert (out / by["tilted"].folder / SEG_FILE).is_file()
+    assert by["CT"].status == "ok"
+    saved = json.loads((out / REPORT).read_text())
+    assert [c["file"] for c in saved["corrupt_files"]] == [str(partial)]
+    assert "corrupt DICOM" in saved["corrupt_files"][0]["error"]

@@ -8,10 +8,11 @@ Headless and MRML-free, so the shell (``textsegment batch``), scripts and the Sl
 Per CT series, ``OUT/NN_<description>/`` holds what ``export.write_segmentation`` writes
 (``segmentation.nii.gz``, its legend and the probability maps), ``seg.dcm`` (DICOM SEG referencing
 the source images) and, when asked, ``saliency/``; ``OUT/batch_report.json`` lists every series with
-its status. *Why per-series folders appear whole or not at all:* each is written under a hidden
-name and renamed when complete, so a series that fails half-way never leaves outputs that look
-finished. A bad series is reported and skipped; the others still run. Non-image objects (SEG,
-RTSTRUCT) and non-CT series are listed as skipped, never guessed at.
+its status, and every DICOM file skipped because its header is unreadable (``corrupt_files``).
+*Why per-series folders appear whole or not at all:* each is written under a hidden name and
+renamed when complete, so a series that fails half-way never leaves outputs that look finished.
+A bad series is reported and skipped; the others still run. Non-image objects (SEG, RTSTRUCT) and
+non-CT series are listed as skipped, never guessed at.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class StudyReport:
     model: str
     weights: Optional[str]
     series: list[SeriesOutcome]
+    corrupt_files: list[dict[str, str]] = field(default_factory=list)  # DICOM files skipped: unreadable headers
     cancelled: bool = False
     seconds: float = 0.0
 
@@ -128,7 +130,8 @@ def segment_study(
     started = time.perf_counter()
     dicom_dir, output_dir = Path(dicom_dir), Path(output_dir)
     prompt_list = validate_prompts(prompts)
-    found = list_series(dicom_dir)
+    corrupt_files: list[dict[str, str]] = []
+    found = list_series(dicom_dir, corrupt_files=corrupt_files)
     outcomes = [_outcome(s) for s in found]  # skipped, with the reason, unless a CT candidate
     todo = [(s, o) for s, o in zip(found, outcomes) if o.error is None]
     if not todo:
@@ -143,7 +146,8 @@ def segment_study(
 
         model = load_model(model, weights=weights, device=device)
     reader = reader or (lambda series: _read(series, source=dicom_dir))
-    report = StudyReport(str(dicom_dir), str(output_dir), prompt_list, model_name, weights, outcomes)
+    report = StudyReport(str(dicom_dir), str(output_dir), prompt_list, model_name, weights, outcomes,
+                         corrupt_files=corrupt_files)
     overall = MonotonicProgress(progress)
     try:
         for i, (series, outcome) in enumerate(todo):

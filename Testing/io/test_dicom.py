@@ -285,3 +285,43 @@ def test_oblique_series_with_rectangular_pixels_matches_simpleitk(shared_data, t
     np.testing.assert_allclose(volume.direction, np.column_stack([row, col, normal]), atol=1e-6)
     _assert_same_as_sitk(volume, _sitk_series(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(tmp_path))))
     assert [f.split("slice")[-1] for f in volume.dicom.files] == ["0", "1", "2", "3"]
+
+
+@pytest.mark.parametrize("length", [141, 990])  # cut inside the file meta / inside the dataset's header
+def test_a_truncated_header_is_skipped_not_a_crash(shared_data, tmp_path, length, caplog):
+    for file in (shared_data / "dicom/rtutils_mock_ct_rtstruct").glob("ct_*.dcm"):
+        shutil.copy(file, tmp_path / file.name)
+    partial = tmp_path / "partial.dcm"  # an interrupted copy: pydicom raises struct.error / BytesLengthException
+    partial.write_bytes((shared_data / "dicom/pydicom_CT_small/CT_small.dcm").read_bytes()[:length])
+
+    with caplog.at_level(logging.WARNING):
+        volume = read_volume(tmp_path)
+    assert volume.shape == (2, 512, 512)
+    assert any(str(partial) in r.getMessage() and "corrupt DICOM" in r.getMessage() for r in caplog.records)
+    with pytest.raises(InputError, match="corrupt DICOM file") as info:
+        read_volume(partial)
+    assert str(partial) in str(info.value)
+
+
+@pytest.mark.parametrize("keyword", ["ImagePositionPatient", "ImageOrientationPatient"])
+@pytest.mark.parametrize("value", ["", "1.0"])
+def test_empty_or_short_position_tags_name_the_problem(shared_data, tmp_path, keyword, value):
+    for file in (shared_data / "dicom/rtutils_mock_ct_rtstruct").glob("ct_*.dcm"):
+        ds = pydicom.dcmread(file)
+        setattr(ds, keyword, value)  # present but empty (type 2 in some IODs, or blanked) or a single number
+        ds.save_as(tmp_path / file.name)
+    with pytest.raises(InputError, match="ImagePositionPatient/ImageOrientationPatient") as info:
+        read_volume(tmp_path)
+    assert str(tmp_path / "ct_") in str(info.value)
+
+
+def test_a_series_copied_twice_is_named_as_duplicates_not_as_several_stacks(shared_data, tmp_path):
+    source = shared_data / "dicom/rtutils_mock_ct_rtstruct"
+    for copy in ("export", "export_backup"):
+        (tmp_path / copy).mkdir()
+        for file in source.glob("ct_*.dcm"):
+            shutil.copy(file, tmp_path / copy / file.name)
+    with pytest.raises(InputError, match="copies of one image") as info:
+        read_volume(tmp_path)
+    assert "several stacks" not in str(info.value) and "export_backup" in str(info.value)
+    assert read_volume(tmp_path / "export").shape == (2, 512, 512)

@@ -116,11 +116,13 @@ def is_dicom_input(path: Path) -> bool:
     return path.is_dir() or is_dicomdir(path) or (path.is_file() and is_dicom_file(path))
 
 
-def list_series(path: Path | str) -> list[SeriesInfo]:
+def list_series(path: Path | str, *, corrupt_files: Optional[list[dict[str, str]]] = None) -> list[SeriesInfo]:
     """Every series under a folder (searched recursively), in a DICOMDIR, or of a single DICOM file.
 
     Files that are not DICOM (no "DICM" signature) are skipped quietly; DICOM files whose header
-    cannot be parsed are skipped with a warning. Raises ``InputError`` when nothing usable is found.
+    cannot be parsed are skipped with a warning and, when ``corrupt_files`` is a list, appended to it
+    as ``{"file": …, "error": …}`` (so a batch can report them). Raises ``InputError`` when nothing
+    usable is found.
     """
     path = Path(path)
     if not path.exists():
@@ -128,7 +130,7 @@ def list_series(path: Path | str) -> list[SeriesInfo]:
     headers, corrupt = [], []
     single_file = path.is_file() and not is_dicomdir(path)
     for file in _candidate_files(path):
-        header = _read_header(file, strict=single_file)
+        header = _read_header(file, strict=single_file, problems=corrupt_files)
         if header is None:
             corrupt.append(file)
         elif _sop_class(header) != DICOMDIR_SOP_CLASS:
@@ -197,7 +199,7 @@ def _dicomdir_files(path: Path) -> list[Path]:
     return sorted(files)
 
 
-def _read_header(file: Path, *, strict: bool) -> Optional[Any]:
+def _read_header(file: Path, *, strict: bool, problems: Optional[list[dict[str, str]]] = None) -> Optional[Any]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns on every odd element; we judge the result below
@@ -205,10 +207,12 @@ def _read_header(file: Path, *, strict: bool) -> Optional[Any]:
         if not _sop_class(header):
             raise InvalidDicomError("no SOP Class UID in the file meta or the dataset")
         return header
-    except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a truncated header raises struct.error, BytesLengthException, …
         if strict:
             raise InputError(f"{file}: corrupt DICOM file ({exc})") from exc
         log.warning("%s: skipped, corrupt DICOM file (%s)", file, exc)
+        if problems is not None:
+            problems.append({"file": str(file), "error": f"corrupt DICOM file ({exc})"})
         return None
 
 
@@ -241,14 +245,14 @@ def _series_key(file: Path, header: Any) -> str:
     uid = _text(header, "SeriesInstanceUID")
     if uid:
         return uid
-    orientation = header.get("ImageOrientationPatient")
+    orientation = _orientation_key(header)
     parts = (
         _text(header, "StudyInstanceUID"),
         _text(header, "FrameOfReferenceUID"),
         _text(header, "Modality"),
         _text(header, "SeriesDescription"),
         _text(header, "SeriesNumber"),
-        ",".join(f"{float(v):.3f}" for v in orientation) if orientation else "",
+        ",".join(f"{v:.3f}" for v in orientation) if orientation else "",
         _text(header, "Rows"),
         _text(header, "Columns"),
         str(file.parent.resolve()),
@@ -284,8 +288,13 @@ def _series_info(key: str, members: list[tuple[Path, Any]]) -> SeriesInfo:
 
 
 def _orientation_key(header: Any) -> Optional[tuple[float, ...]]:
-    values = header.get("ImageOrientationPatient")
-    return tuple(round(float(v), 3) for v in values) if values else None
+    """The slice orientation rounded to 3 decimals; None when absent or not six numbers (read_series says so)."""
+    if _multiplicity(header, "ImageOrientationPatient") != 6:
+        return None
+    try:
+        return tuple(round(float(v), 3) for v in header.ImageOrientationPatient)
+    except (TypeError, ValueError):
+        return None
 
 
 # choosing -------------------------------------------------------------------------------------
@@ -401,6 +410,12 @@ def _slice_spacing(slices: list["_Slice"], normal: np.ndarray, *, source: Path |
     gaps = np.diff(depth)
     if gaps.min() < POSITION_TOLERANCE_MM:
         k = int(np.argmin(gaps))
+        uid = _sop_instance(slices[k].header)
+        if uid and uid == _sop_instance(slices[k + 1].header):
+            raise InputError(
+                f"{source}: {slices[k].file} and {slices[k + 1].file} are copies of one image (SOP Instance UID {uid}); "
+                "the folder holds the series twice: remove the duplicate copy or point at one copy's folder"
+            )
         raise InputError(
             f"{source}: {slices[k].file} and {slices[k + 1].file} lie at the same position; the series holds several "
             "stacks (acquisitions, phases or echoes) and cannot be read as one volume"
@@ -452,9 +467,9 @@ def _read_slice(file: Path) -> _Slice:
         )
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise InputError(f"{file}: a colour image ({ds.get('PhotometricInterpretation')}); a grey-level CT slice is needed")
-    if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
-        raise InputError(
-            f"{file}: no ImagePositionPatient/ImageOrientationPatient, so its place in space is unknown "
+    if _multiplicity(ds, "ImagePositionPatient") != 3 or _multiplicity(ds, "ImageOrientationPatient") != 6:
+        raise InputError(  # absent, or present but empty/short (type 2 in some IODs, or blanked by an anonymiser)
+            f"{file}: no complete ImagePositionPatient/ImageOrientationPatient, so its place in space is unknown "
             "(a projection image such as CR/DX is not a cross-sectional volume)"
         )
     spacing = ds.get("PixelSpacing")
@@ -474,6 +489,14 @@ def _read_slice(file: Path) -> _Slice:
         instance_number=_int_or_none(ds.get("InstanceNumber")) or 0,
         single_slice_spacing=abs(float(thickness)) or 1.0,
     )
+
+
+def _multiplicity(ds: Any, keyword: str) -> int:
+    """How many values an element holds (0 when absent or empty)."""
+    element = ds.get(keyword)
+    if element is None or element == "":
+        return 0
+    return len(element) if isinstance(element, (list, tuple, pydicom.multival.MultiValue)) else 1
 
 
 def _decode(file: Path, ds: Any) -> np.ndarray:
