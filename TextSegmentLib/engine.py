@@ -127,6 +127,8 @@ def segment(
         raise InputError(f"probability_dtype must be one of {', '.join(PROBABILITY_DTYPES)}, got {probability_dtype!r}")
     if probability_grid not in GRIDS:
         raise InputError(f"probability_grid must be one of {', '.join(GRIDS)}, got {probability_grid!r}")
+    if volume.array.size == 0:
+        raise InputError(f"{volume.source or 'volume'}: holds no voxels (shape {volume.shape}); nothing to segment")
     if not _all_finite(volume.array):
         raise InputError(f"{volume.source or 'volume'}: contains NaN or infinite values")
 
@@ -384,11 +386,37 @@ def _encode_text_cached(model, prompts: list[str], aux: list[Optional[str]]):
     parts = [cache[(p, a)] for p, a in zip(prompts, aux)]
     from .models.base import TextFeatures
 
+    # A tower may pad its token sequences to the longest prompt of its batch (the Hugging Face ones
+    # do), so rows cached from different calls can differ in length: pad them to the longest with
+    # masked-out zeros, which attention and masked means ignore. Without a mask padding would be
+    # read as words, so such a call encodes its prompts together, as an uncached one would.
+    lengths = {int(t.tokens.shape[1]) for t in parts if t.tokens is not None}
+    if len(lengths) > 1:
+        if any(t.mask is None for t in parts):
+            with torch.inference_mode():
+                return model.encode_text(list(prompts), list(aux)).to(model.device)
+        longest = max(lengths)
+        parts = [_pad_tokens(t, longest) for t in parts]
+
     def cat(name):
         values = [getattr(t, name) for t in parts]
         return None if values[0] is None else torch.cat(values, dim=0)
 
     return TextFeatures(pooled=cat("pooled"), tokens=cat("tokens"), mask=cat("mask")).to(model.device)
+
+
+def _pad_tokens(text, length: int):
+    """``text`` with its tokens and mask extended to ``length`` by zero tokens that the mask leaves out."""
+    import torch
+
+    from .models.base import TextFeatures
+
+    extra = length - int(text.tokens.shape[1])
+    if extra == 0:
+        return text
+    tokens = torch.cat([text.tokens, text.tokens.new_zeros((text.tokens.shape[0], extra) + text.tokens.shape[2:])], dim=1)
+    mask = torch.cat([text.mask, text.mask.new_zeros((text.mask.shape[0], extra))], dim=1)
+    return TextFeatures(pooled=text.pooled, tokens=tokens, mask=mask)
 
 
 def _initial_batch_size(batch_size: Union[int, str], device) -> int:

@@ -22,19 +22,31 @@ from .volume import Volume
 GRIDS = ("source", "compact")
 
 
-def compact_slice_shape(shape: tuple[int, int], limit: int) -> tuple[int, int]:
-    """(H, W) shrunk so that neither side exceeds ``limit``, aspect kept; never enlarged."""
-    scale = min(1.0, limit / max(shape))
-    return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
+def compact_slice_shape(
+    shape: tuple[int, int], limit: int, spacing: tuple[float, float] = (1.0, 1.0)
+) -> tuple[int, int]:
+    """(H, W) shrunk so that neither side exceeds ``limit``, physical aspect kept; no axis ever enlarged.
+
+    ``spacing`` is the (row, column) size of a pixel: the longer physical side gets ``limit`` cells
+    and the other as many cells of that size as cover it (as ``fit_to_square`` lays a slice into
+    the network's square), each axis capped at its own pixel count.
+    """
+    extent = (shape[0] * float(spacing[0]), shape[1] * float(spacing[1]))
+    scale = limit / max(extent)
+    return (min(int(shape[0]), max(1, round(extent[0] * scale))),
+            min(int(shape[1]), max(1, round(extent[1] * scale))))
 
 
 def compact_plan(plan: Any, limit: int) -> Any:
     """The slice plan of the compact grid over ``plan``'s extent: its in-plane axes at most ``limit`` voxels.
 
-    Its ``restore`` puts compact slices back into the volume's axis order, ready for ``over_extent``.
-    Slices no larger than ``limit`` keep ``plan`` itself: their compact grid is the source grid.
+    Cells are as square in millimetres as the network's input pixels (the slice's longer physical
+    side gets ``limit`` of them), so a thick-slice CT sliced coronally keeps every slice row the
+    network resolved. Its ``restore`` puts compact slices back into the volume's axis order, ready
+    for ``over_extent``. Slices no larger than that keep ``plan`` itself: their compact grid is the
+    source grid.
     """
-    rows, cols = compact_slice_shape(plan.shape[1:], limit)
+    rows, cols = compact_slice_shape(plan.shape[1:], limit, plan.pixel_spacing)
     if (rows, cols) == tuple(plan.shape[1:]):
         return plan
     shape = list(plan.source_shape)

@@ -156,6 +156,45 @@ def test_text_is_encoded_once_per_prompt_across_calls(monkeypatch):
     assert calls == [["bright"], ["dark"]]
 
 
+class TokenModel(WindowModel):
+    """WindowModel reading its prompt word by word, its token rows padded to the batch's longest prompt.
+
+    As a Hugging Face text tower pads (non-zero states at the padding, masked out when ``masked``),
+    so the same prompt gets a different token length in different batches.
+    """
+
+    def __init__(self, *, masked: bool = True) -> None:
+        super().__init__()
+        self.masked = masked
+
+    def encode_text(self, prompts, aux_prompts=None):
+        words = [p.split() for p in prompts]
+        length = max(len(w) for w in words)
+        tokens = torch.full((len(prompts), length, 2), 0.5)  # padding states: neither word
+        mask = torch.zeros((len(prompts), length), dtype=torch.bool)
+        for row, sentence in enumerate(words):
+            for col, word in enumerate(sentence):
+                tokens[row, col] = nn.functional.one_hot(torch.tensor(VOCAB[word]), 2).float()
+                mask[row, col] = True
+        weights = mask.float()[..., None] if self.masked else torch.ones_like(tokens[..., :1])
+        pooled = (tokens * weights).sum(1) / weights.sum(1)
+        return TextFeatures(pooled=pooled, tokens=tokens, mask=mask if self.masked else None)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_cached_prompts_of_different_token_lengths_are_used_together(masked):
+    """'bright' cached from a one-word batch beside a three-word prompt: the token rows differ in length."""
+    volume, cube = cube_volume()
+    model = TokenModel(masked=masked)
+    segment(volume, ["bright"], model=model, device="cpu")
+    run = segment(volume, ["bright", "dark dark dark"], model=model, device="cpu")
+    fresh = segment(volume, ["bright", "dark dark dark"], model=TokenModel(masked=masked), device="cpu")
+    np.testing.assert_array_equal(run[0].mask.array.astype(bool), cube)
+    np.testing.assert_array_equal(run[1].mask.array.astype(bool), ~cube)
+    for a, b in zip(run.results, fresh.results):
+        np.testing.assert_array_equal(a.mask.array, b.mask.array)
+
+
 class PolarityModel(WindowModel):
     """WindowModel whose prompt embedding goes through a weight: polarity -1 reads 'bright' as 'dark'."""
 
@@ -198,6 +237,14 @@ def test_nan_volume_is_refused():
     bad = volume.with_array(np.where(volume.array > 0, np.nan, 0.0))
     with pytest.raises(InputError, match="NaN"):
         segment(bad, "bright", model=WindowModel(), device="cpu")
+
+
+@pytest.mark.parametrize("shape", [(0, 32, 32), (3, 0, 32), (3, 32, 0)])
+@pytest.mark.parametrize("axis", ["axial", "sagittal"])
+def test_a_volume_without_voxels_is_refused_clearly(shape, axis):
+    empty = Volume(np.zeros(shape, np.int16), source="empty.nrrd")
+    with pytest.raises(InputError, match="empty.nrrd: holds no voxels"):
+        segment(empty, "bright", model=WindowModel(), device="cpu", axis=axis)
 
 
 def test_nan_is_found_in_any_chunk_of_a_strided_volume():
@@ -311,6 +358,28 @@ def test_a_compact_probability_voxel_is_the_mean_of_the_source_voxels_it_covers(
     assert np.allclose(small.results[0].probability.spacing, (2.0, 2.0, 2.0))
     with pytest.raises(InputError, match="probability_grid"):
         segment(volume, "bright", model=WindowModel(), device="cpu", probability_grid="coarse")
+
+
+@pytest.mark.parametrize("axis", ["coronal", "axial"])
+def test_compact_probabilities_keep_what_the_network_resolved_across_anisotropic_pixels(axis):
+    """Coronal slices of a thick-slice CT: 16 rows of 4 mm and 128 columns of 0.5 mm, 64 mm each way.
+
+    The network's 32² square gives the rows 32 pixels, so the compact grid keeps all 16 and a
+    12 mm slab survives it; shrunk by voxel counts (4 rows, 16 mm apart) it vanished. Axially the
+    8 rows of 1 mm get 4 of the network's pixels, not 2.
+    """
+    hu = np.full((16, 8, 128), 40, np.int16)
+    hu[6:9, :, 30:90] = 1200  # three slices (12 mm) thick, 30 mm wide
+    volume = Volume(hu, spacing=(0.5, 1.0, 4.0))
+    source = segment(volume, "bright", model=WindowModel(image_size=32), device="cpu", axis=axis)
+    compact = segment(volume, "bright", model=WindowModel(image_size=32), device="cpu", axis=axis,
+                      probability_grid="compact")
+    assert compact[0].probability.shape == {"coronal": (16, 8, 32), "axial": (16, 4, 32)}[axis]
+    mask = source[0].mask.array.astype(bool)
+    back = compact[0].probability_values() >= 0.5
+    assert 2 * (mask & back).sum() / (mask.sum() + back.sum()) > 0.95
+    np.testing.assert_allclose(compact[0].probability_values(), source[0].probability.array.astype(np.float32),
+                               atol=0.15)
 
 
 def test_the_label_map_gives_an_overlap_to_the_more_probable_prompt():

@@ -23,6 +23,18 @@ def test_compact_slice_shape_keeps_the_aspect_and_never_enlarges(shape, limit, e
     assert compact_slice_shape(shape, limit) == expected
 
 
+@pytest.mark.parametrize(
+    "shape, spacing, limit, expected",
+    [((40, 512), (5.0, 0.7), 128, (40, 128)), ((40, 512), (2.5, 0.5), 128, (40, 128)),
+     ((512, 512), (0.5, 1.0), 128, (64, 128)), ((16, 128), (4.0, 0.5), 32, (16, 32)),
+     ((300, 600), (1.0, 1.0), 128, (64, 128))],
+)
+def test_compact_slice_shape_keeps_the_physical_aspect_of_anisotropic_pixels(shape, spacing, limit, expected):
+    """A coronal slice of a 5 mm CT: 40 rows span 200 mm, 512 columns 358 mm. The network's square
+    gives the rows 71 pixels, so all 40 stay (a voxel-count aspect kept 10, 20 mm apart)."""
+    assert compact_slice_shape(shape, limit, spacing) == expected
+
+
 def test_a_coarser_grid_covers_the_same_box_and_each_voxel_sits_on_the_block_it_replaces():
     volume = _volume()
     coarse = over_extent(volume, np.zeros((4, 6, 4), np.uint8))

@@ -116,6 +116,26 @@ def test_the_compact_grid_covers_the_volume_and_agrees_with_the_source_grid(mode
         SaliencyConfig(grid="coarse")
 
 
+def test_compact_maps_of_coronal_slices_through_thick_slices_keep_every_slice_row(model):
+    """16 slices of 4 mm by 128 columns of 0.5 mm: a 64 × 64 mm coronal slice. At most 16 cells a side
+    over it, the rows keep all 16 slices; shrunk by voxel counts they were 2, 32 mm apart, and a
+    12 mm target three slices thick fell between them: its deep map was zero everywhere."""
+    hu = np.full((16, 8, 128), 40, np.int16)
+    hu[6:9, :, 30:90] = 1200
+    volume = Volume(hu, spacing=(0.5, 1.0, 4.0))
+    options = dict(axis="coronal", stage=1)
+    compact = run_explain(model, volume, config=SaliencyConfig(grid="compact", max_map_size=16), **options)
+    source = run_explain(model, volume, config=SaliencyConfig(grid="source", max_map_size=16), **options)
+    a, b = compact.features[0], source.features[0]
+    for name in a.layers:
+        assert a.maps[name].shape == (16, 8, 16)
+        assert same_extent(a.maps[name].ijk_to_lps(), a.maps[name].shape, volume.ijk_to_lps(), volume.shape,
+                           tolerance_mm=1e-6)
+        assert np.corrcoef(a.values(name).ravel(), b.values(name).ravel())[0, 1] > 0.97
+        assert np.abs(a.values(name) - b.values(name)).max() < 0.15
+    assert a.values("deep")[6:9].max() > 0.9  # the target's slices stand out (on 2 rows they were all zero)
+
+
 def test_results_are_bitwise_deterministic(phantom):
     volume, _, _ = phantom
     first = run_explain(PlantedModel(), volume, ["bright", "dark"], stage=3).features
