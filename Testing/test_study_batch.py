@@ -148,7 +148,8 @@ def test_every_ct_series_is_done_and_the_bad_one_reported(batch, study):
     saved = json.loads((out / REPORT).read_text())
     assert saved["summary"] == {"ok": 2, "failed": 1, "skipped": 2, "cancelled": 0}
     assert {s["folder"]: s["status"] for s in saved["series"] if s["folder"]} == {
-        by["CT Body 3.0"].folder: "ok", by["CT"].folder: "ok", bad.folder: "failed", not_hu.folder: "skipped"}
+        by["CT Body 3.0"].folder: "ok", by["CT"].folder: "ok"}  # only this run's outputs are named
+    assert bad.folder is None and not_hu.folder is None
     # the failed series left nothing behind, not even a hidden staging folder
     assert sorted(p.name for p in out.iterdir()) == sorted([REPORT, by["CT Body 3.0"].folder, by["CT"].folder])
     for series in (by["CT Body 3.0"], by["CT"]):
@@ -309,3 +310,44 @@ def test_tilted_series_and_a_truncated_header_do_not_stop_the_batch(shared_data,
     saved = json.loads((out / REPORT).read_text())
     assert [c["file"] for c in saved["corrupt_files"]] == [str(partial)]
     assert "corrupt DICOM" in saved["corrupt_files"][0]["error"]
+
+
+def test_a_scout_filed_with_a_ct_series_is_left_out_and_the_series_segmented(shared_data, tmp_path):
+    root = tmp_path / "study"
+    shutil.copytree(shared_data / "dicom" / "dcmqi_ct3slice" / "series", root / "ct")
+    scout = pydicom.dcmread(root / "ct" / "01.dcm")  # a lateral scout the scanner filed under the axial series' UID
+    scout.SOPInstanceUID = pydicom.uid.generate_uid()
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    scout.save_as(root / "ct" / "00_scout")
+
+    out = tmp_path / "out"
+    report = segment_study(root, ["bone"], output_dir=out, model=HUThresholdModel(), device="cpu")
+
+    (series,) = report.series
+    assert series.status == "ok", series.error
+    assert series.files == 3 and (out / series.folder / SEG_FILE).is_file()
+    assert any("localizer" in w and str(root / "ct" / "00_scout") in w for w in series.warnings)
+
+
+def test_overwrite_keeps_an_earlier_folder_of_a_failed_series_but_does_not_report_it(shared_data, tmp_path):
+    from TextSegmentLib.errors import InputError
+
+    root = tmp_path / "study"
+    shutil.copytree(shared_data / "dicom" / "monai_CT_DICOM_tiny", root / "ct")
+    out = tmp_path / "out"
+    first = segment_study(root, ["bone"], output_dir=out, model=HUThresholdModel(), device="cpu")
+    folder = first.series[0].folder
+    earlier = {p: p.read_bytes() for p in (out / folder).rglob("*") if p.is_file()}
+
+    def broken(series):
+        raise InputError(f"{series.key}: unreadable this time")
+
+    again = segment_study(root, ["bone"], output_dir=out, model=HUThresholdModel(), device="cpu", overwrite=True,
+                          reader=broken)
+
+    assert {p: p.read_bytes() for p in (out / folder).rglob("*") if p.is_file()} == earlier  # never deleted
+    (saved,) = json.loads((out / REPORT).read_text())["series"]
+    assert saved["status"] == "failed" and saved["folder"] is None and saved["outputs"] == []
+    assert any(folder in w and "earlier run" in w for w in saved["warnings"])
+    assert again.series[0].folder is None

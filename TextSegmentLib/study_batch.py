@@ -11,6 +11,9 @@ the source images) and, when asked, ``saliency/``; ``OUT/batch_report.json`` lis
 its status, and every DICOM file skipped because its header is unreadable (``corrupt_files``).
 *Why per-series folders appear whole or not at all:* each is written under a hidden name and
 renamed when complete, so a series that fails half-way never leaves outputs that look finished.
+Only a finished series names a ``folder`` in the report: with ``overwrite`` an earlier run's folder
+for a series that fails now is kept (never delete what the user had), and a warning says it is stale.
+A scout filed under a CT series' UID is left out of the stack (``io.dicom``) and named in the warnings.
 A bad series is reported and skipped; the others still run. Non-image objects (SEG, RTSTRUCT) and
 non-CT series are listed as skipped, never guessed at.
 """
@@ -47,7 +50,7 @@ class SeriesOutcome:
     patient_id: str
     study_instance_uid: str
     status: str = SKIPPED
-    folder: Optional[str] = None  # relative to the output folder
+    folder: Optional[str] = None  # this run's output, relative to the output folder; None when the series has none
     error: Optional[str] = None
     outputs: list[str] = field(default_factory=list)  # relative to the series folder
     prompts: list[dict[str, Any]] = field(default_factory=list)  # prompt, voxels, volume_ml
@@ -170,6 +173,7 @@ def segment_study(
         for _, outcome in todo:
             if outcome.status == SKIPPED and outcome.error is None:
                 outcome.status, outcome.error = CANCELLED, "cancelled by the user before this series was finished"
+                _no_output(outcome, output_dir)
         raise
     finally:
         report.seconds = time.perf_counter() - started
@@ -260,7 +264,7 @@ def _run_series(series: Any, outcome: SeriesOutcome, *, reader: Callable[[Any], 
         outcome.status = OK
         outcome.outputs = sorted(str(p.relative_to(staging)) for p in written)
         outcome.prompts = [{"prompt": r.prompt, "voxels": r.voxels, "volume_ml": round(r.volume_ml, 3)} for r in run.results]
-        outcome.warnings = list(run.warnings)
+        outcome.warnings = [*_left_out(series), *run.warnings]
     except Cancelled:
         raise
     except NotCTError as exc:  # e.g. no Modality tag and values that are not HU: not ours to segment
@@ -276,6 +280,22 @@ def _run_series(series: Any, outcome: SeriesOutcome, *, reader: Callable[[Any], 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         outcome.seconds = round(time.perf_counter() - started, 3)
+        if outcome.status != OK:
+            _no_output(outcome, out_dir)
+
+
+def _left_out(series: Any) -> list[str]:
+    if not series.localizer_files:
+        return []
+    names = ", ".join(series.localizer_files)
+    return [f"left out {len(series.localizer_files)} localizer (scout) image(s) filed with this series: {names}"]
+
+
+def _no_output(outcome: SeriesOutcome, out_dir: Path) -> None:
+    """A series without output names no folder: an earlier run's folder of that name is not this run's result."""
+    if outcome.folder and (out_dir / outcome.folder).exists():
+        outcome.warnings.append(f"{outcome.folder}: an earlier run's output, left untouched; not the result of this run")
+    outcome.folder = None
 
 
 def _write_series(run: Any, *, volume: Any, series: Any, folder: Path, model_name: str,

@@ -325,3 +325,64 @@ def test_a_series_copied_twice_is_named_as_duplicates_not_as_several_stacks(shar
         read_volume(tmp_path)
     assert "several stacks" not in str(info.value) and "export_backup" in str(info.value)
     assert read_volume(tmp_path / "export").shape == (2, 512, 512)
+
+
+def _copy_with_scout(shared_data, folder, *, image_type, orientation):
+    """The dcmqi CT slices plus a scout filed under their SeriesInstanceUID, named to sort first."""
+    folder.mkdir()
+    series = sorted((shared_data / "dicom/dcmqi_ct3slice/series").iterdir())
+    for file in series:
+        shutil.copy(file, folder / file.name)
+    scout = pydicom.dcmread(series[0])
+    scout.SOPInstanceUID = pydicom.uid.generate_uid()
+    scout.ImageType = ["ORIGINAL", "PRIMARY", image_type]
+    scout.ImageOrientationPatient = orientation
+    scout.save_as(folder / "00_scout")
+    return folder / "00_scout"
+
+
+AXIAL, CORONAL = [1, 0, 0, 0, 1, 0], [1, 0, 0, 0, 0, -1]
+
+
+@pytest.mark.parametrize(("image_type", "orientation"), [("LOCALIZER", CORONAL), ("AXIAL", CORONAL), ("LOCALIZER", AXIAL)],
+                         ids=["localizer-coronal", "coronal", "localizer-axial"])
+def test_a_scout_filed_with_the_axial_series_is_left_out(shared_data, tmp_path, caplog, image_type, orientation):
+    scout = _copy_with_scout(shared_data, tmp_path / "study", image_type=image_type, orientation=orientation)
+
+    (series,) = list_series(tmp_path / "study")
+    assert series.localizer_files == (str(scout),) and series.n_files == 3
+    assert not series.is_localizer and series.orientations == 1
+    with caplog.at_level(logging.WARNING):
+        volume = read_volume(tmp_path / "study")
+    assert volume.shape == (3, 512, 512) and str(scout) not in volume.dicom.files
+    assert volume.metadata["localizer_files_left_out"] == [str(scout)]
+    assert any("localizer" in r.getMessage() and str(scout) in r.getMessage() for r in caplog.records)
+    np.testing.assert_array_equal(volume.array, read_volume(shared_data / "dicom/dcmqi_ct3slice/series").array)
+
+
+def test_two_orientations_without_a_majority_are_still_not_a_volume(shared_data, tmp_path):
+    for k, file in enumerate(sorted((shared_data / "dicom/rtutils_mock_ct_rtstruct").glob("ct_*.dcm"))):
+        ds = pydicom.dcmread(file)
+        ds.ImageOrientationPatient = AXIAL if k == 0 else CORONAL  # one axial slice, one coronal: no stack to keep
+        ds.save_as(tmp_path / file.name)
+    (series,) = [s for s in list_series(tmp_path) if s.is_image]
+    assert series.orientations == 2 and series.localizer_files == ()
+    with pytest.raises(InputError, match="mixes slice orientations"):
+        read_volume(tmp_path, series_uid=series.key)
+
+
+@pytest.mark.parametrize(("keyword", "value", "problem"), [
+    ("PixelSpacing", "0.5", "1 value"),
+    ("PixelSpacing", "0.5\\q", "not numeric"),
+    ("ImagePositionPatient", "a\\b\\c", "not numeric"),
+    ("ImageOrientationPatient", "1\\0\\0\\0\\x\\0", "not numeric"),
+])
+def test_malformed_geometry_tags_name_the_file_and_the_tag(shared_data, tmp_path, keyword, value, problem):
+    tag, raw = pydicom.tag.Tag(keyword), value.encode().ljust(len(value) + len(value) % 2)
+    for file in (shared_data / "dicom/rtutils_mock_ct_rtstruct").glob("ct_*.dcm"):
+        ds = pydicom.dcmread(file)
+        ds[tag] = pydicom.dataelem.RawDataElement(tag, "DS", len(raw), raw, 0, False, True)  # pydicom would not write it
+        ds.save_as(tmp_path / file.name)
+    with pytest.raises(InputError, match=problem) as info:
+        read_volume(tmp_path)
+    assert str(tmp_path / "ct_") in str(info.value) and keyword in str(info.value)

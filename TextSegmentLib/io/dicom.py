@@ -12,6 +12,9 @@ Reading a series follows the DICOM geometry, the same way ITK/SimpleITK does:
   acquisition) the slices are still stacked in order at that mean spacing — **nothing is resampled** —
   and a warning is logged and recorded in ``Volume.metadata`` (``non_uniform_spacing``, the real
   ``slice_positions_mm`` and the largest deviation) so a caller can refuse or resample explicitly;
+* a scout/localizer filed under the axial series' UID (ImageType LOCALIZER, or another orientation than
+  the clear majority of the images) is left out with a warning, as dicom2nifti does; the series keeps
+  its localizer status only when no such stack remains;
 * a one-slice series is a valid (1, H, W) volume whose slice spacing is SpacingBetweenSlices, else
   SliceThickness, else 1 mm;
 * pixels are decoded by pydicom (pylibjpeg handles JPEG 2000); a file pydicom has no decoder for is
@@ -62,9 +65,10 @@ class SeriesInfo:
     image_type: tuple[str, ...]
     rows: Optional[int]
     columns: Optional[int]
-    files: tuple[str, ...]
+    files: tuple[str, ...]  # the images read_series stacks
     is_image: bool
     orientations: int  # distinct slice orientations: 1 for a volume, more for e.g. a 3-plane localizer
+    localizer_files: tuple[str, ...] = ()  # scout images filed under this series' UID, left out of ``files``
 
     @property
     def n_files(self) -> int:
@@ -78,7 +82,7 @@ class SeriesInfo:
         """JSON-ready; the file list only when asked (a series may hold thousands)."""
         data = asdict(self)
         files = data.pop("files")
-        data.update(image_type=list(self.image_type), n_files=len(files))
+        data.update(image_type=list(self.image_type), n_files=len(files), localizer_files=list(self.localizer_files))
         if with_files:
             data["files"] = list(files)
         return data
@@ -261,12 +265,10 @@ def _series_key(file: Path, header: Any) -> str:
 
 
 def _series_info(key: str, members: list[tuple[Path, Any]]) -> SeriesInfo:
+    members, localizers = _split_localizers(members)
     first = members[0][1]
     modality = _text(first, "Modality").upper()
     is_image = modality not in NON_IMAGE_MODALITIES and "Rows" in first and "Columns" in first
-    image_type = first.get("ImageType") or ()
-    if isinstance(image_type, str):
-        image_type = (image_type,)
     return SeriesInfo(
         key=key,
         series_instance_uid=_text(first, "SeriesInstanceUID"),
@@ -278,13 +280,58 @@ def _series_info(key: str, members: list[tuple[Path, Any]]) -> SeriesInfo:
         patient_name=_text(first, "PatientName"),
         frame_of_reference_uid=_text(first, "FrameOfReferenceUID"),
         sop_class_uid=_sop_class(first),
-        image_type=tuple(str(t).upper() for t in image_type),
+        image_type=_image_type(first),
         rows=_int_or_none(first.get("Rows")),
         columns=_int_or_none(first.get("Columns")),
         files=tuple(str(f) for f, _ in sorted(members, key=lambda m: str(m[0]))),
         is_image=is_image,
-        orientations=len({_orientation_key(h) for _, h in members} - {None}),
+        orientations=len(_orientation_groups(members)),
+        localizer_files=tuple(str(f) for f, _ in sorted(localizers, key=lambda m: str(m[0]))),
     )
+
+
+def _image_type(header: Any) -> tuple[str, ...]:
+    image_type = header.get("ImageType") or ()
+    if isinstance(image_type, str):
+        image_type = (image_type,)
+    return tuple(str(t).upper() for t in image_type)
+
+
+def _split_localizers(members: list[tuple[Path, Any]]) -> tuple[list[tuple[Path, Any]], list[tuple[Path, Any]]]:
+    """The cross-sectional stack and the scout images a scanner filed under the same SeriesInstanceUID.
+
+    Scouts are the images typed LOCALIZER and, of the rest, those outside the orientation that more than
+    half of them share (dicom2nifti's rule). When no such stack remains (a localizer series, or several
+    orientations with no majority) nothing is split off, so the series is still judged as a localizer.
+    """
+    rest = [m for m in members if "LOCALIZER" not in _image_type(m[1])]
+    groups = _orientation_groups(rest)
+    if len(groups) > 1:
+        largest = max(groups, key=len)
+        if 2 * len(largest) <= sum(len(g) for g in groups):
+            return members, []
+        others = {id(m) for g in groups if g is not largest for m in g}
+        rest = [m for m in rest if id(m) not in others]
+    if not rest:
+        return members, []
+    kept = {id(m) for m in rest}
+    return rest, [m for m in members if id(m) not in kept]
+
+
+def _orientation_groups(members: list[tuple[Path, Any]]) -> list[list[tuple[Path, Any]]]:
+    """Members grouped by slice orientation (within ORIENTATION_TOLERANCE); those without one are left out."""
+    groups: list[tuple[np.ndarray, list[tuple[Path, Any]]]] = []
+    for member in members:
+        orientation = _orientation_key(member[1])
+        if orientation is None:
+            continue
+        for reference, group in groups:
+            if np.allclose(orientation, reference, atol=ORIENTATION_TOLERANCE):
+                group.append(member)
+                break
+        else:
+            groups.append((np.array(orientation), [member]))
+    return [group for _, group in groups]
 
 
 def _orientation_key(header: Any) -> Optional[tuple[float, ...]]:
@@ -356,12 +403,19 @@ def read_series(series: SeriesInfo, *, source: Path | str) -> Volume:
     """Stack one series into a Volume (geometry rules in the module docstring). No CT check here."""
     if not series.is_image:
         raise InputError(f"{source}: series {series.key} is a {series.modality or 'non-image'} object, not an image series")
+    if series.localizer_files:
+        log.warning(
+            "%s: series %s: left out %d localizer (scout) image(s) filed with the %d-image stack: %s",
+            source, series.key, len(series.localizer_files), series.n_files, ", ".join(series.localizer_files),
+        )
     slices = [_read_slice(Path(f)) for f in series.files]
     _check_stackable(slices, series=series, source=source)
     row, col = slices[0].orientation[:3], slices[0].orientation[3:]
     normal = np.cross(row, col)
     slices.sort(key=lambda s: (float(np.dot(s.position, normal)), s.instance_number))
     z_spacing, metadata = _slice_spacing(slices, normal, source=source)
+    if series.localizer_files:
+        metadata["localizer_files_left_out"] = list(series.localizer_files)
     header = slices[0].header
     return Volume(
         array=np.stack([s.pixels for s in slices]),  # int16 unless some slice needed float32
@@ -472,10 +526,17 @@ def _read_slice(file: Path) -> _Slice:
             f"{file}: no complete ImagePositionPatient/ImageOrientationPatient, so its place in space is unknown "
             "(a projection image such as CR/DX is not a cross-sectional volume)"
         )
-    spacing = ds.get("PixelSpacing")
-    if not spacing:
+    n_spacing = _multiplicity(ds, "PixelSpacing")
+    if n_spacing == 0:
         log.warning("%s: no PixelSpacing; assuming 1 mm", file)
         spacing = (1.0, 1.0)
+    elif n_spacing != 2:
+        raise InputError(
+            f"{file}: PixelSpacing holds {n_spacing} value(s) ({ds.get('PixelSpacing')}), not the two it must "
+            "(row and column spacing), so the pixel size is unknown"
+        )
+    else:
+        spacing = _floats(ds, "PixelSpacing", file=file)
     thickness = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0
     pixels = _compact(_decode(file, ds))
     del ds.PixelData  # keep only the header: a long series would otherwise hold every slice twice
@@ -483,12 +544,23 @@ def _read_slice(file: Path) -> _Slice:
         file=file,
         header=ds,
         pixels=pixels,
-        position=np.array([float(v) for v in ds.ImagePositionPatient]),
-        orientation=np.array([float(v) for v in ds.ImageOrientationPatient]),
+        position=_floats(ds, "ImagePositionPatient", file=file),
+        orientation=_floats(ds, "ImageOrientationPatient", file=file),
         pixel_spacing=(float(spacing[0]), float(spacing[1])),
         instance_number=_int_or_none(ds.get("InstanceNumber")) or 0,
         single_slice_spacing=abs(float(thickness)) or 1.0,
     )
+
+
+def _floats(ds: Any, keyword: str, *, file: Path) -> np.ndarray:
+    """A numeric tag's values; pydicom reads a malformed decimal string leniently, so check here."""
+    try:
+        values = np.array([float(v) for v in ds.get(keyword)])
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{file}: {keyword} is not numeric ({exc})") from exc
+    if not np.all(np.isfinite(values)):
+        raise InputError(f"{file}: {keyword} holds a non-finite value ({', '.join(map(str, values))})")
+    return values
 
 
 def _multiplicity(ds: Any, keyword: str) -> int:
