@@ -19,7 +19,8 @@ import numpy as np
 
 from .errors import InputError, TextSegmentError
 from .grid import GRIDS, compact_plan, on_grid_of, over_extent
-from .preprocess import fit_to_square, inverse_fit, slice_plan, window_composite
+from .preprocess import fit_to_square, get_window, inverse_fit, slice_plan, window_composite
+from .preprocess.windows import window_specs
 from .progress import CancelToken, MonotonicProgress, ProgressCallback, check_cancel
 from .volume import Volume
 
@@ -85,7 +86,7 @@ def segment(
     device: str = "auto",
     batch_size: Union[int, str] = "auto",
     axis: str = "axial",
-    windows: Sequence[str] = DEFAULT_WINDOWS,
+    windows: Union[str, Sequence[str]] = DEFAULT_WINDOWS,
     threshold: float = 0.5,
     skip_empty_slices: bool = True,
     largest_component: bool = False,
@@ -111,6 +112,7 @@ def segment(
     ``probability_grid="compact"`` keeps each probability map on the compact grid over the volume's
     extent, at most the network's input size a side in-plane (``grid.py``): the network sees no finer
     detail, and a 512² CT's map takes 1/16 of the memory. The masks stay on the source grid.
+    ``windows`` are the models' three input channels; one window (e.g. ``"lung"``) fills all three.
     """
     import torch
 
@@ -119,6 +121,7 @@ def segment(
 
     prompt_list = validate_prompts(prompts)
     aux_list = _validate_aux(aux_prompts, len(prompt_list))
+    windows = _validate_windows(windows)
     if not 0.0 < threshold < 1.0:
         raise InputError(f"threshold must lie strictly between 0 and 1, got {threshold}")
     if not min_component_ml >= 0.0:
@@ -442,6 +445,20 @@ def validate_prompts(prompts: Union[str, Sequence[str]]) -> list[str]:
         if not prompt:
             raise InputError(f"empty prompt {original!r}: type what to segment, e.g. 'spleen'")
     return cleaned
+
+
+def _validate_windows(windows: Union[str, Sequence[str]]) -> tuple:
+    """Three windows, one per input channel (models take ``(B, 3, H, W)``); one window is a grey image in all three."""
+    specs = window_specs(windows)
+    if len(specs) == 1:
+        specs *= 3
+    if len(specs) != 3:
+        raise InputError(
+            f"windows must be one HU window or three (one per model input channel), got {len(specs)}: {specs!r}"
+        )
+    for spec in specs:
+        get_window(spec)  # an unknown preset fails here, before any slice is run
+    return specs
 
 
 def _validate_aux(aux: Optional[Sequence[Optional[str]]], n: int) -> list[Optional[str]]:

@@ -232,6 +232,22 @@ def test_empty_prompts_are_refused(prompts):
         segment(volume, prompts, model=WindowModel(), device="cpu")
 
 
+def test_one_window_name_fills_all_three_channels():
+    """A lone preset name is one window (not its letters), given to the model's three channels."""
+    volume, cube = cube_volume()
+    run = segment(volume, "bright", model=WindowModel(), device="cpu", windows="bone")
+    np.testing.assert_array_equal(run[0].mask.array.astype(bool), cube)
+    wide = segment(volume, "bright", model=WindowModel(), device="cpu", windows=["lung", "abdomen", "bone"])
+    np.testing.assert_array_equal(run[0].mask.array, wide[0].mask.array)
+
+
+@pytest.mark.parametrize("windows, match", [(("abdomen", "bone"), r"one HU window or three .*got 2"), ("brain", "'brain'")])
+def test_windows_that_cannot_fill_three_channels_are_refused(windows, match):
+    volume, _ = cube_volume()
+    with pytest.raises(InputError, match=match):
+        segment(volume, "bright", model=WindowModel(), device="cpu", windows=windows)
+
+
 def test_nan_volume_is_refused():
     volume, _ = cube_volume()
     bad = volume.with_array(np.where(volume.array > 0, np.nan, 0.0))

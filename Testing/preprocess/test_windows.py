@@ -64,6 +64,14 @@ def test_composite_of_one_slice_and_custom_windows():
     np.testing.assert_allclose(out[1], 0.5)
 
 
+def test_a_single_preset_name_is_one_window_not_its_letters():
+    hu = np.array([[-1200.0, -600.0], [0.0, 500.0]])
+    out = window_composite(hu, windows="lung")
+    assert out.shape == (1, 2, 2)
+    np.testing.assert_array_equal(out[0], apply_window(hu, preset="lung"))
+    assert window_composite(hu, windows=Window(0.0, 100.0)).shape == (1, 2, 2)
+
+
 def test_composite_on_tensors_matches_numpy():
     hu = np.random.default_rng(1).normal(0, 500, size=(2, 8, 8))
     from_tensor = window_composite(torch.from_numpy(hu))

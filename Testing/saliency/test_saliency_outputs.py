@@ -100,6 +100,17 @@ def test_montage_picks_the_slice_with_the_largest_target(explained):
     assert chosen == int(np.argmax(ball.reshape(ball.shape[0], -1).sum(axis=1)))
 
 
+def test_montage_with_an_empty_mask_picks_the_most_salient_slice_not_slice_0(explained):
+    volume, _, run = explained
+    import TextSegmentLib.saliency.montage as montage
+
+    plan = _plan(volume)
+    most_salient = montage.choose_slice(run.features[0], plan=plan)
+    assert most_salient != 0
+    empty = volume.with_array(np.zeros(volume.shape, np.uint8))
+    assert montage.choose_slice(run.features[0], plan=plan, mask=empty) == most_salient
+
+
 def test_explain_command_writes_maps_legend_and_montages(tmp_path, monkeypatch, capsys):
     from TextSegmentLib import weights
     from TextSegmentLib.cli import explain as command

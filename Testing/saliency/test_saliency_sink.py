@@ -12,7 +12,7 @@ from planted_model import PlantedModel, sphere_phantom
 
 import TextSegmentLib.saliency.layer_maps as layer_maps_module
 from TextSegmentLib.errors import InputError, ModelError
-from TextSegmentLib.saliency import COMBINED, SaliencyConfig, build_saliency_sink, explain
+from TextSegmentLib.saliency import COMBINED, SaliencyConfig, Stage3Weights, build_saliency_sink, explain
 from TextSegmentLib.grid import same_extent
 from TextSegmentLib.saliency.metrics import energy_inside
 from TextSegmentLib.volume import Volume, direction_from_axes
@@ -260,6 +260,32 @@ def test_bad_rois_layers_and_stages_are_clear_errors(model, phantom):
         build_saliency_sink(model=model, layers="deep,vit.3")
     with pytest.raises(InputError, match="stage"):
         build_saliency_sink(model=model, stage=4)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(max_map_size=0), "max_map_size .* got 0"),
+        (dict(max_map_size=-4), "max_map_size .* got -4"),
+        (dict(max_map_size=64.5), "max_map_size .* got 64.5"),
+        (dict(alpha=1.5), "alpha .* got 1.5"),
+        (dict(alpha=-0.1), "alpha .* got -0.1"),
+        (dict(prior_floor=2.0), "prior_floor .* got 2.0"),
+        (dict(prior_floor=float("nan")), "prior_floor .* got nan"),
+        (dict(sigma_scale=0.0), "sigma_scale .* got 0.0"),
+        (dict(ring_margin=-0.5), "ring_margin .* got -0.5"),
+        (dict(weights=Stage3Weights(context=-0.5)), "weight context .* got -0.5"),
+    ],
+)
+def test_config_values_out_of_range_are_refused_at_construction(options, match):
+    """Out of range these never failed: max_map_size 0 gave 1×1 maps, alpha 1.5 a blend past the prompt."""
+    with pytest.raises(InputError, match=match):
+        SaliencyConfig(**options)
+
+
+def test_config_edges_of_the_ranges_are_accepted():
+    SaliencyConfig(max_map_size=1, alpha=0.0, prior_floor=1.0, ring_margin=0.0, weights=Stage3Weights(prompt=0.0))
+    SaliencyConfig(max_map_size=np.int64(64), alpha=1.0, prior_floor=0.0)
 
 
 def test_layers_can_be_chosen_and_float16_matches_uint8(model, phantom):

@@ -103,15 +103,19 @@ def apply_window(
     return _window(_as_numeric(hu), window)
 
 
-def window_composite(hu: Any, *, windows: Sequence[WindowSpec] = DEFAULT_COMPOSITE, out: Any = None) -> Any:
+def window_composite(
+    hu: Any, *, windows: Union[WindowSpec, Sequence[WindowSpec]] = DEFAULT_COMPOSITE, out: Any = None
+) -> Any:
     """Stack one windowed image per entry of ``windows`` as channels: (N, H, W) → (N, C, H, W).
 
     A single (H, W) slice gives (C, H, W). The channel axis is always the one just before H, W.
     Each channel is windowed in place in the output, straight from the HU values (an int16 CT is
     not first copied to float32), so a whole volume (training windows whole cases) costs its output
     and no temporaries. ``out``, a float32 array or tensor of the output's shape, is written and
-    returned: a caller windowing slice after slice reuses one buffer.
+    returned: a caller windowing slice after slice reuses one buffer. A single preset name or
+    ``Window`` is one window (one channel), not a sequence of characters.
     """
+    windows = window_specs(windows)
     if len(windows) == 0:
         raise InputError("window_composite needs at least one window")
     image = _as_numeric(hu)
@@ -125,6 +129,13 @@ def window_composite(hu: Any, *, windows: Sequence[WindowSpec] = DEFAULT_COMPOSI
     for c, spec in enumerate(windows):
         _window(image, get_window(spec), out=out[..., c, :, :])
     return out
+
+
+def window_specs(windows: Union[WindowSpec, Sequence[WindowSpec]]) -> tuple:
+    """``windows`` as a tuple of specs: a lone name or ``Window`` is one window (a str is a sequence too)."""
+    if isinstance(windows, (str, Window)):
+        return (windows,)
+    return tuple(windows)
 
 
 def _window(image: Any, window: Window, *, out: Any = None) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 from ..errors import InputError
@@ -51,3 +53,17 @@ class SaliencyConfig:
             raise InputError("saliency percentiles need 0 <= low < high <= 100")
         if not 0.0 < self.threshold < 1.0:
             raise InputError(f"saliency threshold must lie strictly between 0 and 1, got {self.threshold}")
+        # out of range these do not fail later, they quietly give wrong maps (0 or less: 1×1 maps)
+        for name in ("alpha", "prior_floor"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise InputError(f"saliency {name} must lie between 0 and 1, got {getattr(self, name)}")
+        if not 0.0 < self.sigma_scale < math.inf:
+            raise InputError(f"saliency sigma_scale must be positive and finite, got {self.sigma_scale}")
+        if not 0.0 <= self.ring_margin < math.inf:
+            raise InputError(f"saliency ring_margin must be 0 or more and finite, got {self.ring_margin}")
+        for name, value in vars(self.weights).items():
+            if not 0.0 <= value < math.inf:
+                raise InputError(f"saliency stage 3 weight {name} is a magnitude: 0 or more and finite, got {value}")
+        size = self.max_map_size
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+            raise InputError(f"saliency max_map_size must be a whole number of voxels, 1 or more, got {size!r}")

@@ -31,12 +31,16 @@ COLORMAP = "inferno"
 
 
 def choose_slice(saliency: PromptSaliency, *, plan: Any, mask: Optional[Volume] = None) -> int:
-    """The canonical slice with the largest target (the mask if given), else the one with the most saliency."""
+    """The canonical slice with the largest target (the mask if given), else the one with the most saliency.
+
+    An empty mask (a prompt not found) marks no slice: argmax of its all-zero areas would be slice 0.
+    """
     if mask is not None:
         area = plan.extract(np.asarray(mask.array) > 0).reshape(plan.num_slices, -1).sum(axis=1)
-    else:
-        layer = COMBINED if COMBINED in saliency.maps else saliency.layers[-1]
-        area = plan.extract(saliency.values(layer)).reshape(plan.num_slices, -1).sum(axis=1)
+        if area.any():
+            return int(np.argmax(area))
+    layer = COMBINED if COMBINED in saliency.maps else saliency.layers[-1]
+    area = plan.extract(saliency.values(layer)).reshape(plan.num_slices, -1).sum(axis=1)
     return int(np.argmax(area))
 
 
