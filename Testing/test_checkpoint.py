@@ -242,3 +242,35 @@ def test_overrides_apply_on_top_of_the_stored_config(tiny_family, tmp_path):
     loaded, _ = load_checkpoint(path, overrides={"image_size": 32})
     assert loaded.config.image_size == 32
     assert dataclasses.replace(loaded.config, image_size=16) == _trained().config
+
+
+@pytest.mark.parametrize("offsets", [["0", "12"], [None, 12], [0.0, 12.5]], ids=["strings", "null", "floats"])
+def test_tensor_offsets_that_are_not_whole_numbers_are_refused(tiny_family, tmp_path, offsets):
+    path = tmp_path / "tiny.safetensors"
+    save_checkpoint(_trained(), path, model_name="ckpt-tiny")
+
+    def damage(header):
+        header["head.bias"]["data_offsets"] = offsets
+
+    _rewrite_header(path, damage)
+    with pytest.raises(WeightsError, match=r"tensor 'head\.bias' is corrupt"):
+        read_checkpoint_info(path)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("widths", [3, "four", 5]), ("head", 5), ("widths", [3, -4, 5])],
+    ids=["string-width", "scalar-for-nested-config", "negative-width"],
+)
+def test_edited_config_that_cannot_build_the_model_is_a_weights_error(tiny_family, tmp_path, key, value):
+    path = tmp_path / "tiny.safetensors"
+    save_checkpoint(_trained(), path, model_name="ckpt-tiny")
+
+    def edit(header):  # the header is outside the data checksum, so this passes verification
+        config = json.loads(header["__metadata__"]["config"])
+        config[key] = value
+        header["__metadata__"]["config"] = json.dumps(config)
+
+    _rewrite_header(path, edit)
+    with pytest.raises(WeightsError, match="cannot build model 'ckpt-tiny'"):
+        load_checkpoint(path)

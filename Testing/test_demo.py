@@ -77,3 +77,14 @@ def test_dice_edge_cases():
     assert dice(empty, empty) == 1.0
     assert dice(full, empty) == 0.0
     assert dice(full, full) == 1.0
+
+
+def test_demo_out_naming_a_file_is_a_clear_error_and_the_file_kept(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TEXTSEGMENT_OFFLINE", "1")
+    out = tmp_path / "results.txt"
+    out.write_text("keep me")
+    assert main(["demo", "--out", str(out), "--weights", "random", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("textsegment demo: error:") and "not a folder" in err
+    assert len(err.splitlines()) == 1
+    assert out.read_text() == "keep me"

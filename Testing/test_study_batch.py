@@ -248,6 +248,8 @@ def test_cli_batch_runs_a_real_model_and_exits_non_zero_on_a_failed_series(share
     root = tmp_path / "study"
     shutil.copytree(shared_data / "dicom" / "dcmqi_ct3slice" / "series", root / "dcmqi")
     _corrupt_copy(shared_data / "dicom" / "dcmqi_ct3slice" / "series", root / "corrupt")
+    partial = root / "partial.dcm"  # a copy cut inside its header: skipped, and named in the summary
+    partial.write_bytes((shared_data / "dicom" / "pydicom_CT_small" / "CT_small.dcm").read_bytes()[:990])
     out = tmp_path / "out"
     code = main(["batch", str(root), "-p", "liver", "--out", str(out), "--model", "freqmedclip-tiny",
                  "--weights", "random", "--device", "cpu", "--no-dicom-seg", "--probability-grid", "compact", "-q"])
@@ -265,7 +267,8 @@ def test_cli_batch_runs_a_real_model_and_exits_non_zero_on_a_failed_series(share
     prob = sitk.ReadImage(str(out / done["folder"] / legend["labels"][0]["probability_map"]))
     assert prob.GetSize()[:2] == (128, 128) and prob.GetSize()[2] == ct.GetSize()[2] < ct.GetSize()[0]
     printed = capsys.readouterr().out
-    assert "failed" in printed and "1 series done, 1 failed" in printed
+    assert "failed" in printed and "1 series done, 1 failed, 1 unreadable file(s) skipped" in printed
+    assert f"corrupt {partial}: corrupt DICOM file" in printed
 
 
 def test_the_batch_script_runs_without_slicer(tmp_path):

@@ -446,3 +446,48 @@ def test_cli_list_import_verify(tmp_path, published, monkeypatch, capsys, no_net
     assert _cli(monkeypatch, "weights", "import", str(tmp_path / "absent.safetensors")) == 2
     err = capsys.readouterr().err
     assert err.startswith("textsegment weights: error:") and "absent.safetensors" in err
+
+
+def test_manifest_with_a_malformed_format_version_is_refused_by_name(tmp_path):
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps({"format_version": "one", "weights": []}))
+    with pytest.raises(WeightsError, match="format_version") as err:
+        load_manifest(path)
+    assert "manifest.json" in str(err.value)
+
+
+def test_urls_given_as_one_string_are_refused_not_split_into_letters(tmp_path, published):
+    _, file_path = published
+    path = _manifest(tmp_path, _entry(file_path, urls="https://example.org/wee-v1.safetensors"))
+    with pytest.raises(WeightsError, match="'urls' must be a list") as err:
+        load_manifest(path)
+    assert "manifest.json" in str(err.value)
+
+
+def test_a_folder_given_as_weights_is_called_a_folder(tmp_path, no_network):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    manifest = _manifest(tmp_path)
+    with pytest.raises(WeightsError, match="is a folder") as err:
+        resolve_weights(str(folder), model_name="wee", manifest=manifest)
+    assert "no such file" not in str(err.value)
+    with pytest.raises(InputError, match="is a folder") as err:
+        import_weights(folder, manifest=manifest)
+    assert "no such file" not in str(err.value)
+
+
+def test_import_into_a_home_that_cannot_be_written_is_a_clear_error(tmp_path, monkeypatch, capsys, no_network):
+    source = tmp_path / "mine.safetensors"
+    _checkpoint(source, seed=4)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv(weights.ENV_HOME, str(blocker / "home"))
+    monkeypatch.setenv(weights.ENV_MANIFEST, _manifest(tmp_path))
+
+    with pytest.raises(WeightsError, match=weights.ENV_HOME):
+        import_weights(source)
+    assert _cli(monkeypatch, "weights", "import", str(source)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("textsegment weights: error:") and weights.ENV_HOME in err
+    assert len(err.strip().splitlines()) == 1
+    assert blocker.read_text() == "a file where the cache folder should be"

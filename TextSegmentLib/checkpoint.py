@@ -187,7 +187,14 @@ def load_checkpoint(
             f"pass weights made for {expected_model!r}, or choose model {info.model_name!r}"
         )
     config = config_from_dict(info.model_name, info.config, overrides=overrides, source=path)
-    model = build_model(config)
+    try:
+        model = build_model(config)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError, RuntimeError) as exc:
+        # the config came from the file's header, which its data checksum does not cover
+        raise WeightsError(
+            f"{path}: the model config stored in the checkpoint cannot build model {info.model_name!r} ({exc}); "
+            "the file is corrupt or was edited, re-download or re-export it"
+        ) from exc
     try:
         state = safetensors.torch.load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -353,6 +360,9 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
         if name == "__metadata__":
             continue
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= data_size):
+        whole = isinstance(offsets, list) and len(offsets) == 2 and all(
+            isinstance(o, int) and not isinstance(o, bool) for o in offsets
+        )
+        if not (whole and 0 <= offsets[0] <= offsets[1] <= data_size):
             raise WeightsError(f"{path}: the header entry for tensor {name!r} is corrupt or the file is truncated")
     return header, 8 + size

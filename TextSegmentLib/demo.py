@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .errors import OutputExistsError
+from .errors import InputError, OutputExistsError
 from .volume import Volume
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,8 @@ def run_demo(
     from .weights import load_model, weights_label
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: is a file, not a folder; choose a folder for --out (it is created if missing)")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise OutputExistsError(f"{out_dir}: is not empty; choose another --out folder or pass --overwrite")
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import __version__
-from .errors import OutputExistsError
+from .errors import InputError, OutputExistsError
 
 LABEL_MAP = "segmentation.nii.gz"
 LEGEND = "segmentation.json"
@@ -26,6 +26,8 @@ SALIENCY_DIR = "saliency"
 def check_outputs_free(out_dir: Path, *, overwrite: bool = False) -> None:
     """Fail before any work is done if the run would have to replace existing outputs."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: is a file, not a folder; choose a folder for --out (it is created if missing)")
     if overwrite or not out_dir.exists():
         return
     names = (LABEL_MAP, LEGEND, PROBABILITY_DIR, SALIENCY_DIR)

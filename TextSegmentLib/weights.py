@@ -83,6 +83,8 @@ class WeightsEntry:
         for key in sorted(set(data) - known):
             log.debug("%s: ignoring unknown key %r", label, key)
         values = {key: data[key] for key in known if key in data and data[key] is not None}
+        if not isinstance(values.get("urls", []), list):
+            raise WeightsError(f"{label}: 'urls' must be a list of URLs, e.g. [\"https://...\"]")
         try:
             entry = cls(
                 id=str(values["id"]),
@@ -164,7 +166,10 @@ def _read_entries(path: Path, *, origin: str, kind_of_file: str) -> list[Weights
         raise WeightsError(f"{kind_of_file} {path} cannot be read ({exc}); fix or delete it") from None
     if not isinstance(data, dict) or not isinstance(data.get("weights"), list):
         raise WeightsError(f"{kind_of_file} {path} must be a JSON object with a 'weights' list; fix or delete it")
-    if int(data.get("format_version", 1)) > MANIFEST_FORMAT_VERSION:
+    version = data.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise WeightsError(f"{kind_of_file} {path}: 'format_version' must be a whole number, not {version!r}; fix or delete it")
+    if version > MANIFEST_FORMAT_VERSION:
         raise WeightsError(f"{kind_of_file} {path} is of a newer format than this TextSegment reads; update TextSegment")
     return [WeightsEntry.from_dict(item, where=f"{kind_of_file} {path}", origin=origin) for item in data["weights"]]
 
@@ -389,6 +394,10 @@ def resolve_weights(
     path = Path(spec).expanduser()
     if path.is_file():
         return WeightsSource(kind="file", path=path, origin="path")
+    if path.is_dir():
+        raise WeightsError(
+            f"weights {str(spec)!r} for {model_name}: is a folder; pass the checkpoint file itself (a .safetensors file)"
+        )
     raise WeightsError(
         f"weights {str(spec)!r} for {model_name}: no such file, and not a known weights id; check the path, "
         "or see `textsegment weights list`" + _known_ids_hint(known, model_name)
@@ -431,13 +440,13 @@ def _resolve_entry(
 def _download(entry: WeightsEntry, dest: Path, *, progress: Optional[ProgressCallback], cancel: CancelLike) -> Path:
     """Fetch into a temp file beside ``dest``, check the sha256, and only then rename it into place."""
     report = MonotonicProgress(progress)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    _make_cache_folder(dest.parent)
     failures = []
     for url in entry.urls:
         if not url.lower().startswith(("https://", "http://")):
             failures.append(f"{url}: not an http(s) URL")
             continue
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        fd, tmp_name = _cache_temp_file(dest)
         tmp = Path(tmp_name)
         try:
             digest = hashlib.sha256()
@@ -558,6 +567,8 @@ def import_weights(
     from .models.registry import get_model_config
 
     source = Path(path).expanduser()
+    if source.is_dir():
+        raise InputError(f"cannot import {source}: it is a folder; pass the checkpoint file itself (a .safetensors file)")
     if not source.is_file():
         raise InputError(f"cannot import {source}: no such file")
     info = verify_checkpoint_data(source)
@@ -610,8 +621,8 @@ def _copy_verified(source: Path, dest: Path, digest: str) -> None:
     """Copy unless a good copy is there; hash what was copied, so a file changing mid-copy is caught."""
     if dest.is_file() and sha256_file(dest) == digest:
         return
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    _make_cache_folder(dest.parent)
+    fd, tmp_name = _cache_temp_file(dest)
     try:
         check = hashlib.sha256()
         with os.fdopen(fd, "wb") as out, open(source, "rb") as stream:
@@ -621,9 +632,33 @@ def _copy_verified(source: Path, dest: Path, digest: str) -> None:
         if check.hexdigest() != digest:
             raise WeightsError(f"{source} changed while it was being imported; try again")
         os.replace(tmp_name, dest)
+    except OSError as exc:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise WeightsError(f"cannot copy {source} into the weights cache at {dest} ({exc}); nothing was imported") from None
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def _make_cache_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WeightsError(_unwritable(folder, exc)) from None
+
+
+def _cache_temp_file(dest: Path) -> tuple[int, str]:
+    try:
+        return tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    except OSError as exc:
+        raise WeightsError(_unwritable(dest.parent, exc)) from None
+
+
+def _unwritable(folder: Path, exc: OSError) -> str:
+    return (
+        f"cannot write to the weights cache folder {folder} ({exc.strerror or exc}); make it writable, "
+        f"or set {ENV_HOME} to a writable folder"
+    )
 
 
 def _read_imported(home: Optional[PathLike]) -> list[WeightsEntry]:
@@ -635,14 +670,17 @@ def _read_imported(home: Optional[PathLike]) -> list[WeightsEntry]:
 
 def _write_imported(home: Optional[PathLike], entries: list[WeightsEntry]) -> None:
     path = imported_registry_path(home=home)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_cache_folder(path.parent)
     records = [{k: v for k, v in e.to_dict().items() if k != "origin"} for e in entries]
     text = json.dumps({"format_version": MANIFEST_FORMAT_VERSION, "weights": records}, indent=2) + "\n"
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    fd, tmp_name = _cache_temp_file(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
         os.replace(tmp_name, path)
+    except OSError as exc:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise WeightsError(f"cannot write the imported-weights registry {path} ({exc}); make it writable") from None
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise

@@ -130,3 +130,87 @@ def test_real_models_are_batch_invariant_and_deterministic(phantom_file, name, t
         np.testing.assert_allclose(a.probability.array, b.probability.array, atol=1e-5)
         np.testing.assert_array_equal(b.probability.array, c.probability.array)
     assert not np.array_equal(many.results[0].probability.array, many.results[1].probability.array)
+
+
+@pytest.mark.parametrize("command", ["segment", "explain"])
+@pytest.mark.parametrize("target", ["other file", "the input CT"])
+def test_out_naming_a_file_is_refused_before_the_run_and_the_file_kept(command, target, phantom_file, tmp_path, capsys):
+    if target == "the input CT":
+        out = tmp_path / "ct.nii.gz"
+        out.write_bytes(phantom_file.read_bytes())
+        ct = out
+    else:
+        out = tmp_path / "notes.txt"
+        out.write_text("keep me")
+        ct = phantom_file
+    before = out.read_bytes()
+    code = main([command, str(ct), "-p", "liver", "--out", str(out), "--weights", "random", "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"textsegment {command}: error:") and "not a folder" in err
+    assert len(err.splitlines()) == 1
+    assert out.read_bytes() == before
+
+
+def test_explain_checks_the_montage_slice_before_writing_anything(phantom_file, tmp_path, capsys):
+    out = tmp_path / "ex"
+    argv = ["explain", str(phantom_file), "-p", "liver", "--out", str(out), "--weights", "random", "--quiet"]
+    assert main(argv + ["--slice", "99"]) == 2
+    err = capsys.readouterr().err
+    assert "--slice 99" in err and "6 axial slices" in err
+    assert not out.exists()  # no saliency maps left behind to block the corrected run
+    assert main(argv + ["--slice", "5"]) == 0
+    assert (out / "saliency_legend.json").is_file()
+
+
+def test_interrupt_while_writing_does_not_claim_nothing_was_written(phantom_file, tmp_path, capsys, monkeypatch):
+    from TextSegmentLib import export
+
+    out = tmp_path / "seg"
+
+    def write_then_interrupt(run, *, out_dir, **kwargs):
+        out_dir.mkdir(parents=True)
+        (out_dir / export.LABEL_MAP).write_bytes(b"finished before Ctrl-C")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "write_segmentation", write_then_interrupt)
+    code = main(["segment", str(phantom_file), "-p", "liver", "--out", str(out), "--weights", "random", "--quiet"])
+    assert code == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("textsegment segment: interrupted") and len(err.splitlines()) == 1
+    assert (out / export.LABEL_MAP).exists()
+    assert "no output was written" not in err and "kept" in err
+
+
+BENCH = ["bench", "--model", "freqmedclip-tiny", "--weights", "random", "--phantoms", "1", "--device", "cpu", "--quiet"]
+
+
+@pytest.mark.parametrize("shape", ["abc", "32x128", "0x48x48", "3x48x48x2"])
+def test_bench_rejects_a_malformed_phantom_shape_in_one_line(shape, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(BENCH + [f"--phantom-shape={shape}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("textsegment bench: error: --phantom-shape") and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_bench_never_replaces_earlier_results_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = BENCH + ["--phantom-shape", "3X48X48", "--out", str(out)]  # upper-case X is accepted too
+    assert main(argv) == 0
+    earlier = {name: (out / name).read_bytes() for name in ("bench.json", "bench.md", "bench.png")}
+    capsys.readouterr()
+    assert main(argv + ["--seed", "2001"]) == 2
+    err = capsys.readouterr().err
+    assert "holds bench results already" in err and "--overwrite" in err
+    assert {name: (out / name).read_bytes() for name in earlier} == earlier
+    assert main(argv + ["--seed", "2001", "--overwrite"]) == 0
+    assert (out / "bench.json").read_bytes() != earlier["bench.json"]
+
+
+def test_bench_out_naming_a_file_is_refused_before_the_run(tmp_path, capsys):
+    out = tmp_path / "bench.txt"
+    out.write_text("keep me")
+    assert main(BENCH + ["--phantom-shape", "3x48x48", "--out", str(out)]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert out.read_text() == "keep me"

@@ -45,7 +45,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"textsegment {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"textsegment {args.command}: interrupted; no output was written", file=sys.stderr)
+        # files finished before the interruption stay (a batch's earlier series, a training run's last.pt)
+        hint = "; continue with --resume" if args.command == "train" else ""
+        print(f"textsegment {args.command}: interrupted; files finished before the interruption were kept{hint}",
+              file=sys.stderr)
         return 130
 
 

@@ -51,5 +51,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{series.status:<7} {name}: {series.error}")
         for warning in series.warnings:
             print(f"        warning: {warning}")
-    print(f"{len(report.ok)} series done, {len(report.failed)} failed; report: {report.report_path}")
+    for item in report.corrupt_files:
+        print(f"corrupt {item['file']}: {item['error']}")
+    skipped = f", {len(report.corrupt_files)} unreadable file(s) skipped" if report.corrupt_files else ""
+    print(f"{len(report.ok)} series done, {len(report.failed)} failed{skipped}; report: {report.report_path}")
     return exit_code(report)

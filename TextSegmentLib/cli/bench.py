@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(largest 3D component, holes filled)")
     p.add_argument("--min-component-ml", type=float, default=0.0,
                    help="score masks after dropping 3D islands under this volume (segment's option)")
-    p.add_argument("--out", "-o", required=True, help="output folder")
+    p.add_argument("--out", "-o", required=True, help="output folder (earlier results there are never replaced "
+                   "unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace the bench files of an earlier run in --out")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -49,7 +51,12 @@ def run(args: argparse.Namespace) -> int:
     specs = list(args.data)
     names = []
     if args.phantoms > 0:
-        specs.insert(0, f"phantoms:{args.seed}-{args.seed + args.phantoms - 1}@{args.phantom_shape}")
+        sizes = args.phantom_shape.lower().split("x")
+        if len(sizes) != 3 or not all(size.strip().isdigit() and int(size) > 0 for size in sizes):
+            raise InputError(f"--phantom-shape must be three positive whole numbers Z x Y x X, e.g. 32x128x128; "
+                             f"got {args.phantom_shape!r}")
+        shape = "x".join(str(int(size)) for size in sizes)
+        specs.insert(0, f"phantoms:{args.seed}-{args.seed + args.phantoms - 1}@{shape}")
         names.append(f"{args.phantoms} phantoms (seeds {args.seed}–{args.seed + args.phantoms - 1})")
     if args.real:
         specs.append(REAL_HELD_OUT.format(data=Path(args.shared_data)))
@@ -57,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     names += args.data
     if not specs:
         raise InputError("nothing to benchmark: give --phantoms N, --real or --data SOURCE")
+    out = Path(args.out)
+    _check_free(out, compare=bool(args.compare_model), overwrite=args.overwrite)  # before the (long) run
     cases = [case for spec in specs for case in load_source(spec)]
     dataset = "; ".join(names)
 
@@ -75,7 +84,6 @@ def run(args: argparse.Namespace) -> int:
                                      progress=bar, batch_size=args.batch_size, device=args.device, **cleanup))
         reports[-1].notes += notes
     comparison = compare(reports[0], reports[1]) if len(reports) == 2 else None
-    out = Path(args.out)
     paths = write_report(reports[0], out, comparison=comparison)
     if len(reports) == 2:
         write_report(reports[1], out / "compare", comparison=comparison)
@@ -90,3 +98,24 @@ def run(args: argparse.Namespace) -> int:
           f"{'n/a' if fp is None else f'{fp:.3f}'} (any voxel), {'n/a' if ff is None else f'{ff:.3f}'} (a region ≥ 1 mL)")
     print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
     return 0
+
+
+REPORT_FILES = ("bench.json", "bench.md", "bench.png")
+
+
+def _check_free(out: Path, *, compare: bool, overwrite: bool) -> None:
+    """Refuse an --out that is a file, or that holds an earlier bench's files (unless --overwrite)."""
+    from ..errors import InputError, OutputExistsError
+
+    folders = [out, out / "compare"] if compare else [out]
+    for folder in folders:
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"{folder}: is a file, not a folder; choose a folder for --out (it is created if missing)")
+    if overwrite:
+        return
+    taken = [folder / name for folder in folders for name in REPORT_FILES if (folder / name).exists()]
+    if taken:
+        raise OutputExistsError(
+            f"{out}: holds bench results already ({', '.join(str(p.relative_to(out)) for p in taken)}); "
+            "choose another --out folder or pass --overwrite"
+        )

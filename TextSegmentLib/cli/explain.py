@@ -71,7 +71,7 @@ def parse_roi(text: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import OutputExistsError
+    from ..errors import InputError, OutputExistsError
     from ..export import slug
     from ..io import read_label_map, read_volume
     from ..saliency import SaliencyConfig, explain, save_montage, write_saliency
@@ -80,11 +80,19 @@ def run(args: argparse.Namespace) -> int:
     from .progressbar import progress_bar
 
     out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: is a file, not a folder; choose a folder for --out (it is created if missing)")
     if (out_dir / LEGEND).exists() and not args.overwrite:
         raise OutputExistsError(
             f"{out_dir}: holds saliency results already; choose another --out folder or pass --overwrite"
         )
     volume = read_volume(args.input, allow_non_ct=args.allow_non_ct)
+    if args.slice is not None:  # checked before the run: the montage is written after the saliency maps
+        from ..preprocess import slice_plan
+
+        slices = slice_plan(volume, axis=args.axis).num_slices
+        if not 0 <= args.slice < slices:
+            raise InputError(f"--slice {args.slice} is outside the {slices} {args.axis} slices of this volume (0..{slices - 1})")
     roi = parse_roi(args.roi) if args.roi else (read_label_map(args.target_mask) if args.target_mask else None)
     model = load_model(args.model, weights=args.weights, device=args.device)
     config = SaliencyConfig(stage=args.stage, threshold=args.threshold, encoding=args.encoding, grid=args.grid)
