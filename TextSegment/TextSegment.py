@@ -153,6 +153,7 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._outcome = None
         self._features = None
         self._weightsModel = None
+        self._inputVolume = None  # the input last seen, to notice when the user picks another one
         self._shortcuts = []
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(100)
@@ -215,6 +216,9 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is not None:
             self.logic.cancel(self._job)
         self.ui.exportDicomSegButton.enabled = False  # its input node goes with the scene
+        self._outcome = None  # its nodes go with the scene too: no recolouring or overlays of them in the next one
+        self._features = None
+        self.ui.saliencyPromptComboBox.clear()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -235,6 +239,7 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
+        self._inputVolume = None
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
@@ -252,6 +257,13 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._fillWeights(p.model, p.weights)
         elif self.ui.weightsComboBox.findData(p.weights) not in (-1, self.ui.weightsComboBox.currentIndex):
             self.ui.weightsComboBox.currentIndex = self.ui.weightsComboBox.findData(p.weights)
+        previousInput, self._inputVolume = self._inputVolume, p.inputVolume
+        output = p.outputSegmentation
+        if previousInput is not None and p.inputVolume is not previousInput and output is not None:
+            geometry = output.GetNodeReferenceID(output.GetReferenceImageGeometryReferenceRole())
+            if geometry and p.inputVolume is not None and geometry != p.inputVolume.GetID():
+                # the last run's output belongs to the other volume: a new run must not replace its segments
+                p.outputSegmentation = None
         isTgcNet = p.model.startswith("tgcnet")
         self.ui.auxPromptsEdit.enabled = isTgcNet
         self.ui.auxPromptsLabel.enabled = isTgcNet
@@ -425,9 +437,9 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         colormap = self.ui.colormapComboBox.currentText
         try:  # recolour in place, from the maps of the last run
-            for item in self._features.prompts:
-                add_saliency_volumes(item, reference_node=self._outcome.input_node, context=self.logic.context,
-                                     colormap=colormap)
+            for item in self._features.prompts:  # volumes the user deleted come back as new nodes: show those
+                self._outcome.saliency_nodes[item.prompt] = add_saliency_volumes(
+                    item, reference_node=self._outcome.input_node, context=self.logic.context, colormap=colormap)
         except Exception as exc:
             self._showError(_("Cannot use this colour map"), exc)
 

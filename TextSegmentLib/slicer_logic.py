@@ -178,10 +178,17 @@ def _store(node: Any, p: Parameter, value: Any) -> None:
 
 # prompts ---------------------------------------------------------------------------------------
 def parse_prompts(text: Union[str, Sequence[str]]) -> list[str]:
-    """One prompt per line (or a list); blank lines and repeats dropped, order kept."""
+    """One prompt per line (or a list); blank lines and repeats dropped, order kept.
+
+    A repeat differing only in case ("Liver", "liver") is dropped too: Slicer finds segments by
+    name regardless of case, so both would land in one segment, the second overwriting the first.
+    """
     lines = text.splitlines() if isinstance(text, str) else list(text)
-    prompts = list(dict.fromkeys(" ".join(str(line).split()) for line in lines))
-    prompts = [p for p in prompts if p]
+    unique: dict[str, str] = {}
+    for line in lines:
+        prompt = " ".join(str(line).split())
+        unique.setdefault(prompt.casefold(), prompt)
+    prompts = [p for p in unique.values() if p]
     if not prompts:
         raise InputError("no prompt given: type what to segment, one per line (e.g. 'liver')")
     return prompts
@@ -439,6 +446,11 @@ class SegmentationLogic:
         layer = layer or ("combined" if "combined" in layers else next(iter(layers)))
         if layer not in layers:
             raise InputError(f"no saliency layer {layer!r}; this run has {list(layers)}")
+        scene = self.context.scene
+        for node, what in ((outcome.input_node, "the input volume"), (layers[layer], "the saliency volume")):
+            if scene.GetNodeByID(node.GetID() or "") is not node:  # a removed node would silently blank the views
+                raise InputError(f"{what} {node.GetName()!r} was removed from the scene; "
+                                 "run the segmentation again with saliency on")
         show_overlay(outcome.input_node, layers[layer], context=self.context, opacity=opacity)
         return layers[layer]
 

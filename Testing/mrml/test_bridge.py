@@ -198,6 +198,47 @@ def test_transformed_volume_keeps_its_transform_and_local_voxels(context):
     assert np.array_equal(_ras_points_of_segment(seg, "liver"), _sorted(expected + [25.0, 0.0, 0.0]))
 
 
+def test_reused_segmentation_under_another_transform_keeps_the_segment_over_the_mask(context):
+    ct = _ct("oblique")
+    node = node_from_volume(ct, context=context, name="CT")
+    transform = context.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 25.0)
+    matrix.SetElement(2, 3, -4.0)
+    transform.SetMatrixTransformToParent(matrix)
+    output = context.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "the user's output")
+    output.SetAndObserveTransformNodeID(transform.GetID())  # e.g. a segmentation of a registered series
+    mask = _box_mask(ct, (1, 2, 3), (4, 6, 9))
+    add_segmentation([_result(ct, "liver", mask)], reference_node=node, context=context, segmentation_node=output)
+    assert output.GetTransformNodeID() == transform.GetID()  # the user's node stays where they put it
+    assert np.array_equal(_ras_points_of_segment(output, "liver"), _ras_points_of_mask(ct, mask))
+
+
+def test_users_segments_on_another_grid_are_kept_voxel_for_voxel(context):
+    ct = _ct("oblique")
+    node = node_from_volume(ct, context=context, name="CT")
+    other = Volume(np.zeros((3, 4, 5), np.int16), spacing=(2.0, 2.0, 5.0), origin=(0.0, 0.0, 0.0))
+    other_node = node_from_volume(other, context=context, name="another series")
+    theirs = np.zeros(other.shape, np.uint8)
+    theirs[1, 1:3, 1:3] = 1
+    output = add_segmentation([_result(other, "my tumour", theirs)], reference_node=other_node, context=context)
+    before = _ras_points_of_segment(output, "my tumour")
+    mask = _box_mask(ct, (1, 2, 3), (4, 6, 9))
+    add_segmentation([_result(ct, "liver", mask)], reference_node=node, context=context, segmentation_node=output)
+    assert np.array_equal(_ras_points_of_segment(output, "liver"), _ras_points_of_mask(ct, mask))
+    assert np.array_equal(_ras_points_of_segment(output, "my tumour"), before)  # not resampled onto the CT's grid
+
+
+def test_prompts_that_differ_only_in_case_are_refused_before_the_scene_changes(context):
+    ct = _ct("identity")
+    node = node_from_volume(ct, context=context, name="CT")
+    results = [_result(ct, "Liver", _box_mask(ct, (1, 1, 1), (3, 3, 3))), _result(ct, "liver", _box_mask(ct, (4, 4, 4), (5, 5, 5)))]
+    count = _node_count(context)
+    with pytest.raises(InputError, match="'Liver' and 'liver'"):  # Slicer's segment names ignore case
+        add_segmentation(results, reference_node=node, context=context)
+    assert _node_count(context) == count
+
+
 def test_segmentation_goes_under_the_source_study(context):
     ct = _ct("identity")
     node = node_from_volume(ct, context=context, name="CT")
@@ -282,6 +323,29 @@ def test_saliency_layers_become_float_volumes_with_our_inferno(context):
     assert [n.GetID() for n in again.values()] == [n.GetID() for n in nodes.values()]
     assert sum(context.scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode").GetName() == OWN_COLOR_TABLE
                for i in range(context.scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode"))) == 1
+
+
+def test_saliency_of_another_volume_for_the_same_prompt_is_left_alone(context):
+    first = node_from_volume(_ct("flipped"), context=context, name="CT 1")
+    second_ct = _ct("oblique")
+    second = node_from_volume(second_ct, context=context, name="CT 2")
+    transform = context.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
+    first.SetAndObserveTransformNodeID(transform.GetID())
+    ones = _ct("flipped").with_array(np.ones(_ct("flipped").shape, np.float32))
+    kept = add_saliency_volumes({"vit.3": ones}, reference_node=first, context=context, prompt="liver")["vit.3"]
+    kept_matrix, kept_values = _ijk_to_ras(kept), _node_array(kept)
+    added = add_saliency_volumes(_saliency_maps(second_ct), reference_node=second, context=context, prompt="liver")
+    assert added["vit.3"] is not kept
+    assert np.array_equal(_ijk_to_ras(kept), kept_matrix) and np.array_equal(_node_array(kept), kept_values)
+    assert np.allclose(_ijk_to_ras(added["vit.3"]), _ijk_to_ras(second)) and added["vit.3"].GetTransformNodeID() is None
+    # the same volume again: updated in place, as before
+    again = add_saliency_volumes({"vit.3": ones}, reference_node=first, context=context, prompt="liver")["vit.3"]
+    assert again is kept
+    context.scene.RemoveNode(second)
+    count = _node_count(context)
+    with pytest.raises(InputError, match="not in the scene"):
+        add_saliency_volumes(_saliency_maps(second_ct), reference_node=second, context=context, prompt="liver")
+    assert _node_count(context) == count
 
 
 def test_compact_saliency_maps_keep_their_own_grid_over_the_ct_and_others_are_refused(context):

@@ -298,6 +298,23 @@ def test_saliency_volumes_per_prompt_and_layer_and_the_overlay(logic, context, c
         logic.show_saliency(outcome, prompt="bone", layer="vit.3")
 
 
+def test_showing_a_saliency_volume_the_user_deleted_is_an_error_not_blank_views(logic, context, ct_node):
+    outcome = logic.segment(volume=ct_node, prompts=["bone"], model=BoneModel(), device="cpu", saliency=True)
+    context.scene.RemoveNode(outcome.saliency_nodes["bone"]["combined"])
+    with pytest.raises(InputError, match="was removed"):
+        logic.show_saliency(outcome, prompt="bone", layer="combined")
+    context.scene.RemoveNode(ct_node)
+    with pytest.raises(InputError, match="was removed"):
+        logic.show_saliency(outcome, prompt="bone", layer="pixels")
+
+
+def test_prompts_that_differ_only_in_case_give_one_segment(logic, ct_node):
+    assert parse_prompts("Liver\nliver \n LIVER\nspleen") == ["Liver", "spleen"]
+    outcome = logic.segment(volume=ct_node, prompts="bone\nBone", model=BoneModel(), device="cpu")
+    segmentation = outcome.segmentation_node.GetSegmentation()
+    assert [r.prompt for r in outcome.run.results] == ["bone"] and segmentation.GetNumberOfSegments() == 1
+
+
 def test_models_are_loaded_once_and_out_of_memory_falls_back_to_the_cpu(context, ct_node):
     calls = []
 
