@@ -137,6 +137,27 @@ def test_lookup_finds_names_aliases_and_targets_inside_sentences():
     assert find_description("flux capacitor") is None
 
 
+@pytest.mark.parametrize(
+    "prompt, key",
+    [
+        ("lungs excluding the nodule", "lung"),  # the pyramid's L3 prompts: never the excluded structure's text
+        ("liver without the gallbladder", "liver"),
+        ("the healthy liver, sparing the tumour", "liver"),
+        ("kidneys excluding the left kidney", "kidney"),
+        ("left kidney but not the cyst", "kidney left"),
+    ],
+)
+def test_exclusions_are_described_by_what_is_kept(prompt, key):
+    assert find_description(prompt).key == key
+
+
+def test_the_shipped_weights_description_of_exclusions_stays_available():
+    """tgcnet-tiny was trained with the whole prompt searched; its config keeps that (aux_kept_only False)."""
+    assert find_description("liver without the gallbladder", kept_only=False).key == "gallbladder"
+    assert resolve_aux_prompt("lungs excluding the nodule", use_llm=False, kept_only=False).detail.startswith("lung nodule")
+    assert resolve_aux_prompt("lungs excluding the nodule", use_llm=False).detail.startswith("lung ")
+
+
 def test_fallback_order_user_curated_template_primary():
     assert resolve_aux_prompt("spleen", user_text="  my own words ") == AuxPrompt("my own words", "user")
     curated = resolve_aux_prompt("spleen", user_text="   ")

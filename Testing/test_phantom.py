@@ -95,6 +95,14 @@ def test_lesion_selection_and_forced_side():
     assert make_phantom(seed=2, shape=SMALL, lesions="none").lesions == ()
 
 
+def test_asking_for_both_kidney_cysts_is_refused_not_half_honoured():
+    # one cyst is drawn: both sides used to give the right cyst alone, silently
+    with pytest.raises(InputError, match="one kidney cyst"):
+        make_phantom(seed=2, shape=(8, 24, 24), lesions=("kidney_cyst_left", "kidney_cyst_right"))
+    assert make_phantom(seed=2, shape=(8, 24, 24), lesions=("kidney_cyst", "kidney_cyst_left")).anatomy["lesions"][
+        "kidney_cyst"]["side"] == "left"
+
+
 # --- image realism -----------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from TextSegmentLib.colors import LEFT, RIGHT, lookup
 from TextSegmentLib.errors import InputError
 from TextSegmentLib.phantom import LABEL_IDS, LABELS, make_phantom
 from TextSegmentLib.prompts import (
@@ -180,9 +181,54 @@ def test_every_table_phrasing_resolves_to_its_target():
         assert resolve_target(comp.text.upper()) == comp.target
 
 
+def test_exclusion_from_the_body_removes_only_the_named_structure():
+    # every name lies in the body: "the lungs" are the lungs, not every name with a "lung" word (pulmonary vein)
+    names = {1: "body", 2: "lung_upper_lobe_left", 3: "pulmonary_vein", 4: "spleen", 5: "portal_vein_and_splenic_vein"}
+    assert resolve_target("body excluding the lungs", label_names=names) == Target(("body",), ("lungs",))
+    assert resolve_target("body without the spleen", label_names=names) == Target(("body",), ("spleen",))
+    label_map = np.arange(1, 6, dtype=np.uint8).reshape(1, 1, 5)
+    truth = ground_truth(resolve_target("body excluding the lungs", label_names=names), label_map, names)
+    assert truth.ravel().tolist() == [True, False, True, True, True]
+
+
+@pytest.mark.parametrize("text", ["the cyst in the liver", "nodule in the liver", "the nodule in the spleen"])
+def test_a_lesion_placed_in_an_organ_that_does_not_hold_it_is_not_understood(text):
+    # not the kidney cyst or the lung nodule: their ground truth lies elsewhere
+    assert resolve_target(text) is None
+    assert resolve_target(text, label_names=LABELS) is None
+
+
+def test_a_lesion_placed_in_part_of_its_organ_group_still_resolves():
+    assert resolve_target("the nodule in the left lung") == Target(("lung_nodule",))
+    assert resolve_target("the nodule in the right lower lobe") == Target(("lung_nodule",))
+
+
+def test_segment_meaning_follows_the_resolved_target():
+    # colours and DICOM codes read the prompt as ``resolve_target`` does: the table's "sparing" L3 prompt is
+    # the liver (not a tumour), and "L"/"R" abbreviations give the laterality the ground truth has
+    for text in ("the healthy liver, sparing the tumour", "liver sparing the tumor"):
+        assert resolve_target(text) == Target(("liver",), ("liver_tumor",))
+        style = lookup(text)
+        assert style.type.meaning == "Liver" and style.region is None, text
+        assert style.rgb == lookup("liver").rgb
+    assert resolve_target("L kidney") == Target(("kidney_left",)) and lookup("L kidney").modifier == LEFT
+    assert resolve_target("RT lung") == Target(("lung_right",)) and lookup("RT lung").modifier == RIGHT
+    assert lookup("R kidney cyst").region_modifier == RIGHT
+    assert lookup("L1 vertebra").modifier is None
+
+
 def test_resolve_target_knows_a_maps_own_label_names():
     assert resolve_target("Tumor Bed (Left)") is None
     assert resolve_target("Tumor Bed (Left)", label_names={1: "tumor_bed_left"}) == Target(("tumor_bed_left",))
+
+
+@pytest.mark.parametrize("text", ["caudate lobe", "Caudate_Lobe", "the caudate lobe of the liver"])
+def test_a_maps_own_lobe_labels_are_found(text):
+    # "lobe" alone means a lung lobe for the table's names; a map's own lobe label must still match itself
+    names = {1: "liver", 2: "caudate_lobe", 3: "lung_upper_lobe_left"}
+    assert find_target_name(text.replace(" of the liver", ""), known=names.values()) == "caudate_lobe"
+    assert resolve_target(text, label_names=names) == Target(("caudate_lobe",))
+    assert resolve_target("left upper lobe", label_names=names) == Target(("lung_upper_lobe_left",))
 
 
 # --- the curated table ----------------------------------------------------------------------------------

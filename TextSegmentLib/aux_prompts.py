@@ -54,6 +54,10 @@ _LESION_WORDS = frozenset(
 )
 
 
+# words after which a prompt names what to leave out (as ``prompts`` splits them): not the target
+_EXCLUSION = re.compile(r"\b(?:excluding|without|but not|except|minus|sparing|other than|not including|apart from|not)\b")
+
+
 @dataclass(frozen=True)
 class ClinicalDescription:
     """One curated entry; ``source`` says where the wording came from (licence trail)."""
@@ -147,16 +151,24 @@ def _phrase_index(path: Optional[str] = None) -> dict[str, ClinicalDescription]:
     return index
 
 
-def find_description(prompt: str, *, path: Optional[str] = None) -> Optional[ClinicalDescription]:
+def find_description(
+    prompt: str, *, path: Optional[str] = None, kept_only: bool = True
+) -> Optional[ClinicalDescription]:
     """The curated entry for a prompt: an exact (normalised) name or alias, else the longest one
-    contained in the prompt as whole words ("segment the liver tumour here" → "liver tumor")."""
+    contained in the prompt as whole words ("segment the liver tumour here" → "liver tumor").
+
+    ``kept_only`` looks only before an exclusion word, so "lungs excluding the nodule" is described
+    as the lungs, not the nodule. ``False`` searches the whole prompt, as the shipped tgcnet-tiny
+    weights were trained (``TGCNetConfig.aux_kept_only``, ``docs/design.md``).
+    """
     target = normalise_target(prompt)
     if not target:
         return None
     index = _phrase_index(path)
     if target in index:
         return index[target]
-    padded = f" {target} "
+    searched = _EXCLUSION.split(prompt.lower(), maxsplit=1)[0] if kept_only else prompt
+    padded = f" {normalise_target(searched)} "
     found = [phrase for phrase in index if f" {phrase} " in padded]
     if not found:
         return None
@@ -280,10 +292,12 @@ def resolve_aux_prompt(
     use_llm: bool = True,
     llm: Optional[LLMEndpoint] = None,
     cache: Optional[LLMAnswerCache] = None,
+    kept_only: bool = True,
 ) -> AuxPrompt:
     """Pick the auxiliary text for ``prompt``: user → LLM (if configured) → curated → template → prompt.
 
     ``llm=None`` reads the endpoint from the environment; ``use_llm=False`` never asks one.
+    ``kept_only`` as in ``find_description``.
     """
     if user_text and user_text.strip():
         return AuxPrompt(user_text.strip(), "user")
@@ -292,7 +306,7 @@ def resolve_aux_prompt(
         answer = ask_llm(prompt, endpoint=endpoint, cache=cache)
         if answer:
             return AuxPrompt(answer, "llm", endpoint.model or "")
-    entry = find_description(prompt)
+    entry = find_description(prompt, kept_only=kept_only)
     if entry is not None:
         return AuxPrompt(entry.text, "curated", f"{entry.key} ({entry.source})")
     template = template_description(prompt)

@@ -156,7 +156,8 @@ _FALLBACK_PALETTE = (
 )
 
 # words after which the prompt says what to leave out ("left kidney excluding the cyst")
-_EXCLUSION = re.compile(r"\b(excluding|except|without|not|minus|apart from|other than)\b")
+# (the words ``prompts`` splits exclusions on, so the coded meaning is that of the ground truth)
+_EXCLUSION = re.compile(r"\b(excluding|except|without|not|minus|sparing|apart from|other than)\b")
 
 
 def normalise(text: str) -> str:
@@ -176,8 +177,8 @@ def _find(entries: tuple[_Entry, ...], text: str) -> Optional[_Entry]:
 
 
 def _laterality(text: str) -> Optional[Code]:
-    left = re.search(r"\bleft\b", text) is not None
-    right = re.search(r"\bright\b", text) is not None
+    left = re.search(r"\b(left|l|lt)\b", text) is not None  # "L kidney", "kidney (lt)": as ``prompts`` reads them
+    right = re.search(r"\b(right|r|rt)\b", text) is not None
     if left == right:  # neither, or both ("left and right kidney")
         return None
     return LEFT if left else RIGHT

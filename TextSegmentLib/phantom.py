@@ -322,6 +322,9 @@ def _lesion_mode(lesions: Union[str, Iterable[str]]) -> Union[str, tuple[str, ..
         raise InputError(
             f"unknown lesion(s) {', '.join(unknown)}; use 'random', 'all', 'none' or names from {', '.join(sorted(allowed))}"
         )
+    if {"kidney_cyst_left", "kidney_cyst_right"} <= set(names):  # one cyst is drawn: asking both would drop one
+        raise InputError("a phantom has one kidney cyst: ask for kidney_cyst_left or kidney_cyst_right, not both "
+                         "(or kidney_cyst for a random side)")
     return names
 
 

@@ -186,6 +186,15 @@ def test_auxiliary_text_changes_the_mask_and_defaults_to_the_curated_description
     torch.testing.assert_close(tiny.encode_text(["liver"]).tokens, tiny.encode_text(["liver"], [curated]).tokens)
 
 
+@pytest.mark.parametrize("kept_only, described", [(False, "gallbladder"), (True, "liver")])
+def test_exclusion_prompts_are_described_as_the_config_says(tiny, kept_only, described):
+    """aux_kept_only False (the shipped weights' training): the gallbladder's text; True: the liver's."""
+    config = dataclasses.replace(tiny.config, aux_kept_only=kept_only)
+    model = TGCNet(config, vision=tiny.vision, text=tiny.text).eval()
+    expected = model.encode_text(["liver without the gallbladder"], [find_description(described).text])
+    torch.testing.assert_close(model.encode_text(["liver without the gallbladder"]).tokens, expected.tokens)
+
+
 def test_without_date_the_auxiliary_text_is_ignored(tiny, images):
     config = dataclasses.replace(tiny.config, use_date=False, use_vlcm=False)
     model = TGCNet(config, vision=tiny.vision, text=tiny.text).eval()

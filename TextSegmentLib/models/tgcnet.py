@@ -76,6 +76,9 @@ class TGCNetConfig:
     use_date: bool = True  # False: the prompt's own tokens stand in for the auxiliary text (ablation)
     use_vlcm: bool = True
     aux_use_llm: bool = True  # ask an LLM for auxiliary text when the user configured one (aux_prompts)
+    # True: an exclusion prompt is described by what it keeps ("liver without the gallbladder" → the
+    # liver); False, as the shipped tiny weights were trained: by the longest name anywhere in it
+    aux_kept_only: bool = False
     # The paper freezes both CLIP towers: they arrive pretrained. A tower trained from random
     # weights (our CPU-trained tiny model) knows no words and sees no organs, so it may open them.
     train_text_tower: bool = False
@@ -406,7 +409,8 @@ class TGCNet(ViTJointTaps, TextSegmentationModel):
         prompts = list(prompts)
         count, texts = len(prompts), list(prompts)
         if self.config.use_date:
-            resolved = resolve_aux_prompts(prompts, aux_prompts, use_llm=self.config.aux_use_llm)
+            resolved = resolve_aux_prompts(prompts, aux_prompts, use_llm=self.config.aux_use_llm,
+                                           kept_only=self.config.aux_kept_only)
             for prompt, aux in zip(prompts, resolved):
                 log.debug("auxiliary text for %r from %s %s", prompt, aux.source, aux.detail)
             texts += [aux.text for aux in resolved]

@@ -68,15 +68,20 @@ def canonical_target_name(text: str, *, known: Optional[Iterable[str]] = None) -
 
 def find_target_name(text: str, *, known: Optional[Iterable[str]] = None) -> Optional[str]:
     """The canonical name ``text`` stands for, or None when it is not a known target name."""
-    w = set(words(text))
-    if "lobe" in w:
-        w.add("lung")
-    key = frozenset(w)
+    key = _name_key(text)
     if known:
-        extra = {frozenset(words(n)): n for n in known}
+        extra = {_name_key(n): n for n in known}  # keyed as the text is: "caudate_lobe" is found by "caudate lobe"
         if key in extra:
             return extra[key]
     return _vocabulary().get(key)
+
+
+def _name_key(text: str) -> frozenset:
+    """A name's words as a set; a lobe is a lung's unless named otherwise ("left lower lobe")."""
+    w = set(words(text))
+    if "lobe" in w:
+        w.add("lung")
+    return frozenset(w)
 
 
 def display_name(name: str) -> str:
@@ -147,7 +152,11 @@ def _piece(text: str, *, context: tuple[str, ...], known: tuple[str, ...]) -> Op
         name = find_target_name(" ".join(base + [side]), known=known) if side else None
         return (name,) if name else None
     if context:  # "left kidney but not the cyst": the cyst *of the left kidney*
-        inner = [d for c in context for d in descendants(c, _all_names(known)) if w <= set(words(d))]
+        vocab = _all_names(known)
+        exact = find_target_name(text, known=known)  # "body excluding the lungs": the lungs, not every name with "lung"
+        if exact and any(exact == c or exact in descendants(c, vocab) for c in context):
+            return (exact,)
+        inner = [d for c in context for d in descendants(c, vocab) if w <= set(words(d))]
         if inner:
             return _simplest(inner, known)
     name = find_target_name(text, known=known)
@@ -163,9 +172,26 @@ def _piece(text: str, *, context: tuple[str, ...], known: tuple[str, ...]) -> Op
             if best:
                 return _simplest([d for s, d in scored if s == best], known)
             name = find_target_name(part[0], known=known)  # "the nodule in the left lung"
-            if name:
+            if name and _near(name, wholes, known):  # not "the cyst in the liver" -> kidney cyst
                 return (name,)
     return None
+
+
+def _near(name: str, wholes: tuple[str, ...], known: tuple[str, ...]) -> bool:
+    """``name`` lies in one of ``wholes`` or in a group holding one (a lung's nodule is in "lungs").
+
+    Groups of every label ("body") are no evidence: everything lies in the body. A map's own label
+    that the table does not know ("caudate_lobe") has no groups to check, so it is taken as named.
+    """
+    if name in known and name not in _vocabulary().values():
+        return True
+    vocab = _all_names(known)
+    groups = [g for g, members in GROUPS.items() if "*" not in members]
+    for whole in wholes:
+        scopes = [whole, *(g for g in groups if whole in descendants(g, vocab))]
+        if any(name == s or name in descendants(s, vocab) for s in scopes):
+            return True
+    return False
 
 
 def _simplest(names: list[str], known: tuple[str, ...]) -> tuple[str, ...]:
