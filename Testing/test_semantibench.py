@@ -138,6 +138,23 @@ def test_evaluate_case_scores_the_masks_after_the_users_clean_up():
     assert all(r.predicted_voxels == 0 for r in dropped.results) and dropped.false_positive_rate() == 0.0
 
 
+def test_cases_sharing_a_file_name_stay_apart_in_the_report_and_the_pairs():
+    """TotalSegmentator's layout names every case ct.nii.gz: two of them are still two cases."""
+    import dataclasses
+
+    from TextSegmentLib.semantibench import run_bench
+    from TextSegmentLib.training import phantom_cases
+
+    cases = [dataclasses.replace(c, name="ct.nii.gz") for c in phantom_cases([7, 8], shape=(4, 32, 32))]
+    everything = run_bench(_ConstantModel(10.0), cases, model_name="all", weights="w", dataset="toy", device="cpu")
+    nothing = run_bench(_ConstantModel(-10.0), cases, model_name="none", weights="w", dataset="toy", device="cpu")
+    assert everything.summary()["cases"] == 2 and len(everything.pss_per_case()) == 2
+    assert everything.cases == ["ct.nii.gz #1", "ct.nii.gz #2"]
+    comparison = compare(everything, nothing)
+    for level in ("L1", "L2", "L3"):
+        assert comparison[level]["n"] == len(everything.scores(level)) == len(nothing.scores(level))  # no pair lost
+
+
 def test_a_speck_on_a_negative_is_a_false_positive_but_not_a_false_finding():
     speck = PromptResult("c", "brain", "negative", "brain", 0, 3, None, largest_component_ml=0.01)
     blob = PromptResult("c", "heart", "negative", "heart", 0, 900, None, largest_component_ml=FINDING_ML)

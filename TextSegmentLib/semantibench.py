@@ -315,15 +315,45 @@ def run_bench(
     import time
 
     cases = list(cases)
+    names = _distinct_names([case.name for case in cases])
     started = time.perf_counter()
     results: list[PromptResult] = []
-    for i, case in enumerate(cases):
-        results += evaluate_case(model, case, seed=seed + i, **options)
+    for i, (case, name) in enumerate(zip(cases, names)):
+        scored = evaluate_case(model, case, seed=seed + i, **options)
+        for r in scored:  # per-case statistics and the Wilcoxon pairs are keyed by the case's name
+            r.case = name
+        results += scored
         if progress is not None:
             progress((i + 1) / len(cases), f"case {i + 1}/{len(cases)}")
-        log.info("bench %s: case %s done", model_name, case.name)
+        log.info("bench %s: case %s done", model_name, name)
     return BenchReport(model=model_name, weights=weights, dataset=dataset, results=results,
                        seconds=time.perf_counter() - started)
+
+
+def _distinct_names(names: Sequence[str]) -> list[str]:
+    """The case names, with ``#k`` added where several cases share one (TotalSegmentator's ``sXXXX/ct.nii.gz``).
+
+    Two cases under one name would be merged into one case and would overwrite each other's
+    (case, prompt) pairs in ``compare``.
+    """
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    taken, out, seen = set(names), [], {}
+    for name in names:
+        if counts[name] == 1:
+            out.append(name)
+            continue
+        k = seen.get(name, 0)
+        while True:
+            k += 1
+            candidate = f"{name} #{k}"
+            if candidate not in taken:
+                break
+        seen[name] = k
+        taken.add(candidate)
+        out.append(candidate)
+    return out
 
 
 def write_report(report: BenchReport, folder: Path, *, comparison: Optional[dict] = None) -> dict[str, Path]:

@@ -2,8 +2,9 @@
 
 ``torchrun --nproc-per-node N -m TextSegmentLib train ...`` sets ``RANK``/``WORLD_SIZE``/
 ``LOCAL_RANK``/``MASTER_ADDR``; without them everything here is a no-op and training runs in one
-process. gloo on the CPU, NCCL on CUDA. Each rank samples its own batches (seed + rank); rank 0
-alone validates, plots and writes checkpoints.
+process. gloo on the CPU, NCCL on CUDA (with gloo beside it for the CPU values: logged losses,
+samplers). Each rank samples its own batches (seed + rank); rank 0 alone validates, plots and
+writes checkpoints, which hold every rank's sampler.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def init_distributed(*, device: torch.device) -> DistInfo:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # NCCL carries CUDA tensors only; the losses averaged for the log, the stop decision and the
+        # samplers gathered for the checkpoint are CPU values, which gloo carries beside it
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
         log.info("rank %d of %d joined the process group (%s)", info.rank, world, dist.get_backend())
     return info
 
@@ -60,6 +63,20 @@ def mean_across(value: float, info: DistInfo) -> float:
     tensor = torch.tensor([float(value)], dtype=torch.float64)
     dist.all_reduce(tensor)
     return float(tensor.item()) / info.world_size
+
+
+def any_across(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when it is true on any: one decision that every rank acts on together."""
+    return mean_across(1.0 if flag else 0.0, info) > 0
+
+
+def gather_text(text: str, info: DistInfo) -> list[str]:
+    """Every rank's ``text``, in rank order, on every rank (``[text]`` without distribution)."""
+    if not info.enabled:
+        return [text]
+    texts: list = [None] * info.world_size
+    dist.all_gather_object(texts, text)
+    return [str(t) for t in texts]
 
 
 def barrier(info: DistInfo) -> None:

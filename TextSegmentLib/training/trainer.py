@@ -159,8 +159,15 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         step, history, best = int(state["step"]), json.loads(state["history"]), float(state["best"])
-        rng.bit_generator.state = json.loads(state["rng"])
-        train_pool.difficulty = json.loads(state.get("difficulty", "{}"))
+        # each rank continues its own sampler (older checkpoints hold rank 0's alone)
+        rngs = json.loads(state.get("rank_rng", "[]")) or [json.loads(state["rng"])]
+        difficulties = json.loads(state.get("rank_difficulty", "[]")) or [json.loads(state.get("difficulty", "{}"))]
+        if info.rank < len(rngs):
+            rng.bit_generator.state = rngs[info.rank]
+            train_pool.difficulty = difficulties[info.rank]
+        else:
+            log.warning("rank %d: %s holds no sampler state for this rank; it continues with a fresh one",
+                        info.rank, state_path)
         log.info("resumed %s at step %d", state_path, step)
     model.to(device).train()
     runner = distributed.wrap(_Step(model), info, device=device)
@@ -208,7 +215,13 @@ def train(
 
         finished = step >= config.steps
         out_of_time = config.max_minutes is not None and time.monotonic() - started > 60 * config.max_minutes
+        if config.max_minutes is not None:  # every rank stops at the same step, or the others wait forever
+            out_of_time = distributed.any_across(out_of_time, info)
         stopping = finished or out_of_time or (config.stop_after is not None and run_steps >= config.stop_after)
+        saving = step % config.checkpoint_every == 0 or stopping
+        if saving:  # every rank's sampler, so that a resume continues each rank's own batches
+            rank_rng = distributed.gather_text(json.dumps(rng.bit_generator.state), info)
+            rank_difficulty = distributed.gather_text(json.dumps(train_pool.difficulty), info)
         if info.is_main:
             if val_pairs is not None and (step % config.val_every == 0 or stopping):
                 scores = validate(model, val_pool, val_pairs, device=device)
@@ -219,8 +232,8 @@ def train(
                 if scores["mean"] > best:
                     best = scores["mean"]
                     _save_weights(model, out_dir / "best.safetensors", config, step=step, scores=scores)
-            if step % config.checkpoint_every == 0 or stopping:
-                _save_state(state_path, model, optimizer, schedule, step, history, best, rng, train_pool.difficulty)
+            if saving:
+                _save_state(state_path, model, optimizer, schedule, step, history, best, rank_rng, rank_difficulty)
                 plot_curves(history, out_dir / "curves.png")
             if progress is not None:
                 progress(step / config.steps, f"step {step}/{config.steps} loss {loss_value:.3f}")
@@ -283,11 +296,14 @@ def validate(model: nn.Module, pool: SlicePool, pairs: list, *, device: torch.de
     return scores
 
 
-def _save_state(path, model, optimizer, schedule, step, history, best, rng, difficulty) -> None:
+def _save_state(path, model, optimizer, schedule, step, history, best, rank_rng, rank_difficulty) -> None:
+    """``rank_rng`` / ``rank_difficulty``: each rank's sampler state and prompt difficulties as JSON, in rank order."""
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-        "step": step, "history": json.dumps(history), "best": best, "rng": json.dumps(rng.bit_generator.state),
-        "difficulty": json.dumps(difficulty),
+        "step": step, "history": json.dumps(history), "best": best, "rng": rank_rng[0],
+        "difficulty": rank_difficulty[0],  # rank 0's, as before: older code reads these
+        "rank_rng": json.dumps([json.loads(r) for r in rank_rng]),
+        "rank_difficulty": json.dumps([json.loads(d) for d in rank_difficulty]),
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
