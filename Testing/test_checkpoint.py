@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from TextSegmentLib.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
+from TextSegmentLib import checkpoint
+from TextSegmentLib.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint, verify_checkpoint_data
 from TextSegmentLib.errors import ModelError, OutputExistsError, WeightsError
 from TextSegmentLib.models import registry
 from TextSegmentLib.models.base import TextSegmentationModel
@@ -274,3 +276,25 @@ def test_edited_config_that_cannot_build_the_model_is_a_weights_error(tiny_famil
     _rewrite_header(path, edit)
     with pytest.raises(WeightsError, match="cannot build model 'ckpt-tiny'"):
         load_checkpoint(path)
+
+
+def _deny_reading(monkeypatch, module, path) -> None:
+    """Make ``open`` in ``module`` raise PermissionError for ``path`` (the tests run as root)."""
+    real_open = open
+
+    def guarded(file, *args, **kwargs):
+        if Path(file) == Path(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(module, "open", guarded, raising=False)
+
+
+@pytest.mark.parametrize("call", [read_checkpoint_info, load_checkpoint, verify_checkpoint_data])
+def test_unreadable_checkpoint_is_a_weights_error_naming_it(tiny_family, tmp_path, monkeypatch, call):
+    path = tmp_path / "tiny.safetensors"
+    save_checkpoint(_trained(), path, model_name="ckpt-tiny")
+    _deny_reading(monkeypatch, checkpoint, path)
+    with pytest.raises(WeightsError, match="cannot read this weights file \\(Permission denied\\)") as info:
+        call(path)
+    assert str(path) in str(info.value)

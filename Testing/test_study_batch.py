@@ -354,3 +354,19 @@ def test_overwrite_keeps_an_earlier_folder_of_a_failed_series_but_does_not_repor
     assert saved["status"] == "failed" and saved["folder"] is None and saved["outputs"] == []
     assert any(folder in w and "earlier run" in w for w in saved["warnings"])
     assert again.series[0].folder is None
+
+
+def test_batch_records_the_weights_that_ran_not_the_option(shared_data, tmp_path):
+    from TextSegmentLib.weights import load_manifest
+
+    default = load_manifest().default_for("freqmedclip-tiny")
+    out = tmp_path / "out"
+    code = main(["batch", str(shared_data / "dicom" / "dcmqi_ct3slice" / "series"), "-p", "liver", "--out", str(out),
+                 "--device", "cpu", "--no-dicom-seg", "--probability-grid", "compact", "--saliency", "-q"])
+    assert code == 0
+    saved = json.loads((out / REPORT).read_text())
+    folder = out / saved["series"][0]["folder"]
+    legends = [json.loads((folder / name).read_text()) for name in ("segmentation.json", "saliency/saliency_legend.json")]
+    for record in [saved, *legends]:
+        assert record["weights"] == default.id and record["weights_sha256"] == default.sha256
+        assert record["weights_file"].endswith(default.file) and len(record["weights_data_sha256"]) == 64

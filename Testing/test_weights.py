@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from TextSegmentLib import cli, weights
+from TextSegmentLib import checkpoint, cli, weights
 from TextSegmentLib.checkpoint import save_checkpoint
 from TextSegmentLib.errors import Cancelled, InputError, WeightsError
 from TextSegmentLib.models import registry
@@ -387,8 +387,12 @@ def test_home_follows_the_environment(tmp_path, monkeypatch):
         ([{"id": i, "model": "wee", "file": "a.st", "sha256": "0" * 64, "default": True} for i in "ab"], "more than one default"),
         ([{"model": "wee"}], "lacks the required key 'id'"),
         ([{"id": "a", "model": "wee", "kind": "zip"}], "kind must be one of"),
+        ([{"id": "a", "model": "wee", "file": "a.st", "sha256": "0" * 64, "default": "false"}], "'default' must be true or false"),
+        ([{"id": "a", "model": "wee", "file": "a.st", "sha256": "0" * 64, "bundled": "false"}], "'bundled' must be true or false"),
+        ([{"id": "a", "model": "wee", "file": "a.st", "sha256": "0" * 64, "default": 1}], "'default' must be true or false"),
     ],
-    ids=["duplicate", "bad-sha", "path-in-file", "two-defaults", "no-id", "bad-kind"],
+    ids=["duplicate", "bad-sha", "path-in-file", "two-defaults", "no-id", "bad-kind", "quoted-default", "quoted-bundled",
+         "numeric-default"],
 )
 def test_bad_manifests_name_the_file_and_the_problem(tmp_path, entries, expected):
     path = _manifest(tmp_path, *entries)
@@ -491,3 +495,35 @@ def test_import_into_a_home_that_cannot_be_written_is_a_clear_error(tmp_path, mo
     assert err.startswith("textsegment weights: error:") and weights.ENV_HOME in err
     assert len(err.strip().splitlines()) == 1
     assert blocker.read_text() == "a file where the cache folder should be"
+
+
+def _deny_reading(monkeypatch, path) -> None:
+    """``open`` raises PermissionError for ``path`` in the weights and checkpoint code (the tests run as root)."""
+    real_open = open
+
+    def guarded(file, *args, **kwargs):
+        if os.fspath(file) == os.fspath(path):
+            raise PermissionError(13, "Permission denied", os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    for module in (weights, checkpoint):
+        monkeypatch.setattr(module, "open", guarded, raising=False)
+
+
+def test_unreadable_weights_files_are_weights_errors_naming_them(tmp_path, published, monkeypatch, capsys, no_network):
+    _, file_path = published
+    manifest = _manifest(tmp_path, _entry(file_path))
+    cached = _place_in_cache(file_path, manifest)
+    _deny_reading(monkeypatch, cached)
+    with pytest.raises(WeightsError, match="cannot read this weights file \\(Permission denied\\)") as err:
+        load_model("wee", manifest=manifest)  # the cached default: hashed before use
+    assert str(cached) in str(err.value)
+
+    _deny_reading(monkeypatch, file_path)
+    with pytest.raises(WeightsError, match="cannot read this weights file") as err:
+        load_model("wee", weights=str(file_path), manifest=manifest)  # a path: its header is read first
+    assert str(file_path) in str(err.value)
+    monkeypatch.setenv(weights.ENV_MANIFEST, manifest)
+    assert _cli(monkeypatch, "weights", "import", str(file_path)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("textsegment weights: error:") and str(file_path) in err and len(err.strip().splitlines()) == 1

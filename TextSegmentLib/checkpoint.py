@@ -146,10 +146,13 @@ def verify_checkpoint_data(path: PathLike) -> CheckpointInfo:
     header, data_start = _read_header(path)
     info = _info_from_header(path, header)
     digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        stream.seek(data_start)
-        while chunk := stream.read(_CHUNK):
-            digest.update(chunk)
+    try:
+        with open(path, "rb") as stream:
+            stream.seek(data_start)
+            while chunk := stream.read(_CHUNK):
+                digest.update(chunk)
+    except OSError as exc:
+        raise unreadable_error(path, exc) from None
     if digest.hexdigest() != info.data_sha256:
         raise WeightsError(
             f"{path}: the tensor data does not match the checksum in its header: the file is tampered with or "
@@ -338,17 +341,25 @@ def _info_from_header(path: Path, header: dict[str, Any]) -> CheckpointInfo:
     )
 
 
+def unreadable_error(path: Path, exc: OSError) -> WeightsError:
+    """The error for a weights file that exists but cannot be read (permissions, I/O), not a traceback."""
+    return WeightsError(f"{path}: cannot read this weights file ({exc.strerror or exc}); check its permissions or copy it anew")
+
+
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:
     """The header dict and the offset where tensor data starts; any damage is a ``WeightsError``."""
     if not path.is_file():
         raise InputError(f"checkpoint {path} not found (or not a file)")
-    total = path.stat().st_size
-    with open(path, "rb") as stream:
-        prefix = stream.read(8)
-        size = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if size <= 1 or size > min(_MAX_HEADER, total - 8):
-            raise WeightsError(f"{path} is not a safetensors checkpoint (bad header length); the file is corrupt or of another kind")
-        raw = stream.read(size)
+    try:
+        total = path.stat().st_size
+        with open(path, "rb") as stream:
+            prefix = stream.read(8)
+            size = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if size <= 1 or size > min(_MAX_HEADER, total - 8):
+                raise WeightsError(f"{path} is not a safetensors checkpoint (bad header length); the file is corrupt or of another kind")
+            raw = stream.read(size)
+    except OSError as exc:
+        raise unreadable_error(path, exc) from None
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):

@@ -66,11 +66,14 @@ class StudyReport:
     output_dir: str
     prompts: list[str]
     model: str
-    weights: Optional[str]
+    weights: Optional[str]  # what ran (``weights.weights_record``), not the option given
     series: list[SeriesOutcome]
     corrupt_files: list[dict[str, str]] = field(default_factory=list)  # DICOM files skipped: unreadable headers
     cancelled: bool = False
     seconds: float = 0.0
+    weights_file: Optional[str] = None
+    weights_sha256: Optional[str] = None
+    weights_data_sha256: Optional[str] = None
 
     @property
     def ok(self) -> list[SeriesOutcome]:
@@ -144,13 +147,14 @@ def segment_study(
     _check_free(output_dir, [o.folder for _, o in todo], overwrite=overwrite)
 
     model_name = model_name or (model if isinstance(model, str) else type(model).__name__)
-    if isinstance(model, str):
-        from .weights import load_model
+    from .weights import load_model, weights_record
 
+    if isinstance(model, str):
         model = load_model(model, weights=weights, device=device)
+    ran = weights_record(model, weights)
     reader = reader or (lambda series: _read(series, source=dicom_dir))
-    report = StudyReport(str(dicom_dir), str(output_dir), prompt_list, model_name, weights, outcomes,
-                         corrupt_files=corrupt_files)
+    report = StudyReport(str(dicom_dir), str(output_dir), prompt_list, model_name, series=outcomes,
+                         corrupt_files=corrupt_files, **ran)
     overall = MonotonicProgress(progress)
     try:
         for i, (series, outcome) in enumerate(todo):
@@ -162,7 +166,7 @@ def segment_study(
 
             _run_series(
                 series, outcome, reader=reader, out_dir=output_dir, prompts=prompt_list, model=model,
-                model_name=model_name, weights=weights, aux_prompts=aux_prompts, device=device,
+                model_name=model_name, weights=ran, aux_prompts=aux_prompts, device=device,
                 batch_size=batch_size, threshold=threshold, dicom_seg=dicom_seg, saliency=saliency,
                 saliency_stage=saliency_stage, saliency_layers=saliency_layers, probability_grid=probability_grid,
                 overwrite=overwrite,
@@ -235,7 +239,7 @@ def _read(series: Any, *, source: Path) -> Any:
 
 
 def _run_series(series: Any, outcome: SeriesOutcome, *, reader: Callable[[Any], Any], out_dir: Path,
-                prompts: list[str], model: Any, model_name: str, weights: Optional[str], aux_prompts: Any,
+                prompts: list[str], model: Any, model_name: str, weights: dict[str, Any], aux_prompts: Any,
                 device: str, batch_size: Any, threshold: float, dicom_seg: bool, saliency: bool,
                 saliency_stage: int, saliency_layers: Any, probability_grid: str, overwrite: bool,
                 progress: ProgressCallback,
@@ -299,11 +303,13 @@ def _no_output(outcome: SeriesOutcome, out_dir: Path) -> None:
 
 
 def _write_series(run: Any, *, volume: Any, series: Any, folder: Path, model_name: str,
-                  weights: Optional[str], dicom_seg: bool) -> list[Path]:
+                  weights: dict[str, Any], dicom_seg: bool) -> list[Path]:
+    """``weights``: the ``weights_record`` of the model that ran, written into every legend."""
     from .export import write_segmentation
 
-    legend = {"dicom_series": series.to_dict()}
-    written = write_segmentation(run, out_dir=folder, model_name=model_name, weights=weights, extra_legend=legend)
+    legend = {**weights, "dicom_series": series.to_dict()}
+    written = write_segmentation(run, out_dir=folder, model_name=model_name, weights=weights["weights"],
+                                 extra_legend=legend)
     if dicom_seg:
         from .dicom_seg import write_dicom_seg
 
@@ -312,7 +318,7 @@ def _write_series(run: Any, *, volume: Any, series: Any, folder: Path, model_nam
     if run.features is not None:
         from .saliency import write_saliency
 
-        written += write_saliency(run.features, out_dir=folder / SALIENCY_DIR, extra_legend={"model": model_name})
+        written += write_saliency(run.features, out_dir=folder / SALIENCY_DIR, extra_legend={"model": model_name, **weights})
     return written
 
 

@@ -85,6 +85,9 @@ class WeightsEntry:
         values = {key: data[key] for key in known if key in data and data[key] is not None}
         if not isinstance(values.get("urls", []), list):
             raise WeightsError(f"{label}: 'urls' must be a list of URLs, e.g. [\"https://...\"]")
+        for key in ("bundled", "default"):  # bool("false") is True: a quoted flag would flip its meaning
+            if not isinstance(values.get(key, False), bool):
+                raise WeightsError(f"{label}: {key!r} must be true or false (a JSON boolean), not {values[key]!r}")
         try:
             entry = cls(
                 id=str(values["id"]),
@@ -97,8 +100,8 @@ class WeightsEntry:
                 size=int(values["size"]) if "size" in values else None,
                 licence=str(values.get("licence", "unknown")),
                 description=str(values.get("description", "")),
-                bundled=bool(values.get("bundled", False)),
-                default=bool(values.get("default", False)),
+                bundled=values.get("bundled", False),
+                default=values.get("default", False),
                 revision=str(values["revision"]) if "revision" in values else None,
                 origin=origin,
             )
@@ -219,11 +222,17 @@ def imported_registry_path(*, home: Optional[PathLike] = None) -> Path:
 
 
 def sha256_file(path: PathLike, *, cancel: CancelLike = None) -> str:
+    """The file's sha256; a file that cannot be read is a ``WeightsError`` naming it."""
+    from .checkpoint import unreadable_error
+
     digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(_CHUNK):
-            check_cancel(cancel)
-            digest.update(chunk)
+    try:
+        with open(path, "rb") as stream:
+            while chunk := stream.read(_CHUNK):
+                check_cancel(cancel)
+                digest.update(chunk)
+    except OSError as exc:
+        raise unreadable_error(Path(path), exc) from None
     return digest.hexdigest()
 
 
@@ -507,6 +516,23 @@ def weights_label(model: Any, weights: Optional[str] = None) -> str:
     return source.label if source is not None else str(weights or "default")
 
 
+def weights_record(model: Any, weights: Optional[str] = None) -> dict[str, Any]:
+    """The weights that actually ran, for a legend or report (not the ``--weights`` option, None by default).
+
+    ``weights``: as ``weights_label``; ``weights_file``: the file loaded; ``weights_sha256``: the whole
+    file's, where a manifest or import knows it; ``weights_data_sha256``: the tensor bytes', from the
+    checkpoint's header.
+    """
+    source = getattr(model, "weights_source", None)
+    info = getattr(source, "info", None)
+    return {
+        "weights": weights_label(model, weights),
+        "weights_file": str(source.path) if source is not None and source.path is not None else None,
+        "weights_sha256": source.entry.sha256 if source is not None and source.entry is not None else None,
+        "weights_data_sha256": info.data_sha256 if info is not None else None,
+    }
+
+
 def load_model(
     model_name: str,
     *,
@@ -703,4 +729,5 @@ __all__ = [
     "sha256_file",
     "textsegment_home",
     "verify_weights",
+    "weights_record",
 ]

@@ -214,3 +214,52 @@ def test_bench_out_naming_a_file_is_refused_before_the_run(tmp_path, capsys):
     assert main(BENCH + ["--phantom-shape", "3x48x48", "--out", str(out)]) == 2
     assert "not a folder" in capsys.readouterr().err
     assert out.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("roi, message", [
+    ("70,80,0,5,0,1", "lies entirely outside the image"),  # the phantom is 64x64x6 (I x J x K)
+    ("-9,-1,0,5,0,1", "lies entirely outside the image"),
+    ("0,5,0,5,9,12", "lies entirely outside the image"),
+    ("10,4,0,5,0,1", "I0 10 is above I1 4"),
+])
+def test_explain_refuses_a_roi_outside_the_volume_naming_its_shape(roi, message, phantom_file, tmp_path, capsys):
+    out = tmp_path / "ex"
+    code = main(["explain", str(phantom_file), "-p", "liver", "--out", str(out), "--weights", "random", "--quiet",
+                 f"--roi={roi}"])  # "=": a value starting with "-" would be taken for an option
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and "64x64x6 voxels" in err
+    assert len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_explain_clips_a_roi_partly_outside_with_a_warning(phantom_file, tmp_path, capsys):
+    out = tmp_path / "ex"
+    code = main(["explain", str(phantom_file), "-p", "liver", "--out", str(out), "--weights", "random", "--quiet",
+                 "--roi=-5,20,10,99,0,2"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "warning: --roi -5,20,10,99,0,2 reaches outside the image; clipped to 0,20,10,63,0,2" in printed
+    legend = json.loads((out / "saliency_legend.json").read_text())
+    assert "[[0, 20], [10, 63], [0, 2]]" in json.dumps(legend)
+
+
+def test_every_output_records_the_weights_that_ran_not_the_option(phantom_file, tmp_path):
+    # a default run used to record "weights": null, where demo and bench record the resolved id
+    from TextSegmentLib.weights import bundled_path, load_manifest
+
+    default = load_manifest().default_for("freqmedclip-tiny")
+    common = [str(phantom_file), "-p", "liver", "--device", "cpu", "--quiet"]
+    assert main(["segment", *common, "--out", str(tmp_path / "seg"), "--saliency", "--layers", "vit.11"]) == 0
+    assert main(["explain", *common, "--out", str(tmp_path / "ex"), "--layers", "vit.11"]) == 0
+    legends = [tmp_path / "seg" / "segmentation.json", tmp_path / "seg" / "saliency" / "saliency_legend.json",
+               tmp_path / "ex" / "saliency_legend.json"]
+    for path in legends:
+        legend = json.loads(path.read_text())
+        assert legend["weights"] == default.id and legend["weights_sha256"] == default.sha256, path
+        assert legend["weights_file"] == str(bundled_path(default)) and len(legend["weights_data_sha256"]) == 64
+
+    file = bundled_path(default)  # the same file given by path: recorded as that file, with its data checksum
+    assert main(["segment", *common, "--out", str(tmp_path / "by_path"), "--weights", str(file)]) == 0
+    legend = json.loads((tmp_path / "by_path" / "segmentation.json").read_text())
+    assert legend["weights"] == file.name and legend["weights_file"] == str(file)
+    assert legend["weights_sha256"] is None and len(legend["weights_data_sha256"]) == 64

@@ -180,3 +180,34 @@ def test_label_map_with_nan_is_refused(tmp_path):
     labels[0, 0, 0] = np.nan
     with pytest.raises(InputError, match="NaN"):
         read_label_map(_write(labels, tmp_path / "labels.nrrd"))
+
+
+@pytest.mark.parametrize(
+    "name, compress", [("ct.nii.gz", True), ("ct.nii", False), ("ct.nrrd", False), ("ct.nrrd", True),
+                       ("ct.mha", False), ("ct.mha", True)],
+)
+@pytest.mark.parametrize("keep", ["300 bytes", "half", "all but 1 byte"])
+def test_truncated_file_is_refused(tmp_path, name, compress, keep):
+    # ITK reads a NIfTI cut short (e.g. its first 300 bytes) as a whole volume, zero-filling the rest
+    array = np.linspace(-1024, 0, 8 * 32 * 32).reshape(8, 32, 32).astype(np.int16)
+    whole = tmp_path / f"whole_{name}"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(whole), compress)
+    np.testing.assert_array_equal(read_volume(whole).array, array)
+    data = whole.read_bytes()
+    path = tmp_path / name
+    path.write_bytes(data[: {"300 bytes": 300, "half": len(data) // 2, "all but 1 byte": len(data) - 1}[keep]])
+    with pytest.raises(InputError, match="truncated or corrupt") as info:
+        read_volume(path)
+    assert str(path) in str(info.value)
+
+
+def test_damaged_gzip_float_nifti_is_refused(tmp_path):
+    # the trailer's size still matches, so only the NaN scan's full read sees the damage
+    path = _write(np.random.default_rng(0).normal(0, 300, (16, 64, 64)).astype(np.float32) - 1000, tmp_path / "f.nii.gz")
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0x5A for b in data[middle : middle + 64])
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="truncated or corrupt") as info:
+        read_volume(path)
+    assert str(path) in str(info.value)

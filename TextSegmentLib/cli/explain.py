@@ -70,13 +70,37 @@ def parse_roi(text: str):
     return tuple(zip(values[0::2], values[1::2]))
 
 
+def fit_roi(box, shape):
+    """Check a parsed --roi box against the volume's (z, y, x) ``shape``; returns (box, warning or None).
+
+    A box partly outside is clipped, with a warning to show; one with I0 > I1 (etc.) or entirely
+    outside is an ``InputError``, so a mistyped box never explains some other region.
+    """
+    from ..errors import InputError
+
+    sizes = tuple(reversed(shape))  # I runs along x, J along y, K along z
+    extent = "volume is " + "x".join(map(str, sizes)) + " voxels (I x J x K; indices " + ", ".join(
+        f"0..{size - 1}" for size in sizes) + ")"
+    text = ",".join(str(v) for pair in box for v in pair)
+    for axis, (lo, hi) in zip("IJK", box):
+        if lo > hi:
+            raise InputError(f"--roi {text}: {axis}0 {lo} is above {axis}1 {hi}; give each range low,high. The {extent}")
+    clipped = tuple((max(lo, 0), min(hi, size - 1)) for (lo, hi), size in zip(box, sizes))
+    if any(lo > hi for lo, hi in clipped):
+        raise InputError(f"--roi {text} lies entirely outside the image; the {extent}")
+    if clipped == box:
+        return box, None
+    inside = ",".join(str(v) for pair in clipped for v in pair)
+    return clipped, f"--roi {text} reaches outside the image; clipped to {inside} (the {extent})"
+
+
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError, OutputExistsError
     from ..export import slug
     from ..io import read_label_map, read_volume
     from ..saliency import SaliencyConfig, explain, save_montage, write_saliency
     from ..saliency.export import LEGEND
-    from ..weights import load_model
+    from ..weights import load_model, weights_record
     from .progressbar import progress_bar
 
     out_dir = Path(args.out)
@@ -93,7 +117,11 @@ def run(args: argparse.Namespace) -> int:
         slices = slice_plan(volume, axis=args.axis).num_slices
         if not 0 <= args.slice < slices:
             raise InputError(f"--slice {args.slice} is outside the {slices} {args.axis} slices of this volume (0..{slices - 1})")
-    roi = parse_roi(args.roi) if args.roi else (read_label_map(args.target_mask) if args.target_mask else None)
+    roi = read_label_map(args.target_mask) if args.target_mask else None
+    if args.roi:
+        roi, warning = fit_roi(parse_roi(args.roi), volume.shape)
+        if warning:
+            print(f"warning: {warning}")
     model = load_model(args.model, weights=args.weights, device=args.device)
     config = SaliencyConfig(stage=args.stage, threshold=args.threshold, encoding=args.encoding, grid=args.grid)
     with progress_bar(disable=args.quiet) as bar:
@@ -112,7 +140,10 @@ def run(args: argparse.Namespace) -> int:
         )
     result = run_.features
     written = write_saliency(
-        result, out_dir=out_dir, overwrite=args.overwrite, extra_legend={"model": args.model, "weights": args.weights}
+        result,
+        out_dir=out_dir,
+        overwrite=args.overwrite,
+        extra_legend={"model": args.model, **weights_record(model, args.weights)},  # what ran, not the option
     )
     for i, (item, segmentation) in enumerate(zip(result.prompts, run_.results)):
         outline = roi if roi is not None and not isinstance(roi, tuple) else segmentation.mask

@@ -51,7 +51,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..engine import segment, validate_prompts
     from ..io import read_volume
-    from ..weights import load_model
+    from ..weights import load_model, weights_record
     from ..export import SALIENCY_DIR, check_outputs_free, write_segmentation
     from .progressbar import progress_bar
 
@@ -74,11 +74,14 @@ def run(args: argparse.Namespace) -> int:
             fill_holes=args.cleanup, min_component_ml=args.min_component_ml, progress=bar, features_sink=sink,
             probability_grid=args.probability_grid,
         )
-    written = write_segmentation(run_, out_dir=out_dir, model_name=args.model, weights=args.weights, overwrite=args.overwrite)
+    ran = weights_record(model, args.weights)  # what ran, not the option (None for the default)
+    written = write_segmentation(run_, out_dir=out_dir, model_name=args.model, weights=ran["weights"],
+                                 overwrite=args.overwrite, extra_legend=ran)
     if sink is not None:
         from ..saliency import write_saliency
 
-        written += write_saliency(run_.features, out_dir=out_dir / SALIENCY_DIR, overwrite=args.overwrite)
+        written += write_saliency(run_.features, out_dir=out_dir / SALIENCY_DIR, overwrite=args.overwrite,
+                                  extra_legend={"model": args.model, **ran})
     for warning in run_.warnings:
         print(f"warning: {warning}")
     for result in run_.results:

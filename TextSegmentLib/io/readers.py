@@ -11,11 +11,16 @@ with no air in it fails too: pass ``allow_non_ct=True`` to read such data anyway
 
 NaN or infinite voxels are an error. SimpleITK 2.x (ITK ≤ 5.4) turns them into 0 when it reads a
 NIfTI file, so float NIfTI files are also scanned for them in their raw bytes.
+
+A file holding less voxel data than its header announces is "truncated or corrupt" (``integrity``):
+ITK 5.4 would zero-fill what is missing without a word.
 """
 
 from __future__ import annotations
 
+import gzip
 import logging
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +30,7 @@ import SimpleITK as sitk
 from ..errors import InputError, NotCTError
 from ..volume import Volume
 from . import dicom
+from .integrity import check_complete
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,7 @@ FILE_FORMATS = {
 HU_AIR_AT_MOST = -500.0
 HU_MAX = 32767.0
 NOT_CT_HINT = "To read it anyway pass allow_non_ct=True (CLI: --allow-non-ct)."
+_ITK_SHORT_READ = ("fread got only", "_nrrdGzRead", "_nrrdEncodingGzip_read")  # ITK's words for a short NRRD
 
 
 def read_volume(path: Path | str, *, allow_non_ct: bool = False, series_uid: Optional[str] = None) -> Volume:
@@ -78,9 +85,12 @@ def read_image_file(path: Path | str) -> Volume:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file" if not path.exists() else f"{path}: is a folder, not an image file")
+    check_complete(path, format_name=_format_name(path))
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
+        if any(marker in str(exc) for marker in _ITK_SHORT_READ):
+            raise InputError(f"{path}: truncated or corrupt: {_itk_reason(exc)}") from exc
         raise InputError(f"{path}: cannot read this image ({_itk_reason(exc)}); use NIfTI, NRRD, MHA or DICOM") from exc
     components = image.GetNumberOfComponentsPerPixel()
     if components != 1:
@@ -93,7 +103,10 @@ def read_image_file(path: Path | str) -> Volume:
     if image.GetDimension() != 3:
         raise InputError(f"{path}: a {image.GetDimension()}D image; TextSegment needs a 3D volume")
     if _format_name(path) == "NIfTI" and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        bad = _nifti_non_finite(path)
+        try:
+            bad = _nifti_non_finite(path)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:  # damage the size check cannot see
+            raise InputError(f"{path}: truncated or corrupt: {f'{exc}'.rstrip('.')}; copy or export the file again") from None
         if bad:
             raise InputError(f"{path}: {bad} voxel(s) are NaN or infinite; fix or mask them before segmenting")
     volume = Volume(
@@ -155,8 +168,6 @@ def _nifti_non_finite(path: Path) -> int:
 
     ITK up to 5.4 (SimpleITK 2.x) silently reads them as 0, which would hide broken data.
     """
-    import gzip
-
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rb") as handle:
         data = handle.read()
