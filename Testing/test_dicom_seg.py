@@ -289,3 +289,32 @@ def test_gantry_tilted_series_gets_a_seg_with_each_frame_on_its_own_image(shared
         position = np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, dtype=np.float64)
         np.testing.assert_allclose(position, positions[referenced], atol=1e-3)
         np.testing.assert_array_equal(frame, mask[uid_to_slice[referenced]])
+
+
+def test_generated_uid_warning_only_when_a_uid_really_was_generated(dcmqi_series, tmp_path, caplog):
+    import dataclasses
+
+    mask = np.zeros(dcmqi_series.shape, dtype=np.uint8)
+    mask[:, 10:20, 10:20] = 1
+    # the reader kept no UIDs, but every file has them: they are used, and nothing is generated
+    blank = dataclasses.replace(dcmqi_series.dicom, study_instance_uid="", series_instance_uid="",
+                                frame_of_reference_uid="")
+    source = dataclasses.replace(dcmqi_series, dicom=blank)
+    with caplog.at_level("WARNING", logger="TextSegmentLib.dicom_seg"):
+        path = write_dicom_seg([_result(source, "liver", mask)], source=source, path=tmp_path / "a.dcm")
+    assert not [r for r in caplog.records if "generated" in r.getMessage()]
+    first = pydicom.dcmread(source.dicom.files[0], stop_before_pixels=True)
+    assert pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID == first.StudyInstanceUID
+    # files without a StudyInstanceUID: one is generated, and said so
+    copies = tmp_path / "series"
+    copies.mkdir()
+    for file in dcmqi_series.dicom.files:
+        ds = pydicom.dcmread(file)
+        del ds.StudyInstanceUID
+        ds.save_as(copies / Path(file).name)
+    stripped = read_volume(copies)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="TextSegmentLib.dicom_seg"):
+        write_dicom_seg([_result(stripped, "liver", mask)], source=stripped, path=tmp_path / "b.dcm")
+    generated = [r.getMessage() for r in caplog.records if "generated" in r.getMessage()]
+    assert len(generated) == 1 and "StudyInstanceUID" in generated[0]

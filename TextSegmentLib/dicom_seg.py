@@ -154,8 +154,12 @@ def _source_datasets(source: Volume) -> list[Any]:
         values = {_text(ds, keyword) for ds in datasets} - {""}
         if len(values) > 1:
             raise InputError(f"{source.source or 'volume'}: the source files disagree on {keyword} ({sorted(values)}); not one series")
-        value = values.pop() if values else known or _stable_uid(keyword, instance_uids)
-        if not values and not known:
+        if values:
+            value = values.pop()
+        elif known:
+            value = known
+        else:  # warned only here: a UID the files or the reader gave needs no warning
+            value = _stable_uid(keyword, instance_uids)
             log.warning("source series has no %s; using the stable generated %s", keyword, value)
         for ds in datasets:
             setattr(ds, keyword, value)

@@ -454,8 +454,8 @@ def add_saliency_volumes(
 
     ``maps`` is a ``{layer: Volume}`` mapping or a saliency ``PromptSaliency`` (its ``.maps`` and
     ``.prompt``). Volumes added before for the same prompt, layer and reference volume are updated
-    in place (another volume's maps for the same prompt are left alone). Returns ``{layer: node}``
-    in the order given.
+    in place (another volume's maps for the same prompt are left alone) and put under the reference's
+    current parent transform, as new ones are. Returns ``{layer: node}`` in the order given.
     """
     context = _context(context)
     prompt = prompt if prompt is not None else getattr(maps, "prompt", "")
@@ -483,7 +483,9 @@ def add_saliency_volumes(
         display.SetWindowLevelMinMax(0.0, 1.0)
         display.SetApplyThreshold(True)  # voxels without saliency stay transparent over the CT
         display.SetThreshold(1e-3, 1.0)
-        if key not in existing:
+        if key in existing:  # the input may have moved under another transform since: follow it
+            node.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
+        else:
             _place_beside(node, reference_node, context)
         nodes[layer] = node
     return nodes

@@ -210,6 +210,24 @@ def parse_aux_prompts(text: Union[str, Sequence[str], None], *, count: int) -> O
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 
 
+class _EitherToken(CancelToken):
+    """The job's own token, also cancelled by the caller's (a token or, as the engine takes, a
+    zero-argument callable): the worker and the engine check one token."""
+
+    def __init__(self, other: Union[CancelToken, Callable[[], bool], None] = None) -> None:
+        super().__init__()
+        self._other = other
+
+    @property
+    def cancelled(self) -> bool:
+        other = self._other
+        return super().cancelled or bool(other is not None and (other() if callable(other) else other.cancelled))
+
+    def raise_if_cancelled(self) -> None:
+        if self.cancelled:
+            raise Cancelled("cancelled by the user; no output was written")
+
+
 @dataclass
 class Job:
     """One piece of work: computed on the worker, finished (applied to the scene) by ``poll()``."""
@@ -219,6 +237,7 @@ class Job:
     compute: Callable[[ProgressCallback, CancelToken], Any] = field(repr=False)
     apply: Optional[Callable[[Any], Any]] = field(default=None, repr=False)
     cancel_token: CancelToken = field(default_factory=CancelToken, repr=False)
+    progress: Optional[ProgressCallback] = field(default=None, repr=False)  # the caller's; called by poll()
     state: str = QUEUED
     fraction: float = 0.0
     message: str = ""
@@ -368,7 +387,9 @@ class SegmentationLogic:
         """Segment ``volume`` (a scalar volume node) with one segment per prompt.
 
         ``wait=True`` computes and applies on the caller's thread and returns a ``SegmentOutcome``;
-        ``wait=False`` returns a ``Job`` whose ``result`` is that outcome once ``poll()`` finished it.
+        ``wait=False`` returns a ``Job`` whose ``result`` is that outcome once ``poll()`` finished it:
+        ``cancel`` then cancels it as ``job.cancel()`` does, and ``progress`` is called by ``poll()``
+        on the main thread, never from the worker (so it may update Qt widgets and MRML).
         ``model`` is a preset name or a model object; ``segmentation_node`` is reused (prompts
         already in it are replaced) or, if None, a new node is added. ``min_component_ml`` drops
         3D islands smaller than that many mL from each mask, as the Segment Editor's Islands effect
@@ -408,7 +429,7 @@ class SegmentationLogic:
 
         if wait:
             return apply(compute(progress or _ignore, cancel))
-        return self.submit(f"Segmenting {volume.GetName()}", compute, apply)
+        return self.submit(f"Segmenting {volume.GetName()}", compute, apply, progress=progress, cancel=cancel)
 
     def _add_results(self, run: Any, *, input_node: Any, segmentation_node: Any, colormap: str) -> SegmentOutcome:
         """Main thread only: the one place a run changes the scene."""
@@ -512,10 +533,12 @@ class SegmentationLogic:
     ) -> Any:
         """Every CT series of a DICOM study: one folder per series with NIfTI, DICOM SEG and saliency maps.
 
-        Returns the ``study_batch.StudyReport`` (or a ``Job`` with ``wait=False``); a bad series is
-        reported and skipped. The engine's DICOM reader is used everywhere because a DICOM SEG frame
-        must reference the very file its slice was read from. ``add_to_dicom_database`` (inside
-        Slicer) then indexes the study and the written SEGs with DICOMUtils, on the main thread.
+        Returns the ``study_batch.StudyReport`` (or a ``Job`` with ``wait=False``, which ``cancel``
+        cancels too and whose ``progress`` is called by ``poll()`` on the main thread, never from the
+        worker); a bad series is reported and skipped. The engine's DICOM reader is used everywhere
+        because a DICOM SEG frame must reference the very file its slice was read from.
+        ``add_to_dicom_database`` (inside Slicer) then indexes the study and the written SEGs with
+        DICOMUtils, on the main thread.
         """
         from .study_batch import segment_study
 
@@ -544,7 +567,7 @@ class SegmentationLogic:
 
         if wait:
             return apply(compute(progress or _ignore, cancel))
-        return self.submit(f"Segmenting the study in {dicom_dir}", compute, apply)
+        return self.submit(f"Segmenting the study in {dicom_dir}", compute, apply, progress=progress, cancel=cancel)
 
     # weights ---------------------------------------------------------------------------------
     def weights_choices(self, model_name: str) -> list[tuple[str, str]]:
@@ -579,9 +602,15 @@ class SegmentationLogic:
 
     # job control -----------------------------------------------------------------------------
     def submit(self, title: str, compute: Callable[[ProgressCallback, CancelToken], Any],
-               apply: Optional[Callable[[Any], Any]] = None) -> Job:
-        """Queue ``compute`` on the worker; ``poll()`` later runs ``apply`` on its result on the main thread."""
-        job = Job(id=next(self._ids), title=title, compute=compute, apply=apply)
+               apply: Optional[Callable[[Any], Any]] = None, *, progress: Optional[ProgressCallback] = None,
+               cancel: Optional[CancelToken] = None) -> Job:
+        """Queue ``compute`` on the worker; ``poll()`` later runs ``apply`` on its result on the main thread.
+
+        ``cancel`` (the caller's token) cancels the job as ``job.cancel()`` does; ``progress`` is
+        called by ``poll()``, on the main thread, never from the worker (it may touch Qt and MRML).
+        """
+        job = Job(id=next(self._ids), title=title, compute=compute, apply=apply, cancel_token=_EitherToken(cancel),
+                  progress=progress)
         self._jobs.append(job)
         self.worker.submit(job)
         return job
@@ -601,6 +630,8 @@ class SegmentationLogic:
     def _handle(self, job: Job, kind: str, payload: Any) -> str:
         if kind == "progress":
             job.fraction, job.message = payload
+            if job.progress is not None:
+                job.progress(job.fraction, job.message)
             return kind
         if kind == RUNNING:
             job.state, job.message = RUNNING, f"{job.title}…"

@@ -348,6 +348,23 @@ def test_saliency_of_another_volume_for_the_same_prompt_is_left_alone(context):
     assert _node_count(context) == count
 
 
+def test_updated_saliency_volumes_follow_the_inputs_current_transform(context):
+    ct = _ct("oblique")
+    node = node_from_volume(ct, context=context, name="CT")
+    first = context.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "first registration")
+    node.SetAndObserveTransformNodeID(first.GetID())
+    added = add_saliency_volumes(_saliency_maps(ct), reference_node=node, context=context, prompt="liver")
+    assert {n.GetTransformNodeID() for n in added.values()} == {first.GetID()}
+    second = context.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "second registration")
+    node.SetAndObserveTransformNodeID(second.GetID())  # the user moved the CT meanwhile
+    again = add_saliency_volumes(_saliency_maps(ct), reference_node=node, context=context, prompt="liver")
+    assert [n.GetID() for n in again.values()] == [n.GetID() for n in added.values()]  # updated in place
+    assert {n.GetTransformNodeID() for n in again.values()} == {second.GetID()}
+    node.SetAndObserveTransformNodeID(None)
+    again = add_saliency_volumes(_saliency_maps(ct), reference_node=node, context=context, prompt="liver")
+    assert {n.GetTransformNodeID() for n in again.values()} == {None}
+
+
 def test_compact_saliency_maps_keep_their_own_grid_over_the_ct_and_others_are_refused(context):
     from TextSegmentLib.grid import over_extent
 

@@ -247,6 +247,30 @@ def test_cancel_mid_run_leaves_the_scene_unchanged(logic, context, ct_node):
     assert len(model.threads) < 6  # it stopped between slices instead of running to the end
 
 
+def test_async_segment_calls_the_callers_progress_from_poll_and_obeys_the_callers_cancel(logic, context, ct_node):
+    calls = []
+    job = logic.segment(volume=ct_node, prompts=["bone"], model=BoneModel(), device="cpu", wait=False,
+                        progress=lambda fraction, message="": calls.append((fraction, threading.current_thread())))
+    logic.wait(job, timeout=20)
+    assert calls and {thread for _, thread in calls} == {threading.current_thread()}  # the main thread, via poll()
+    assert [f for f, _ in calls] == sorted(f for f, _ in calls)
+
+    gate = threading.Event()
+    model = BoneModel(gate)
+    token = CancelToken()
+    before = _scene_ids(context)
+    job = logic.segment(volume=ct_node, prompts=["bone"], model=model, device="cpu", batch_size=1, wait=False,
+                        cancel=token)
+    assert model.started.wait(10)
+    token.cancel()  # the caller's token, not job.cancel()
+    gate.set()
+    with pytest.raises(Cancelled):
+        logic.wait(job, timeout=20)
+    assert job.state == "cancelled" and job.result is None
+    assert _scene_ids(context) == before
+    assert len(model.threads) < 6  # it stopped between slices instead of running to the end
+
+
 def test_cancel_after_computing_but_before_poll_still_changes_nothing(logic, context, ct_node):
     before = _scene_ids(context)
     job = logic.segment(volume=ct_node, prompts=["bone"], model=BoneModel(), device="cpu", wait=False)
@@ -361,14 +385,24 @@ def test_study_batch_through_the_logic_asynchronously(logic, shared_data, tmp_pa
 
     study = tmp_path / "study"
     shutil.copytree(shared_data / "dicom" / "dcmqi_ct3slice" / "series", study / "ct")
+    threads = []
     job = logic.segment_dicom_study(dicom_dir=study, prompts=["bone"], output_dir=tmp_path / "out", model=BoneModel(),
-                                    device="cpu", wait=False)
+                                    device="cpu", wait=False,
+                                    progress=lambda fraction, message="": threads.append(threading.current_thread()))
     report = logic.wait(job, timeout=60)
     assert [s.status for s in report.series] == ["ok"]
+    assert threads and set(threads) == {threading.current_thread()}  # the caller's progress, called by poll()
     assert (tmp_path / "out" / REPORT).is_file() and (tmp_path / "out" / report.series[0].folder / "seg.dcm").is_file()
     with pytest.raises(InputError, match="inside Slicer"):
         logic.segment_dicom_study(dicom_dir=study, prompts=["bone"], output_dir=tmp_path / "o2", model=BoneModel(),
                                   add_to_dicom_database=True)
+    token = CancelToken()
+    token.cancel()
+    job = logic.segment_dicom_study(dicom_dir=study, prompts=["bone"], output_dir=tmp_path / "o3", model=BoneModel(),
+                                    device="cpu", wait=False, cancel=token)
+    with pytest.raises(Cancelled):
+        logic.wait(job, timeout=60)
+    assert not (tmp_path / "o3").exists()
 
 
 # helpers the widget uses -------------------------------------------------------------------------

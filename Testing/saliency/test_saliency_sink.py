@@ -249,6 +249,29 @@ def test_roi_box_sets_the_target(model, phantom):
     assert heat[2:5].any() and not heat[:2].any() and not heat[5:].any()
 
 
+@pytest.mark.parametrize("box, message", [
+    (((40, 50), (0, 5), (0, 1)), "lies entirely outside the image"),  # the phantom is 32x32x8 (I x J x K)
+    (((0, 5), (0, 5), (-3, -1)), "lies entirely outside the image"),
+    (((10, 4), (0, 5), (0, 1)), "I0 10 is above I1 4"),
+])
+def test_roi_box_outside_the_volume_or_reversed_is_refused_naming_its_shape(model, phantom, box, message):
+    volume, _, _ = phantom
+    with pytest.raises(InputError, match=message) as refused:
+        run_explain(model, volume, roi=box)
+    assert "32x32x8 voxels" in str(refused.value)
+
+
+def test_roi_box_partly_outside_is_clipped_with_a_warning(model, phantom, caplog):
+    volume, _, _ = phantom
+    with caplog.at_level("WARNING", logger="TextSegmentLib.saliency.sink"):
+        clipped = run_explain(model, volume, roi=((4, 27), (4, 27), (-5, 4))).features[0]
+    warned = [r.getMessage() for r in caplog.records if "reaches outside the image" in r.getMessage()]
+    assert len(warned) == 1 and "clipped to 4,27,4,27,0,4" in warned[0] and "32x32x8 voxels" in warned[0]
+    inside = run_explain(model, volume, roi=((4, 27), (4, 27), (0, 4))).features[0]
+    assert clipped.target_slices == inside.target_slices == 5
+    assert np.array_equal(clipped.values("deep"), inside.values("deep"))
+
+
 def test_bad_rois_layers_and_stages_are_clear_errors(model, phantom):
     volume, _, _ = phantom
     with pytest.raises(InputError, match="outside"):

@@ -70,36 +70,13 @@ def parse_roi(text: str):
     return tuple(zip(values[0::2], values[1::2]))
 
 
-def fit_roi(box, shape):
-    """Check a parsed --roi box against the volume's (z, y, x) ``shape``; returns (box, warning or None).
-
-    A box partly outside is clipped, with a warning to show; one with I0 > I1 (etc.) or entirely
-    outside is an ``InputError``, so a mistyped box never explains some other region.
-    """
-    from ..errors import InputError
-
-    sizes = tuple(reversed(shape))  # I runs along x, J along y, K along z
-    extent = "volume is " + "x".join(map(str, sizes)) + " voxels (I x J x K; indices " + ", ".join(
-        f"0..{size - 1}" for size in sizes) + ")"
-    text = ",".join(str(v) for pair in box for v in pair)
-    for axis, (lo, hi) in zip("IJK", box):
-        if lo > hi:
-            raise InputError(f"--roi {text}: {axis}0 {lo} is above {axis}1 {hi}; give each range low,high. The {extent}")
-    clipped = tuple((max(lo, 0), min(hi, size - 1)) for (lo, hi), size in zip(box, sizes))
-    if any(lo > hi for lo, hi in clipped):
-        raise InputError(f"--roi {text} lies entirely outside the image; the {extent}")
-    if clipped == box:
-        return box, None
-    inside = ",".join(str(v) for pair in clipped for v in pair)
-    return clipped, f"--roi {text} reaches outside the image; clipped to {inside} (the {extent})"
-
-
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError, OutputExistsError
     from ..export import slug
     from ..io import read_label_map, read_volume
     from ..saliency import SaliencyConfig, explain, save_montage, write_saliency
     from ..saliency.export import LEGEND
+    from ..saliency.sink import fit_roi
     from ..weights import load_model, weights_record
     from .progressbar import progress_bar
 
@@ -119,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--slice {args.slice} is outside the {slices} {args.axis} slices of this volume (0..{slices - 1})")
     roi = read_label_map(args.target_mask) if args.target_mask else None
     if args.roi:
-        roi, warning = fit_roi(parse_roi(args.roi), volume.shape)
+        roi, warning = fit_roi(parse_roi(args.roi), volume.shape, what="--roi")
         if warning:
             print(f"warning: {warning}")
     model = load_model(args.model, weights=args.weights, device=args.device)

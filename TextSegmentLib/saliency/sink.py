@@ -107,9 +107,10 @@ def build_saliency_sink(
     """A features sink for ``segment(...)``; ``layers`` defaults to the model's ``saliency_layers``.
 
     ``layers`` may be a comma-separated string ("vit.3,vit.11"); ``roi`` is a mask ``Volume`` on the
-    input grid or an inclusive voxel box ``((i0, i1), (j0, j1), (k0, k1))``. ``config`` overrides
-    the other options when given. ``grid`` "source" stores the maps on the input's voxel grid
-    instead of the compact grid over its extent (``grid.py``).
+    input grid or an inclusive voxel box ``((i0, i1), (j0, j1), (k0, k1))``, clipped to the input
+    with a logged warning (entirely outside or i0 > i1 is an ``InputError``: ``fit_roi``). ``config``
+    overrides the other options when given. ``grid`` "source" stores the maps on the input's voxel
+    grid instead of the compact grid over its extent (``grid.py``).
     """
     config = config or SaliencyConfig(stage=stage, threshold=threshold, encoding=encoding, grid=grid)
     if isinstance(layers, str):
@@ -417,18 +418,42 @@ def _roi_mask(roi: Union[Volume, Box], volume: Volume) -> np.ndarray:
             raise InputError("the saliency target mask must lie on the same voxel grid as the CT (resample it first)")
         mask = np.asarray(roi.array) > 0
     else:
-        try:
-            (i0, i1), (j0, j1), (k0, k1) = ((int(a), int(b)) for a, b in roi)
-        except (TypeError, ValueError):
-            raise InputError(f"a saliency ROI box is ((i0, i1), (j0, j1), (k0, k1)) in voxels, got {roi!r}") from None
+        ((i0, i1), (j0, j1), (k0, k1)), warning = fit_roi(roi, volume.shape)
+        if warning:
+            log.warning("%s", warning)
         mask = np.zeros(volume.shape, dtype=bool)
-        nz, ny, nx = volume.shape
-        mask[max(k0, 0) : min(k1, nz - 1) + 1, max(j0, 0) : min(j1, ny - 1) + 1, max(i0, 0) : min(i1, nx - 1) + 1] = (
-            True
-        )
+        mask[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1] = True
     if not mask.any():
         raise InputError("the saliency ROI is empty or lies outside the image")
     return mask.astype(np.uint8)
+
+
+def fit_roi(box: Box, shape: Sequence[int], *, what: str = "saliency ROI box") -> tuple[Box, Optional[str]]:
+    """Check an inclusive (i, j, k) voxel box against a volume's (z, y, x) ``shape``; returns (box, warning or None).
+
+    A box partly outside is clipped, with a warning to show; one with I0 > I1 (etc.) or entirely
+    outside is an ``InputError`` naming the volume's size, so a mistyped box never explains some
+    other region. ``what`` names the box in messages (the CLI: "--roi").
+    """
+    try:
+        (i0, i1), (j0, j1), (k0, k1) = ((int(a), int(b)) for a, b in box)
+    except (TypeError, ValueError):
+        raise InputError(f"a saliency ROI box is ((i0, i1), (j0, j1), (k0, k1)) in voxels, got {box!r}") from None
+    box = ((i0, i1), (j0, j1), (k0, k1))
+    sizes = tuple(reversed(tuple(shape)))  # I runs along x, J along y, K along z
+    extent = "volume is " + "x".join(map(str, sizes)) + " voxels (I x J x K; indices " + ", ".join(
+        f"0..{size - 1}" for size in sizes) + ")"
+    text = ",".join(str(v) for pair in box for v in pair)
+    for axis, (lo, hi) in zip("IJK", box):
+        if lo > hi:
+            raise InputError(f"{what} {text}: {axis}0 {lo} is above {axis}1 {hi}; give each range low,high. The {extent}")
+    clipped = tuple((max(lo, 0), min(hi, size - 1)) for (lo, hi), size in zip(box, sizes))
+    if any(lo > hi for lo, hi in clipped):
+        raise InputError(f"{what} {text} lies entirely outside the image; the {extent}")
+    if clipped == box:
+        return box, None
+    inside = ",".join(str(v) for pair in clipped for v in pair)
+    return clipped, f"{what} {text} reaches outside the image; clipped to {inside} (the {extent})"
 
 
 def _describe_target(roi: Roi, threshold: float) -> str:
