@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 from TextSegmentLib.errors import InputError
 from TextSegmentLib.prompts import ground_truth
 from TextSegmentLib.training.data import (
-    Batch, align_labels, augment, labels_per_slice, load_dicom_seg_case, load_msd_task, load_source,
+    Batch, align_labels, augment, check_sources, labels_per_slice, load_dicom_seg_case, load_msd_task, load_source,
     load_totalsegmentator_case, mirror_prompt, parse_seeds,
 )
 
@@ -95,6 +96,61 @@ def test_parse_seeds_and_bad_source():
     assert parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
     with pytest.raises(InputError):
         load_source("mystery:thing")
+
+
+def test_bad_seed_and_grid_strings_are_named():
+    for text, part in (("2000-", "'2000-'"), ("abc", "'abc'"), ("0-3,x", "'x'")):
+        with pytest.raises(InputError, match=f"bad phantom seeds {part}"):
+            load_source(f"phantoms:{text}")
+    with pytest.raises(InputError, match="backwards seed range '9-5' in '0-3,9-5'; write 5-9"):
+        parse_seeds("0-3,9-5")  # was silently dropped
+    for grid in ("abc", "32x128", "0x64x64"):
+        with pytest.raises(InputError, match=f"bad phantom grid '{grid}'"):
+            load_source(f"phantoms:0-3@{grid}")
+    assert parse_seeds("5-5,7") == [5, 7]
+
+
+def test_overlapping_training_and_validation_sources_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=r"overlap: phantom seed 5 at 32x128x128, phantom seed 6 at 32x128x128;"):
+        check_sources(["phantoms:0-6"], ["phantoms:5-9@32x128x128"])
+    check_sources(["phantoms:0-6@6x64x64"], ["phantoms:5-9"])  # another grid: other phantoms
+    ts = "totalseg:{0}/ct.nii.gz,{0}/seg.nii.gz,maps.json"
+    check_sources([ts.format("a")], [ts.format("b")])  # one class map for many cases is fine
+    with pytest.raises(InputError, match="overlap: a/ct.nii.gz / .*/a/ct.nii.gz"):
+        check_sources([ts.format("a")], [ts.format(tmp_path / "a")])
+    with pytest.raises(InputError, match="overlap: msd/imagesTr/x.nii.gz / msd"):
+        check_sources(["dicomseg:msd/imagesTr/x.nii.gz,seg.dcm"], ["msd:msd"])
+
+
+def test_the_held_out_bench_seeds_are_warned_about(caplog):
+    with caplog.at_level("WARNING", logger="TextSegmentLib.training.data"):
+        check_sources(["phantoms:0-79"], ["phantoms:1000-1003"])
+        assert not caplog.records
+        check_sources(["phantoms:0-3,2001"], ["phantoms:1000-1003", "phantoms:2000-2003@6x64x64"])
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and all("held-out seeds (2000 on) that textsegment bench tests on (--seed 2000)" in s for s in said)
+    assert said[0].startswith("training uses phantom seeds 2001,") and said[1].startswith("validation uses phantom seeds 2000-2003,")
+
+
+def test_degenerate_sampling_weights_are_refused_or_skip_what_weighs_nothing(tiny_pool):
+    rng = np.random.default_rng(0)
+    with pytest.raises(InputError, match="all zero"):
+        tiny_pool.sample(rng, 4, level_weights={"L1": 0.0, "L2": 0.0, "L3": 0.0, "negative": 0.0})
+    with pytest.raises(InputError, match="finite and non-negative"):
+        tiny_pool.sample(rng, 4, level_weights={"L1": 1.0, "L2": -0.5})
+    # real_fraction 1 with a synthetic case: that case weighs nothing. A level only it has is not drawn
+    # (it was: NaN case probabilities), and weights on such levels alone leave nothing to draw
+    only_second = [[p for p in ps if c == 1 or p.level != "L3"] for c, ps in enumerate(tiny_pool.prompts)]
+    pool = dataclasses.replace(
+        tiny_pool, prompts=only_second, case_weight=np.array([1.0, 0.0]), difficulty={},
+        present=[[shown for shown, p in zip(tiny_pool.present[c], tiny_pool.prompts[c]) if p in only_second[c]]
+                 for c in range(2)])
+    picks = pool.sample(rng, 200)
+    assert {p.level for _, p in picks} == {"L1", "L2", "negative"}
+    assert all(pool.case_of[i] == 0 for i, _ in picks)
+    with pytest.raises(InputError, match=r"no level of these cases a positive weight; they have \['L1', 'L2', 'negative'\]"):
+        pool.sample(rng, 4, level_weights={"L3": 1.0})
 
 
 def test_totalsegmentator_dicom_case_labels_are_aligned(shared_data):

@@ -9,6 +9,7 @@ from TextSegmentLib.cli import build_parser
 from TextSegmentLib.cli.train import build_config
 from TextSegmentLib.errors import InputError
 from TextSegmentLib.training import load_recipe, recipe_chain, reproduce
+from TextSegmentLib.training.data import check_sources
 from TextSegmentLib.weights import load_manifest
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
@@ -24,8 +25,11 @@ def _config(*argv):
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
-def test_every_shipped_recipe_is_a_valid_config(recipe):
+def test_every_shipped_recipe_is_a_valid_config(recipe, caplog):
     config = _config("--config", str(recipe))
+    with caplog.at_level("WARNING"):
+        check_sources(config.sources, config.val_sources)  # apart, and off the bench's held-out seeds
+    assert not caplog.records
     fields = json.loads(recipe.read_text())
     assert config.model == fields["model"] and config.steps == fields["steps"]
     assert config.sources == tuple(fields["sources"])
@@ -47,6 +51,13 @@ def test_command_line_options_win_over_the_recipe(tmp_path):
     recipe.write_text(json.dumps({"comment": "x", "model": "freqmedclip-tiny", "steps": 50, "presence_weight": 1.0}))
     config = _config("--config", str(recipe), "--steps", "7", "--init", "freqmedclip-tiny-v5", "--out", "runs/x")
     assert (config.steps, config.init_weights, config.out_dir, config.presence_weight) == (7, "freqmedclip-tiny-v5", "runs/x", 1.0)
+
+
+def test_resume_without_a_recipe_takes_the_runs_saved_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model": "tgcnet-tiny", "steps": 50, "out_dir": "elsewhere"}))
+    config = _config("--out", str(tmp_path), "--resume", "--max-minutes", "5")
+    assert (config.model, config.steps, config.out_dir, config.max_minutes) == ("tgcnet-tiny", 50, str(tmp_path), 5.0)
+    assert _config("--out", str(tmp_path)).steps == 2000  # a new run: the defaults
 
 
 def test_a_misspelt_recipe_field_is_named(tmp_path):

@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -128,6 +129,95 @@ def test_resume_continues_the_schedule(tiny_pool, tmp_path, hard_mining):
         if value.is_floating_point():
             assert value.dtype == torch.float32, key
             torch.testing.assert_close(value, trained, atol=2e-3, rtol=2e-3)
+
+
+def test_history_records_the_learning_rate_each_step_used(tiny_pool, tmp_path):
+    result = train(_config(tmp_path / "run"), pools=(tiny_pool, None))
+    expected = [1e-3 * lr_factor(s, total=4, warmup=2, min_ratio=0.02) for s in range(4)]
+    assert result.history["lr"] == pytest.approx(expected)  # step 1 trained at half the rate: warm-up
+
+
+def test_resume_with_another_config_is_refused_and_config_json_kept(tiny_pool, tmp_path):
+    from TextSegmentLib.errors import InputError
+
+    train(_config(tmp_path / "run", stop_after=1), pools=(tiny_pool, None))
+    saved = (tmp_path / "run" / "config.json").read_text()
+    with pytest.raises(InputError, match=r"lr_new: saved 0.001, now 0.01; seed: saved 3, now 4\)"):
+        train(_config(tmp_path / "run", lr_new=1e-2, seed=4), resume=True, pools=(tiny_pool, None))
+    assert (tmp_path / "run" / "config.json").read_text() == saved
+    # how long and with how many threads it runs may change; config.json then records what this part used
+    result = train(_config(tmp_path / "run", max_minutes=30.0, threads=1), resume=True, pools=(tiny_pool, None))
+    assert result.finished
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["max_minutes"] == 30.0
+
+
+def test_resume_restores_torchs_rng_and_the_grad_scaler(tiny_pool, tmp_path, monkeypatch):
+    from TextSegmentLib.training import trainer
+
+    draws, scalers = [], []
+
+    class CountingScaler:  # AMP's GradScaler runs on CUDA only; this one counts its updates anywhere
+        def __init__(self, *args, **kwargs):
+            self.updates = 0
+            scalers.append(self)
+
+        def is_enabled(self):
+            return True
+
+        def scale(self, loss):
+            return loss
+
+        def unscale_(self, optimizer):
+            pass
+
+        def step(self, optimizer):
+            optimizer.step()
+
+        def update(self):
+            self.updates += 1
+
+        def state_dict(self):
+            return {"updates": self.updates}
+
+        def load_state_dict(self, state):
+            self.updates = state["updates"]
+
+    plain_augment = trainer.augment
+
+    def drawing_augment(batch, rng, **options):  # stands for dropout and the like: torch's generator
+        draws.append(float(torch.rand(())))
+        return plain_augment(batch, rng, **options)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", CountingScaler)
+    monkeypatch.setattr(trainer, "augment", drawing_augment)
+    train(_config(tmp_path / "whole"), pools=(tiny_pool, None))
+    whole = list(draws)
+    draws.clear()
+    train(_config(tmp_path / "parts", stop_after=2), pools=(tiny_pool, None))
+    train(_config(tmp_path / "parts"), resume=True, pools=(tiny_pool, None))
+    assert draws == whole and scalers[-1].updates == scalers[0].updates == 4
+
+    # a checkpoint from before these were saved still resumes (torch's generator from the seed)
+    train(_config(tmp_path / "old", stop_after=2), pools=(tiny_pool, None))
+    state = torch.load(tmp_path / "old" / "last.pt", weights_only=True)
+    del state["rank_torch_rng"], state["scaler"]
+    torch.save(state, tmp_path / "old" / "last.pt")
+    assert train(_config(tmp_path / "old"), resume=True, pools=(tiny_pool, None)).finished
+
+
+def test_degenerate_level_weights_are_refused_before_training(tiny_pool, tmp_path):
+    from TextSegmentLib.errors import InputError
+
+    with pytest.raises(InputError, match="all zero"):
+        train(_config(tmp_path / "run", level_weights={"L1": 0.0, "L2": 0.0, "L3": 0.0, "negative": 0.0}),
+              pools=(tiny_pool, None))
+    with pytest.raises(InputError, match=r"unknown level\(s\) \['l1'\]"):
+        train(_config(tmp_path / "run", level_weights={"l1": 1.0}), pools=(tiny_pool, None))
+    with pytest.raises(InputError, match=r"real_fraction must lie in \[0, 1\], got 1.5"):
+        train(_config(tmp_path / "run", real_fraction=1.5), pools=(tiny_pool, None))
+    with pytest.raises(InputError, match="overlap: phantom seed 5 at 32x128x128"):
+        train(_config(tmp_path / "run", sources=("phantoms:0-5",), val_sources=("phantoms:5@32x128x128",)))
+    assert not (tmp_path / "run").exists()
 
 
 def test_fine_tuning_starts_from_the_given_weights(tiny_pool, tmp_path):

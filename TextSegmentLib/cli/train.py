@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int)
     p.add_argument("--out", "-o", help="run folder (checkpoints, history, curves)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (with OUT/config.json when no --config)")
     p.add_argument("--export", help="write the best weights here as an fp16 TextSegment checkpoint when done "
                    "(mixed with the init weights when the recipe sets export_mix below 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --export file")
@@ -45,7 +45,12 @@ def build_config(args: argparse.Namespace):
         values["sources"] = tuple(args.data)
     if args.val:
         values["val_sources"] = tuple(args.val)
-    return load_recipe(args.config, **values) if args.config else TrainConfig(**values)
+    if args.config:
+        return load_recipe(args.config, **values)
+    saved = Path(values.get("out_dir", TrainConfig.out_dir)) / "config.json"
+    if args.resume and saved.is_file():  # the run's own settings: resuming with others is refused
+        return load_recipe(saved, **values)
+    return TrainConfig(**values)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ AIR_HU = -500.0  # the engine skips such slices; training does too
 LEVEL_WEIGHTS = {"L1": 0.3, "L2": 0.2, "L3": 0.3, "negative": 0.2}
 DIFFICULTY_PRIOR = 0.5  # a prompt not yet scored counts as half solved
 DIFFICULTY_RATE = 0.05  # EMA step: a prompt's difficulty follows its last ~20 scored samples
+HELD_OUT_SEED = 2000  # phantoms from here on are the bench's test set (textsegment bench --seed 2000)
 
 
 @dataclass
@@ -134,8 +135,7 @@ def load_source(spec: str) -> list[LabelledCase]:
     kind, _, rest = spec.partition(":")
     if kind == "phantoms":
         seeds_text, _, grid = rest.partition("@")
-        shape = tuple(int(v) for v in grid.split("x")) if grid else (32, 128, 128)
-        return phantom_cases(parse_seeds(seeds_text), shape=shape)
+        return phantom_cases(parse_seeds(seeds_text), shape=parse_grid(grid))
     parts = rest.split(",")
     if kind == "totalseg" and len(parts) == 3:
         return [load_totalsegmentator_case(*parts)]
@@ -147,14 +147,78 @@ def load_source(spec: str) -> list[LabelledCase]:
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"0-3"`` → [0, 1, 2, 3]; ``"1,5,9"`` → [1, 5, 9]."""
+    """``"0-3"`` → [0, 1, 2, 3]; ``"1,5,9"`` → [1, 5, 9].
+
+    A part that is no seed, or a backwards range, is an error naming it: skipped, it would train on
+    other data than the recipe says.
+    """
     seeds: list[int] = []
     for part in filter(None, text.split(",")):
         a, sep, b = part.partition("-")
-        seeds += list(range(int(a), int(b) + 1)) if sep else [int(a)]
+        try:
+            first, last = int(a), int(b) if sep else int(a)
+        except ValueError:
+            raise InputError(f"bad phantom seeds {part!r} in {text!r}; write e.g. 0-47 or 1,5,9") from None
+        if last < first:
+            raise InputError(f"backwards seed range {part!r} in {text!r}; write {last}-{first}")
+        seeds += range(first, last + 1)
     if not seeds:
         raise InputError(f"no phantom seeds in {text!r}; write e.g. 0-47")
     return seeds
+
+
+def parse_grid(text: str) -> tuple[int, ...]:
+    """``"32x128x128"`` → (32, 128, 128), the phantom grid after ``@``; empty: that default."""
+    if not text:
+        return (32, 128, 128)
+    try:
+        shape = tuple(int(v) for v in text.split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(f"bad phantom grid {text!r}; write three positive sizes, e.g. @32x128x128")
+    return shape
+
+
+def source_keys(spec: str) -> dict[Any, str]:
+    """What a source spec draws on, without loading it: phantom (seed, grid) pairs or resolved paths, each with a name.
+
+    A TotalSegmentator class map is left out: many cases share one.
+    """
+    kind, _, rest = spec.partition(":")
+    if kind == "phantoms":
+        seeds_text, _, grid = rest.partition("@")
+        shape = parse_grid(grid)
+        return {(seed, shape): f"phantom seed {seed} at {'x'.join(map(str, shape))}" for seed in parse_seeds(seeds_text)}
+    paths = {"totalseg": rest.split(",")[:2], "msd": [rest], "dicomseg": rest.split(",")}.get(kind, [])
+    return {Path(p).resolve(): str(p) for p in paths if p}
+
+
+def check_sources(sources: Sequence[str], val_sources: Sequence[str]) -> None:
+    """Refuse training and validation sources that share a case; warn on the held-out bench seeds.
+
+    Why: validating on a trained case flatters the curves and the choice of the best weights, and
+    phantoms from ``HELD_OUT_SEED`` on are what ``textsegment bench`` scores models on by default.
+    """
+    trained = {k: v for s in sources for k, v in source_keys(s).items()}
+    validated = {k: v for s in val_sources for k, v in source_keys(s).items()}
+
+    pairs = [(a, a) for a in trained if a in validated]  # the same phantom or file
+    paths = [b for b in validated if isinstance(b, Path)]
+    pairs += [(a, b) for a in trained if isinstance(a, Path)  # a file inside a folder (msd:FOLDER)
+              for b in paths if a in b.parents or b in a.parents]
+    shared = [trained[a] if trained[a] == validated[b] else f"{trained[a]} / {validated[b]}" for a, b in pairs]
+    if shared:
+        more = f" and {len(shared) - 5} more" if len(shared) > 5 else ""
+        raise InputError(f"training and validation sources overlap: {', '.join(shared[:5])}{more}; "
+                         f"validate on other cases (the recipes train on phantoms 0-79 and validate on 1000-1003)")
+    for name, keys in (("training", trained), ("validation", validated)):
+        held_out = sorted(k[0] for k in keys if isinstance(k, tuple) and k[0] >= HELD_OUT_SEED)
+        if held_out:
+            log.warning("%s uses phantom seeds %s, the held-out seeds (%d on) that textsegment bench tests on "
+                        "(--seed %d): its scores of this model would flatter it", name,
+                        held_out[0] if len(held_out) == 1 else f"{held_out[0]}-{held_out[-1]}", HELD_OUT_SEED,
+                        HELD_OUT_SEED)
 
 
 def align_labels(labels: Volume, ct: Volume) -> Volume:
@@ -218,10 +282,9 @@ class SlicePool:
         prompt choice that follows each prompt's running difficulty (``record``) instead of being
         uniform; 0 draws exactly the pairs it drew before the option existed.
         """
-        levels = [lv for lv in level_weights if any(p.level == lv for ps in self.prompts for p in ps)]
-        weights = np.array([level_weights[lv] for lv in levels], dtype=float)
+        levels, chances = self.level_chances(level_weights)
         picks = []
-        for level in rng.choice(levels, size=batch_size, p=weights / weights.sum()):
+        for level in rng.choice(levels, size=batch_size, p=chances):
             cases = [c for c, ps in enumerate(self.prompts) if any(p.level == level for p in ps)]
             w = self.case_weight[cases]
             case = int(rng.choice(cases, p=w / w.sum()))
@@ -237,6 +300,22 @@ class SlicePool:
                 index = int(rng.choice(np.flatnonzero(self.case_of == case)))
             picks.append((index, self.prompts[case][k]))
         return picks
+
+    def level_chances(self, level_weights: Mapping[str, float]) -> tuple[list[str], np.ndarray]:
+        """The levels ``sample`` draws from and their probabilities.
+
+        A level drawn must be in a case of positive weight: with ``real_fraction`` 0 or 1 one kind of
+        case weighs nothing, and a level only it has is left out like one no case has. No weight left
+        is an error here rather than NaN probabilities in numpy.
+        """
+        check_level_weights(level_weights)
+        drawable = {p.level for ps, w in zip(self.prompts, self.case_weight) if w > 0 for p in ps}
+        levels = [lv for lv in level_weights if lv in drawable]
+        weights = np.array([level_weights[lv] for lv in levels], dtype=float)
+        if not weights.sum() > 0:
+            raise InputError(f"level weights {dict(level_weights)} give no level of these cases a positive weight; "
+                             f"they have {sorted(drawable)} (in cases that real_fraction does not weigh zero)")
+        return levels, weights / weights.sum()
 
     def prompt_weights(self, prompts: Sequence[Prompt], hard_mining: float) -> np.ndarray:
         """Choice probabilities: ``(1 - h) · uniform + h · difficulty / sum(difficulty)``.
@@ -280,6 +359,7 @@ def build_pool(
     ``real_fraction`` (when there are both kinds) is the share of samples drawn from real cases;
     otherwise every case weighs the same.
     """
+    check_real_fraction(real_fraction)
     images, labels, case_of, prompts, names = [], [], [], [], []
     for c, case in enumerate(cases):
         plan = slice_plan(case.ct, axis="axial")
@@ -313,6 +393,24 @@ def build_pool(
                              for p in case_prompts])
     log.info("slice pool: %d slices from %d cases, %d prompts", len(pool), len(cases), sum(map(len, prompts)))
     return pool
+
+
+def check_level_weights(level_weights: Mapping[str, float]) -> None:
+    """Level weights are finite, non-negative, of the known levels, and not all zero: else nothing can be sampled."""
+    unknown = sorted(set(level_weights) - set(LEVEL_WEIGHTS))
+    if unknown:
+        raise InputError(f"unknown level(s) {unknown} in level_weights; the levels are {', '.join(LEVEL_WEIGHTS)}")
+    bad = {lv: w for lv, w in level_weights.items() if not (math.isfinite(w) and w >= 0)}
+    if bad:
+        raise InputError(f"level weights must be finite and non-negative, got {bad}")
+    if not sum(level_weights.values()) > 0:
+        raise InputError(f"level weights {dict(level_weights)} are all zero: nothing to sample; give a level a positive weight")
+
+
+def check_real_fraction(real_fraction: Optional[float]) -> None:
+    """``real_fraction`` is a share in [0, 1] (or None: every case weighs the same)."""
+    if real_fraction is not None and not 0.0 <= real_fraction <= 1.0:
+        raise InputError(f"real_fraction must lie in [0, 1], got {real_fraction}")
 
 
 def labels_per_slice(labels: np.ndarray, max_label: int = 0) -> np.ndarray:

@@ -79,6 +79,15 @@ def gather_text(text: str, info: DistInfo) -> list[str]:
     return [str(t) for t in texts]
 
 
+def gather_objects(value: object, info: DistInfo) -> list:
+    """Every rank's ``value`` (picklable, e.g. torch's RNG state tensors), in rank order, on every rank."""
+    if not info.enabled:
+        return [value]
+    values: list = [None] * info.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -29,7 +29,9 @@ from torch import nn
 from ..errors import InputError, WeightsError
 from ..semantibench import dice
 from . import distributed
-from .data import LEVEL_WEIGHTS, SlicePool, augment, build_pool, load_source
+from .data import (
+    LEVEL_WEIGHTS, SlicePool, augment, build_pool, check_level_weights, check_real_fraction, check_sources, load_source,
+)
 from .losses import per_image_dice_loss, segmentation_loss, swap_term
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,11 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # CUDA only
     out_dir: str = "runs/train"
+
+
+# fields a resumed run may change: how long and where it runs, not what it trains
+# (config.json records the new values, which this part of the run does use)
+RESUMABLE_CHANGES = frozenset({"max_minutes", "stop_after", "threads", "device", "out_dir", "checkpoint_every"})
 
 
 @dataclass
@@ -126,11 +133,17 @@ def train(
     from ..devices import select_device
 
     check_mix(config.export_mix, mix_with=config.init_weights)  # fail now, not after the training
+    check_level_weights(config.level_weights)
+    check_real_fraction(config.real_fraction)
+    check_sources(config.sources, config.val_sources)
+    out_dir = Path(config.out_dir)
+    state_path = out_dir / "last.pt"
+    if resume and state_path.is_file():
+        check_resume_config(config, out_dir / "config.json")
     if config.threads:
         torch.set_num_threads(int(config.threads))
     device = select_device(config.device)
     info = distributed.init_distributed(device=device)
-    out_dir = Path(config.out_dir)
     torch.manual_seed(config.seed + info.rank)
     rng = np.random.default_rng([config.seed, info.rank])
 
@@ -145,6 +158,7 @@ def train(
         from ..models.layers import band_statistics
 
         model.set_band_statistics(*band_statistics(train_pool.images[::4].float()))
+    train_pool.level_chances(config.level_weights)  # a weighting that leaves nothing to sample fails before step 1
 
     optimizer = build_optimizer(model, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -152,7 +166,7 @@ def train(
     )
     step, history, best = 0, {"step": [], "loss": [], "lr": [], "val_step": [], "val": []}, -1.0
     train_pool.difficulty = {}  # a run's own: a pool handed in may have been used by another run
-    state_path = out_dir / "last.pt"
+    scaler_state: dict = {}
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
@@ -168,12 +182,21 @@ def train(
         else:
             log.warning("rank %d: %s holds no sampler state for this rank; it continues with a fresh one",
                         info.rank, state_path)
+        # torch's own generators (dropout and the like); older checkpoints have none and continue from the seed
+        torch_rngs = state.get("rank_torch_rng", [])
+        if info.rank < len(torch_rngs):
+            torch.set_rng_state(torch_rngs[info.rank]["cpu"])
+            if torch.cuda.is_available() and torch_rngs[info.rank].get("cuda"):
+                torch.cuda.set_rng_state_all(torch_rngs[info.rank]["cuda"])
+        scaler_state = state.get("scaler", {})
         log.info("resumed %s at step %d", state_path, step)
     model.to(device).train()
     runner = distributed.wrap(_Step(model), info, device=device)
     use_amp = config.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    if scaler_state and scaler.is_enabled():  # the loss scale it had found, not a fresh 2^16
+        scaler.load_state_dict(scaler_state)
     use_swap = config.swap_weight > 0 and hasattr(model, "set_band_statistics")
     val_pairs = _validation_pairs(val_pool, config) if val_pool is not None else None
 
@@ -200,6 +223,7 @@ def train(
             # a zero-weighted use keeps every rank's graph identical when no row has a target (DDP)
             loss = loss + (config.swap_weight * term if term is not None else 0.0 * swap_embedding.sum())
         optimizer.zero_grad(set_to_none=True)
+        lr = optimizer.param_groups[0]["lr"]  # this step's; schedule.step() below sets the next one
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -211,7 +235,7 @@ def train(
         loss_value = distributed.mean_across(float(loss.detach()), info)
         history["step"].append(step)
         history["loss"].append(loss_value)
-        history["lr"].append(optimizer.param_groups[0]["lr"])
+        history["lr"].append(lr)
 
         finished = step >= config.steps
         out_of_time = config.max_minutes is not None and time.monotonic() - started > 60 * config.max_minutes
@@ -222,6 +246,7 @@ def train(
         if saving:  # every rank's sampler, so that a resume continues each rank's own batches
             rank_rng = distributed.gather_text(json.dumps(rng.bit_generator.state), info)
             rank_difficulty = distributed.gather_text(json.dumps(train_pool.difficulty), info)
+            rank_torch_rng = distributed.gather_objects(_torch_rng_state(), info)
         if info.is_main:
             if val_pairs is not None and (step % config.val_every == 0 or stopping):
                 scores = validate(model, val_pool, val_pairs, device=device)
@@ -233,7 +258,8 @@ def train(
                     best = scores["mean"]
                     _save_weights(model, out_dir / "best.safetensors", config, step=step, scores=scores)
             if saving:
-                _save_state(state_path, model, optimizer, schedule, step, history, best, rank_rng, rank_difficulty)
+                _save_state(state_path, model, optimizer, schedule, step, history, best, rank_rng, rank_difficulty,
+                            rank_torch_rng=rank_torch_rng, scaler=scaler)
                 plot_curves(history, out_dir / "curves.png")
             if progress is not None:
                 progress(step / config.steps, f"step {step}/{config.steps} loss {loss_value:.3f}")
@@ -252,6 +278,30 @@ def check_mix(mix: float, *, mix_with: Optional[str]) -> None:
     if mix < 1.0 and not mix_with:
         raise InputError("an export mix below 1 needs the weights to mix with (the run's init_weights): "
                          "set init_weights too")
+
+
+def check_resume_config(config: TrainConfig, saved_path: Path) -> None:
+    """Refuse to resume with settings other than the saved run's, beyond ``RESUMABLE_CHANGES``.
+
+    Why: the saved optimizer, schedule and sampler would override the new values (``lr_new``,
+    ``seed``, ...) or mix two runs in one (``sources``, ``steps``, ...), while ``config.json`` would
+    record settings that were never used. A field the saved run predates counts as its default.
+    """
+    if not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text())
+    new = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as saved
+    defaults = TrainConfig()
+    changed = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in RESUMABLE_CHANGES:
+            continue
+        before = saved.get(f.name, json.loads(json.dumps(getattr(defaults, f.name))))
+        if before != new[f.name]:
+            changed.append(f"{f.name}: saved {before!r}, now {new[f.name]!r}")
+    if changed:
+        raise InputError(f"cannot resume {saved_path.parent} with another config ({'; '.join(changed)}); resume with "
+                         f"the saved settings ({saved_path}) or train into another out_dir")
 
 
 def _initial_model(config: TrainConfig) -> nn.Module:
@@ -296,14 +346,22 @@ def validate(model: nn.Module, pool: SlicePool, pairs: list, *, device: torch.de
     return scores
 
 
-def _save_state(path, model, optimizer, schedule, step, history, best, rank_rng, rank_difficulty) -> None:
-    """``rank_rng`` / ``rank_difficulty``: each rank's sampler state and prompt difficulties as JSON, in rank order."""
+def _torch_rng_state() -> dict:
+    """torch's generator states on this process: the CPU's and, where there is CUDA, every device's."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _save_state(path, model, optimizer, schedule, step, history, best, rank_rng, rank_difficulty, *,
+                rank_torch_rng, scaler) -> None:
+    """``rank_rng`` / ``rank_difficulty``: each rank's sampler state and prompt difficulties as JSON, in rank order;
+    ``rank_torch_rng``: each rank's ``_torch_rng_state``."""
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
         "step": step, "history": json.dumps(history), "best": best, "rng": rank_rng[0],
         "difficulty": rank_difficulty[0],  # rank 0's, as before: older code reads these
         "rank_rng": json.dumps([json.loads(r) for r in rank_rng]),
         "rank_difficulty": json.dumps([json.loads(d) for d in rank_difficulty]),
+        "rank_torch_rng": rank_torch_rng, "scaler": scaler.state_dict(),
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
