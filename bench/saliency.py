@@ -195,15 +195,20 @@ def compare_on_slices(
         crop = (slice(None),) + fit.crop
         images = images.to(model.device)
         maps = _methods(
-            model, images, prompt, truth, layers=layers, stages=stages, target_mode=target_mode, repeats=repeats
+            model, images, prompt, truth, layers=layers, stages=stages, target_mode=target_mode, repeats=repeats,
+            crop=fit.crop,
         )
         swapped = own = None
         if swap is not None:  # each prompt explains its own predicted mask, as the tool does by default
-            swapped = _methods(model, images, swap, None, layers=layers, stages=stages, target_mode="predicted")
+            swapped = _methods(
+                model, images, swap, None, layers=layers, stages=stages, target_mode="predicted", crop=fit.crop
+            )
             own = (
                 maps
                 if target_mode == "predicted"
-                else _methods(model, images, prompt, None, layers=layers, stages=stages, target_mode="predicted")
+                else _methods(
+                    model, images, prompt, None, layers=layers, stages=stages, target_mode="predicted", crop=fit.crop
+                )
             )
         for key, (layer_maps, seconds) in maps.items():
             method, stage = key
@@ -228,8 +233,12 @@ def compare_on_slices(
     return rows
 
 
-def _methods(model, images, prompt, truth, *, layers, stages, target_mode, repeats=1) -> dict:
-    """{(method, stage): ({layer: (B, S, S) raw map or None}, best seconds of ``repeats``)} for one prompt."""
+def _methods(model, images, prompt, truth, *, layers, stages, target_mode, repeats=1, crop=None) -> dict:
+    """{(method, stage): ({layer: (B, S, S) raw map or None}, best seconds of ``repeats``)} for one prompt.
+
+    ``crop`` (rows, columns of the image inside the padded square) limits the predicted mask to the
+    image, as the tool's sink does: what the model predicts in the padding is no target.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -242,6 +251,10 @@ def _methods(model, images, prompt, truth, *, layers, stages, target_mode, repea
     with torch.inference_mode():
         output = model(images, text, taps=list(layers))
         predicted = (torch.sigmoid(output.logits[:, 0].float()) >= 0.5).float()
+        if crop is not None:
+            inside = torch.zeros_like(predicted)
+            inside[:, crop[0], crop[1]] = 1.0
+            predicted = predicted * inside
     target = truth.float().to(images.device) if (target_mode == "gt" and truth is not None) else predicted
 
     def upsample(raw):

@@ -44,3 +44,42 @@ def test_bench_scores_the_planted_answer_and_writes_its_table(tmp_path):
     text = doc.read_text()
     assert "old" not in text and "| gradient-free | 1 | deep |" in text and text.endswith("outro\n")
     assert math.isfinite(deep["ms_per_slice"]) and np.isfinite(deep["dice"])
+
+
+def test_bench_predicted_targets_leave_out_the_padding_as_the_tool_does():
+    """A slice that is not square is padded; the planted model calls the dark padding "dark". The tool's
+    predicted target (``SaliencySink._target``) covers the image only, so the bench's must too: with the
+    padding in it, stage 3's box, prior and context are those of a different target."""
+    import torch
+    import torch.nn.functional as F
+
+    from TextSegmentLib.preprocess import fit_to_square
+    from TextSegmentLib.saliency import SaliencyConfig, explain_batch
+
+    bench = load_bench("saliency")
+    model = PlantedModel()
+    slices = np.zeros((1, 3, 20, 32), np.float32)
+    slices[:, 2, 6:14, 4:12] = 1.0  # a bright square; the rest of the image (and the padding) is dark
+    images, fit = fit_to_square(torch.from_numpy(slices), size=model.image_size)
+    assert fit.padding[0] > 0  # rows of padding above and below the image
+    layers = ["shallow", "deep"]
+    maps = bench._methods(
+        model, images, "dark", None, layers=layers, stages=(1, 3), target_mode="predicted", crop=fit.crop
+    )
+
+    def tool_maps(target, stage):
+        with torch.inference_mode():
+            raw, _, _ = explain_batch(output, layers=layers, target=target, config=SaliencyConfig(stage=stage), model=model)
+        size = images.shape[-2:]
+        return {n: F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] for n, m in raw.items()}
+
+    with torch.inference_mode():
+        output = model(images, model.encode_text(["dark"]), taps=layers)
+        everywhere = (torch.sigmoid(output.logits[:, 0]) >= 0.5).float()
+    in_image = torch.zeros_like(everywhere)
+    in_image[:, fit.crop[0], fit.crop[1]] = everywhere[:, fit.crop[0], fit.crop[1]]
+    for stage in (1, 3):
+        expected, with_padding = tool_maps(in_image, stage), tool_maps(everywhere, stage)
+        for name in layers:
+            assert np.allclose(maps[(bench.OURS, stage)][0][name], expected[name].numpy(), atol=1e-6)
+        assert not np.allclose(expected["shallow"].numpy(), with_padding["shallow"].numpy(), atol=1e-3)

@@ -49,6 +49,19 @@ def test_grad_cam_matches_the_closed_form():
     assert not maps["features"].requires_grad
 
 
+def test_grad_cam_called_inside_inference_mode_still_explains_every_tap():
+    """A caller's inference_mode block (the engine's, the sink's) must not turn every map into "no gradient"."""
+    model = LinearHeadModel()
+    target = torch.zeros(2, 8, 8)
+    target[:, 2:6, 1:5] = 1.0
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    expected = grad_cam(model, images, model.encode_text(["x", "x"]), layers=["features"], target=target)["features"]
+    with torch.inference_mode():
+        made_there = images.clone()  # an inference tensor, as the engine's inputs are
+        maps = grad_cam(model, made_there, model.encode_text(["x", "x"]), layers=["features"], target=target.clone())
+    assert maps["features"] is not None and torch.allclose(maps["features"], expected, atol=1e-6)
+
+
 def test_grad_cam_defaults_to_the_predicted_mask_and_reports_taps_off_the_logit_path():
     model = PlantedModel()  # its taps are side outputs: the logits never see them
     images = torch.zeros(1, 3, 32, 32)
@@ -84,3 +97,14 @@ def test_prompt_swap_correlation_by_hand():
     assert prompt_swap_correlation(a, -a) == pytest.approx(-1.0)
     assert prompt_swap_correlation(np.array([1.0, 0.0, -1.0]), np.array([1.0, -2.0, 1.0])) == pytest.approx(0.0)
     assert np.isnan(prompt_swap_correlation(a, np.ones(3)))
+
+
+def test_prompt_swap_correlation_of_a_constant_map_is_nan_whatever_the_round_off():
+    """0.1 is not exact in binary: the centred values of a constant map are round-off (~1e-17), and their
+    "correlation" with anything is a number near 0, which would read as a prompt-specific map."""
+    other = np.random.default_rng(0).random((64, 64))
+    for value in (0.1, 0.3, 1 / 3):
+        constant = np.full((64, 64), value)
+        assert np.isnan(prompt_swap_correlation(constant, other))
+        assert np.isnan(prompt_swap_correlation(other, constant))
+    assert prompt_swap_correlation(other, other + 1e-12 * np.arange(other.size).reshape(other.shape)) == pytest.approx(1.0)

@@ -36,10 +36,12 @@ def grad_cam(
 
     from ..models.base import TextFeatures
 
-    # fresh copies: inputs made under inference_mode (the engine's, the text cache's) cannot enter a graph
-    images = images.detach().clone().requires_grad_(True)  # so frozen towers still build a graph
-    text = TextFeatures(*(None if t is None else t.clone() for t in (text.pooled, text.tokens, text.mask)))
-    with torch.enable_grad():
+    # inference_mode(False): called inside an inference_mode block, nothing would be recorded and
+    # every tap would come back as "not on the path to the logits"
+    with torch.inference_mode(False), torch.enable_grad():
+        # fresh copies: inputs made under inference_mode (the engine's, the text cache's) cannot enter a graph
+        images = images.detach().clone().requires_grad_(True)  # so frozen towers still build a graph
+        text = TextFeatures(*(None if t is None else t.clone() for t in (text.pooled, text.tokens, text.mask)))
         output = model(images, text, taps=list(layers))
         logits = output.logits[:, 0].float()
         if target is None:
