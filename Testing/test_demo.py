@@ -69,6 +69,12 @@ def test_demo_cli_prints_dice(tmp_path, capsys, monkeypatch):
     assert "'spleen'" in out and "index.html" in out
 
 
+def test_one_prompt_given_as_a_string_is_one_prompt(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEXTSEGMENT_OFFLINE", "1")
+    report = run_demo(out_dir=tmp_path / "d", weights="random", prompts="left kidney", device="cpu")
+    assert [(case.level, case.prompt) for case in report.cases] == [("user", "left kidney")]
+
+
 def test_dice_edge_cases():
     import numpy as np
 

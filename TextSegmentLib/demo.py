@@ -100,6 +100,8 @@ def run_demo(
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise OutputExistsError(f"{out_dir}: is not empty; choose another --out folder or pass --overwrite")
 
+    if isinstance(prompts, str):  # one prompt, not one per character
+        prompts = [prompts]
     if input_path is None:
         volume, cases = demo_phantom()
         if prompts:

@@ -177,6 +177,7 @@ def segment(
         except torch.OutOfMemoryError:
             if target.type == "cuda":
                 torch.cuda.empty_cache()
+            batch = len(indices)  # halve what ran: a short last batch re-run as it was would fail again
             if batch > 1:
                 batch = max(1, batch // 2)
                 message = f"out of memory on {target}: retrying with batch size {batch}"

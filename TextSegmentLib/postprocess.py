@@ -9,7 +9,7 @@ def clean_mask(
     mask: np.ndarray, *, largest_component: bool = True, fill_holes: bool = True, min_component_voxels: int = 0
 ) -> np.ndarray:
     """Drop 26-connected islands under ``min_component_voxels``, keep the largest component and/or
-    fill enclosed holes; returns uint8."""
+    fill enclosed holes (in 2D where the volume is one slice thick); returns uint8."""
     from scipy import ndimage
 
     out = np.asarray(mask).astype(bool)
@@ -20,7 +20,12 @@ def clean_mask(
             keep &= np.arange(sizes.size) == int(np.argmax(sizes))
         out = keep[labels]
     if fill_holes and out.any():
-        out = ndimage.binary_fill_holes(out)
+        # along an axis one voxel thick every voxel lies on the volume's face, so no hole is enclosed in
+        # 3D: a one-slice volume's holes are filled in its plane
+        thin = tuple(i for i, n in enumerate(out.shape) if n == 1)
+        core = out.squeeze(axis=thin)
+        if core.ndim:
+            out = ndimage.binary_fill_holes(core).reshape(out.shape)
     return out.astype(np.uint8)
 
 

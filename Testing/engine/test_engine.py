@@ -134,6 +134,16 @@ def test_injected_out_of_memory_halves_the_batch_and_finishes():
     np.testing.assert_array_equal(run.results[0].mask.array.astype(bool), cube)
 
 
+def test_out_of_memory_on_a_short_batch_halves_the_slices_that_ran():
+    """3 slices under a batch size of 32: halving 32 to 16, 8, 4 re-ran the same 3 slices and failed each time."""
+    volume, cube = cube_volume(shape=(3, 32, 32))
+    model = WindowModel(oom_above=2)
+    run = segment(volume, "bright", model=model, device="cpu", batch_size=32)
+    assert run.warnings == ["out of memory on cpu: retrying with batch size 1"]
+    assert run.batch_size == 1 and model.batches == [1, 1, 1]
+    np.testing.assert_array_equal(run.results[0].mask.array.astype(bool), cube)
+
+
 def test_empty_slices_are_skipped_and_stay_empty():
     volume, _ = cube_volume()
     hu = volume.array.copy()
@@ -410,3 +420,31 @@ def test_the_label_map_gives_an_overlap_to_the_more_probable_prompt():
     np.testing.assert_array_equal(labels[both], np.where(p_bright[both] > p_dark[both], 2, 1))
     assert set(np.unique(labels[both])) == {1, 2}
     assert set(np.unique(labels[bright & ~dark])) == {2} and set(np.unique(labels[dark & ~bright])) == {1}
+
+
+def test_holes_are_filled_in_a_one_slice_volume():
+    """Every voxel of a one-slice volume lies on its face, so 3D hole filling never filled anything there."""
+    hu = np.full((1, 32, 32), 40, np.int16)
+    hu[0, 8:24, 8:24] = 1200
+    hu[0, 14:18, 14:18] = 40  # a 4 × 4 hole inside the bright square
+    notch = (0, slice(8, 12), 15)
+    hu[notch] = 40  # a notch open to the outside: not a hole
+    run = segment(Volume(hu, spacing=(0.8, 0.8, 5.0)), "bright", model=WindowModel(), device="cpu", fill_holes=True)
+    mask = run.results[0].mask.array
+    assert mask[0, 14:18, 14:18].all()
+    assert not mask[notch].any() and mask.sum() == 16 * 16 - 4
+
+
+def test_holes_are_filled_in_a_one_voxel_thick_coronal_or_sagittal_volume():
+    from TextSegmentLib.postprocess import clean_mask
+
+    ring = np.ones((5, 5), np.uint8)
+    ring[2, 2] = 0
+    for shape in [(5, 1, 5), (5, 5, 1)]:
+        filled = clean_mask(ring.reshape(shape), largest_component=False, fill_holes=True)
+        assert filled.shape == shape and filled.all()
+    closed = np.zeros((5, 5, 5), np.uint8)
+    closed[1:4, 1:4, 1:4] = 1
+    closed[2, 2, 2] = 0
+    assert clean_mask(closed, largest_component=False)[2, 2, 2] == 1
+    assert clean_mask(np.ones((1, 1, 1), np.uint8)).tolist() == [[[1]]]
