@@ -119,6 +119,30 @@ def test_convnext_weights_from_a_local_file_tile_the_rgb_stem_band_major(tmp_pat
         FrequencyEncoder("convnext_atto", pretrained=str(tmp_path / "missing.pth"))
 
 
+def test_convnext_file_missing_weights_is_an_error_not_a_partly_random_encoder(tmp_path, no_network):
+    """timm loads feature extractors non-strictly: a file lacking weights (even an empty one) used to
+    leave them random without a word."""
+    import timm
+
+    state = timm.create_model("convnext_atto", pretrained=False).state_dict()
+    partial = {k: v for k, v in state.items() if not k.startswith("stages.3.")}
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(WeightsError, match="missing .*stages_3"):
+        FrequencyEncoder("convnext_atto", pretrained=str(tmp_path / "partial.pth"))
+    torch.save({}, tmp_path / "empty.pth")
+    with pytest.raises(WeightsError, match="missing"):
+        FrequencyEncoder("convnext_atto", pretrained=str(tmp_path / "empty.pth"))
+    (tmp_path / "corrupt.safetensors").write_bytes(b"not a safetensors file" * 4)
+    with pytest.raises(WeightsError, match="corrupt.safetensors"):
+        FrequencyEncoder("convnext_atto", pretrained=str(tmp_path / "corrupt.safetensors"))
+    # the last stage is not needed when it is dropped; the classifier is never needed
+    encoder = FrequencyEncoder("convnext_atto", pretrained=str(tmp_path / "partial.pth"), last_stage="drop")
+    torch.testing.assert_close(encoder.backbone.stages_2.blocks[0].conv_dw.weight, state["stages.2.blocks.0.conv_dw.weight"])
+    headless = {k: v for k, v in state.items() if not k.startswith("head.fc")}
+    torch.save(headless, tmp_path / "headless.pth")
+    FrequencyEncoder("convnext_atto", pretrained=str(tmp_path / "headless.pth"))
+
+
 def test_trainable_parameters_are_exactly_the_named_blocks_and_new_modules(tiny):
     trainable = {id(p) for p in tiny.parameters() if p.requires_grad}
     assert trainable == _expected_trainable(tiny)

@@ -264,3 +264,82 @@ def test_random_biomedclip_builds_offline_with_biomedberts_shape(no_network):
     assert text.text.config.vocab_size == 30522 and text.text.config.num_hidden_layers == 12
     ids = text.tokenize(["liver", "spleen"])
     assert ids.shape == (2, 256) and not torch.equal(ids[0], ids[1])
+
+
+def test_local_dir_weights_open_clip_cannot_read_are_an_error_not_a_random_model(saved_biomedclip, tmp_path):
+    """open_clip reads .safetensors/.bin/.pth only; a model.pt beside the config used to give random weights."""
+    _, folder = saved_biomedclip
+    renamed = tmp_path / "clip"
+    shutil.copytree(folder, renamed)
+    (renamed / "open_clip_pytorch_model.bin").rename(renamed / "model.pt")
+    with pytest.raises(WeightsError, match="no CLIP weights") as info:
+        load_clip(f"local-dir:{renamed}", cache_dir=tmp_path)
+    assert "model.pt" in str(info.value) and ".pth" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "name, contents",
+    [
+        ("open_clip_model.safetensors", b"not a safetensors file" * 4),
+        ("open_clip_pytorch_model.bin", b"junk" * 8),
+        ("open_clip_pytorch_model.bin", {"state_dict": {}, "saved_from": Path("/somewhere")}),
+        ("open_clip_pytorch_model.bin", {}),
+    ],
+    ids=["corrupt-safetensors", "corrupt-bin", "pickled-objects", "empty-state-dict"],
+)
+def test_unreadable_local_dir_checkpoints_are_weights_errors_naming_the_folder(tmp_path, name, contents):
+    """They used to escape as SafetensorError, UnpicklingError or a bare StopIteration."""
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": NATIVE_VIT}), encoding="utf-8")
+    if isinstance(contents, bytes):
+        (tmp_path / name).write_bytes(contents)
+    else:
+        torch.save(contents, tmp_path / name)
+    with pytest.raises(WeightsError) as info:
+        load_clip(f"local-dir:{tmp_path}")
+    assert str(tmp_path) in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["nllb-clip-base", "ViT-B-16-SigLIP"], ids=["hf-text-tower", "hf-tokenizer"])
+def test_random_open_clip_model_with_hub_text_files_never_goes_online_in_offline_mode(name, tmp_path, monkeypatch):
+    """TEXTSEGMENT_OFFLINE alone (HF_HUB_OFFLINE unset): its text config and tokenizer come from the cache or
+    nowhere; transformers used to ask the hub for them."""
+    import huggingface_hub.constants
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setenv("TEXTSEGMENT_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    with pytest.raises(WeightsError, match="offline mode is on"):
+        load_clip(f"random:{name}")
+
+
+def test_image_size_the_vit_patches_do_not_tile_is_refused(saved_biomedclip, tmp_path):
+    """At 136 px a /16 ViT used to drop the image's last 8 rows and columns without a word."""
+    register_clip_config("test-native-vit", NATIVE_VIT)
+    with pytest.raises(ModelError, match="not a multiple of its ViT patch size 16"):
+        load_clip("random:textsegment-vit-ti16-text32", image_size=136)
+    with pytest.raises(ModelError, match="patch size 8"):
+        load_clip("random:test-native-vit", image_size=36)
+    _, folder = saved_biomedclip
+    with pytest.raises(ModelError, match="use e.g. 336 or 352"):
+        load_clip(f"local-dir:{folder}", image_size=350, cache_dir=tmp_path)
+    assert VisionTower(load_clip("random:textsegment-vit-ti16-text32", image_size=144)).image_size == (144, 144)
+
+
+@pytest.mark.parametrize("config", ["textsegment-vit-ti16-text256", "test-native-vit"], ids=["timm", "open_clip"])
+def test_intermediates_come_back_in_the_order_asked_for(config):
+    """timm and open_clip return block order with one map per block; a config's taps (11, 3) or (3, 3)
+    used to get each other's maps, or too few."""
+    register_clip_config("test-native-vit", NATIVE_VIT)
+    vision = VisionTower(load_clip(f"random:{config}")).eval()
+    images = vision.normalise(torch.rand(1, 3, *vision.image_size, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        (first, last), pooled = vision.forward_intermediates(images, [0, 2])
+        maps, pooled_again = vision.forward_intermediates(images, [2, 0, 2])
+    assert len(maps) == 3
+    assert torch.equal(maps[0], last) and torch.equal(maps[1], first) and torch.equal(maps[2], last)
+    assert torch.equal(pooled, pooled_again)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -136,10 +137,52 @@ def _create_convnext(name: str, *, in_chans: int, out_indices: tuple[int, ...], 
     path = Path(pretrained).expanduser()
     if not path.is_file():
         raise WeightsError(f"freq_pretrained file {path} does not exist (use None, 'timm[:tag]' or a weights file)")
+    from safetensors import SafetensorError
+
     try:
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-    except (RuntimeError, KeyError, OSError) as exc:
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        # timm loads a feature extractor's weights non-strictly (it drops the classifier), so weights
+        # the file lacks would silently stay random
+        missing = _weights_not_in_file(model, name, path, in_chans=in_chans)
+    except (RuntimeError, KeyError, OSError, ValueError, EOFError, SafetensorError, pickle.UnpicklingError) as exc:
         raise WeightsError(f"{path} does not hold {name} weights: {exc}") from exc
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise WeightsError(
+            f"{path} does not hold all {name} weights: {len(missing)} of them are missing ({shown}); "
+            f"they would stay random. Pass a complete {name} checkpoint, or freq_pretrained=None"
+        )
+    return model
+
+
+def _weights_not_in_file(model: nn.Module, name: str, path: Path, *, in_chans: int) -> list[str]:
+    """The feature extractor's state-dict keys that ``path`` (read and remapped as timm does) lacks.
+
+    timm's feature extractors flatten the model's first-level ``nn.Sequential`` children into
+    ``<child>_<index>`` modules (``stages.0`` → ``stages_0``), so both spellings are looked up.
+    """
+    import sys
+
+    import timm
+    from timm.models import load_state_dict, model_entrypoint
+
+    state = load_state_dict(str(path))
+    filter_fn = getattr(sys.modules.get(model_entrypoint(name).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        reference = timm.create_model(name, pretrained=False, in_chans=in_chans)
+        try:
+            state = filter_fn(state, reference)
+        except TypeError:  # filters that take the state dict only, as timm allows
+            state = filter_fn(state)
+
+    def in_file(key: str) -> bool:
+        if key in state:
+            return True
+        head, dot, rest = key.partition(".")
+        parent, underscore, index = head.rpartition("_")
+        return bool(underscore) and f"{parent}.{index}{dot}{rest}" in state
+
+    return [key for key in model.state_dict() if not in_file(key)]
 
 
 class TextConditionedSemantics(nn.Module):

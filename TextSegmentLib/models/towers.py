@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import string
 import tempfile
 from dataclasses import dataclass, field
@@ -52,7 +53,9 @@ BIOMEDCLIP_TERMS = (
 OFFLINE_ENV_VARS = ("TEXTSEGMENT_OFFLINE", "HF_HUB_OFFLINE")
 PINNED_REVISIONS = {BIOMEDCLIP_HUB_ID: BIOMEDCLIP_REVISION}
 
-_CHECKPOINT_PATTERNS = ("*.safetensors", "*.bin", "*.pth", "*.pt")
+# What open_clip's local-dir loader reads; it builds a random model, with only a log warning, from a
+# folder whose weights are in any other file (e.g. ``model.pt``)
+_CHECKPOINT_PATTERNS = ("*.safetensors", "*.bin", "*.pth")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
 _HUB_FILE_PATTERNS = ["*.json", "*.txt", "*.model", "open_clip_*.bin", "open_clip_*.safetensors"]
 _terms_shown = False
@@ -185,21 +188,46 @@ def load_clip(source: str, *, image_size: Optional[int] = None, cache_dir: Optio
             f"'random:<name>' (registered: {', '.join(list_clip_configs())})"
         )
     if scheme == "random":
-        return _load_random(identifier, image_size=image_size)
-    if scheme == "local-dir":
+        model = _load_random(identifier, image_size=image_size)
+    elif scheme == "local-dir":
         folder = Path(identifier).expanduser()
         if not folder.is_dir():
             raise WeightsError(f"CLIP folder {folder} does not exist; check the 'local-dir:' path")
         model = _load_folder(folder, image_size=image_size, cache_dir=cache_dir)
+        model.clip_source = source
     else:
         model = _load_folder(_hub_snapshot(identifier, cache_dir=cache_dir), image_size=image_size, cache_dir=cache_dir)
-    model.clip_source = source
+        model.clip_source = source
+    _check_image_size(model, image_size, source)
     return model
+
+
+def _check_image_size(model: nn.Module, image_size, source: str) -> None:
+    """A ViT resized to a size its patches do not tile would silently skip the image's last rows and columns."""
+    if image_size is None:
+        return
+    visual = getattr(model, "visual", None)
+    trunk = getattr(visual, "trunk", None)
+    patch = getattr(getattr(trunk, "patch_embed", None), "patch_size", None) if trunk is not None else None
+    if patch is None and trunk is None:
+        patch = getattr(visual, "patch_size", None)
+    if patch is None:
+        return
+    patch = tuple(int(p) for p in (patch if isinstance(patch, (tuple, list)) else (patch, patch)))
+    sizes = tuple(int(s) for s in (image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)))
+    for size, step in zip(sizes, patch):
+        if size % step:
+            raise ModelError(
+                f"image size {image_size} for CLIP {source!r} is not a multiple of its ViT patch size {step}: the "
+                f"ViT would leave out the image's last {size % step} pixel rows or columns; use e.g. "
+                f"{size // step * step} or {(size // step + 1) * step}"
+            )
 
 
 def _load_folder(folder: Path, *, image_size: Optional[int], cache_dir, allow_random: bool = False) -> nn.Module:
     """The one path every real checkpoint takes: an open_clip ``local-dir:`` folder."""
     import open_clip
+    from safetensors import SafetensorError
 
     config_path = folder / "open_clip_config.json"
     if not config_path.is_file():
@@ -212,8 +240,11 @@ def _load_folder(folder: Path, *, image_size: Optional[int], cache_dir, allow_ra
     if not isinstance(model_cfg, dict):
         raise WeightsError(f"{config_path} has no 'model_cfg'; is it an open_clip config?")
     if not allow_random and not _checkpoints(folder):
+        unread = sorted(p.name for p in folder.glob("*.pt"))
         raise WeightsError(
-            f"no CLIP weights in {folder} (expected e.g. open_clip_pytorch_model.bin or open_clip_model.safetensors)"
+            f"no CLIP weights in {folder} (expected e.g. open_clip_pytorch_model.bin or open_clip_model.safetensors; "
+            "open_clip reads .safetensors, .bin and .pth files)"
+            + (f"; rename {', '.join(unread)} to .pth" if unread else "")
         )
 
     overrides: dict[str, Any] = {}
@@ -236,7 +267,11 @@ def _load_folder(folder: Path, *, image_size: Optional[int], cache_dir, allow_ra
                 pretrained_image=False,
                 **overrides,
             )
-    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+    except StopIteration as exc:  # open_clip reads the first key of the state dict
+        raise WeightsError(f"the CLIP checkpoint in {folder} holds no weights") from exc
+    except SafetensorError as exc:  # not a subclass of the errors below
+        raise WeightsError(f"could not read the CLIP checkpoint in {folder}: {exc}; the file is corrupt") from exc
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
         raise WeightsError(f"could not build the CLIP model in {folder}: {exc}") from exc
     model.tokenizer = _make_tokenizer(folder, text_cfg, cache_dir=cache_dir)
     return model
@@ -251,10 +286,23 @@ def _load_random(name: str, *, image_size: Optional[int]) -> nn.Module:
             _write_random_folder(folder, _CLIP_CONFIGS[name])
             model = _load_folder(folder, image_size=image_size, cache_dir=None, allow_random=True)
     elif name in open_clip.list_models():
+        # A Hugging Face text tower or tokenizer needs hub files (the text model's config.json, the
+        # tokenizer): read from the cache, never the network, in offline mode.
+        text_cfg = dict(open_clip.get_model_config(name).get("text_cfg", {}))
+        overrides: dict[str, Any] = {}
+        if text_cfg.get("hf_model_name"):
+            text_cfg["hf_model_name"] = _resolve_hf_files(text_cfg["hf_model_name"], None, ("config.json",), cache_dir=None)
+            text_cfg["hf_model_pretrained"] = False
+            overrides["text_cfg"] = text_cfg
+        if text_cfg.get("hf_tokenizer_name"):
+            tokenizer = _make_tokenizer(None, text_cfg, cache_dir=None)
+        else:
+            tokenizer = open_clip.get_tokenizer(name)
         model = open_clip.create_model(
-            name, pretrained=None, force_image_size=image_size, force_custom_text=True, pretrained_text=False
+            name, pretrained=None, force_image_size=image_size, force_custom_text=True, pretrained_text=False,
+            **overrides,
         )
-        model.tokenizer = open_clip.get_tokenizer(name)
+        model.tokenizer = tokenizer
     else:
         raise ModelError(
             f"'random:{name}' names no CLIP config; registered: {', '.join(list_clip_configs())} "
@@ -305,7 +353,7 @@ def _write_random_folder(folder: Path, config: ClipConfig) -> None:
     )
 
 
-def _make_tokenizer(folder: Path, text_cfg: dict[str, Any], *, cache_dir) -> Any:
+def _make_tokenizer(folder: Optional[Path], text_cfg: dict[str, Any], *, cache_dir) -> Any:
     from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
     context_length = int(text_cfg.get("context_length", 77))
@@ -322,12 +370,13 @@ def _make_tokenizer(folder: Path, text_cfg: dict[str, Any], *, cache_dir) -> Any
         raise WeightsError(f"could not load the tokenizer {hf_tokenizer!r} (looked in {source}): {exc}") from exc
 
 
-def _resolve_hf_files(name: str, folder: Path, filenames: Sequence[str], *, cache_dir) -> str:
+def _resolve_hf_files(name: str, folder: Optional[Path], filenames: Sequence[str], *, cache_dir) -> str:
     """Where transformers should read ``name``'s files from: the CLIP folder, the cache, or the hub.
 
     Returns a local folder whenever one has the files; returns ``name`` itself only when online.
+    ``folder`` None: there is no CLIP folder (an open_clip model built by name).
     """
-    if any((folder / f).is_file() for f in filenames):
+    if folder is not None and any((folder / f).is_file() for f in filenames):
         return str(folder)
     if Path(name).is_dir():
         return name
@@ -335,6 +384,11 @@ def _resolve_hf_files(name: str, folder: Path, filenames: Sequence[str], *, cach
     if cached is not None:
         return cached
     if is_offline():
+        if folder is None:
+            raise WeightsError(
+                f"{name!r} is needed by the CLIP text tower but is not in the Hugging Face cache, and offline mode "
+                f"is on ({' / '.join(OFFLINE_ENV_VARS)}). Run once online to fill the cache."
+            )
         raise WeightsError(
             f"{name!r} is needed by the CLIP text tower but is neither in {folder} nor in the Hugging Face cache, "
             f"and offline mode is on ({' / '.join(OFFLINE_ENV_VARS)}). Copy its {' / '.join(filenames[:3])} into "
@@ -465,13 +519,15 @@ class VisionTower(nn.Module):
     def forward_intermediates(
         self, images_normalised: torch.Tensor, indices: Sequence[int]
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Block ``indices``' outputs, in the order asked for (repeats allowed), and the pooled feature."""
         bad = [i for i in indices if not 0 <= int(i) < self.num_blocks]
         if bad:
             raise ModelError(f"ViT block indices {bad} out of range; this tower has {self.num_blocks} blocks")
-        out = self.visual.forward_intermediates(
-            images_normalised, indices=[int(i) for i in indices], output_fmt="NCHW"
-        )
-        return list(out["image_intermediates"]), out["image_features"]
+        wanted = [int(i) for i in indices]
+        blocks = sorted(set(wanted))  # timm and open_clip return block order, one map per block
+        out = self.visual.forward_intermediates(images_normalised, indices=blocks, output_fmt="NCHW")
+        by_block = dict(zip(blocks, out["image_intermediates"]))
+        return [by_block[i] for i in wanted], out["image_features"]
 
     def forward(self, images_normalised: torch.Tensor) -> torch.Tensor:
         """Pooled image feature in the joint space, ``(B, embed_dim)``."""
