@@ -45,22 +45,28 @@ def isolated_environment(monkeypatch, tmp_path):
 class FakeLLM:
     """An OpenAI-compatible chat endpoint on 127.0.0.1 that records what it is asked."""
 
-    def __init__(self, *, answer: str = "Fake answer about the target.", status: int = 200, body: bytes | None = None):
+    def __init__(self, *, answer="Fake answer about the target.", status: int = 200, body: bytes | None = None,
+                 headers: dict | None = None):
+        """``answer`` may be a function of the request's JSON; ``headers`` are added to the reply."""
         self.requests: list[dict] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 (http.server API)
                 length = int(self.headers.get("Content-Length", 0))
-                outer.requests.append(
-                    {"path": self.path, "auth": self.headers.get("Authorization"), "json": json.loads(self.rfile.read(length))}
-                )
-                payload = body if body is not None else json.dumps({"choices": [{"message": {"content": answer}}]}).encode()
+                request = json.loads(self.rfile.read(length) or b"null")
+                outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "json": request})
+                content = answer(request) if callable(answer) else answer
+                payload = body if body is not None else json.dumps({"choices": [{"message": {"content": content}}]}).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
+
+            do_GET = do_POST  # noqa: N815 (urllib turns a redirected POST into a GET)
 
             def log_message(self, *args):
                 pass
@@ -208,7 +214,7 @@ def test_configured_llm_is_called_once_and_cached(monkeypatch, isolated_environm
         assert resolve_aux_prompt("spleen", user_text="mine").source == "user"  # the user still comes first
         assert len(llm.requests) == 1
     cached = json.loads((isolated_environment / "aux_prompts_llm_cache.json").read_text())
-    assert cached == {"tiny-model|spleen": "Spleen: a crescent organ."}
+    assert cached == {f"tiny-model|{llm.url}/chat/completions|spleen": "Spleen: a crescent organ."}
     assert "sk-test" not in repr(LLMEndpoint.from_environment())
 
 
@@ -230,3 +236,221 @@ def test_non_http_endpoint_is_refused(caplog):
         got = resolve_aux_prompt("spleen", llm=LLMEndpoint(url="file:///etc"))
     assert got.source == "curated"
     assert "http(s)" in caplog.text
+
+
+def _use_llm(monkeypatch, llm, *, key=None, model="tiny-model", timeout="5"):
+    monkeypatch.setenv("TEXTSEGMENT_LLM_URL", llm.url)
+    monkeypatch.setenv("TEXTSEGMENT_LLM_TIMEOUT", timeout)
+    if model:
+        monkeypatch.setenv("TEXTSEGMENT_LLM_MODEL", model)
+    if key:
+        monkeypatch.setenv("TEXTSEGMENT_LLM_KEY", key)
+
+
+@pytest.mark.parametrize("variable", ["TEXTSEGMENT_OFFLINE", "HF_HUB_OFFLINE"])
+def test_offline_mode_never_asks_the_llm_but_still_reads_its_cache(monkeypatch, caplog, variable):
+    with FakeLLM(answer="Spleen from the LLM.") as llm:
+        _use_llm(monkeypatch, llm)
+        assert resolve_aux_prompt("spleen").source == "llm"  # online: asked once, cached
+        monkeypatch.setenv(variable, "1")
+        with caplog.at_level(logging.WARNING, logger="TextSegmentLib.aux_prompts"):
+            assert resolve_aux_prompt("spleen") == AuxPrompt("Spleen from the LLM.", "llm", "tiny-model")
+            assert resolve_aux_prompt("liver").source == "curated"
+        assert len(llm.requests) == 1
+    assert "offline" in caplog.text
+
+
+def test_a_redirect_is_not_followed_with_the_key(monkeypatch):
+    with FakeLLM(answer="Answer from elsewhere.") as elsewhere:
+        with FakeLLM(status=302, body=b"", headers={"Location": elsewhere.url.replace("127.0.0.1", "localhost")}) as llm:
+            _use_llm(monkeypatch, llm, key="sk-secret-redirect")
+            got = resolve_aux_prompt("spleen")
+            assert len(llm.requests) == 1
+        assert elsewhere.requests == []  # neither the key nor the question went to the other host
+    assert got.source == "curated"
+    assert LLMAnswerCache().read() == {}
+
+
+def test_the_key_and_url_credentials_never_reach_the_log(monkeypatch, caplog):
+    with FakeLLM() as llm, caplog.at_level(logging.WARNING, logger="TextSegmentLib.aux_prompts"):
+        _use_llm(monkeypatch, llm, key="sk-SE\nCRET-header")  # an illegal header value: http.client echoes it
+        assert resolve_aux_prompt("spleen").source == "curated"
+        port = llm.url.split(":")[-1].split("/")[0]
+        _use_llm(monkeypatch, llm, key="sk-fine")
+        monkeypatch.setenv("TEXTSEGMENT_LLM_URL", f"http://user:sk-URLSECRET@127.0.0.1:{port}/v1")
+        assert resolve_aux_prompt("liver").source == "curated"
+        assert llm.requests == []
+    assert caplog.text
+    for secret in ("SE\nCRET", "SE\\nCRET", "CRET-header", "URLSECRET"):
+        assert secret not in caplog.text
+
+
+def test_the_key_is_stripped_of_surrounding_whitespace(monkeypatch):
+    with FakeLLM() as llm:
+        _use_llm(monkeypatch, llm, key=" sk-test\r\n")
+        assert resolve_aux_prompt("spleen").source == "llm"
+        assert llm.requests[0]["auth"] == "Bearer sk-test"
+
+
+def test_answers_are_cached_per_endpoint_and_the_cache_holds_no_secret(monkeypatch, isolated_environment):
+    with FakeLLM(answer="Answer of server one.") as one, FakeLLM(answer="Answer of server two.") as two:
+        _use_llm(monkeypatch, one, key="sk-cache-secret")
+        assert resolve_aux_prompt("spleen").text == "Answer of server one."
+        monkeypatch.setenv("TEXTSEGMENT_LLM_URL", two.url + "/?api_key=sk-query-secret")
+        assert resolve_aux_prompt("spleen").text == "Answer of server two."  # same model name, other server
+        assert len(one.requests) == len(two.requests) == 1
+        assert two.requests[0]["path"] == "/v1/chat/completions?api_key=sk-query-secret"  # the query stays last
+    text = (isolated_environment / "aux_prompts_llm_cache.json").read_text()
+    assert "secret" not in text and len(json.loads(text)) == 2
+
+
+def test_prompts_in_other_scripts_do_not_share_an_answer(monkeypatch):
+    with FakeLLM(answer=lambda request: "About " + request["messages"][-1]["content"]) as llm:
+        _use_llm(monkeypatch, llm)
+        assert resolve_aux_prompt("肝脏").text == "About Describe: 肝脏"
+        assert resolve_aux_prompt("脾脏").text == "About Describe: 脾脏"
+        assert resolve_aux_prompt("Hépatique").text != resolve_aux_prompt("Hôpatique").text
+        assert len(llm.requests) == 4
+
+
+@pytest.mark.parametrize("content", [None, 42, ["Spleen."], {"text": "Spleen."}, "  \x00\x1b  "])
+def test_an_answer_that_is_not_text_is_not_accepted(monkeypatch, content):
+    with FakeLLM(answer=content) as llm:
+        _use_llm(monkeypatch, llm)
+        got = resolve_aux_prompt("spleen")
+        assert len(llm.requests) == 1
+    assert got.source == "curated"
+    assert LLMAnswerCache().read() == {}
+
+
+def test_control_and_invisible_characters_are_removed_from_answers(monkeypatch):
+    with FakeLLM(answer="Spleen\x1b[31m:\x00 a\u202e crescent\u200b organ\x07.\ud800") as llm:
+        _use_llm(monkeypatch, llm)
+        got = resolve_aux_prompt("spleen")
+    assert got.source == "llm"
+    assert got.text == "Spleen [31m: a crescent organ ."
+    got.text.encode("utf-8")  # no lone surrogate either
+
+
+def test_an_oversized_answer_is_refused_without_reading_it_all(monkeypatch):
+    with FakeLLM(answer="x " * (1 << 20)) as llm:
+        _use_llm(monkeypatch, llm)
+        assert resolve_aux_prompt("spleen").source == "curated"
+
+
+def test_answers_are_capped_in_length(monkeypatch):
+    with FakeLLM(answer="word " * 1000) as llm:
+        _use_llm(monkeypatch, llm)
+        got = resolve_aux_prompt("spleen")
+    assert got.source == "llm" and len(got.text) <= 600
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"choices": [{"message": {"content": "\xe9t\xe9"}}]}'])
+def test_a_malformed_or_non_utf8_answer_falls_back(monkeypatch, body):
+    with FakeLLM(body=body) as llm:
+        _use_llm(monkeypatch, llm)
+        assert resolve_aux_prompt("spleen").source == "curated"
+        assert len(llm.requests) == 1
+
+
+def test_a_utf8_answer_with_a_byte_order_mark_is_read(monkeypatch):
+    body = b"\xef\xbb\xbf" + json.dumps({"choices": [{"message": {"content": "Spleen: an organ."}}]}).encode()
+    with FakeLLM(body=body) as llm:
+        _use_llm(monkeypatch, llm)
+        assert resolve_aux_prompt("spleen") == AuxPrompt("Spleen: an organ.", "llm", "tiny-model")
+
+
+def test_a_trickling_answer_is_cut_off_by_the_timeout(monkeypatch):
+    import time
+
+    class Drip(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Length", "400")
+            self.end_headers()
+            try:
+                for _ in range(400):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        endpoint = LLMEndpoint(url=f"http://127.0.0.1:{server.server_address[1]}/v1", timeout_s=0.5)
+        start = time.monotonic()
+        assert resolve_aux_prompt("spleen", llm=endpoint).source == "curated"
+        assert time.monotonic() - start < 3  # every byte came within the socket timeout, the whole did not
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("timeout", ["inf", "nan", "-1", "0", "1e300"])
+def test_an_unusable_timeout_setting_falls_back_to_the_default(monkeypatch, caplog, timeout):
+    with FakeLLM() as llm:
+        _use_llm(monkeypatch, llm, timeout=timeout)
+        assert resolve_aux_prompt("spleen").source == "llm"
+
+
+def test_a_plain_http_endpoint_with_a_key_warns(monkeypatch, caplog):
+    with FakeLLM() as llm, caplog.at_level(logging.WARNING, logger="TextSegmentLib.aux_prompts"):
+        _use_llm(monkeypatch, llm, key="sk-local")
+        assert resolve_aux_prompt("spleen").source == "llm"
+        assert "unencrypted" not in caplog.text  # a local server: the key never leaves the machine
+        endpoint = LLMEndpoint(url="http://192.0.2.1:9/v1", key="sk-remote", timeout_s=0.2)  # TEST-NET, never answers
+        assert resolve_aux_prompt("liver", llm=endpoint).source == "curated"
+    assert "unencrypted" in caplog.text and "sk-remote" not in caplog.text
+
+
+@pytest.mark.parametrize("content", [b"[" * 100_000, b'{"KEY": 5}', b'{"KEY": ["x"]}', b"\xff\xfe\x00", b"[]"])
+def test_a_corrupt_cache_is_ignored_with_a_warning(monkeypatch, caplog, isolated_environment, content):
+    with FakeLLM(answer="Fresh answer.") as llm:
+        _use_llm(monkeypatch, llm)
+        key = LLMAnswerCache.key(LLMEndpoint.from_environment(), "spleen")
+        isolated_environment.mkdir(parents=True)
+        (isolated_environment / "aux_prompts_llm_cache.json").write_bytes(content.replace(b"KEY", key.encode()))
+        with caplog.at_level(logging.WARNING, logger="TextSegmentLib.aux_prompts"):
+            assert resolve_aux_prompt("spleen") == AuxPrompt("Fresh answer.", "llm", "tiny-model")
+    assert "LLM answer cache" in caplog.text
+    assert LLMAnswerCache().read() == {key: "Fresh answer."}  # rewritten whole
+
+
+def test_concurrent_writers_never_fail_or_corrupt_the_cache(caplog, isolated_environment):
+    """Two processes writing one cache (threads with their own locks here) must not share a scratch file."""
+    import sys
+
+    path = isolated_environment / "aux_prompts_llm_cache.json"
+    errors: list[BaseException] = []
+
+    def writer(name: str) -> None:
+        cache = LLMAnswerCache(path)
+        cache._lock = threading.Lock()  # as if in another process
+        try:
+            for i in range(150):
+                cache.put(f"{name}{i}", "x")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with caplog.at_level(logging.WARNING, logger="TextSegmentLib.aux_prompts"):
+            threads = [threading.Thread(target=writer, args=(name,)) for name in "ab"]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors
+    assert "LLM answer cache" not in caplog.text
+    assert isinstance(json.loads(path.read_text()), dict)
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no scratch file left behind
