@@ -153,6 +153,8 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._outcome = None
         self._features = None
         self._weightsModel = None
+        self._runColormap = None  # the colour map the running segmentation's saliency maps get
+        self._outcomeColormap = None  # the colour map the last outcome's saliency maps show
         self._inputVolume = None  # the input last seen, to notice when the user picks another one
         self._shortcuts = []
         self._pollTimer = qt.QTimer()
@@ -182,7 +184,6 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.saliencyLayerSlider.connect("valueChanged(int)", self.updateOverlay)
         self.ui.combinedMapCheckBox.connect("toggled(bool)", self.updateOverlay)
         self.ui.saliencyOpacitySlider.connect("valueChanged(double)", self.updateOverlay)
-        self.ui.colormapComboBox.connect("currentIndexChanged(int)", self.onColormapChosen)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         self.ui.importWeightsButton.connect("clicked(bool)", self.onImportWeights)
         self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeights)
@@ -264,6 +265,8 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if geometry and p.inputVolume is not None and geometry != p.inputVolume.GetID():
                 # the last run's output belongs to the other volume: a new run must not replace its segments
                 p.outputSegmentation = None
+        if self._outcome is not None and p.colormap != self._outcomeColormap:
+            self._recolour(p.colormap)
         isTgcNet = p.model.startswith("tgcnet")
         self.ui.auxPromptsEdit.enabled = isTgcNet
         self.ui.auxPromptsLabel.enabled = isTgcNet
@@ -273,8 +276,21 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.toolTip = _("Segment the input volume") if ready else _("Select an input volume and type a prompt")
 
     def onModelChosen(self, index):
-        if self._parameterNode is not None and index >= 0:
-            self._parameterNode.model = self.ui.modelComboBox.itemData(index)
+        p = self._parameterNode
+        if p is None or index < 0:
+            return
+        model = self.ui.modelComboBox.itemData(index)
+        if model == p.model:  # set from the parameter node (console, loaded scene): its weights stay
+            return
+        with slicer.util.NodeModify(p):
+            # weights chosen for the previous model cannot load into this one; the list shows the default
+            try:
+                known = {weightsId for weightsId, _ in self.logic.weights_choices(model)}
+            except Exception:  # a broken manifest: _fillWeights says so
+                known = {""}
+            if p.weights not in known:
+                self._parameterNode.weights = ""
+            self._parameterNode.model = model
 
     def onWeightsChosen(self, index):
         if self._parameterNode is not None and index >= 0:
@@ -286,18 +302,19 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         wasBlocked = combo.blockSignals(True)
         try:
             combo.clear()
+            error = None
             try:
                 choices = self.logic.weights_choices(model)
             except Exception as exc:  # a broken manifest must not break the module
                 choices = [("", _("default weights"))]
-                self.ui.weightsStatusLabel.text = str(exc)
+                error = str(exc)
             for weightsId, label in choices:
                 combo.addItem(label, weightsId)
             combo.currentIndex = max(0, combo.findData(selected))
         finally:
             combo.blockSignals(wasBlocked)
         known = len(choices) > 1
-        self.ui.weightsStatusLabel.text = "" if known else _(
+        self.ui.weightsStatusLabel.text = error if error is not None else "" if known else _(
             "No trained weights known for {model} on this computer: import a file or download in Setup.").format(model=model)
 
     # segment -------------------------------------------------------------------------------------
@@ -320,6 +337,7 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as exc:
             self._showError(_("Cannot start"), exc)
             return
+        self._runColormap = p.colormap
         self._rememberPrompts(slicer_logic.parse_prompts(p.prompts))
         self._start(job, "segment")
 
@@ -375,7 +393,14 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                     model_name=outcome.model_name)
         self.ui.exportDicomSegButton.enabled = True
         self._features = outcome.run.features
-        self._parameterNode.outputSegmentation = outcome.segmentation_node
+        self._outcomeColormap = self._runColormap
+        p = self._parameterNode
+        current = p.inputVolume
+        if current is not None and current.GetID() == outcome.input_node.GetID():
+            p.outputSegmentation = outcome.segmentation_node  # the next run on this input goes into it
+        # else the user picked another input during the run: its next run must not replace this one's segments
+        if p.colormap != self._outcomeColormap:  # chosen during the run (no parameter change may follow)
+            self._recolour(p.colormap)
         run = outcome.run
         volumes = ", ".join(f"{r.prompt}: {r.volume_ml:.1f} ml" for r in run.results)
         lines = [_("Done in {seconds:.1f} s on {device}. {volumes}").format(seconds=run.seconds, device=run.device, volumes=volumes)]
@@ -430,12 +455,13 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as exc:
             self._showError(_("Cannot show the saliency map"), exc)
 
-    def onColormapChosen(self, index):
+    def _recolour(self, colormap):
+        """The last run's saliency maps in ``colormap`` (the colormap parameter changed)."""
+        self._outcomeColormap = colormap  # tried once: a failure is shown once, not on every parameter change
         if self._outcome is None or self._features is None:
             return
         from TextSegmentLib.slicer_bridge import add_saliency_volumes
 
-        colormap = self.ui.colormapComboBox.currentText
         try:  # recolour in place, from the maps of the last run
             for item in self._features.prompts:  # volumes the user deleted come back as new nodes: show those
                 self._outcome.saliency_nodes[item.prompt] = add_saliency_volumes(

@@ -286,7 +286,10 @@ def _render(slice_logic: Any, ct_node: Any, ct: Volume, index: int, *, width: in
     position = [(n - 1) / 2.0 for n in ct.shape]
     position[axis] = plan.num_slices - 1 - index if plan.flips[0] else index
     kji = np.asarray(position)
-    superior = (ct.ijk_to_ras() @ np.append(kji[::-1], 1.0))[2]
+    local = (ct.ijk_to_ras() @ np.append(kji[::-1], 1.0))[:3]
+    world = [0.0, 0.0, 0.0]  # the slice offset is a world coordinate: follow the CT node's parent transform
+    ct_node.TransformPointToWorld([float(v) for v in local], world)
+    superior = world[2]
     slice_logic.SetSliceOffset(float(superior))
     slice_logic.SnapSliceOffsetToIJK()
     connection = slice_logic.GetImageDataConnection()

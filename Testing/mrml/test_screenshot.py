@@ -184,3 +184,24 @@ def test_a_scene_without_slice_views_gets_a_private_one_removed_afterwards():
         assert context.scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode") == 0
     finally:
         context.scene.Clear(True)
+
+
+def test_a_ct_node_under_a_transform_shows_the_masks_slice(context):
+    """The slice offset is a world coordinate: a CT node moved by a parent transform shows the same slice."""
+    import vtk
+
+    from TextSegmentLib.slicer_bridge import node_from_volume
+
+    ct, mask, _ = _case(mask_slice=1)
+    expected = render_slice_overlay(ct, mask=mask, outline=False, label_color=RED / 255.0, width=WIDTH)
+    node = node_from_volume(ct, context=context, name="moved CT")
+    node.GetDisplayNode().SetAutoWindowLevel(False)
+    node.GetDisplayNode().SetWindowLevel(*CT_WINDOW)  # as a CT given as a Volume is shown
+    transform = context.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "up 3 mm")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(2, 3, 3.0)  # 3 mm superior: three slices, within the volume's six
+    transform.SetMatrixTransformToParent(shift)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    moved = render_slice_overlay(node, mask=mask, outline=False, label_color=RED / 255.0, context=context, width=WIDTH)
+    assert np.abs(_block(moved, 4, 12, 4, 16) - RED).max() <= 2  # the mask's slice, not three slices below it
+    assert np.array_equal(moved, expected)

@@ -199,3 +199,333 @@ def test_self_test_script_says_it_needs_slicer():
                           text=True, cwd=REPO, timeout=120)
     assert done.returncode != 0
     assert "inside Slicer" in done.stderr
+
+
+# the widget's own logic, on stand-ins for Qt and Slicer ------------------------------------------
+# Only what TextSegment.py touches, with the Qt behaviour that matters here: a combo box emits
+# currentIndexChanged when clear() empties it (-1) and when the first item is added (0), not when
+# its index is set to the one it has, and not while its signals are blocked; parameterNodeWrapper's
+# connectGui builds a QComboBoxToStringableConnector per call, which clears and refills the box.
+class _Widget:
+    def __init__(self, **values):
+        self.text, self.enabled, self.toolTip, self.checked, self.value, self.maximum = "", True, "", False, 0, 0
+        self.__dict__.update(values)
+        self._slots, self._blocked = {}, False
+
+    def connect(self, signal, slot):
+        self._slots.setdefault(signal, []).append(slot)
+
+    def emit(self, signal, *args):
+        if not self._blocked:
+            for slot in list(self._slots.get(signal, [])):
+                slot(*args)
+
+    def blockSignals(self, block):
+        was, self._blocked = self._blocked, block
+        return was
+
+    def setContext(self, context):
+        pass
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+    def setInterval(self, ms):
+        pass
+
+    def setMRMLScene(self, scene):
+        pass
+
+
+class _Combo(_Widget):
+    def __init__(self):
+        super().__init__()
+        self.items, self._index = [], -1
+
+    @property
+    def currentIndex(self):
+        return self._index
+
+    @currentIndex.setter
+    def currentIndex(self, index):
+        if index != self._index:
+            self._index = index
+            self.emit("currentIndexChanged(int)", index)
+
+    @property
+    def currentText(self):
+        return self.items[self._index][0] if self._index >= 0 else ""
+
+    def clear(self):
+        self.items = []
+        self.currentIndex = -1
+
+    def addItem(self, text, data=None):
+        self.items.append((text, data))
+        if self._index < 0:
+            self.currentIndex = 0
+
+    def findData(self, data):
+        return next((i for i, (_, d) in enumerate(self.items) if d == data), -1)
+
+    def itemData(self, index):
+        return self.items[index][1]
+
+    def itemText(self, index):
+        return self.items[index][0]
+
+
+class _Node:
+    def __init__(self, node_id):
+        self._id = node_id
+
+    def GetID(self):
+        return self._id
+
+    def GetName(self):
+        return self._id
+
+    def GetReferenceImageGeometryReferenceRole(self):
+        return "referenceImageGeometryRef"
+
+    def GetNodeReferenceID(self, role):
+        return getattr(self, "geometry", None)
+
+
+class _ParameterNode:
+    """A wrapped parameter node: attribute writes fire the Modified observers (once per NodeModify)."""
+
+    def __init__(self, node, defaults, choices):
+        object.__setattr__(self, "_node", node)
+        object.__setattr__(self, "_choices", choices)
+        for name, value in defaults.items():
+            node.values.setdefault(name, value)
+
+    def __getattr__(self, name):
+        return self._node.values[name]
+
+    def __setattr__(self, name, value):
+        self._node.values[name] = value
+        self._node.modified()
+
+    def StartModify(self):
+        self._node.depth += 1
+        return self._node.depth > 1
+
+    def EndModify(self, was):
+        self._node.depth -= 1
+        if self._node.depth == 0 and self._node.pending:
+            self._node.modified()
+
+    def connectGui(self, ui):
+        for combo, name in ((ui.colormapComboBox, "colormap"), (ui.deviceComboBox, "device")):
+            combo.clear()  # QComboBoxToStringableConnector.__init__
+            for choice in self._choices[name]:
+                combo.addItem(str(choice))
+            combo.currentIndex = list(self._choices[name]).index(self._node.values[name])  # connector.write
+            combo.connect("currentIndexChanged(int)",
+                          lambda index, combo=combo, name=name: setattr(self, name, self._choices[name][index]))
+        return 0
+
+    def disconnectGui(self, tag):
+        for combo in (self._node.ui.colormapComboBox, self._node.ui.deviceComboBox):
+            combo._slots["currentIndexChanged(int)"] = [s for s in combo._slots.get("currentIndexChanged(int)", [])
+                                                        if getattr(s, "__name__", "") != "<lambda>"]
+
+
+class _RawNode:
+    def __init__(self, ui):
+        self.values, self.observers, self.depth, self.pending, self.ui = {}, [], 0, False, ui
+
+    def modified(self):
+        if self.depth:
+            self.pending = True
+            return
+        self.pending = False
+        for callback in list(self.observers):
+            callback()
+
+
+@pytest.fixture
+def widget(monkeypatch):
+    """TextSegment.py's widget, set up on stand-ins; ``widget.errors`` collects what errorDisplay showed."""
+    import contextlib
+    import importlib.util
+    import types
+
+    import TextSegmentLib.slicer_bridge  # noqa: F401 - on the real slicer and vtk, before the stand-ins
+
+    ui = types.SimpleNamespace(**{name: _Combo() if element.get("class") == "QComboBox" else _Widget()
+                                  for name, element in _ui_widgets().items()})
+    raw = _RawNode(ui)
+    errors, choices = [], {p.name: p.choices for p in PARAMETERS if p.choices}
+    defaults = {p.name: p.default for p in PARAMETERS}
+
+    @contextlib.contextmanager
+    def node_modify(node):
+        was = node.StartModify()
+        try:
+            yield
+        finally:
+            node.EndModify(was)
+
+    class Mixin:
+        def __init__(self, *args):
+            pass
+
+        def addObserver(self, obj, event, callback):
+            if obj is raw or isinstance(obj, _ParameterNode):
+                raw.observers.append(callback)
+
+        def removeObserver(self, obj, event, callback):
+            if callback in raw.observers:
+                raw.observers.remove(callback)
+
+        def removeObservers(self):
+            raw.observers.clear()
+
+    class ModuleWidget:
+        def __init__(self, parent=None):
+            self.parent = types.SimpleNamespace(isEntered=True)
+            self.layout = types.SimpleNamespace(addWidget=lambda widget: None)
+
+        def setup(self):
+            pass
+
+        def resourcePath(self, name):
+            return name
+
+    class ModuleLogic:
+        def __init__(self, parent=None):
+            pass
+
+        def getParameterNode(self):
+            return raw
+
+    settings = {}
+    qt = types.ModuleType("qt")
+    qt.QTimer = lambda: _Widget()
+    qt.QShortcut = lambda keys, parent: _Widget()
+    qt.QKeySequence = lambda keys: keys
+    qt.Qt = types.SimpleNamespace(WidgetWithChildrenShortcut=2)
+    qt.QSettings = lambda: types.SimpleNamespace(value=settings.get, setValue=settings.__setitem__)
+    slicer = types.ModuleType("slicer")
+    slicer.vtkMRMLScalarVolumeNode = slicer.vtkMRMLSegmentationNode = object
+    slicer.mrmlScene = types.SimpleNamespace(StartCloseEvent=1, EndCloseEvent=2, GetNodeByID=lambda node_id: None)
+    slicer.app = types.SimpleNamespace(applicationLogic=lambda: types.SimpleNamespace(
+        GetSelectionNode=lambda: types.SimpleNamespace(GetActiveVolumeID=lambda: None)))
+    slicer.util = types.SimpleNamespace(
+        loadUI=lambda path: _Widget(), childWidgetVariables=lambda widget: ui, VTKObservationMixin=Mixin,
+        NodeModify=node_modify, errorDisplay=lambda text, **kw: errors.append(text), WaitCursor=contextlib.nullcontext)
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr, i18n.translate = (lambda text: text), (lambda context, text: text)
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.Choice = wrapper.WithinRange = lambda *args: args
+    wrapper.parameterNodeWrapper = lambda cls: (lambda node: _ParameterNode(node, defaults, choices))
+    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+    scripted.ScriptedLoadableModule = scripted.ScriptedLoadableModuleTest = object
+    scripted.ScriptedLoadableModuleWidget, scripted.ScriptedLoadableModuleLogic = ModuleWidget, ModuleLogic
+    util = types.ModuleType("slicer.util")
+    util.VTKObservationMixin = Mixin
+    vtk = types.ModuleType("vtk")
+    vtk.vtkCommand = types.SimpleNamespace(ModifiedEvent=33)
+    for name, module in {"qt": qt, "slicer": slicer, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": wrapper,
+                         "slicer.ScriptedLoadableModule": scripted, "slicer.util": util, "vtk": vtk}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    spec = importlib.util.spec_from_file_location("TextSegment_under_test", MODULE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module.slicer_logic, "probe_gpus", lambda: [])
+    monkeypatch.setattr(module, "missingDependencies", lambda: [])
+    weights = {"freqmedclip-tiny": [("", "default weights"), ("fmc-v8", "fmc-v8")],
+               "tgcnet-tiny": [("", "default weights"), ("tgc-v9", "tgc-v9")]}
+    monkeypatch.setattr(module.SegmentationLogic, "weights_choices", lambda self, model: weights.get(model, weights["tgcnet-tiny"][:1]))
+
+    w = module.TextSegmentWidget()
+    w.setup()
+    w.enter()
+    w.errors, w.module = errors, module
+    yield w
+    w.cleanup()
+
+
+def test_choosing_another_model_drops_the_previous_models_weights(widget):
+    ui, p = widget.ui, widget._parameterNode
+    ui.weightsComboBox.currentIndex = ui.weightsComboBox.findData("fmc-v8")
+    assert p.weights == "fmc-v8"
+    ui.modelComboBox.currentIndex = ui.modelComboBox.findData("tgcnet-tiny")
+    assert p.model == "tgcnet-tiny"
+    # the list shows the default weights, and that is what the next run loads (not fmc-v8: a WeightsError)
+    assert ui.weightsComboBox.itemData(ui.weightsComboBox.currentIndex) == p.weights == ""
+    ui.weightsComboBox.currentIndex = ui.weightsComboBox.findData("tgc-v9")
+    p.model = "tgcnet-tiny"  # the parameter node set again (console, scene): its weights stay
+    assert p.weights == "tgc-v9"
+
+
+def test_a_broken_manifest_is_shown_not_hidden(widget, monkeypatch):
+    def broken(self, model):
+        raise ValueError("weights_manifest.json: entry 'x' lacks the required key 'sha256'")
+
+    monkeypatch.setattr(widget.module.SegmentationLogic, "weights_choices", broken)
+    widget.ui.modelComboBox.currentIndex = widget.ui.modelComboBox.findData("tgcnet-base")
+    assert "lacks the required key" in widget.ui.weightsStatusLabel.text
+
+
+def _finished_run(widget, monkeypatch, *, input_id="CT"):
+    """Apply with the input ``input_id`` selected; returns the job and a finisher handing back an outcome with saliency."""
+    import types
+
+    from TextSegmentLib.engine import SegmentationRun
+
+    p = widget._parameterNode
+    p.inputVolume, p.prompts = _Node(input_id), "liver"
+    calls = []
+    monkeypatch.setattr(widget.module.SegmentationLogic, "segment", lambda self, **kw: calls.append(kw) or types.SimpleNamespace(title="Segmenting"))
+    widget.onApplyButton()
+    assert calls, widget.errors
+    features = types.SimpleNamespace(prompts=[types.SimpleNamespace(prompt="liver", maps={})])
+    outcome = widget.module.slicer_logic.SegmentOutcome(
+        input_node=_Node(input_id), segmentation_node=_Node("Segmentation"),
+        run=SegmentationRun(results=[], device="cpu", batch_size=1, seconds=1.0, slices=1, skipped_slices=0, features=features))
+    job = types.SimpleNamespace(state="done", result=outcome, title="Segmenting")
+    return calls[0], lambda: widget._finish(job)
+
+
+def test_reentering_the_module_neither_fails_nor_recolours_the_saliency_maps(widget, monkeypatch):
+    import TextSegmentLib.slicer_bridge as bridge
+
+    recoloured = []
+
+    def add_saliency_volumes(item, *, reference_node, context, colormap):
+        if colormap not in widget.module.slicer_logic.COLORMAPS:  # as saliency_color_node refuses ''
+            raise bridge.InputError(f"colour table {colormap!r} is not in the scene")
+        recoloured.append(colormap)
+        return {}
+
+    monkeypatch.setattr(bridge, "add_saliency_volumes", add_saliency_volumes)
+    monkeypatch.setattr(widget.module.SegmentationLogic, "context", None)
+    monkeypatch.setattr(widget.module.SegmentationLogic, "show_saliency", lambda self, *a, **kw: None)
+    widget.ui.colormapComboBox.currentIndex = widget.ui.colormapComboBox.items.index(("Viridis", None))
+    assert widget._parameterNode.colormap == "Viridis"
+    kw, finish = _finished_run(widget, monkeypatch)
+    assert kw["colormap"] == "Viridis"
+    finish()
+    assert recoloured == [] and widget.errors == []
+    widget.exit()
+    widget.enter()  # connectGui again: the colour map box is cleared and refilled
+    assert recoloured == [] and widget.errors == [], "re-entering the module recoloured the maps or failed"
+    widget.ui.colormapComboBox.currentIndex = widget.ui.colormapComboBox.items.index(("Magma", None))
+    assert recoloured == ["Magma"] and widget.errors == []
+
+
+def test_a_run_finishing_after_the_input_changed_does_not_become_the_new_inputs_output(widget, monkeypatch):
+    _, finish = _finished_run(widget, monkeypatch, input_id="CT A")
+    widget._parameterNode.inputVolume = _Node("CT B")  # picked while A was being segmented
+    finish()
+    assert widget._parameterNode.outputSegmentation is None  # B's next run gets a new segmentation
+    _, finish = _finished_run(widget, monkeypatch, input_id="CT B")
+    finish()
+    assert widget._parameterNode.outputSegmentation.GetID() == "Segmentation"
