@@ -87,6 +87,16 @@ def _ras_points_of_segment(segmentation_node, name: str, *, world: bool = True) 
     return _sorted(ijk @ m[:3, :3].T + m[:3, 3])
 
 
+def _translation(context, name: str, *, x: float = 0.0, z: float = 0.0):
+    """A linear transform node that shifts by (x, 0, z) mm."""
+    transform = context.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, x)
+    matrix.SetElement(2, 3, z)
+    transform.SetMatrixTransformToParent(matrix)
+    return transform
+
+
 def _node_count(context) -> int:
     return context.scene.GetNumberOfNodes()
 
@@ -185,10 +195,7 @@ def test_rerunning_a_prompt_replaces_its_segment(context):
 def test_transformed_volume_keeps_its_transform_and_local_voxels(context):
     ct = _ct("oblique")
     node = node_from_volume(ct, context=context, name="CT")
-    transform = context.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
-    shift = vtk.vtkMatrix4x4()
-    shift.SetElement(0, 3, 25.0)
-    transform.SetMatrixTransformToParent(shift)
+    transform = _translation(context, "shift", x=25.0)
     node.SetAndObserveTransformNodeID(transform.GetID())
     mask = _box_mask(ct, (1, 2, 3), (4, 6, 9))
     seg = add_segmentation([_result(ct, "liver", mask)], reference_node=node, context=context)
@@ -201,11 +208,7 @@ def test_transformed_volume_keeps_its_transform_and_local_voxels(context):
 def test_reused_segmentation_under_another_transform_keeps_the_segment_over_the_mask(context):
     ct = _ct("oblique")
     node = node_from_volume(ct, context=context, name="CT")
-    transform = context.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
-    matrix = vtk.vtkMatrix4x4()
-    matrix.SetElement(0, 3, 25.0)
-    matrix.SetElement(2, 3, -4.0)
-    transform.SetMatrixTransformToParent(matrix)
+    transform = _translation(context, "registration", x=25.0, z=-4.0)
     output = context.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "the user's output")
     output.SetAndObserveTransformNodeID(transform.GetID())  # e.g. a segmentation of a registered series
     mask = _box_mask(ct, (1, 2, 3), (4, 6, 9))
