@@ -222,7 +222,7 @@ def test_configured_llm_is_called_once_and_cached(monkeypatch, isolated_environm
 def test_llm_failures_fall_back_to_the_next_source(monkeypatch, caplog, isolated_environment, status, body):
     with FakeLLM(status=status, body=body) as llm:
         endpoint = LLMEndpoint(url=llm.url, timeout_s=5)
-        with caplog.at_level(logging.WARNING, logger="TextSegmentLib.aux_prompts"):
+        with caplog.at_level(logging.WARNING, logger="TextSegmentLib.aux_llm"):
             got = resolve_aux_prompt("spleen", llm=endpoint)
         assert got.source == "curated"
         assert len(llm.requests) == 1
@@ -232,7 +232,7 @@ def test_llm_failures_fall_back_to_the_next_source(monkeypatch, caplog, isolated
 
 
 def test_non_http_endpoint_is_refused(caplog):
-    with caplog.at_level(logging.WARNING, logger="TextSegmentLib.aux_prompts"):
+    with caplog.at_level(logging.WARNING, logger="TextSegmentLib.aux_llm"):
         got = resolve_aux_prompt("spleen", llm=LLMEndpoint(url="file:///etc"))
     assert got.source == "curated"
     assert "http(s)" in caplog.text
@@ -253,7 +253,7 @@ def test_offline_mode_never_asks_the_llm_but_still_reads_its_cache(monkeypatch, 
         _use_llm(monkeypatch, llm)
         assert resolve_aux_prompt("spleen").source == "llm"  # online: asked once, cached
         monkeypatch.setenv(variable, "1")
-        with caplog.at_level(logging.WARNING, logger="TextSegmentLib.aux_prompts"):
+        with caplog.at_level(logging.WARNING, logger="TextSegmentLib.aux_llm"):
             assert resolve_aux_prompt("spleen") == AuxPrompt("Spleen from the LLM.", "llm", "tiny-model")
             assert resolve_aux_prompt("liver").source == "curated"
         assert len(llm.requests) == 1
@@ -272,7 +272,7 @@ def test_a_redirect_is_not_followed_with_the_key(monkeypatch):
 
 
 def test_the_key_and_url_credentials_never_reach_the_log(monkeypatch, caplog):
-    with FakeLLM() as llm, caplog.at_level(logging.WARNING, logger="TextSegmentLib.aux_prompts"):
+    with FakeLLM() as llm, caplog.at_level(logging.WARNING, logger="TextSegmentLib.aux_llm"):
         _use_llm(monkeypatch, llm, key="sk-SE\nCRET-header")  # an illegal header value: http.client echoes it
         assert resolve_aux_prompt("spleen").source == "curated"
         port = llm.url.split(":")[-1].split("/")[0]
@@ -401,7 +401,7 @@ def test_an_unusable_timeout_setting_falls_back_to_the_default(monkeypatch, capl
 
 
 def test_a_plain_http_endpoint_with_a_key_warns(monkeypatch, caplog):
-    with FakeLLM() as llm, caplog.at_level(logging.WARNING, logger="TextSegmentLib.aux_prompts"):
+    with FakeLLM() as llm, caplog.at_level(logging.WARNING, logger="TextSegmentLib.aux_llm"):
         _use_llm(monkeypatch, llm, key="sk-local")
         assert resolve_aux_prompt("spleen").source == "llm"
         assert "unencrypted" not in caplog.text  # a local server: the key never leaves the machine
@@ -417,7 +417,7 @@ def test_a_corrupt_cache_is_ignored_with_a_warning(monkeypatch, caplog, isolated
         key = LLMAnswerCache.key(LLMEndpoint.from_environment(), "spleen")
         isolated_environment.mkdir(parents=True)
         (isolated_environment / "aux_prompts_llm_cache.json").write_bytes(content.replace(b"KEY", key.encode()))
-        with caplog.at_level(logging.WARNING, logger="TextSegmentLib.aux_prompts"):
+        with caplog.at_level(logging.WARNING, logger="TextSegmentLib.aux_llm"):
             assert resolve_aux_prompt("spleen") == AuxPrompt("Fresh answer.", "llm", "tiny-model")
     assert "LLM answer cache" in caplog.text
     assert LLMAnswerCache().read() == {key: "Fresh answer."}  # rewritten whole
@@ -442,7 +442,7 @@ def test_concurrent_writers_never_fail_or_corrupt_the_cache(caplog, isolated_env
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
     try:
-        with caplog.at_level(logging.WARNING, logger="TextSegmentLib.aux_prompts"):
+        with caplog.at_level(logging.WARNING, logger="TextSegmentLib.aux_llm"):
             threads = [threading.Thread(target=writer, args=(name,)) for name in "ab"]
             for thread in threads:
                 thread.start()
