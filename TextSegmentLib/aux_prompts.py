@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .aux_llm import LLMAnswerCache, LLMEndpoint, ask_llm
-
-log = logging.getLogger(__name__)
 
 DESCRIPTIONS_PATH = Path(__file__).resolve().parent / "data" / "clinical_descriptions.json"
 TEMPLATE_MAX_WORDS = 6  # longer prompts already describe their target: they are their own aux text
