@@ -77,7 +77,9 @@ def write_segmentation(
     out_dir = Path(out_dir)
     check_outputs_free(out_dir, overwrite=overwrite)
     reference = run.results[0].mask
-    written = [write_label_map(reference.with_array(label_map(run)), out_dir / LABEL_MAP, overwrite=overwrite)]
+    labels = label_map(run)
+    in_label_map = np.bincount(labels.ravel(), minlength=len(run.results) + 1)
+    written = [write_label_map(reference.with_array(labels), out_dir / LABEL_MAP, overwrite=overwrite)]
     entries = []
     used: set[str] = set()
     for i, result in enumerate(run.results):
@@ -94,13 +96,16 @@ def write_segmentation(
                 "aux_prompt": result.aux_prompt,
                 "voxels": result.voxels,
                 "volume_ml": round(result.volume_ml, 3),
+                # the prompt's own mask above counts overlaps; the label map gives each voxel to one prompt
+                "label_map_voxels": int(in_label_map[i + 1]),
                 "probability_map": str(prob_path.relative_to(out_dir)),
             }
         )
     legend = {
         "labels": entries,
         "label_map": LABEL_MAP,
-        "overlaps": "each voxel takes the label of the most probable prompt among those covering it",
+        "overlaps": "each voxel takes the label of the most probable prompt among those covering it; "
+                    "voxels/volume_ml count each prompt's own mask, label_map_voxels what the label map holds",
         "probability_grid": "source" if all(r.probability.shape == r.mask.shape for r in run.results) else "compact",
         "model": model_name,
         "weights": weights,

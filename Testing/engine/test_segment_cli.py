@@ -263,3 +263,59 @@ def test_every_output_records_the_weights_that_ran_not_the_option(phantom_file, 
     legend = json.loads((tmp_path / "by_path" / "segmentation.json").read_text())
     assert legend["weights"] == file.name and legend["weights_file"] == str(file)
     assert legend["weights_sha256"] is None and len(legend["weights_data_sha256"]) == 64
+
+
+def test_explain_roi_montage_shows_the_box_on_a_slice_inside_it(phantom_file, tmp_path, monkeypatch):
+    # the montage used to outline the predicted mask and pick its slice, so a --roi box at K 3..4
+    # could be shown on slice 0 with every map blank (no target there)
+    from TextSegmentLib.saliency import montage
+
+    shown = []
+    choose = montage.choose_slice
+
+    def record(saliency, *, plan, mask=None):
+        shown.append((choose(saliency, plan=plan, mask=mask), mask))
+        return shown[-1][0]
+
+    monkeypatch.setattr(montage, "choose_slice", record)
+    out = tmp_path / "ex"
+    assert main(["explain", str(phantom_file), "-p", "liver", "--out", str(out), "--weights", "random", "--quiet",
+                 "--layers", "vit.11", "--roi", "10,30,20,40,3,4"]) == 0
+    (index, mask), = shown
+    assert index in (3, 4)
+    box = np.zeros(mask.shape, dtype=bool)
+    box[3:5, 20:41, 10:31] = True
+    assert np.array_equal(np.asarray(mask.array) > 0, box)
+    assert (out / "01_liver_montage.png").is_file()
+
+
+@pytest.mark.parametrize("source", ["--real", "--data"])
+def test_bench_missing_data_files_are_one_line_not_a_traceback(source, tmp_path, capsys):
+    # `--shared-data` defaults to ../shared/data, relative to the current folder: run from elsewhere,
+    # --real used to end in a FileNotFoundError traceback
+    missing = tmp_path / "nowhere"
+    extra = (["--real", "--shared-data", str(missing)] if source == "--real"
+             else ["--data", f"totalseg:{missing}/ct.nii.gz,{missing}/seg.nii.gz,{missing}/classes.json"])
+    out = tmp_path / "bench"
+    argv = ["bench", "--model", "freqmedclip-tiny", "--weights", "random", "--device", "cpu", "--quiet"]
+    assert main(argv + extra + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("textsegment bench: error:") and len(err.splitlines()) == 1
+    assert str(missing) in err and ("--shared-data" in err) == (source == "--real")
+    assert not out.exists()
+
+
+def test_legend_counts_what_the_label_map_holds_and_records_the_settings(phantom_file, tmp_path):
+    # "voxels" is each prompt's own mask; with overlapping prompts the label map holds fewer of a
+    # label than that, and the legend used to give no way to tell (nor the threshold/axis/cleanup used)
+    out = tmp_path / "seg"
+    assert main(["segment", str(phantom_file), "-p", "liver", "-p", "liver", "--out", str(out), "--weights", "random",
+                 "--quiet", "--threshold", "0.3", "--min-component-ml", "0.01"]) == 0
+    legend = json.loads((out / "segmentation.json").read_text())
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "segmentation.nii.gz")))
+    counts = np.bincount(labels.ravel(), minlength=3)
+    assert [e["label_map_voxels"] for e in legend["labels"]] == [int(counts[1]), int(counts[2])]
+    first, second = legend["labels"]
+    assert first["voxels"] == second["voxels"] > 0 and counts[2] == 0  # the same prompt twice: ties go to the first
+    assert legend["settings"] == {"axis": "axial", "threshold": 0.3, "cleanup": False, "min_component_ml": 0.01,
+                                  "keep_empty_slices": False}

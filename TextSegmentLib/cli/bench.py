@@ -66,7 +66,15 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("nothing to benchmark: give --phantoms N, --real or --data SOURCE")
     out = Path(args.out)
     _check_free(out, compare=bool(args.compare_model), overwrite=args.overwrite)  # before the (long) run
-    cases = [case for spec in specs for case in load_source(spec)]
+    cases = []
+    for spec in specs:
+        try:
+            cases += load_source(spec)
+        except FileNotFoundError as exc:  # a missing data file is a usage error, not a traceback
+            if args.real and spec == REAL_HELD_OUT.format(data=Path(args.shared_data)):
+                raise InputError(f"--real: {exc.filename} not found; point --shared-data at the shared data folder "
+                                 f"(now {args.shared_data!r}, relative to the current folder)") from None
+            raise InputError(f"--data {spec}: {exc.filename or 'a file'}: no such file") from None
     dataset = "; ".join(names)
 
     cleanup = {"largest_component": args.cleanup, "fill_holes": args.cleanup, "min_component_ml": args.min_component_ml}

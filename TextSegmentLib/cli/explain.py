@@ -70,6 +70,16 @@ def parse_roi(text: str):
     return tuple(zip(values[0::2], values[1::2]))
 
 
+def box_mask(box, volume):
+    """The inclusive (i, j, k) voxel box as a 0/1 mask ``Volume`` on ``volume``'s grid (I along x, K along z)."""
+    import numpy as np
+
+    (i0, i1), (j0, j1), (k0, k1) = box
+    mask = np.zeros(volume.shape, dtype=np.uint8)
+    mask[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1] = 1
+    return volume.with_array(mask)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError, OutputExistsError
     from ..export import slug
@@ -122,8 +132,10 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         extra_legend={"model": args.model, **weights_record(model, args.weights)},  # what ran, not the option
     )
+    if isinstance(roi, tuple):  # the montage shows (and picks its slice from) the box explained, not the mask
+        roi = box_mask(roi, volume)
     for i, (item, segmentation) in enumerate(zip(result.prompts, run_.results)):
-        outline = roi if roi is not None and not isinstance(roi, tuple) else segmentation.mask
+        outline = roi if roi is not None else segmentation.mask
         png = out_dir / f"{i + 1:02d}_{slug(item.prompt)}_montage.png"
         written.append(
             save_montage(

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     p.add_argument("--axis", choices=("axial", "coronal", "sagittal"), default="axial")
     p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--cleanup", action="store_true", help="keep the largest 3D component and fill holes")
+    p.add_argument("--cleanup", action="store_true", help="keep the largest 3D component and fill holes (not for paired targets: 'lungs' would keep one lung)")
     p.add_argument("--min-component-ml", type=float, default=0.0,
                    help="drop islands smaller than this volume in mL (e.g. 0.5); an empty result is reported")
     p.add_argument("--keep-empty-slices", action="store_true", help="also run on slices with no body in them")
@@ -75,8 +75,10 @@ def run(args: argparse.Namespace) -> int:
             probability_grid=args.probability_grid,
         )
     ran = weights_record(model, args.weights)  # what ran, not the option (None for the default)
+    settings = {"axis": args.axis, "threshold": args.threshold, "cleanup": args.cleanup,
+                "min_component_ml": args.min_component_ml, "keep_empty_slices": args.keep_empty_slices}
     written = write_segmentation(run_, out_dir=out_dir, model_name=args.model, weights=ran["weights"],
-                                 overwrite=args.overwrite, extra_legend=ran)
+                                 overwrite=args.overwrite, extra_legend={**ran, "settings": settings})
     if sink is not None:
         from ..saliency import write_saliency
 
