@@ -309,6 +309,7 @@ def test_tilted_series_and_a_truncated_header_do_not_stop_the_batch(shared_data,
     by = _by_description(report)
     assert by["tilted"].status == "ok", by["tilted"].error
     assert (out / by["tilted"].folder / SEG_FILE).is_file()
+    assert any("drift 1.5 mm sideways" in w for w in by["tilted"].warnings)  # the reader's warning, in the report
     assert by["CT"].status == "ok"
     saved = json.loads((out / REPORT).read_text())
     assert [c["file"] for c in saved["corrupt_files"]] == [str(partial)]
@@ -341,6 +342,7 @@ def test_overwrite_keeps_an_earlier_folder_of_a_failed_series_but_does_not_repor
     out = tmp_path / "out"
     first = segment_study(root, ["bone"], output_dir=out, model=HUThresholdModel(), device="cpu")
     folder = first.series[0].folder
+    assert any("slice gaps are uneven" in w for w in first.series[0].warnings)  # the reader's warning, in the report
     earlier = {p: p.read_bytes() for p in (out / folder).rglob("*") if p.is_file()}
 
     def broken(series):

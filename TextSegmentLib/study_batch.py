@@ -268,7 +268,7 @@ def _run_series(series: Any, outcome: SeriesOutcome, *, reader: Callable[[Any], 
         outcome.status = OK
         outcome.outputs = sorted(str(p.relative_to(staging)) for p in written)
         outcome.prompts = [{"prompt": r.prompt, "voxels": r.voxels, "volume_ml": round(r.volume_ml, 3)} for r in run.results]
-        outcome.warnings = [*_left_out(series), *run.warnings]
+        outcome.warnings = [*_reading_warnings(series, volume), *run.warnings]
     except Cancelled:
         raise
     except NotCTError as exc:  # e.g. no Modality tag and values that are not HU: not ours to segment
@@ -288,11 +288,19 @@ def _run_series(series: Any, outcome: SeriesOutcome, *, reader: Callable[[Any], 
             _no_output(outcome, out_dir)
 
 
-def _left_out(series: Any) -> list[str]:
-    if not series.localizer_files:
-        return []
-    names = ", ".join(series.localizer_files)
-    return [f"left out {len(series.localizer_files)} localizer (scout) image(s) filed with this series: {names}"]
+def _reading_warnings(series: Any, volume: Any) -> list[str]:
+    """What the DICOM reader warned about for this series (logged with the study's name), for its report entry."""
+    warnings = []
+    if series.localizer_files:
+        names = ", ".join(series.localizer_files)
+        warnings.append(f"left out {len(series.localizer_files)} localizer (scout) image(s) filed with this series: {names}")
+    metadata = volume.metadata
+    if metadata.get("non_uniform_spacing"):
+        warnings.append(f"slice gaps are uneven (up to {metadata['max_spacing_deviation_mm']:.3g} mm from the mean "
+                        f"{metadata['slice_spacing_mm']:.3g} mm): slices stacked at the mean spacing, not resampled")
+    if metadata.get("slice_shear_mm"):
+        warnings.append(f"slices drift {metadata['slice_shear_mm']:.3g} mm sideways (gantry tilt?): stacked without correction")
+    return warnings
 
 
 def _no_output(outcome: SeriesOutcome, out_dir: Path) -> None:

@@ -386,3 +386,11 @@ def test_malformed_geometry_tags_name_the_file_and_the_tag(shared_data, tmp_path
     with pytest.raises(InputError, match=problem) as info:
         read_volume(tmp_path)
     assert str(tmp_path / "ct_") in str(info.value) and keyword in str(info.value)
+
+
+def test_a_study_assembled_from_linked_folders_is_searched_and_a_link_loop_ends(shared_data, tmp_path):
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "ct").symlink_to(shared_data / "dicom/rtutils_mock_ct_rtstruct", target_is_directory=True)
+    (study / "loop").symlink_to(study, target_is_directory=True)  # a link back up must not recurse forever
+    assert read_volume(study).shape == (2, 512, 512)

@@ -49,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-contrast", action="store_true", help="montage without percentile stretch + CLAHE")
     add_model_arguments(p)
-    p.add_argument("--axis", choices=("axial", "coronal", "sagittal"), default="axial")
+    p.add_argument("--axis", choices=("axial", "coronal", "sagittal"), default="axial",
+                   help="slice direction; the shipped models were trained on axial slices only")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--allow-non-ct", action="store_true", help="run on a series that is not CT (results unreliable)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")

@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", "-o", required=True, help="output folder (created; existing files are never replaced "
                    "unless --overwrite)")
     add_model_arguments(p)
-    p.add_argument("--axis", choices=("axial", "coronal", "sagittal"), default="axial")
+    p.add_argument("--axis", choices=("axial", "coronal", "sagittal"), default="axial",
+                   help="slice direction; the shipped models were trained on axial slices only")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--cleanup", action="store_true", help="keep the largest 3D component and fill holes (not for paired targets: 'lungs' would keep one lung)")
     p.add_argument("--min-component-ml", type=float, default=0.0,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -177,12 +178,25 @@ def series_from_files(files: Sequence[Path | str], *, source: Path | str) -> Ser
 
 def _candidate_files(path: Path) -> list[Path]:
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and is_dicom_file(p))
+        return sorted(p for p in _walk_files(path) if is_dicom_file(p))
     if is_dicomdir(path):
         return _dicomdir_files(path)
     if not is_dicom_file(path):
         raise InputError(f"{path}: not a DICOM file (no DICM signature) and not a known image format")
     return [path]
+
+
+def _walk_files(folder: Path) -> list[Path]:
+    """Every file under ``folder``, following linked folders (a study assembled from links), each real folder once."""
+    files, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree, or two links to one folder
+            dirs[:] = []
+            continue
+        seen.add(real)
+        files += [Path(root) / name for name in names if (Path(root) / name).is_file()]
+    return files
 
 
 def _dicomdir_files(path: Path) -> list[Path]:
