@@ -251,10 +251,12 @@ def _methods(model, images, prompt, truth, *, layers, stages, target_mode, repea
     with torch.inference_mode():
         output = model(images, text, taps=list(layers))
         predicted = (torch.sigmoid(output.logits[:, 0].float()) >= 0.5).float()
+        inside = None  # the image within the padded square, as the tool's sink marks it (stage 3's regions)
         if crop is not None:
-            inside = torch.zeros_like(predicted)
-            inside[:, crop[0], crop[1]] = 1.0
+            inside = torch.zeros_like(predicted[0])
+            inside[crop[0], crop[1]] = 1.0
             predicted = predicted * inside
+            inside = None if bool(inside.all()) else inside
     target = truth.float().to(images.device) if (target_mode == "gt" and truth is not None) else predicted
 
     def upsample(raw):
@@ -267,7 +269,7 @@ def _methods(model, images, prompt, truth, *, layers, stages, target_mode, repea
     def ours(stage):
         with torch.inference_mode():
             maps, _, _ = explain_batch(
-                output, layers=layers, target=target, config=SaliencyConfig(stage=stage), model=model
+                output, layers=layers, target=target, config=SaliencyConfig(stage=stage), model=model, inside=inside
             )
             _sync(images)
         return maps

@@ -55,6 +55,7 @@ def test_bench_predicted_targets_leave_out_the_padding_as_the_tool_does():
 
     from TextSegmentLib.preprocess import fit_to_square
     from TextSegmentLib.saliency import SaliencyConfig, explain_batch
+    from TextSegmentLib.saliency.sink import image_inside
 
     bench = load_bench("saliency")
     model = PlantedModel()
@@ -69,7 +70,8 @@ def test_bench_predicted_targets_leave_out_the_padding_as_the_tool_does():
 
     def tool_maps(target, stage):
         with torch.inference_mode():
-            raw, _, _ = explain_batch(output, layers=layers, target=target, config=SaliencyConfig(stage=stage), model=model)
+            raw, _, _ = explain_batch(output, layers=layers, target=target, config=SaliencyConfig(stage=stage), model=model,
+                                      inside=image_inside(fit, images.shape[-1]))  # as the tool's sink does
         size = images.shape[-2:]
         return {n: F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] for n, m in raw.items()}
 

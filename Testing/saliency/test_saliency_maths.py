@@ -219,3 +219,29 @@ def test_stage3_equals_the_weighted_sum_of_its_four_cosines_row_by_row_and_per_i
     for p in range(3):  # row by row: each prompt's rows alone give that prompt's maps
         rows = stage3_map(features, prior=prior[:, p], weights=weights, **{n: r[:, p] for n, r in zip(names, refs)})
         torch.testing.assert_close(rows, expected[:, p])
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_stage3_on_a_padded_slice_ignores_what_the_padding_holds(per_image):
+    """The model square pads a non-square slice; stage 3's global image mean and context ring are the
+    slice's own, so the maps on the image are the same whatever features the padding carries."""
+    from types import SimpleNamespace
+
+    from TextSegmentLib.saliency import SaliencyConfig
+    from TextSegmentLib.saliency.layer_maps import explain_batch
+
+    gen = torch.Generator().manual_seed(5)
+    image = torch.randn(1, 6, 8, 4, generator=gen)  # 8 rows × 4 columns of image, 4 columns of padding after
+    inside = torch.zeros(8, 8)
+    inside[:, :4] = 1.0
+    target = torch.zeros(1, 8, 8)
+    target[0, 2:4, 1:3] = 1.0
+    config = SaliencyConfig(stage=3)
+    maps = []
+    for padding in (torch.zeros(1, 6, 8, 4), 5.0 * torch.randn(1, 6, 8, 4, generator=gen)):
+        output = SimpleNamespace(taps={"layer": torch.cat([image, padding], dim=-1)}, text_embedding=None)
+        raw, has_target, _ = explain_batch(output, layers=["layer"], target=target, config=config,
+                                           images=1 if per_image else None, inside=inside)
+        assert bool(has_target.all())
+        maps.append(raw["layer"][..., :4])
+    torch.testing.assert_close(maps[0], maps[1])

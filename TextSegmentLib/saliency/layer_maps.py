@@ -33,6 +33,7 @@ def explain_batch(
     config: SaliencyConfig = SaliencyConfig(),
     model: Any = None,
     images: Optional[int] = None,
+    inside: Any = None,
 ) -> tuple[dict[str, Any], Any, dict[str, dict[str, Any]]]:
     """Raw per-layer maps for one forward pass: ``({layer: (N, h, w)}, has_target (N,), {layer: info})``.
 
@@ -47,6 +48,10 @@ def explain_batch(
     can be large) are computed for the rows with a target only. Per-image taps are computed for
     every row and zeroed where there is no target: an image's features are compared with all its
     prompts at once anyway.
+
+    ``inside`` (S, S) marks the image within the model square (1) against the padding that fits a
+    non-square slice into it (0). Stage 3's global image feature is the mean over the image, and
+    its context ring stays on the image: padding is not part of the slice. None: all image.
     """
     import torch
     import torch.nn.functional as F
@@ -140,7 +145,8 @@ def explain_batch(
             key = (h, w, per_image, gather)
             if key not in surrounds:
                 ring, prior = (own_rows(x) for x in rings_and_priors[(h, w)])
-                surrounds[key] = _surround(weights, ring, prior)
+                image = None if inside is None else F.adaptive_avg_pool2d(inside.float()[None, None], (h, w))[0, 0]
+                surrounds[key] = _surround(weights, ring, prior, image)
             surround = tuple(stacked(x) for x in surrounds[key])
         raw = _layer_map(
             features, stage=stage, weights=stacked(weights), prompt=stacked(row_prompt), config=config,
@@ -224,15 +230,19 @@ def _layer_map(
     return maps[:, 0] if rows else maps
 
 
-def _surround(weights: Any, ring: Any, prior: Any) -> tuple[Any, Any, Any]:
+def _surround(weights: Any, ring: Any, prior: Any, image: Any = None) -> tuple[Any, Any, Any]:
     """Stage 3's regions on one grid: (targets, rings, whole image) weights, which rings are non-empty, the prior.
 
     Row by row: weights, ring and prior (N, h, w); per image: (B, P, h, w). Shapes come back per
-    image: (B, 2P + 1, h, w), (B, P, 1) and (B, P, h, w), with P = 1 row by row.
+    image: (B, 2P + 1, h, w), (B, P, 1) and (B, P, h, w), with P = 1 row by row. ``image`` (h, w)
+    is each cell's share of the image, not the padding (None: every cell is image).
     """
     import torch
 
     if weights.ndim == 3:
         weights, ring, prior = weights[:, None], ring[:, None], prior[:, None]
-    regions = torch.cat([weights, ring, torch.ones_like(ring[:, :1])], dim=1)
+    whole = torch.ones_like(ring[:, :1]) if image is None else image.expand_as(ring[:, :1])
+    if image is not None:
+        ring = ring * image
+    regions = torch.cat([weights, ring, whole], dim=1)
     return regions, (ring.sum(dim=(-2, -1)) > 0)[..., None], prior

@@ -181,7 +181,8 @@ class SaliencySink:
         with torch.inference_mode():
             target = self._target(output, indices, fit, n_prompts)
             maps, has_target, info = explain_batch(
-                output, layers=self.taps, target=target, config=self.config, model=self._model, images=n_images
+                output, layers=self.taps, target=target, config=self.config, model=self._model, images=n_images,
+                inside=image_inside(fit, target.shape[-1], device=target.device),
             )
             has_target = has_target.cpu().numpy().reshape(n_prompts, n_images)
             maps = {name: m.to("cpu", torch.float16) for name, m in maps.items()}
@@ -343,6 +344,15 @@ class SaliencySink:
         if info.get("note"):
             entry["note"] = info["note"]
         return entry
+
+
+def image_inside(fit: Any, size: int, *, device: Any = None) -> Any:
+    """(size, size) ones on the image within the model square, zeros on its padding; None without padding."""
+    import torch
+
+    inside = torch.zeros((size, size), device=device)
+    inside[fit.crop[0], fit.crop[1]] = 1.0
+    return None if bool(inside.all()) else inside
 
 
 def source_weights(
