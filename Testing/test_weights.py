@@ -527,3 +527,119 @@ def test_unreadable_weights_files_are_weights_errors_naming_them(tmp_path, publi
     assert _cli(monkeypatch, "weights", "import", str(file_path)) == 2
     err = capsys.readouterr().err
     assert err.startswith("textsegment weights: error:") and str(file_path) in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- review: defaults, recovery advice, downloads
+
+
+def test_list_marks_the_weights_each_model_uses_by_default(tmp_path, published, monkeypatch, capsys, home, no_network):
+    _, file_path = published
+    older = dict(_entry(file_path), id="wee-v0", version="0", default=False)
+    wide = {"id": "wide-v1", "model": "wee-wide", "file": "w.safetensors", "sha256": "0" * 64, "default": True}
+    monkeypatch.setenv(weights.ENV_MANIFEST, _manifest(tmp_path, older, _entry(file_path), wide))
+    source = tmp_path / "mine.safetensors"
+    _checkpoint(source, seed=3)
+    import_weights(source)
+    registry_file = weights.imported_registry_path()  # a hand-edited "default" in imported.json is never used
+    data = json.loads(registry_file.read_text())
+    data["weights"][0]["default"] = True
+    registry_file.write_text(json.dumps(data))
+    _place_in_cache(file_path, os.environ[weights.ENV_MANIFEST])
+    assert resolve_weights(None, model_name="wee").entry.id == "wee-v1"
+
+    assert _cli(monkeypatch, "weights", "list") == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split()
+    assert "DEFAULT" in header
+    column = {row.split()[0]: row.split()[header.index("DEFAULT")] for row in lines[1:]}
+    assert column == {"wee-v0": "-", "wee-v1": "yes", "wide-v1": "yes", "mine": "-"}
+
+    assert _cli(monkeypatch, "weights", "list", "--json") == 0
+    listed = {row["id"]: row["default"] for row in json.loads(capsys.readouterr().out)}
+    assert listed == {"wee-v0": False, "wee-v1": True, "wide-v1": True, "mine": False}
+
+
+def test_a_tampered_bundled_file_is_not_to_be_re_downloaded_and_a_good_imported_copy_is_used(
+    tmp_path, published, monkeypatch, caplog, no_network
+):
+    trained, file_path = published
+    package_data = tmp_path / "package_data"
+    (package_data / "weights").mkdir(parents=True)
+    bundled = package_data / "weights" / file_path.name
+    bundled.write_bytes(file_path.read_bytes())
+    monkeypatch.setattr(weights, "PACKAGE_DATA", package_data)
+    manifest = _manifest(tmp_path, _entry(file_path, bundled=True))  # like every shipped checkpoint: no URL
+    _flip_byte(bundled)
+
+    with pytest.raises(WeightsError) as err:
+        load_model("wee", manifest=manifest)
+    assert "reinstall TextSegment" in str(err.value) and "re-download" not in str(err.value)
+    [result] = verify_weights(manifest=manifest)
+    assert result.status == "tampered" and "reinstall TextSegment" in result.message
+
+    import_weights(file_path, manifest=manifest)  # the advice: import a good copy
+    with caplog.at_level(logging.WARNING, logger="TextSegmentLib.weights"):
+        model = load_model("wee", manifest=manifest)
+    assert _same_weights(model, trained) and model.weights_source.origin == "cache"
+    assert str(bundled) in caplog.text  # the bad bundled file is still reported, not silently ignored
+
+
+def test_a_tampered_imported_file_says_how_to_import_it_again(tmp_path, monkeypatch, capsys, no_network):
+    monkeypatch.setenv(weights.ENV_MANIFEST, _manifest(tmp_path))
+    source = tmp_path / "mine.safetensors"
+    _checkpoint(source, seed=7)
+    entry = import_weights(source, weights_id="mine-v1")
+    _flip_byte(cache_path(entry))
+
+    assert _cli(monkeypatch, "weights", "verify") == 1
+    out = capsys.readouterr().out
+    assert "tampered" in out and "textsegment weights import FILE --id mine-v1" in out and "re-download" not in out
+    assert _cli(monkeypatch, "weights", "import", str(source), "--id", "mine-v1") == 0  # following the advice mends it
+    capsys.readouterr()
+    assert _cli(monkeypatch, "weights", "verify") == 0
+
+
+def test_an_imported_file_gone_from_the_cache_comes_back_by_importing_it_under_any_name(tmp_path, no_network):
+    manifest = _manifest(tmp_path)
+    source = tmp_path / "mine.safetensors"
+    trained = _checkpoint(source, seed=8)
+    entry = import_weights(source, manifest=manifest)
+    cache_path(entry).unlink()
+
+    [result] = verify_weights(manifest=manifest)
+    assert result.status == "missing" and f"import FILE --id {entry.id}" in result.message
+    with pytest.raises(WeightsError, match="textsegment weights import FILE"):
+        resolve_weights(entry.id, model_name="wee", manifest=manifest)
+
+    copy = tmp_path / "mine (1).safetensors"  # the copy the user finds has another name
+    copy.write_bytes(source.read_bytes())
+    assert import_weights(copy, manifest=manifest).id == entry.id
+    assert [(s.entry.id, s.status) for s in list_weights(manifest=manifest)] == [(entry.id, "cached")]
+    assert _same_weights(load_model("wee", weights=entry.id, manifest=manifest), trained)
+    assert import_weights(copy, weights_id="alias", manifest=manifest).id == "alias"  # an explicit --id still wins
+
+
+@pytest.mark.parametrize("served_as", ["login.html", "wee-v1.safetensors"])
+def test_a_web_page_served_instead_of_the_weights_is_called_one(tmp_path, published, server, served_as):
+    _, file_path = published
+    url, root, _ = server
+    (root / served_as).write_text("<!DOCTYPE html>\n<html><body><form>Sign in</form></body></html>\n")
+    manifest = _manifest(tmp_path, _entry(file_path, urls=[f"{url}/{served_as}"]))
+
+    with pytest.raises(WeightsError, match="sent a web page, not the weights file.*refused and not cached") as err:
+        load_model("wee", manifest=manifest)
+    assert "corrupt or tampered" not in str(err.value)
+    folder = cache_path(load_manifest(manifest).get("wee-v1")).parent
+    assert list(folder.iterdir()) == []
+
+
+def test_a_cut_off_download_is_called_incomplete(tmp_path, published, server):
+    _, file_path = published
+    url, root, _ = server
+    (root / file_path.name).write_bytes(file_path.read_bytes()[:1000])
+    manifest = _manifest(tmp_path, _entry(file_path, urls=[f"{url}/{file_path.name}"]))
+
+    with pytest.raises(WeightsError, match=f"incomplete: 1000 of {file_path.stat().st_size} bytes; try again"):
+        load_model("wee", manifest=manifest)
+    folder = cache_path(load_manifest(manifest).get("wee-v1")).parent
+    assert list(folder.iterdir()) == []

@@ -253,19 +253,30 @@ def known_weights(*, manifest: Union[Manifest, PathLike, None] = None, home: Opt
 
 @dataclass(frozen=True)
 class WeightsStatus:
-    """``status``: bundled | cached | remote (downloadable) | missing; ``path`` where it lies, if anywhere."""
+    """``status``: bundled | cached | remote (downloadable) | missing; ``path`` where it lies, if anywhere.
+
+    ``default``: these are the weights its model loads when none are named (``Manifest.default_for``).
+    """
 
     entry: WeightsEntry
     status: str
     path: Optional[Path] = None
+    default: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.entry.to_dict(), "status": self.status, "path": None if self.path is None else str(self.path)}
+        return {**self.entry.to_dict(), "default": self.default, "status": self.status,
+                "path": None if self.path is None else str(self.path)}
 
 
 def list_weights(*, manifest: Union[Manifest, PathLike, None] = None, home: Optional[PathLike] = None) -> list[WeightsStatus]:
     """Every known entry with where it is; touches only the local disk."""
-    return [_status(entry, home=home) for entry in known_weights(manifest=manifest, home=home)]
+    manifest = _as_manifest(manifest)
+    # only the manifest names defaults (an imported entry's own "default" flag is never used: see resolve_weights)
+    defaults = {entry.id for entry in manifest.entries if manifest.default_for(entry.model) is entry}
+    return [
+        dataclasses.replace(_status(entry, home=home), default=entry.origin == "manifest" and entry.id in defaults)
+        for entry in known_weights(manifest=manifest, home=home)
+    ]
 
 
 def _status(entry: WeightsEntry, *, home: Optional[PathLike]) -> WeightsStatus:
@@ -317,7 +328,11 @@ def verify_weights(
     for state in list_weights(manifest=manifest, home=home):
         entry = state.entry
         if state.path is None:
-            results.append(VerifyResult(entry, "missing", None, "not on this machine"))
+            note = "not on this machine"
+            if entry.origin == "imported":  # nothing can download it: only importing the file again brings it back
+                note = (f"imported before, but its file is gone from the cache ({cache_path(entry, home=home)}); "
+                        f"import it again with `textsegment weights import FILE --id {entry.id}`")
+            results.append(VerifyResult(entry, "missing", None, note))
             continue
         paths = [state.path]
         if state.status == "bundled" and cache_path(entry, home=home).is_file():
@@ -424,12 +439,18 @@ def _resolve_entry(
 ) -> WeightsSource:
     places = [(bundled_path(entry), "bundled")] if entry.bundled else []
     places.append((cache_path(entry, home=home), "cache"))
+    refused: list[str] = []
     for path, origin in places:
         if path.is_file():
             actual = sha256_file(path, cancel=cancel)
             if actual != entry.sha256:
-                raise WeightsError(_tampered_message(path, entry, actual))
+                refused.append(_tampered_message(path, entry, actual))
+                continue
+            for message in refused:  # a bad bundled file with a good imported copy in the cache: use the good one
+                log.warning("%s; using the good copy at %s", message, path)
             return WeightsSource(kind="file", path=path, entry=entry, origin=origin, verified=True)
+    if refused:
+        raise WeightsError(refused[0])
     reason = offline_reason() if offline is None else ("offline=True" if offline else None)
     where = cache_path(entry, home=home)
     if reason or not entry.urls:
@@ -461,6 +482,8 @@ def _download(entry: WeightsEntry, dest: Path, *, progress: Optional[ProgressCal
             digest = hashlib.sha256()
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
                 total = entry.size or int(response.headers.get("Content-Length") or 0)
+                content_type = str(response.headers.get("Content-Type") or "")
+                start = b""
                 done = 0
                 log.info("downloading weights %s from %s", entry.id, url)
                 while chunk := response.read(_CHUNK):
@@ -470,11 +493,12 @@ def _download(entry: WeightsEntry, dest: Path, *, progress: Optional[ProgressCal
                         raise WeightsError(f"{url}: the download is larger than the {entry.size} bytes the manifest records")
                     digest.update(chunk)
                     out.write(chunk)
+                    start = start if len(start) >= 512 else (start + chunk)[:512]
                     report(done / total if total else 0.0, f"downloading {entry.id}: {done / 1e6:.1f} MB")
             if digest.hexdigest() != entry.sha256:
                 failures.append(
                     f"{url}: sha256 {digest.hexdigest()} does not match the manifest's {entry.sha256} "
-                    "(corrupt or tampered; refused and not cached)"
+                    f"({_why_mismatch(entry, done, content_type, start)}; refused and not cached)"
                 )
                 tmp.unlink(missing_ok=True)
                 continue
@@ -494,12 +518,36 @@ def _download(entry: WeightsEntry, dest: Path, *, progress: Optional[ProgressCal
     )
 
 
+def _why_mismatch(entry: WeightsEntry, received: int, content_type: str, start: bytes) -> str:
+    """The likely cause of a download that is not the file: a web page, a cut-off transfer, or damage."""
+    head = start.lstrip().lower()
+    if content_type.lower().startswith(("text/html", "application/xhtml")) or head.startswith((b"<!doctype html", b"<html")):
+        return ("the server sent a web page, not the weights file: a login, consent or error page? "
+                "Check the URL in a browser, or download the file there and import it")
+    if entry.size is not None and received < entry.size:
+        return f"the download is incomplete: {received} of {entry.size} bytes; try again"
+    return "corrupt or tampered"
+
+
 def _tampered_message(path: Path, entry: WeightsEntry, actual: str) -> str:
     return (
         f"{path} does not match the sha256 recorded for weights {entry.id!r} (expected {entry.sha256}, got {actual}): "
-        "the file is tampered with or corrupt and was not used. Delete it and run again to re-download, "
-        "or import a good copy with `textsegment weights import FILE`"
+        f"the file is tampered with or corrupt and was not used. {_how_to_restore(path, entry)}"
     )
+
+
+def _how_to_restore(path: Path, entry: WeightsEntry) -> str:
+    """What brings back a good copy: only entries with a URL can be re-downloaded; a bundled file comes with the package."""
+    if entry.bundled and path == bundled_path(entry):
+        return (
+            f"It was installed with TextSegment: reinstall TextSegment to restore it, or import a good copy of {entry.file} "
+            f"(sha256 {entry.sha256}) with `textsegment weights import FILE` (a good copy in the cache is used instead)"
+        )
+    again = f"`textsegment weights import FILE --id {entry.id}`" if entry.origin == "imported" else "`textsegment weights import FILE`"
+    good_copy = f"import a good copy of {entry.file} (sha256 {entry.sha256}) with {again}; it replaces the bad one"
+    if entry.urls:
+        return f"Delete it and run again to re-download, or {good_copy}"
+    return good_copy[0].upper() + good_copy[1:]
 
 
 def _known_ids_hint(known: Iterable[WeightsEntry], model_name: str) -> str:
@@ -587,7 +635,8 @@ def import_weights(
     """Copy a checkpoint into the cache (the user's file is only read) and make it resolvable by id.
 
     A file that is a known manifest entry (same sha256) fills that entry's cache slot, so the
-    offline route is: download once elsewhere, ``textsegment weights import FILE`` here.
+    offline route is: download once elsewhere, ``textsegment weights import FILE`` here. Without
+    ``weights_id``, a file imported before (same sha256, under any file name) fills its entry's slot too.
     """
     from .checkpoint import verify_checkpoint_data
     from .models.registry import get_model_config
@@ -610,12 +659,19 @@ def import_weights(
             log.info("imported %s as the known weights %s", source, entry.id)
             return entry
 
+    imported = _read_imported(home)
+    if weights_id is None:  # a file imported before (under any name) fills that entry's cache slot, as above
+        same = next((e for e in imported if e.sha256 == digest and known_manifest.get(e.id) is None), None)
+        if same is not None:
+            _copy_verified(source, cache_path(same, home=home), digest)
+            log.info("imported %s as the weights %s imported before", source, same.id)
+            return same
+
     weights_id = weights_id or (re.sub(r"[^A-Za-z0-9._-]+", "-", source.stem).strip("-._") or "weights")
     if not _PLAIN_NAME.match(weights_id):
         raise InputError(f"weights id {weights_id!r} must be letters, digits, '.', '_' or '-'")
     if known_manifest.get(weights_id) is not None:
         raise InputError(f"the id {weights_id!r} belongs to known weights with other contents; choose another id (--id NAME)")
-    imported = _read_imported(home)
     previous = next((e for e in imported if e.id == weights_id), None)
     if previous is not None and previous.sha256 != digest:
         raise InputError(

@@ -19,7 +19,11 @@ def register(subparsers: Any) -> None:
     )
     actions = parser.add_subparsers(dest="weights_action", metavar="ACTION", required=True)
 
-    listing = actions.add_parser("list", help="known weights and where they are")
+    listing = actions.add_parser(
+        "list",
+        help="known weights and where they are",
+        description="Known weights and where they are. DEFAULT yes: the weights a model loads when --weights is not given.",
+    )
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(func=run)
 
@@ -42,10 +46,11 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps([s.to_dict() for s in states], indent=2))
             return 0
         rows = [
-            (s.entry.id, s.entry.model, s.entry.version or "-", s.entry.kind, s.status, _size(s.entry.size), s.entry.licence)
+            (s.entry.id, s.entry.model, "yes" if s.default else "-", s.entry.version or "-", s.entry.kind, s.status,
+             _size(s.entry.size), s.entry.licence)
             for s in states
         ]
-        _table(("ID", "MODEL", "VERSION", "KIND", "STATUS", "SIZE", "LICENCE"), rows)
+        _table(("ID", "MODEL", "DEFAULT", "VERSION", "KIND", "STATUS", "SIZE", "LICENCE"), rows)
         if not rows:
             print("no weights are known; import a checkpoint with `textsegment weights import FILE`")
         return 0
