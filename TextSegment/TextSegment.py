@@ -121,7 +121,10 @@ def installDependencies():
                                    torchvisionVersionRequirement=visionSpecifier) is None:
             raise RuntimeError(_("PyTorch was not installed"))
     requirementsPath = _resourcePath("requirements.txt")
-    pydeps = getattr(slicer, "pydeps", None) or getattr(slicer, "packaging", None)
+    try:  # a submodule: not an attribute of ``slicer`` until something imports it
+        import slicer.pydeps as pydeps
+    except ImportError:  # Slicer < 5.11
+        pydeps = None
     if pydeps is not None and hasattr(pydeps, "pip_ensure"):  # Slicer >= 5.12: checks, asks, installs
         requirements = pydeps.load_requirements(requirementsPath)
         try:

@@ -753,7 +753,10 @@ def robustness_note(model: Any, *, prompt: Optional[str] = None) -> str:
 
 # devices (no torch import: the widget shows this before torch is installed) -----------------------
 def probe_gpus(*, run: Callable[..., Any] = subprocess.run) -> list[dict[str, Any]]:
-    """NVIDIA GPUs as ``nvidia-smi`` reports them (name, total and free MiB); [] when there is none."""
+    """NVIDIA GPUs as ``nvidia-smi`` reports them (name, total and free MiB); [] when there is none.
+
+    A GPU whose memory nvidia-smi does not report ("[N/A]": unified-memory parts such as a DGX Spark's
+    GB10) is kept with ``None`` for it: it is still the GPU the models run on."""
     command = ["nvidia-smi", "--query-gpu=index,name,memory.total,memory.free", "--format=csv,noheader,nounits"]
     try:
         done = run(command, capture_output=True, text=True, timeout=5)
@@ -767,19 +770,31 @@ def probe_gpus(*, run: Callable[..., Any] = subprocess.run) -> list[dict[str, An
         if len(fields) != 4:
             continue
         try:
-            gpus.append({"index": int(fields[0]), "name": fields[1], "total_mib": int(fields[2]), "free_mib": int(fields[3])})
+            index = int(fields[0])
         except ValueError:
             continue
+        gpus.append({"index": index, "name": fields[1], "total_mib": _mib(fields[2]), "free_mib": _mib(fields[3])})
     return gpus
+
+
+def _mib(field: str) -> Optional[int]:
+    try:
+        return int(field)
+    except ValueError:
+        return None  # "[N/A]", "[Not Supported]"
 
 
 def describe_gpus(gpus: Sequence[Mapping[str, Any]]) -> str:
     """One line for the device selector: what 'auto' and 'cuda' will use."""
     if not gpus:
         return "No NVIDIA GPU found: models run on the CPU (slower)."
-    return "; ".join(
-        f"cuda:{g['index']} {g['name']}: {g['free_mib'] / 1024:.1f} of {g['total_mib'] / 1024:.1f} GiB free" for g in gpus
-    )
+
+    def memory(g: Mapping[str, Any]) -> str:
+        if g.get("free_mib") is None or g.get("total_mib") is None:
+            return "memory not reported"
+        return f"{g['free_mib'] / 1024:.1f} of {g['total_mib'] / 1024:.1f} GiB free"
+
+    return "; ".join(f"cuda:{g['index']} {g['name']}: {memory(g)}" for g in gpus)
 
 
 # dependencies ----------------------------------------------------------------------------------
@@ -796,6 +811,8 @@ def missing_requirements(requirements: Iterable[str]) -> list[str]:
     missing = []
     for text in requirements:
         requirement = Requirement(text)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue  # not for this Python or platform: pip skips it too
         try:
             installed = importlib.metadata.version(requirement.name)
         except importlib.metadata.PackageNotFoundError:

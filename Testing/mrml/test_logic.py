@@ -428,6 +428,63 @@ def test_missing_requirements_checks_names_and_pins():
     assert missing_requirements(["surely-not-installed-textsegment-x>=1"]) == ["surely-not-installed-textsegment-x>=1"]
 
 
+def test_gpu_probe_keeps_a_gpu_whose_memory_nvidia_smi_does_not_report():
+    class Done:  # a DGX Spark (GB10, unified memory): nvidia-smi has no memory figures for it
+        returncode, stdout = 0, "0, NVIDIA GB10, [N/A], [N/A]\n"
+
+    gpus = probe_gpus(run=lambda *a, **k: Done())
+    assert gpus == [{"index": 0, "name": "NVIDIA GB10", "total_mib": None, "free_mib": None}]
+    text = describe_gpus(gpus)
+    assert "cuda:0 NVIDIA GB10" in text and "CPU" not in text
+
+
+def test_missing_requirements_skips_requirements_whose_marker_does_not_apply():
+    assert missing_requirements(['surely-not-installed-textsegment-x>=1; python_version < "3"']) == []
+    assert missing_requirements(['surely-not-installed-textsegment-x>=1; python_version >= "3"']) == [
+        'surely-not-installed-textsegment-x>=1; python_version >= "3"']
+    assert missing_requirements(['numpy[extra]>=1.0; python_version >= "3"']) == []
+
+
+def test_install_dependencies_uses_slicer_pydeps_even_when_not_imported_yet(monkeypatch):
+    """``slicer.pydeps`` (Slicer >= 5.11) is a submodule: it is no attribute of ``slicer`` until imported."""
+    import importlib.util
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("slicer")
+    fake.vtkMRMLScalarVolumeNode = fake.vtkMRMLSegmentationNode = object
+    fake.util = types.SimpleNamespace(pip_install=lambda *a, **k: calls.append(("pip_install", a, k)))
+    pydeps = types.ModuleType("slicer.pydeps")
+    pydeps.load_requirements = lambda path: ["loaded " + Path(path).name]
+    pydeps.pip_ensure = lambda requirements, **k: calls.append(("pip_ensure", requirements, k))
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr, i18n.translate = (lambda text: text), (lambda context, text: text)
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.Choice = wrapper.WithinRange = lambda *args: args
+    wrapper.parameterNodeWrapper = lambda cls: cls
+    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+    scripted.ScriptedLoadableModule = scripted.ScriptedLoadableModuleTest = object
+    scripted.ScriptedLoadableModuleWidget, scripted.ScriptedLoadableModuleLogic = type("W", (), {}), type("L", (), {})
+    util = types.ModuleType("slicer.util")
+    util.VTKObservationMixin = type("M", (), {})
+    torch_utils = types.ModuleType("PyTorchUtils")
+    torch_utils.PyTorchUtilsLogic = lambda: types.SimpleNamespace(
+        installTorch=lambda **k: calls.append(("installTorch", k)) or object())
+    for name, module in {"qt": types.ModuleType("qt"), "vtk": types.ModuleType("vtk"), "slicer": fake,
+                         "slicer.pydeps": pydeps, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": wrapper,
+                         "slicer.ScriptedLoadableModule": scripted, "slicer.util": util,
+                         "PyTorchUtils": torch_utils}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    spec = importlib.util.spec_from_file_location("TextSegment_setup_under_test", REPO / "TextSegment" / "TextSegment.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    module.installDependencies()
+    assert [c for c in calls if c[0] != "installTorch"] == [
+        ("pip_ensure", ["loaded requirements.txt"], {"requester": "TextSegment", "skip_packages": ["torch", "torchvision"]})]
+
+
 def test_robustness_note_uses_the_figures_the_weights_carry():
     class Info:
         metadata = {"metrics": {"pss": 0.12, "prompt_swap_dice": 0.87, "prompts": {"liver": {"pss": 0.05}}}}
