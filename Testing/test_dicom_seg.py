@@ -8,6 +8,8 @@ Also here: the segment meanings (colors.lookup), whose SNOMED codes end up in th
 from __future__ import annotations
 
 import hashlib
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
@@ -211,6 +213,85 @@ def test_refuses_volumes_that_do_not_follow_their_files(dcmqi_series, tmp_path):
     with pytest.raises(InputError, match="reoriented"):
         write_dicom_seg([_result(flipped, "liver", mask)], source=flipped, path=tmp_path / "c.dcm")
     assert not list(tmp_path.iterdir())
+
+
+
+# enhanced (multi-frame) CT source ------------------------------------------------------------
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+
+
+def _enhanced_ct(series: Path, out: Path, *, order: list[int]) -> Path:
+    """The classic series as one Enhanced CT file (highdicom's legacy conversion), frames stored in ``order``."""
+    datasets = [pydicom.dcmread(f) for f in sorted(series.iterdir())]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        image = hd.legacy.LegacyConvertedEnhancedCTImage(
+            [datasets[i] for i in order], series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(),
+            instance_number=1, include_dimension_index=False,
+        )
+    image.SOPClassUID = image.file_meta.MediaStorageSOPClassUID = ENHANCED_CT
+    image.save_as(out, enforce_file_format=True)
+    return out
+
+
+def test_seg_on_an_enhanced_ct_references_its_frames_and_lands_like_on_the_classic_series(dcmqi_series, shared_data, tmp_path):
+    enhanced_file = _enhanced_ct(shared_data / "dicom" / "dcmqi_ct3slice" / "series", tmp_path / "enhanced.dcm", order=[1, 2, 0])
+    source = read_volume(enhanced_file)
+    assert source.metadata["frame_numbers"] == [2, 1, 3]  # slice 0 (lowest) is stored as frame 2
+    liver = _resample_labels(shared_data / "dicom" / "dcmqi_ct3slice" / "liver_seg.nrrd", source)
+    cyst = np.zeros(source.shape, dtype=np.uint8)
+    cyst[0, 200:220, 300:330] = 1  # one slice only: frame 2 of the source
+    digest = _digest([enhanced_file])
+    path = write_dicom_seg([_result(source, "liver", liver), _result(source, "cyst", cyst)], source=source,
+                           path=tmp_path / "seg.dcm")
+
+    enhanced = pydicom.dcmread(enhanced_file, stop_before_pixels=True)
+    frame_positions = {n + 1: np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, dtype=np.float64)
+                       for n, item in enumerate(enhanced.PerFrameFunctionalGroupsSequence)}
+    seg = pydicom.dcmread(path)
+    assert seg.SOPClassUID == SEG_STORAGE and seg.FrameOfReferenceUID == enhanced.FrameOfReferenceUID
+    labels = {item.SegmentNumber: item.SegmentLabel for item in seg.SegmentSequence}
+    rebuilt = {label: np.zeros(source.shape, dtype=np.uint8) for label in labels.values()}
+    frames = seg.pixel_array.reshape(int(seg.NumberOfFrames), int(seg.Rows), int(seg.Columns))
+    lps_to_ijk = np.linalg.inv(dcmqi_series.ijk_to_lps())  # placed on the classic series' grid
+    for frame, item in zip(frames, seg.PerFrameFunctionalGroupsSequence):
+        position = np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, dtype=np.float64)
+        referenced = item.DerivationImageSequence[0].SourceImageSequence[0]
+        assert referenced.ReferencedSOPInstanceUID == enhanced.SOPInstanceUID
+        assert np.allclose(position, frame_positions[int(referenced.ReferencedFrameNumber)], atol=1e-3), "wrong frame"
+        i, j, k = (lps_to_ijk @ np.append(position, 1.0))[:3]
+        assert abs(i) < 1e-3 and abs(j) < 1e-3 and abs(k - round(k)) < 1e-3
+        rebuilt[labels[item.SegmentIdentificationSequence[0].ReferencedSegmentNumber]][int(round(k))] = frame
+    assert np.array_equal(rebuilt["liver"], liver) and liver.sum() > 10000
+    assert np.array_equal(rebuilt["cyst"], cyst)
+    cyst_number = next(n for n, label in labels.items() if label == "cyst")
+    cyst_frames = [item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber
+                   for item in seg.PerFrameFunctionalGroupsSequence
+                   if item.SegmentIdentificationSequence[0].ReferencedSegmentNumber == cyst_number]
+    assert cyst_frames == [2]
+    parsed = hd.seg.segread(path)
+    assert {uid for _, _, uid in parsed.get_source_image_uids()} == {enhanced.SOPInstanceUID}
+    assert _digest([enhanced_file]) == digest
+
+
+def test_seg_on_an_enhanced_ct_refuses_volumes_that_do_not_follow_its_frames(shared_data, tmp_path):
+    enhanced_file = _enhanced_ct(shared_data / "dicom" / "dcmqi_ct3slice" / "series", tmp_path / "enhanced.dcm", order=[2, 0, 1])
+    source = read_volume(enhanced_file)
+    mask = np.zeros(source.shape, dtype=np.uint8)
+    mask[:, 10:20, 10:20] = 1
+    # the same voxels stacked top-down: slice k is no longer the frame metadata names
+    direction = source.direction.copy()
+    direction[:, 2] *= -1
+    origin = source.physical_points([[0, 0, source.shape[0] - 1]])[0]
+    reversed_ = replace(source, array=source.array[::-1], origin=tuple(origin), direction=direction)
+    with pytest.raises(InputError, match=r"enhanced\.dcm \(frame \d\): lies at .* but slice 0"):
+        write_dicom_seg([_result(reversed_, "liver", mask)], source=reversed_, path=tmp_path / "a.dcm")
+    # two of the three frames: the SEG could not reference the source frame by frame
+    part = replace(source, array=source.array[:2], dicom=replace(source.dicom, files=source.dicom.files[:2]),
+                   metadata={**source.metadata, "frame_numbers": source.metadata["frame_numbers"][:2]})
+    with pytest.raises(InputError, match="not each of its frames once"):
+        write_dicom_seg([_result(part, "liver", mask[:2])], source=part, path=tmp_path / "b.dcm")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["enhanced.dcm"]
 
 
 # segment meanings ---------------------------------------------------------------------------

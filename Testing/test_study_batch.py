@@ -372,3 +372,48 @@ def test_batch_records_the_weights_that_ran_not_the_option(shared_data, tmp_path
     for record in [saved, *legends]:
         assert record["weights"] == default.id and record["weights_sha256"] == default.sha256
         assert record["weights_file"].endswith(default.file) and len(record["weights_data_sha256"]) == 64
+
+
+def _enhanced_ct(series: Path, out: Path, *, order: list[int]) -> Path:
+    """The classic series as one Enhanced CT file (highdicom's legacy conversion), frames stored in ``order``."""
+    import warnings
+
+    datasets = [pydicom.dcmread(f) for f in sorted(series.iterdir())]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        image = hd.legacy.LegacyConvertedEnhancedCTImage(
+            [datasets[i] for i in order], series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(),
+            instance_number=1, include_dimension_index=False,
+        )
+    image.SOPClassUID = image.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT
+    image.SeriesDescription = "enhanced"
+    image.save_as(out, enforce_file_format=True)
+    return out
+
+
+def test_an_enhanced_ct_file_is_segmented_like_the_classic_series_it_came_from(shared_data, tmp_path):
+    classic = shared_data / "dicom" / "dcmqi_ct3slice" / "series"
+    root = tmp_path / "study"
+    shutil.copytree(classic, root / "classic")
+    enhanced_file = _enhanced_ct(classic, root / "enhanced.dcm", order=[2, 0, 1])
+    out = tmp_path / "out"
+    report = segment_study(root, ["bone", "enhancing tissue"], output_dir=out, model=HUThresholdModel(), device="cpu")
+
+    by = _by_description(report)
+    assert by["enhanced"].status == "ok", by["enhanced"].error
+    assert by["enhanced"].files == 1 and by["CT"].status == "ok"  # the classic series has no description
+    grid = _sitk_series(classic)
+    hu = sitk.GetArrayFromImage(grid)
+    masks = _seg_masks(out / by["enhanced"].folder / SEG_FILE, grid)
+    for prompt, threshold in THRESHOLD_HU.items():
+        expected = hu >= threshold
+        assert expected.sum() > 1000
+        assert np.count_nonzero(masks[prompt] != expected) <= 1e-3 * expected.sum(), prompt
+    parsed = hd.seg.segread(out / by["enhanced"].folder / SEG_FILE)
+    assert {uid for _, _, uid in parsed.get_source_image_uids()} == {pydicom.dcmread(enhanced_file).SOPInstanceUID}
+    # the label map lies on the same grid, voxel for voxel, as the classic series' one
+    labels = {name: sitk.ReadImage(str(out / by[name].folder / "segmentation.nii.gz")) for name in by}
+    first, second = labels.values()
+    assert first.GetSize() == second.GetSize() and np.allclose(first.GetOrigin(), second.GetOrigin(), atol=1e-5)
+    assert np.allclose(first.GetSpacing(), second.GetSpacing()) and np.allclose(first.GetDirection(), second.GetDirection())
+    assert np.array_equal(sitk.GetArrayFromImage(first), sitk.GetArrayFromImage(second))

@@ -12,6 +12,12 @@ copies* of the headers (the user's files are never touched): instance and class 
 meta header (MediaStorageSOPInstanceUID / MediaStorageSOPClassUID) or the volume's ``DicomInfo``;
 study, series and frame-of-reference UIDs from ``DicomInfo`` or, if empty there too, generated
 *stably* (a hash of the series' instance UIDs), so writing twice gives a SEG in the same study.
+
+An enhanced (multi-frame) CT source — one file, every slice a frame, read by ``io.dicom`` with
+``metadata["frame_numbers"]`` — is handed to highdicom as that one dataset, with the masks put back
+into the file's frame order, so each SEG frame references the source image *and its frame number*.
+Each frame's position/orientation (functional groups) is checked against the volume like a file's.
+A volume that uses only some frames of the file, or stacks several multi-frame files, is refused.
 """
 
 from __future__ import annotations
@@ -87,6 +93,9 @@ def build_dicom_seg(
     images = _source_datasets(source)
 
     masks = np.stack([np.asarray(r.mask.array) > 0 for r in results], axis=-1)  # (k, rows, cols, segments)
+    frame_numbers = _frame_numbers(source)
+    if frame_numbers is not None:  # one multi-frame source: highdicom wants the masks in its frame order
+        masks = masks[np.argsort(frame_numbers)]
     algorithm = hd.AlgorithmIdentificationSequence(
         name=ALGORITHM_NAME,
         family=_concept(Code("123110", "DCM", "Artificial Intelligence")),
@@ -128,6 +137,9 @@ def _source_datasets(source: Volume) -> list[Any]:
     files = list(info.files)
     if len(files) != source.shape[0]:
         raise InputError(f"{source.source or 'volume'}: {source.shape[0]} slices but {len(files)} source files; cannot map frames to images")
+    frame_numbers = _frame_numbers(source)
+    if frame_numbers is not None:
+        files = files[:1]  # one multi-frame file, read once: it is the one source image
     datasets = []
     for k, file in enumerate(files):
         try:
@@ -142,7 +154,10 @@ def _source_datasets(source: Volume) -> list[Any]:
             raise InputError(f"{file}: has no SOP Instance/Class UID (not even in its file meta header); a SEG cannot reference it")
         if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
             del ds.SpecificCharacterSet  # present but empty: the default repertoire, which highdicom rejects as ''
-        _check_slice(ds, source, k, file)
+        if frame_numbers is None:
+            _check_slice(ds, source, k, file)
+        else:
+            _check_frames(ds, source, frame_numbers, file)
         datasets.append(ds)
 
     instance_uids = sorted(str(ds.SOPInstanceUID) for ds in datasets)
@@ -171,13 +186,57 @@ def _source_datasets(source: Volume) -> list[Any]:
     return datasets
 
 
+def _frame_numbers(source: Volume) -> Optional[list[int]]:
+    """Slice k's 1-based frame number in the one multi-frame source file; None for a single-frame series.
+
+    Refuses what a SEG cannot reference frame by frame: several multi-frame files, a mix with
+    single-frame files, or a volume that does not hold every frame of its file exactly once.
+    """
+    frames = source.metadata.get("frame_numbers")
+    if not frames or all(f is None for f in frames):
+        return None
+    name = source.source or "volume"
+    files = set(source.dicom.files)
+    if len(files) != 1 or any(f is None for f in frames) or len(frames) != source.shape[0]:
+        raise InputError(
+            f"{name}: the volume stacks frames of {len(files)} multi-frame/single-frame files; DICOM SEG output "
+            "supports one enhanced (multi-frame) CT file or a series of single-frame files"
+        )
+    if sorted(frames) != list(range(1, len(frames) + 1)):
+        raise InputError(
+            f"{name}: the volume holds frames {sorted(frames)[:8]}… of {next(iter(files))}, not each of its frames "
+            "once; a DICOM SEG on it could not reference the source frame by frame"
+        )
+    return [int(f) for f in frames]
+
+
+def _check_frames(ds: Any, source: Volume, frame_numbers: Sequence[int], file: str) -> None:
+    """Refuse a volume whose slice ``k`` is not frame ``frame_numbers[k]`` of the multi-frame ``file``."""
+    from .io.dicom import _functional_group
+
+    n = int(ds.get("NumberOfFrames") or 1)
+    if n != len(frame_numbers):
+        raise InputError(f"{file}: holds {n} frames but the volume {len(frame_numbers)} slices; not every frame was read")
+    for k, frame in enumerate(frame_numbers):
+        plane = _functional_group(ds, frame - 1, "PlanePositionSequence")
+        orientation = _functional_group(ds, frame - 1, "PlaneOrientationSequence")
+        _check_plane(ds, source, k, f"{file} (frame {frame})",
+                     orientation.get("ImageOrientationPatient") if orientation is not None else None,
+                     plane.get("ImagePositionPatient") if plane is not None else None)
+
+
 def _check_slice(ds: Any, source: Volume, k: int, file: str) -> None:
     """Refuse a volume whose slice ``k`` is not, pixel for pixel, the image in ``file``."""
+    _check_plane(ds, source, k, file, ds.get("ImageOrientationPatient"), ds.get("ImagePositionPatient"))
+
+
+def _check_plane(ds: Any, source: Volume, k: int, file: str, orientation: Any, position: Any) -> None:
+    """Refuse a volume whose slice ``k`` is not the image (or frame) ``file`` with this orientation and position."""
     rows, cols = source.shape[1], source.shape[2]
     if int(ds.get("Rows", 0)) != rows or int(ds.get("Columns", 0)) != cols:
         raise InputError(f"{file}: is {ds.get('Rows')}×{ds.get('Columns')} pixels but the volume's slices are {rows}×{cols}")
-    orientation = np.asarray(ds.get("ImageOrientationPatient") or [], dtype=np.float64)
-    position = np.asarray(ds.get("ImagePositionPatient") or [], dtype=np.float64)
+    orientation = np.asarray(orientation or [], dtype=np.float64)
+    position = np.asarray(position or [], dtype=np.float64)
     if orientation.size != 6 or position.size != 3:
         raise InputError(f"{file}: has no image position/orientation; DICOM SEG frames could not be placed")
     if not np.allclose(orientation, np.concatenate([source.direction[:, 0], source.direction[:, 1]]), atol=ORIENTATION_TOLERANCE):

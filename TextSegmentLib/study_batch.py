@@ -14,6 +14,8 @@ renamed when complete, so a series that fails half-way never leaves outputs that
 Only a finished series names a ``folder`` in the report: with ``overwrite`` an earlier run's folder
 for a series that fails now is kept (never delete what the user had), and a warning says it is stale.
 A scout filed under a CT series' UID is left out of the stack (``io.dicom``) and named in the warnings.
+An Enhanced (multi-frame) CT file is a series like a folder of slices (``io.dicom`` reads its frames);
+its ``seg.dcm`` references that one file and its frame numbers.
 A bad series is reported and skipped; the others still run. Non-image objects (SEG, RTSTRUCT) and
 non-CT series are listed as skipped, never guessed at.
 """

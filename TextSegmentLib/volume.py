@@ -130,7 +130,7 @@ class Volume:
                 "series_description": self.dicom.series_description,
                 "series_number": self.dicom.series_number,
                 "patient_id": self.dicom.patient_id,
-                "files": len(self.dicom.files),
+                "files": len(set(self.dicom.files)),  # an enhanced file holds every slice: count it once
             }
         if self.metadata:
             info["metadata"] = {k: v for k, v in self.metadata.items() if _jsonable(v)}

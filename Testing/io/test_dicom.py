@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 
 import numpy as np
 import pydicom
@@ -394,3 +395,121 @@ def test_a_study_assembled_from_linked_folders_is_searched_and_a_link_loop_ends(
     (study / "ct").symlink_to(shared_data / "dicom/rtutils_mock_ct_rtstruct", target_is_directory=True)
     (study / "loop").symlink_to(study, target_is_directory=True)  # a link back up must not recurse forever
     assert read_volume(study).shape == (2, 512, 512)
+
+
+# Enhanced (multi-frame) CT ---------------------------------------------------------------------
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+LEGACY_ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.2"
+DCMQI = "dicom/dcmqi_ct3slice/series"
+
+
+def _enhanced_ct(series, out, *, order=None, sop_class=ENHANCED_CT, edit=None):
+    """The classic series as one multi-frame file (highdicom's legacy conversion), its frames stored in ``order``."""
+    import highdicom as hd
+
+    datasets = [pydicom.dcmread(f) for f in sorted(series.iterdir())]
+    if edit is not None:
+        edit(datasets)
+    if order is not None:
+        datasets = [datasets[i] for i in order]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        image = hd.legacy.LegacyConvertedEnhancedCTImage(
+            datasets, series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(), instance_number=1,
+            include_dimension_index=False,  # keep the frames in the order given, not sorted by position
+        )
+    image.SOPClassUID = image.file_meta.MediaStorageSOPClassUID = sop_class
+    image.save_as(out, enforce_file_format=True)
+    return out
+
+
+def _own_rescale_on_first_slice(datasets):
+    """Slice 0 stores its values 24 higher with a matching intercept: same HU, but its own rescale per frame."""
+    ds = datasets[0]
+    ds.PixelData = (ds.pixel_array + 24).astype(ds.pixel_array.dtype).tobytes()
+    ds.RescaleIntercept = float(ds.RescaleIntercept) - 24
+
+
+@pytest.mark.parametrize("sop_class", [ENHANCED_CT, LEGACY_ENHANCED_CT])
+def test_enhanced_ct_reads_like_the_classic_series_it_came_from(shared_data, tmp_path, sop_class):
+    classic = read_volume(shared_data / DCMQI)
+    path = _enhanced_ct(shared_data / DCMQI, tmp_path / "enhanced.dcm", order=[1, 2, 0], sop_class=sop_class,
+                        edit=_own_rescale_on_first_slice)
+    enhanced_ds = pydicom.dcmread(path, stop_before_pixels=True)
+    assert int(enhanced_ds.NumberOfFrames) == 3 and "ImagePositionPatient" not in enhanced_ds
+    assert "PixelValueTransformationSequence" in enhanced_ds.PerFrameFunctionalGroupsSequence[0]  # rescale per frame
+
+    (series,) = list_series(path)
+    assert series.sop_class_uid == sop_class and series.n_files == 1 and series.orientations == 1
+
+    volume = read_volume(path)
+    np.testing.assert_array_equal(volume.array, classic.array)
+    assert volume.array.dtype == np.int16
+    np.testing.assert_allclose(volume.spacing, classic.spacing, atol=1e-6)
+    np.testing.assert_allclose(volume.origin, classic.origin, atol=1e-6)
+    np.testing.assert_allclose(volume.direction, classic.direction, atol=1e-6)
+    assert volume.metadata["frame_numbers"] == [2, 1, 3]  # slice 0 (lowest) is stored as frame 2
+    assert volume.metadata["non_uniform_spacing"] is False
+    assert volume.dicom.files == (str(path),) * 3
+    assert volume.dicom.sop_instance_uids == (enhanced_ds.SOPInstanceUID,) * 3
+    assert volume.dicom.sop_class_uid == sop_class and volume.modality == "CT"
+    _assert_same_as_sitk(volume, _sitk_series(classic.dicom.files))
+
+
+def test_enhanced_ct_in_a_folder_and_through_textsegment_info(shared_data, tmp_path, capsys):
+    import json
+
+    from TextSegmentLib import cli
+
+    (tmp_path / "study").mkdir()
+    _enhanced_ct(shared_data / DCMQI, tmp_path / "study" / "IM0001", order=[2, 0, 1])
+    code = cli.main(["info", str(tmp_path / "study"), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert report["volume"]["shape_zyx"] == [3, 512, 512]
+    classic = read_volume(shared_data / DCMQI)
+    np.testing.assert_allclose(report["volume"]["origin_lps_mm"], classic.origin, atol=1e-5)
+    np.testing.assert_allclose(report["volume"]["spacing_xyz_mm"], classic.spacing, atol=1e-5)
+    assert report["volume"]["dicom"]["files"] == 1  # one file holds the three slices
+
+
+def test_enhanced_ct_with_uneven_frames_is_reported_and_not_resampled(shared_data, tmp_path, caplog):
+    folder = shared_data / "dicom/monai_CT_DICOM_tiny"
+    classic = read_volume(folder)
+    path = _enhanced_ct(folder, tmp_path / "enhanced.dcm", order=[3, 1, 0, 2])
+    with caplog.at_level(logging.WARNING):
+        volume = read_volume(path)
+    assert volume.metadata["non_uniform_spacing"] is True
+    np.testing.assert_allclose(volume.metadata["slice_positions_mm"], classic.metadata["slice_positions_mm"])
+    np.testing.assert_array_equal(volume.array, classic.array)
+    assert volume.spacing == pytest.approx(classic.spacing) and volume.origin == pytest.approx(classic.origin)
+    assert any("uneven" in r.getMessage() and "NOT resampled" in r.getMessage() for r in caplog.records)
+
+
+def test_enhanced_ct_with_two_frames_at_one_position_names_the_frames(shared_data, tmp_path):
+    def same_place(datasets):
+        datasets[2].ImagePositionPatient = list(datasets[0].ImagePositionPatient)  # a second stack / phase
+
+    path = _enhanced_ct(shared_data / DCMQI, tmp_path / "enhanced.dcm", edit=same_place)
+    with pytest.raises(InputError, match=r"\(frame 1\) and .*\(frame 3\) lie at the same position"):
+        read_volume(path)
+
+
+def test_enhanced_ct_frame_without_a_position_names_the_frame(shared_data, tmp_path):
+    path = _enhanced_ct(shared_data / DCMQI, tmp_path / "enhanced.dcm")
+    ds = pydicom.dcmread(path)
+    del ds.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence
+    ds.save_as(path)
+    with pytest.raises(InputError, match=r"enhanced\.dcm \(frame 2\): no complete ImagePositionPatient"):
+        read_volume(path)
+
+
+def test_multi_frame_image_without_functional_groups_is_refused_clearly(shared_data, tmp_path):
+    # an old-style multi-frame object: frames but no per-frame geometry, so they cannot be placed
+    datasets = [pydicom.dcmread(f) for f in sorted((shared_data / DCMQI).iterdir())]
+    ds = datasets[0]
+    ds.NumberOfFrames = 3
+    ds.PixelData = b"".join(d.PixelData for d in datasets)
+    ds.save_as(tmp_path / "multi.dcm")
+    with pytest.raises(InputError, match=r"multi\.dcm: a multi-frame image without per-frame geometry"):
+        read_volume(tmp_path / "multi.dcm")

@@ -20,6 +20,17 @@ Reading a series follows the DICOM geometry, the same way ITK/SimpleITK does:
 * pixels are decoded by pydicom (pylibjpeg handles JPEG 2000); a file pydicom has no decoder for is
   handed to SimpleITK/GDCM. Rescale slope/intercept are applied per slice; the result is int16 when
   every value is an integer that fits, float32 otherwise.
+
+Enhanced (multi-frame) CT — Enhanced CT Image Storage and its Legacy Converted variant, one file holding
+every slice — is read by the same rules, frame by frame: each frame is a slice whose position,
+orientation, pixel spacing and rescale come from its Per-Frame Functional Groups item, else the Shared
+one (PlanePositionSequence, PlaneOrientationSequence, PixelMeasuresSequence,
+PixelValueTransformationSequence). Frames are sorted along the normal like files (never trusted to be
+stored in order), uneven gaps are reported, nothing is resampled. ``DicomInfo.files`` and
+``sop_instance_uids`` then repeat the one file per slice and ``metadata["frame_numbers"]`` gives each
+slice's 1-based frame number (``None`` for a single-frame file), which DICOM SEG needs to reference it.
+A multi-frame file *without* functional groups (e.g. a multi-frame Secondary Capture) carries no
+per-frame geometry and is refused.
 """
 
 from __future__ import annotations
@@ -349,13 +360,36 @@ def _orientation_groups(members: list[tuple[Path, Any]]) -> list[list[tuple[Path
 
 
 def _orientation_key(header: Any) -> Optional[tuple[float, ...]]:
-    """The slice orientation rounded to 3 decimals; None when absent or not six numbers (read_series says so)."""
+    """The slice orientation rounded to 3 decimals; None when absent or not six numbers (read_series says so).
+
+    For an enhanced (multi-frame) file: the shared orientation, else the first frame's (read_series checks every frame).
+    """
+    if _is_enhanced(header):
+        header = _functional_group(header, 0, "PlaneOrientationSequence")
+        if header is None:
+            return None
     if _multiplicity(header, "ImageOrientationPatient") != 6:
         return None
     try:
         return tuple(round(float(v), 3) for v in header.ImageOrientationPatient)
     except (TypeError, ValueError):
         return None
+
+
+def _is_enhanced(ds: Any) -> bool:
+    """A multi-frame image whose geometry lies in functional groups (Enhanced / Legacy Converted Enhanced CT, …)."""
+    return "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+
+
+def _functional_group(ds: Any, index: int, keyword: str) -> Optional[Any]:
+    """The first item of functional group ``keyword`` for frame ``index`` (0-based): per-frame first, else shared."""
+    for container, position in (("PerFrameFunctionalGroupsSequence", index), ("SharedFunctionalGroupsSequence", 0)):
+        groups = ds.get(container)
+        if groups and position < len(groups):
+            item = groups[position].get(keyword)
+            if item:
+                return item[0]
+    return None
 
 
 # choosing -------------------------------------------------------------------------------------
@@ -422,14 +456,16 @@ def read_series(series: SeriesInfo, *, source: Path | str) -> Volume:
             "%s: series %s: left out %d localizer (scout) image(s) filed with the %d-image stack: %s",
             source, series.key, len(series.localizer_files), series.n_files, ", ".join(series.localizer_files),
         )
-    slices = [_read_slice(Path(f)) for f in series.files]
+    slices = [s for f in series.files for s in _read_slices(Path(f))]
     _check_stackable(slices, series=series, source=source)
     row, col = slices[0].orientation[:3], slices[0].orientation[3:]
     normal = np.cross(row, col)
-    slices.sort(key=lambda s: (float(np.dot(s.position, normal)), s.instance_number))
+    slices.sort(key=lambda s: (float(np.dot(s.position, normal)), s.instance_number, s.frame or 0))
     z_spacing, metadata = _slice_spacing(slices, normal, source=source)
     if series.localizer_files:
         metadata["localizer_files_left_out"] = list(series.localizer_files)
+    if any(s.frame is not None for s in slices):
+        metadata["frame_numbers"] = [s.frame for s in slices]  # which frame of files[k] slice k is
     header = slices[0].header
     return Volume(
         array=np.stack([s.pixels for s in slices]),  # int16 unless some slice needed float32
@@ -459,12 +495,12 @@ def _check_stackable(slices: list["_Slice"], *, series: SeriesInfo, source: Path
     for s in slices[1:]:
         if s.shape != first.shape or not np.allclose(s.pixel_spacing, first.pixel_spacing, atol=1e-4):
             raise InputError(
-                f"{s.file}: matrix {s.shape} / pixel spacing {s.pixel_spacing} differ from {first.shape} / "
-                f"{first.pixel_spacing} in {first.file}; the series cannot be stacked"
+                f"{s.label}: matrix {s.shape} / pixel spacing {s.pixel_spacing} differ from {first.shape} / "
+                f"{first.pixel_spacing} in {first.label}; the series cannot be stacked"
             )
         if not np.allclose(s.orientation, first.orientation, atol=ORIENTATION_TOLERANCE):
             raise InputError(
-                f"{source}: series {series.key} mixes slice orientations (e.g. {first.file} and {s.file}), "
+                f"{source}: series {series.key} mixes slice orientations (e.g. {first.label} and {s.label}), "
                 "as a localizer does; it is not one volume"
             )
 
@@ -479,13 +515,13 @@ def _slice_spacing(slices: list["_Slice"], normal: np.ndarray, *, source: Path |
     if gaps.min() < POSITION_TOLERANCE_MM:
         k = int(np.argmin(gaps))
         uid = _sop_instance(slices[k].header)
-        if uid and uid == _sop_instance(slices[k + 1].header):
+        if uid and uid == _sop_instance(slices[k + 1].header) and slices[k].frame == slices[k + 1].frame:
             raise InputError(
-                f"{source}: {slices[k].file} and {slices[k + 1].file} are copies of one image (SOP Instance UID {uid}); "
+                f"{source}: {slices[k].label} and {slices[k + 1].label} are copies of one image (SOP Instance UID {uid}); "
                 "the folder holds the series twice: remove the duplicate copy or point at one copy's folder"
             )
         raise InputError(
-            f"{source}: {slices[k].file} and {slices[k + 1].file} lie at the same position; the series holds several "
+            f"{source}: {slices[k].label} and {slices[k + 1].label} lie at the same position; the series holds several "
             "stacks (acquisitions, phases or echoes) and cannot be read as one volume"
         )
     z_spacing = float(depth[-1] - depth[0]) / (len(slices) - 1)
@@ -516,25 +552,40 @@ class _Slice:
     pixel_spacing: tuple[float, float]
     instance_number: int
     single_slice_spacing: float
+    frame: Optional[int] = None  # 1-based frame number in an enhanced (multi-frame) file; None for a single-frame file
 
     @property
     def shape(self) -> tuple[int, ...]:
         return self.pixels.shape
 
+    @property
+    def label(self) -> str:
+        """How messages name the slice: the file, plus the frame for a multi-frame file."""
+        return str(self.file) if self.frame is None else f"{self.file} (frame {self.frame})"
 
-def _read_slice(file: Path) -> _Slice:
+
+def _read_slices(file: Path) -> list[_Slice]:
+    """The slices one file holds: one for a classic image, one per frame for an enhanced multi-frame image."""
     try:
         ds = pydicom.dcmread(file)
     except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
         raise InputError(f"{file}: corrupt DICOM file ({exc})") from exc
     if "PixelData" not in ds:
         raise InputError(f"{file}: holds no pixel data")
-    if _int_or_none(ds.get("NumberOfFrames")) not in (None, 1):
-        raise InputError(
-            f"{file}: multi-frame (enhanced) DICOM is not supported; export the series as single-frame DICOM or NIfTI"
-        )
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise InputError(f"{file}: a colour image ({ds.get('PhotometricInterpretation')}); a grey-level CT slice is needed")
+    if _is_enhanced(ds):
+        return _read_frames(file, ds)
+    if _int_or_none(ds.get("NumberOfFrames")) not in (None, 1):
+        raise InputError(
+            f"{file}: a multi-frame image without per-frame geometry (no functional groups, SOP class "
+            f"{_sop_class(ds) or 'unknown'}), so its frames cannot be placed in space; export the series as "
+            "single-frame CT or Enhanced CT DICOM, or as NIfTI"
+        )
+    return [_read_slice(file, ds)]
+
+
+def _read_slice(file: Path, ds: Any) -> _Slice:
     if _multiplicity(ds, "ImagePositionPatient") != 3 or _multiplicity(ds, "ImageOrientationPatient") != 6:
         raise InputError(  # absent, or present but empty/short (type 2 in some IODs, or blanked by an anonymiser)
             f"{file}: no complete ImagePositionPatient/ImageOrientationPatient, so its place in space is unknown "
@@ -564,6 +615,77 @@ def _read_slice(file: Path) -> _Slice:
         instance_number=_int_or_none(ds.get("InstanceNumber")) or 0,
         single_slice_spacing=abs(float(thickness)) or 1.0,
     )
+
+
+def _read_frames(file: Path, ds: Any) -> list[_Slice]:
+    """Each frame of an enhanced multi-frame image as a slice, its geometry and rescale from the functional groups."""
+    n = _int_or_none(ds.get("NumberOfFrames")) or 1
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if per_frame and len(per_frame) != n:
+        raise InputError(
+            f"{file}: NumberOfFrames is {n} but the Per-Frame Functional Groups Sequence holds {len(per_frame)} item(s)"
+        )
+    geometry = []
+    for index in range(n):
+        where = f"{file} (frame {index + 1})"
+        plane = _functional_group(ds, index, "PlanePositionSequence")
+        orientation = _functional_group(ds, index, "PlaneOrientationSequence")
+        if (plane is None or orientation is None or _multiplicity(plane, "ImagePositionPatient") != 3
+                or _multiplicity(orientation, "ImageOrientationPatient") != 6):
+            raise InputError(
+                f"{where}: no complete ImagePositionPatient/ImageOrientationPatient in the Plane Position/Orientation "
+                "functional groups (per-frame or shared), so its place in space is unknown"
+            )
+        measures = _functional_group(ds, index, "PixelMeasuresSequence")
+        n_spacing = _multiplicity(measures, "PixelSpacing") if measures is not None else 0
+        if n_spacing == 0:
+            if index == 0:
+                log.warning("%s: no PixelSpacing in the Pixel Measures functional group; assuming 1 mm", file)
+            spacing = (1.0, 1.0)
+        elif n_spacing != 2:
+            raise InputError(
+                f"{where}: PixelSpacing holds {n_spacing} value(s) ({measures.get('PixelSpacing')}), not the two it "
+                "must (row and column spacing), so the pixel size is unknown"
+            )
+        else:
+            spacing = _floats(measures, "PixelSpacing", file=where)
+        thickness = (measures.get("SpacingBetweenSlices") or measures.get("SliceThickness") if measures is not None else None) or 1.0
+        transform = _functional_group(ds, index, "PixelValueTransformationSequence")
+        slope = float(transform.get("RescaleSlope", 1) or 1) if transform is not None else 1.0
+        intercept = float(transform.get("RescaleIntercept", 0) or 0) if transform is not None else 0.0
+        geometry.append((plane, orientation, spacing, thickness, slope, intercept, where))
+    stored = _decode_frames(file, ds, n)
+    del ds.PixelData  # the slices share this header; keep no second copy of the pixels
+    instance_number = _int_or_none(ds.get("InstanceNumber")) or 0
+    slices = []
+    for index, (plane, orientation, spacing, thickness, slope, intercept, where) in enumerate(geometry):
+        slices.append(_Slice(
+            file=file,
+            header=ds,
+            pixels=_compact(stored[index].astype(np.float64) * slope + intercept),
+            position=_floats(plane, "ImagePositionPatient", file=where),
+            orientation=_floats(orientation, "ImageOrientationPatient", file=where),
+            pixel_spacing=(float(spacing[0]), float(spacing[1])),
+            instance_number=instance_number,
+            single_slice_spacing=abs(float(thickness)) or 1.0,
+            frame=index + 1,
+        ))
+    return slices
+
+
+def _decode_frames(file: Path, ds: Any, n: int) -> np.ndarray:
+    """The stored values of every frame, (n, rows, cols); the rescale is the caller's (it may differ per frame)."""
+    try:
+        stored = np.asarray(ds.pixel_array)
+    except Exception as exc:  # noqa: BLE001 - missing plugin, corrupt or truncated stream, …
+        raise InputError(
+            f"{file}: cannot decode the pixel data of this multi-frame image ({exc}); convert it to classic "
+            "single-frame CT DICOM (e.g. dcmtk's dcmdjpeg, or highdicom) or to NIfTI"
+        ) from exc
+    stored = stored.reshape((n, *stored.shape[-2:])) if stored.ndim == 2 else stored
+    if stored.ndim != 3 or stored.shape[0] != n:
+        raise InputError(f"{file}: the pixel data hold {stored.shape} values, not {n} frames of one grey level")
+    return stored
 
 
 def _floats(ds: Any, keyword: str, *, file: Path) -> np.ndarray:
