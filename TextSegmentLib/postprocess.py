@@ -21,10 +21,10 @@ def clean_mask(
         out = keep[labels]
     if fill_holes and out.any():
         # along an axis one voxel thick every voxel lies on the volume's face, so no hole is enclosed in
-        # 3D: a one-slice volume's holes are filled in its plane
+        # 3D: a one-slice volume's holes are filled in its plane (a line, thin along two axes, has none)
         thin = tuple(i for i, n in enumerate(out.shape) if n == 1)
         core = out.squeeze(axis=thin)
-        if core.ndim:
+        if core.ndim >= 2:
             out = ndimage.binary_fill_holes(core).reshape(out.shape)
     return out.astype(np.uint8)
 

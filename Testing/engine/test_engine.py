@@ -448,3 +448,17 @@ def test_holes_are_filled_in_a_one_voxel_thick_coronal_or_sagittal_volume():
     closed[2, 2, 2] = 0
     assert clean_mask(closed, largest_component=False)[2, 2, 2] == 1
     assert clean_mask(np.ones((1, 1, 1), np.uint8)).tolist() == [[[1]]]
+
+
+def test_a_one_voxel_line_has_no_holes_to_fill():
+    """A volume thin along two axes is a line: each gap touches the volume's faces, as it would in
+    its 1 × N plane, so nothing is filled (squeezing to 1D filled every gap between two pieces)."""
+    from TextSegmentLib.postprocess import clean_mask
+
+    line = np.array([1, 0, 1, 0, 1], np.uint8)
+    for shape in [(1, 1, 5), (1, 5, 1), (5, 1, 1)]:
+        kept = clean_mask(line.reshape(shape), largest_component=False, fill_holes=True)
+        assert kept.shape == shape and kept.ravel().tolist() == [1, 0, 1, 0, 1]
+    plane = np.zeros((1, 3, 5), np.uint8)
+    plane[0, 1] = line  # the same line inside a one-slice plane: not filled either
+    assert clean_mask(plane, largest_component=False).sum() == 3

@@ -108,3 +108,4 @@ def test_prompt_swap_correlation_of_a_constant_map_is_nan_whatever_the_round_off
         assert np.isnan(prompt_swap_correlation(constant, other))
         assert np.isnan(prompt_swap_correlation(other, constant))
     assert prompt_swap_correlation(other, other + 1e-12 * np.arange(other.size).reshape(other.shape)) == pytest.approx(1.0)
+    assert np.isnan(prompt_swap_correlation(np.zeros((0, 0)), np.zeros((0, 0))))  # nothing to correlate

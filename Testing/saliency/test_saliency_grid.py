@@ -68,3 +68,17 @@ def test_back_on_the_source_grid_a_linear_field_is_exact_inside():
     inside = (slice(None), slice(2, -2), slice(2, -2))  # within the outermost coarse voxel centres
     assert np.allclose(back[inside], expected[inside], atol=1e-4)
     assert on_grid_of(values, values.shape) is values
+
+
+def test_image_inside_marks_the_image_and_is_none_without_padding():
+    import torch
+
+    from TextSegmentLib.preprocess import fit_to_square
+    from TextSegmentLib.saliency.sink import image_inside
+
+    _, padded = fit_to_square(torch.zeros(1, 3, 20, 32), size=32)
+    inside = image_inside(padded, 32)
+    assert inside is not None and inside.sum() == 32 * int(inside[:, 0].sum()) and inside[0, 0] == 0
+    assert bool((inside[padded.crop[0], padded.crop[1]] == 1).all())
+    _, square = fit_to_square(torch.zeros(1, 3, 32, 32), size=32)
+    assert image_inside(square, 32) is None

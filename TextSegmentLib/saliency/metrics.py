@@ -44,7 +44,7 @@ def prompt_swap_correlation(first: np.ndarray, second: np.ndarray) -> float:
     """Pearson correlation of two maps of the same slice for two prompts: near 1 means the prompt is ignored."""
     a = np.asarray(first, dtype=np.float64).ravel()
     b = np.asarray(second, dtype=np.float64).ravel()
-    if not (np.ptp(a) > 0 and np.ptp(b) > 0):  # a constant map: its centred values are round-off, not signal
+    if not (a.size and b.size and np.ptp(a) > 0 and np.ptp(b) > 0):  # empty or constant: centred values are round-off
         return float("nan")
     a, b = a - a.mean(), b - b.mean()
     denominator = np.sqrt((a * a).sum() * (b * b).sum())
