@@ -473,6 +473,24 @@ def test_enhanced_ct_in_a_folder_and_through_textsegment_info(shared_data, tmp_p
     assert report["volume"]["dicom"]["files"] == 1  # one file holds the three slices
 
 
+def test_an_enhanced_ct_is_chosen_by_its_slices_not_its_one_file(shared_data, tmp_path, caplog):
+    # a study holding the 3-slice CT as one enhanced file and a 2-slice classic CT series: read the 3 slices
+    study = tmp_path / "study"
+    (study / "short").mkdir(parents=True)
+    _enhanced_ct(shared_data / DCMQI, study / "enhanced.dcm")
+    uid = pydicom.uid.generate_uid()
+    for file in sorted((shared_data / DCMQI).iterdir())[:2]:
+        ds = pydicom.dcmread(file)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = uid, pydicom.uid.generate_uid()
+        ds.save_as(study / "short" / file.name)
+    with caplog.at_level(logging.WARNING):
+        volume = read_volume(study)
+    assert volume.shape[0] == 3 and volume.dicom.files == (str(study / "enhanced.dcm"),) * 3
+    assert any("3 images, the most" in r.getMessage() for r in caplog.records)
+    (enhanced,) = [s for s in list_series(study) if s.n_files == 1]
+    assert enhanced.n_images == 3 and enhanced.to_dict()["n_images"] == 3
+
+
 def test_enhanced_ct_with_uneven_frames_is_reported_and_not_resampled(shared_data, tmp_path, caplog):
     folder = shared_data / "dicom/monai_CT_DICOM_tiny"
     classic = read_volume(folder)

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             cases += load_source(spec)
         except FileNotFoundError as exc:  # a missing data file is a usage error, not a traceback
             if args.real and spec == REAL_HELD_OUT.format(data=Path(args.shared_data)):
-                raise InputError(f"--real: {exc.filename} not found; point --shared-data at the shared data folder "
+                raise InputError(f"--real: {exc.filename or 'a data file'} not found; point --shared-data at the shared data folder "
                                  f"(now {args.shared_data!r}, relative to the current folder)") from None
             raise InputError(f"--data {spec}: {exc.filename or 'a file'}: no such file") from None
     dataset = "; ".join(names)

@@ -81,10 +81,16 @@ class SeriesInfo:
     is_image: bool
     orientations: int  # distinct slice orientations: 1 for a volume, more for e.g. a 3-plane localizer
     localizer_files: tuple[str, ...] = ()  # scout images filed under this series' UID, left out of ``files``
+    frames: int = 0  # slices ``files`` hold: each frame of a multi-frame (enhanced) file counts; 0: one per file
 
     @property
     def n_files(self) -> int:
         return len(self.files)
+
+    @property
+    def n_images(self) -> int:
+        """Slices the series stacks: an enhanced file holds many in one file."""
+        return self.frames or self.n_files
 
     @property
     def is_localizer(self) -> bool:
@@ -94,7 +100,8 @@ class SeriesInfo:
         """JSON-ready; the file list only when asked (a series may hold thousands)."""
         data = asdict(self)
         files = data.pop("files")
-        data.update(image_type=list(self.image_type), n_files=len(files), localizer_files=list(self.localizer_files))
+        data.update(image_type=list(self.image_type), n_files=len(files), n_images=self.n_images,
+                    localizer_files=list(self.localizer_files))
         if with_files:
             data["files"] = list(files)
         return data
@@ -312,6 +319,7 @@ def _series_info(key: str, members: list[tuple[Path, Any]]) -> SeriesInfo:
         is_image=is_image,
         orientations=len(_orientation_groups(members)),
         localizer_files=tuple(str(f) for f, _ in sorted(localizers, key=lambda m: str(m[0]))),
+        frames=sum(max(_int_or_none(h.get("NumberOfFrames")) or 1, 1) for _, h in members),
     )
 
 
@@ -401,7 +409,7 @@ def choose_series(
     Without ``series_uid``: non-image objects (RTSTRUCT, SEG, …) are ignored; CT series are preferred,
     then image series with no Modality tag (their values are checked for HU later); localizers
     (ImageType LOCALIZER) and series mixing orientations only when nothing else is left; among
-    equals, the one with the most files.
+    equals, the one with the most images (an enhanced file's frames each count).
     CT series from different patients or studies are not guessed between: an ``InputError`` asks for
     ``series_uid``. A study with no CT raises ``NotCTError`` unless ``allow_non_ct``.
     """
@@ -429,7 +437,7 @@ def choose_series(
     def tier(s: SeriesInfo) -> tuple[bool, bool, bool]:
         return (not s.is_localizer, s.orientations <= 1, s.modality == "CT")
 
-    ranked = sorted(ct_like, key=lambda s: (tier(s), s.n_files), reverse=True)
+    ranked = sorted(ct_like, key=lambda s: (tier(s), s.n_images), reverse=True)
     best = ranked[0]
     rivals = [s for s in ranked if tier(s) == tier(best)]
     studies = {(s.patient_id, s.study_instance_uid) for s in rivals}
@@ -442,7 +450,7 @@ def choose_series(
             f"choose one with series_uid (CLI: --series): {listing}"
         )
     if len(rivals) > 1:
-        log.warning("%s: %d candidate series; reading %s (%d files, the most)", source, len(rivals), best.key, best.n_files)
+        log.warning("%s: %d candidate series; reading %s (%d images, the most)", source, len(rivals), best.key, best.n_images)
     return best
 
 
@@ -454,7 +462,7 @@ def read_series(series: SeriesInfo, *, source: Path | str) -> Volume:
     if series.localizer_files:
         log.warning(
             "%s: series %s: left out %d localizer (scout) image(s) filed with the %d-image stack: %s",
-            source, series.key, len(series.localizer_files), series.n_files, ", ".join(series.localizer_files),
+            source, series.key, len(series.localizer_files), series.n_images, ", ".join(series.localizer_files),
         )
     slices = [s for f in series.files for s in _read_slices(Path(f))]
     _check_stackable(slices, series=series, source=source)
