@@ -8,7 +8,6 @@ Also here: the segment meanings (colors.lookup), whose SNOMED codes end up in th
 from __future__ import annotations
 
 import hashlib
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+
+from enhanced_ct import enhanced_ct
 
 from TextSegmentLib.colors import ANATOMY, FINDINGS, LEFT, RIGHT, TISSUE, lookup
 from TextSegmentLib.dicom_seg import write_dicom_seg
@@ -217,25 +218,12 @@ def test_refuses_volumes_that_do_not_follow_their_files(dcmqi_series, tmp_path):
 
 
 # enhanced (multi-frame) CT source ------------------------------------------------------------
-ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 
 
-def _enhanced_ct(series: Path, out: Path, *, order: list[int]) -> Path:
-    """The classic series as one Enhanced CT file (highdicom's legacy conversion), frames stored in ``order``."""
-    datasets = [pydicom.dcmread(f) for f in sorted(series.iterdir())]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-        image = hd.legacy.LegacyConvertedEnhancedCTImage(
-            [datasets[i] for i in order], series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(),
-            instance_number=1, include_dimension_index=False,
-        )
-    image.SOPClassUID = image.file_meta.MediaStorageSOPClassUID = ENHANCED_CT
-    image.save_as(out, enforce_file_format=True)
-    return out
 
 
 def test_seg_on_an_enhanced_ct_references_its_frames_and_lands_like_on_the_classic_series(dcmqi_series, shared_data, tmp_path):
-    enhanced_file = _enhanced_ct(shared_data / "dicom" / "dcmqi_ct3slice" / "series", tmp_path / "enhanced.dcm", order=[1, 2, 0])
+    enhanced_file = enhanced_ct(shared_data / "dicom" / "dcmqi_ct3slice" / "series", tmp_path / "enhanced.dcm", order=[1, 2, 0])
     source = read_volume(enhanced_file)
     assert source.metadata["frame_numbers"] == [2, 1, 3]  # slice 0 (lowest) is stored as frame 2
     liver = _resample_labels(shared_data / "dicom" / "dcmqi_ct3slice" / "liver_seg.nrrd", source)
@@ -275,7 +263,7 @@ def test_seg_on_an_enhanced_ct_references_its_frames_and_lands_like_on_the_class
 
 
 def test_seg_on_an_enhanced_ct_refuses_volumes_that_do_not_follow_its_frames(shared_data, tmp_path):
-    enhanced_file = _enhanced_ct(shared_data / "dicom" / "dcmqi_ct3slice" / "series", tmp_path / "enhanced.dcm", order=[2, 0, 1])
+    enhanced_file = enhanced_ct(shared_data / "dicom" / "dcmqi_ct3slice" / "series", tmp_path / "enhanced.dcm", order=[2, 0, 1])
     source = read_volume(enhanced_file)
     mask = np.zeros(source.shape, dtype=np.uint8)
     mask[:, 10:20, 10:20] = 1

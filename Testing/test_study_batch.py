@@ -22,6 +22,8 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
+from enhanced_ct import enhanced_ct
+
 from TextSegmentLib.cli import main
 from TextSegmentLib.errors import Cancelled, NotCTError, OutputExistsError
 from TextSegmentLib.models.base import ModelOutput, TextFeatures, TextSegmentationModel
@@ -374,28 +376,13 @@ def test_batch_records_the_weights_that_ran_not_the_option(shared_data, tmp_path
         assert record["weights_file"].endswith(default.file) and len(record["weights_data_sha256"]) == 64
 
 
-def _enhanced_ct(series: Path, out: Path, *, order: list[int]) -> Path:
-    """The classic series as one Enhanced CT file (highdicom's legacy conversion), frames stored in ``order``."""
-    import warnings
-
-    datasets = [pydicom.dcmread(f) for f in sorted(series.iterdir())]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-        image = hd.legacy.LegacyConvertedEnhancedCTImage(
-            [datasets[i] for i in order], series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(),
-            instance_number=1, include_dimension_index=False,
-        )
-    image.SOPClassUID = image.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT
-    image.SeriesDescription = "enhanced"
-    image.save_as(out, enforce_file_format=True)
-    return out
 
 
 def test_an_enhanced_ct_file_is_segmented_like_the_classic_series_it_came_from(shared_data, tmp_path):
     classic = shared_data / "dicom" / "dcmqi_ct3slice" / "series"
     root = tmp_path / "study"
     shutil.copytree(classic, root / "classic")
-    enhanced_file = _enhanced_ct(classic, root / "enhanced.dcm", order=[2, 0, 1])
+    enhanced_file = enhanced_ct(classic, root / "enhanced.dcm", order=[2, 0, 1], description="enhanced")
     out = tmp_path / "out"
     report = segment_study(root, ["bone", "enhancing tissue"], output_dir=out, model=HUThresholdModel(), device="cpu")
 
