@@ -20,6 +20,7 @@ def enhanced_ct(
     sop_class: str = ENHANCED_CT,
     edit: Optional[Callable[[list], None]] = None,
     description: Optional[str] = None,
+    transfer_syntax: str = pydicom.uid.ExplicitVRLittleEndian,
 ) -> Path:
     """The classic series as one multi-frame file (highdicom's legacy conversion), its frames stored in ``order``.
 
@@ -38,6 +39,7 @@ def enhanced_ct(
         image = hd.legacy.LegacyConvertedEnhancedCTImage(
             datasets, series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(), instance_number=1,
             include_dimension_index=False,  # keep the frames in the order given, not sorted by position
+            transfer_syntax_uid=transfer_syntax,
         )
     image.SOPClassUID = image.file_meta.MediaStorageSOPClassUID = sop_class
     if description is not None:

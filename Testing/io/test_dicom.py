@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import shutil
-import warnings
 
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+
+from enhanced_ct import ENHANCED_CT, LEGACY_ENHANCED_CT, enhanced_ct
 
 from TextSegmentLib.errors import InputError, NotCTError
 from TextSegmentLib.io import dicom, list_series, read_label_map, read_volume
@@ -398,29 +399,7 @@ def test_a_study_assembled_from_linked_folders_is_searched_and_a_link_loop_ends(
 
 
 # Enhanced (multi-frame) CT ---------------------------------------------------------------------
-ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
-LEGACY_ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.2"
 DCMQI = "dicom/dcmqi_ct3slice/series"
-
-
-def _enhanced_ct(series, out, *, order=None, sop_class=ENHANCED_CT, edit=None):
-    """The classic series as one multi-frame file (highdicom's legacy conversion), its frames stored in ``order``."""
-    import highdicom as hd
-
-    datasets = [pydicom.dcmread(f) for f in sorted(series.iterdir())]
-    if edit is not None:
-        edit(datasets)
-    if order is not None:
-        datasets = [datasets[i] for i in order]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-        image = hd.legacy.LegacyConvertedEnhancedCTImage(
-            datasets, series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(), instance_number=1,
-            include_dimension_index=False,  # keep the frames in the order given, not sorted by position
-        )
-    image.SOPClassUID = image.file_meta.MediaStorageSOPClassUID = sop_class
-    image.save_as(out, enforce_file_format=True)
-    return out
 
 
 def _own_rescale_on_first_slice(datasets):
@@ -433,7 +412,7 @@ def _own_rescale_on_first_slice(datasets):
 @pytest.mark.parametrize("sop_class", [ENHANCED_CT, LEGACY_ENHANCED_CT])
 def test_enhanced_ct_reads_like_the_classic_series_it_came_from(shared_data, tmp_path, sop_class):
     classic = read_volume(shared_data / DCMQI)
-    path = _enhanced_ct(shared_data / DCMQI, tmp_path / "enhanced.dcm", order=[1, 2, 0], sop_class=sop_class,
+    path = enhanced_ct(shared_data / DCMQI, tmp_path / "enhanced.dcm", order=[1, 2, 0], sop_class=sop_class,
                         edit=_own_rescale_on_first_slice)
     enhanced_ds = pydicom.dcmread(path, stop_before_pixels=True)
     assert int(enhanced_ds.NumberOfFrames) == 3 and "ImagePositionPatient" not in enhanced_ds
@@ -462,7 +441,7 @@ def test_enhanced_ct_in_a_folder_and_through_textsegment_info(shared_data, tmp_p
     from TextSegmentLib import cli
 
     (tmp_path / "study").mkdir()
-    _enhanced_ct(shared_data / DCMQI, tmp_path / "study" / "IM0001", order=[2, 0, 1])
+    enhanced_ct(shared_data / DCMQI, tmp_path / "study" / "IM0001", order=[2, 0, 1])
     code = cli.main(["info", str(tmp_path / "study"), "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0
@@ -477,7 +456,7 @@ def test_an_enhanced_ct_is_chosen_by_its_slices_not_its_one_file(shared_data, tm
     # a study holding the 3-slice CT as one enhanced file and a 2-slice classic CT series: read the 3 slices
     study = tmp_path / "study"
     (study / "short").mkdir(parents=True)
-    _enhanced_ct(shared_data / DCMQI, study / "enhanced.dcm")
+    enhanced_ct(shared_data / DCMQI, study / "enhanced.dcm")
     uid = pydicom.uid.generate_uid()
     for file in sorted((shared_data / DCMQI).iterdir())[:2]:
         ds = pydicom.dcmread(file)
@@ -494,7 +473,7 @@ def test_an_enhanced_ct_is_chosen_by_its_slices_not_its_one_file(shared_data, tm
 def test_enhanced_ct_with_uneven_frames_is_reported_and_not_resampled(shared_data, tmp_path, caplog):
     folder = shared_data / "dicom/monai_CT_DICOM_tiny"
     classic = read_volume(folder)
-    path = _enhanced_ct(folder, tmp_path / "enhanced.dcm", order=[3, 1, 0, 2])
+    path = enhanced_ct(folder, tmp_path / "enhanced.dcm", order=[3, 1, 0, 2])
     with caplog.at_level(logging.WARNING):
         volume = read_volume(path)
     assert volume.metadata["non_uniform_spacing"] is True
@@ -508,13 +487,13 @@ def test_enhanced_ct_with_two_frames_at_one_position_names_the_frames(shared_dat
     def same_place(datasets):
         datasets[2].ImagePositionPatient = list(datasets[0].ImagePositionPatient)  # a second stack / phase
 
-    path = _enhanced_ct(shared_data / DCMQI, tmp_path / "enhanced.dcm", edit=same_place)
+    path = enhanced_ct(shared_data / DCMQI, tmp_path / "enhanced.dcm", edit=same_place)
     with pytest.raises(InputError, match=r"\(frame 1\) and .*\(frame 3\) lie at the same position"):
         read_volume(path)
 
 
 def test_enhanced_ct_frame_without_a_position_names_the_frame(shared_data, tmp_path):
-    path = _enhanced_ct(shared_data / DCMQI, tmp_path / "enhanced.dcm")
+    path = enhanced_ct(shared_data / DCMQI, tmp_path / "enhanced.dcm")
     ds = pydicom.dcmread(path)
     del ds.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence
     ds.save_as(path)
@@ -531,3 +510,114 @@ def test_multi_frame_image_without_functional_groups_is_refused_clearly(shared_d
     ds.save_as(tmp_path / "multi.dcm")
     with pytest.raises(InputError, match=r"multi\.dcm: a multi-frame image without per-frame geometry"):
         read_volume(tmp_path / "multi.dcm")
+
+
+def test_a_classic_slice_with_a_stray_functional_groups_sequence_is_read_as_classic(shared_data, tmp_path):
+    # single-frame CT with its own position/orientation: the stray shared group holds no geometry, and needs none
+    for file in sorted((shared_data / DCMQI).iterdir()):
+        ds = pydicom.dcmread(file)
+        measures = pydicom.Dataset()
+        measures.PixelSpacing = list(ds.PixelSpacing)
+        group = pydicom.Dataset()
+        group.PixelMeasuresSequence = [measures]
+        ds.SharedFunctionalGroupsSequence = [group]
+        ds.save_as(tmp_path / file.name)
+    classic = read_volume(shared_data / DCMQI)
+    volume = read_volume(tmp_path)
+    np.testing.assert_array_equal(volume.array, classic.array)
+    assert volume.origin == pytest.approx(classic.origin) and volume.spacing == pytest.approx(classic.spacing)
+    assert "frame_numbers" not in volume.metadata
+
+
+def test_a_one_frame_enhanced_ct_is_placed_by_its_functional_groups(shared_data, tmp_path):
+    def only_the_second_slice(datasets):
+        del datasets[0], datasets[1:]
+
+    path = enhanced_ct(shared_data / DCMQI, tmp_path / "enhanced.dcm", edit=only_the_second_slice)
+    ds = pydicom.dcmread(path)
+    assert int(ds.NumberOfFrames) == 1
+    plane = dicom._functional_group(ds, 0, "PlanePositionSequence")  # per-frame or shared: highdicom's choice
+    ds.ImagePositionPatient = [float(v) + 100 for v in plane.ImagePositionPatient]  # stray, and wrong
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.save_as(path)
+    second = sorted((shared_data / DCMQI).iterdir())[1]
+    classic = read_volume(second)
+    volume = read_volume(path)
+    assert volume.metadata["frame_numbers"] == [1]
+    assert volume.origin == pytest.approx(classic.origin)
+    np.testing.assert_array_equal(volume.array, classic.array)
+
+
+def _without_frame_rescale(path):
+    ds = pydicom.dcmread(path)
+    for group in [*ds.PerFrameFunctionalGroupsSequence, *ds.SharedFunctionalGroupsSequence]:
+        if "PixelValueTransformationSequence" in group:
+            del group.PixelValueTransformationSequence
+    return ds
+
+
+def test_enhanced_frames_without_a_rescale_take_the_files_own(shared_data, tmp_path, caplog):
+    classic = read_volume(shared_data / DCMQI)
+    path = enhanced_ct(shared_data / DCMQI, tmp_path / "enhanced.dcm")
+    ds = _without_frame_rescale(path)
+    intercept = float(pydicom.dcmread(classic.dicom.files[0], stop_before_pixels=True).RescaleIntercept)
+    ds.RescaleSlope, ds.RescaleIntercept = 1, intercept
+    ds.save_as(path)
+    with caplog.at_level(logging.WARNING):
+        volume = read_volume(path)
+    np.testing.assert_array_equal(volume.array, classic.array)
+    assert not any("stored values" in r.getMessage() for r in caplog.records)
+
+
+def test_enhanced_frames_without_any_rescale_keep_their_stored_values_and_warn(shared_data, tmp_path, caplog):
+    path = enhanced_ct(shared_data / DCMQI, tmp_path / "enhanced.dcm")
+    ds = _without_frame_rescale(path)
+    ds.save_as(path)
+    with caplog.at_level(logging.WARNING):
+        volume = read_volume(path)
+    stored = pydicom.dcmread(path).pixel_array
+    np.testing.assert_array_equal(volume.array, stored[[f - 1 for f in volume.metadata["frame_numbers"]]])
+    assert any(str(path) in r.getMessage() and "stored values are taken as they are" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("where", ["top level", "shared group"])
+def test_an_enhanced_modality_lut_is_applied_per_frame(shared_data, tmp_path, where):
+    path = enhanced_ct(shared_data / DCMQI, tmp_path / "enhanced.dcm")
+    ds = _without_frame_rescale(path)
+    lut_values = (np.arange(4096) // 2 + 7).astype(np.uint16)
+    lut = pydicom.Dataset()
+    lut.add_new("LUTDescriptor", "US", [4096, 0, 16])
+    lut.add_new("LUTData", "US", [int(v) for v in lut_values])
+    lut.ModalityLUTType = "HU"
+    if where == "top level":
+        ds.ModalityLUTSequence = [lut]
+    else:
+        transform = pydicom.Dataset()
+        transform.ModalityLUTSequence = [lut]
+        ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence = [transform]
+    ds.save_as(path)
+    volume = read_volume(path)
+    stored = pydicom.dcmread(path).pixel_array[[f - 1 for f in volume.metadata["frame_numbers"]]]
+    np.testing.assert_array_equal(volume.array, lut_values[np.clip(stored, 0, 4095)])
+
+
+def test_compressed_enhanced_ct_falls_back_to_simpleitk_for_its_pixels(shared_data, tmp_path, monkeypatch):
+    # RLE, frames out of order, one frame with its own rescale: GDCM alone would rescale every frame alike
+    path = enhanced_ct(shared_data / DCMQI, tmp_path / "enhanced.dcm", order=[1, 2, 0], edit=_own_rescale_on_first_slice,
+                        transfer_syntax=pydicom.uid.RLELossless)
+    expected = read_volume(path)
+    np.testing.assert_array_equal(expected.array, read_volume(shared_data / DCMQI).array)
+
+    def no_decoder(self):
+        raise NotImplementedError("no pixel data handler for this transfer syntax")
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(no_decoder))
+    fallback = read_volume(path)
+    np.testing.assert_array_equal(fallback.array, expected.array)
+    assert fallback.array.dtype == np.int16
+    assert fallback.origin == pytest.approx(expected.origin) and fallback.metadata["frame_numbers"] == [2, 1, 3]
+
+    plain = enhanced_ct(shared_data / DCMQI, tmp_path / "plain.dcm")  # uncompressed: corrupt, not GDCM's
+    with pytest.raises(InputError, match=r"plain\.dcm: cannot decode the pixel data of this multi-frame image"):
+        read_volume(plain)

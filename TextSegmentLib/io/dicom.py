@@ -25,12 +25,19 @@ Enhanced (multi-frame) CT — Enhanced CT Image Storage and its Legacy Converted
 every slice — is read by the same rules, frame by frame: each frame is a slice whose position,
 orientation, pixel spacing and rescale come from its Per-Frame Functional Groups item, else the Shared
 one (PlanePositionSequence, PlaneOrientationSequence, PixelMeasuresSequence,
-PixelValueTransformationSequence). Frames are sorted along the normal like files (never trusted to be
+PixelValueTransformationSequence). A frame whose groups hold no rescale (nor Modality LUT) takes the
+file's top-level RescaleSlope/Intercept or Modality LUT Sequence; with none anywhere its stored values
+are kept, as for a classic slice, and a warning names the file. A Modality LUT is applied per frame like
+a rescale. Pixels pydicom has no decoder for are handed to SimpleITK/GDCM, which returns the frames in
+file order (their rescale stripped first: GDCM would apply one rescale to every frame); the geometry
+still comes from the functional groups. Frames are sorted along the normal like files (never trusted to be
 stored in order), uneven gaps are reported, nothing is resampled. ``DicomInfo.files`` and
 ``sop_instance_uids`` then repeat the one file per slice and ``metadata["frame_numbers"]`` gives each
 slice's 1-based frame number (``None`` for a single-frame file), which DICOM SEG needs to reference it.
 A multi-frame file *without* functional groups (e.g. a multi-frame Secondary Capture) carries no
-per-frame geometry and is refused.
+per-frame geometry and is refused. A classic single-frame slice carrying a stray functional-groups
+sequence is still read as a classic slice when it has its own ImagePositionPatient/ImageOrientationPatient
+(an enhanced SOP class always takes the frame path, even with one frame).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +54,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom import uid as _uid
 from pydicom.pixels import apply_modality_lut
 
 from ..errors import InputError, NotCTError
@@ -58,6 +67,12 @@ DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 NON_IMAGE_MODALITIES = frozenset({"RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SEG", "SR", "PR", "KO", "REG", "DOC"})
 POSITION_TOLERANCE_MM = 0.01
 ORIENTATION_TOLERANCE = 1e-3
+# Multi-frame image IODs whose geometry lies only in functional groups, even when they hold a single frame.
+ENHANCED_SOP_CLASSES = frozenset({
+    _uid.EnhancedCTImageStorage, _uid.LegacyConvertedEnhancedCTImageStorage,
+    _uid.EnhancedMRImageStorage, _uid.LegacyConvertedEnhancedMRImageStorage,
+    _uid.EnhancedPETImageStorage, _uid.LegacyConvertedEnhancedPETImageStorage,
+})
 
 
 @dataclass(frozen=True)
@@ -385,8 +400,17 @@ def _orientation_key(header: Any) -> Optional[tuple[float, ...]]:
 
 
 def _is_enhanced(ds: Any) -> bool:
-    """A multi-frame image whose geometry lies in functional groups (Enhanced / Legacy Converted Enhanced CT, …)."""
-    return "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+    """An image whose geometry lies in functional groups (Enhanced / Legacy Converted Enhanced CT, …).
+
+    Functional groups alone do not make one: a classic single-frame slice may carry a stray Shared Functional
+    Groups Sequence beside its own position and orientation. So: functional groups, and more than one frame,
+    an enhanced SOP class (one frame or many), or no complete ImagePositionPatient/ImageOrientationPatient.
+    """
+    if "PerFrameFunctionalGroupsSequence" not in ds and "SharedFunctionalGroupsSequence" not in ds:
+        return False
+    if (_int_or_none(ds.get("NumberOfFrames")) or 1) > 1 or _sop_class(ds) in ENHANCED_SOP_CLASSES:
+        return True
+    return _multiplicity(ds, "ImagePositionPatient") != 3 or _multiplicity(ds, "ImageOrientationPatient") != 6
 
 
 def _functional_group(ds: Any, index: int, keyword: str) -> Optional[Any]:
@@ -659,18 +683,22 @@ def _read_frames(file: Path, ds: Any) -> list[_Slice]:
             spacing = _floats(measures, "PixelSpacing", file=where)
         thickness = (measures.get("SpacingBetweenSlices") or measures.get("SliceThickness") if measures is not None else None) or 1.0
         transform = _functional_group(ds, index, "PixelValueTransformationSequence")
-        slope = float(transform.get("RescaleSlope", 1) or 1) if transform is not None else 1.0
-        intercept = float(transform.get("RescaleIntercept", 0) or 0) if transform is not None else 0.0
-        geometry.append((plane, orientation, spacing, thickness, slope, intercept, where))
+        modality = next((m for m in (transform, ds) if m is not None and _has_modality_transform(m)), None)
+        geometry.append((plane, orientation, spacing, thickness, modality, where))
+    if any(g[4] is None for g in geometry):
+        log.warning(
+            "%s: no RescaleSlope/RescaleIntercept or Modality LUT in the functional groups or the file for %d of %d "
+            "frame(s); their stored values are taken as they are", file, sum(g[4] is None for g in geometry), n,
+        )
     stored = _decode_frames(file, ds, n)
     del ds.PixelData  # the slices share this header; keep no second copy of the pixels
     instance_number = _int_or_none(ds.get("InstanceNumber")) or 0
     slices = []
-    for index, (plane, orientation, spacing, thickness, slope, intercept, where) in enumerate(geometry):
+    for index, (plane, orientation, spacing, thickness, modality, where) in enumerate(geometry):
         slices.append(_Slice(
             file=file,
             header=ds,
-            pixels=_compact(stored[index].astype(np.float64) * slope + intercept),
+            pixels=_compact(_frame_values(stored[index], modality)),
             position=_floats(plane, "ImagePositionPatient", file=where),
             orientation=_floats(orientation, "ImageOrientationPatient", file=where),
             pixel_spacing=(float(spacing[0]), float(spacing[1])),
@@ -681,19 +709,60 @@ def _read_frames(file: Path, ds: Any) -> list[_Slice]:
     return slices
 
 
+def _has_modality_transform(ds: Any) -> bool:
+    return bool(ds.get("ModalityLUTSequence")) or "RescaleSlope" in ds or "RescaleIntercept" in ds
+
+
+def _frame_values(stored: np.ndarray, modality: Optional[Any]) -> np.ndarray:
+    """Modality values (HU for CT) of one frame: its Modality LUT, else rescale; the stored values when ``modality`` is None."""
+    if modality is not None and modality.get("ModalityLUTSequence"):
+        return np.asarray(apply_modality_lut(stored, modality), dtype=np.float64)
+    slope = float(modality.get("RescaleSlope", 1) or 1) if modality is not None else 1.0
+    intercept = float(modality.get("RescaleIntercept", 0) or 0) if modality is not None else 0.0
+    return stored.astype(np.float64) * slope + intercept
+
+
 def _decode_frames(file: Path, ds: Any, n: int) -> np.ndarray:
-    """The stored values of every frame, (n, rows, cols); the rescale is the caller's (it may differ per frame)."""
+    """The stored values of every frame, (n, rows, cols); the rescale is the caller's (it may differ per frame).
+
+    pydicom first; compressed pixels it has no decoder for go to SimpleITK/GDCM, as for a classic slice.
+    """
     try:
         stored = np.asarray(ds.pixel_array)
     except Exception as exc:  # noqa: BLE001 - missing plugin, corrupt or truncated stream, …
-        raise InputError(
-            f"{file}: cannot decode the pixel data of this multi-frame image ({exc}); convert it to classic "
-            "single-frame CT DICOM (e.g. dcmtk's dcmdjpeg, or highdicom) or to NIfTI"
-        ) from exc
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        stored = _sitk_stored_frames(file) if syntax is not None and syntax.is_compressed else None
+        if stored is None:
+            raise InputError(
+                f"{file}: cannot decode the pixel data of this multi-frame image ({exc}); convert it to classic "
+                "single-frame CT DICOM (e.g. dcmtk's dcmdjpeg, or highdicom) or to NIfTI"
+            ) from exc
     stored = stored.reshape((n, *stored.shape[-2:])) if stored.ndim == 2 else stored
     if stored.ndim != 3 or stored.shape[0] != n:
         raise InputError(f"{file}: the pixel data hold {stored.shape} values, not {n} frames of one grey level")
     return stored
+
+
+def _sitk_stored_frames(file: Path) -> Optional[np.ndarray]:
+    """Every frame's stored values by SimpleITK/GDCM (file order), None when it cannot decode them either.
+
+    GDCM applies one rescale, the first it finds, to all frames; a copy without any rescale yields the stored values.
+    """
+    import SimpleITK as sitk
+
+    try:
+        ds = pydicom.dcmread(file)
+        for group in [*(ds.get("SharedFunctionalGroupsSequence") or []), *(ds.get("PerFrameFunctionalGroupsSequence") or [])]:
+            if "PixelValueTransformationSequence" in group:
+                del group.PixelValueTransformationSequence
+        for keyword in ("RescaleSlope", "RescaleIntercept", "RescaleType"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        with tempfile.TemporaryDirectory() as folder:
+            ds.save_as(Path(folder) / "frames.dcm")
+            return sitk.GetArrayFromImage(sitk.ReadImage(str(Path(folder) / "frames.dcm")))
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _floats(ds: Any, keyword: str, *, file: Path) -> np.ndarray:
