@@ -1,7 +1,8 @@
 """The Slicer module's logic without Qt: parameters, one persistent worker thread, jobs, study batch.
 
 Usable from Slicer's Python console, from ``Slicer --python-script`` and, on ``slicer-core``,
-headless in CI (MRML is touched only through ``slicer_bridge``)::
+headless in CI (volumes and segmentations go through ``slicer_bridge``; this module itself only
+finds its parameter node and checks that nodes are still in the scene)::
 
     logic = SegmentationLogic()                       # inside Slicer: the application's scene
     outcome = logic.segment(volume=getNode("CT"), prompts=["liver", "spleen"],

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--out", "-o", required=True, help="output folder (existing files are never replaced unless --overwrite)"
     )
     p.add_argument(
-        "--layers", default=None, help="comma-separated feature taps, e.g. vit.3,vit.11 (default: the model's saliency layers: ViT taps, frequency/pyramid stages, fused)"
+        "--layers", default=None, help="comma-separated feature taps, e.g. vit.3,vit.11 (default: the model's saliency layers: ViT taps, gated frequency stages or the fusion pyramid, fused)"
     )
     p.add_argument(
         "--stage",

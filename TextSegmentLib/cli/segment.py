@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--saliency-grid", choices=("compact", "source"), default="compact", help=GRID_HELP)
     p.add_argument("--probability-grid", choices=("source", "compact"), default="source",
                    help="source (default): probability maps on the CT's voxel grid; compact: at most the network's "
-                        "input size a side in-plane over the CT's extent (16x smaller for the tiny models at 512x512; "
+                        "input size a side in-plane over the CT's extent (up to 16x smaller at 512x512: freqmedclip-tiny 16x, tgcnet-tiny 4x; "
                         "the label map and masks stay on the CT's grid)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
