@@ -623,17 +623,10 @@ def _read_slice(file: Path, ds: Any) -> _Slice:
             f"{file}: no complete ImagePositionPatient/ImageOrientationPatient, so its place in space is unknown "
             "(a projection image such as CR/DX is not a cross-sectional volume)"
         )
-    n_spacing = _multiplicity(ds, "PixelSpacing")
-    if n_spacing == 0:
+    spacing = _pixel_spacing(ds, where=file)
+    if spacing is None:
         log.warning("%s: no PixelSpacing; assuming 1 mm", file)
         spacing = (1.0, 1.0)
-    elif n_spacing != 2:
-        raise InputError(
-            f"{file}: PixelSpacing holds {n_spacing} value(s) ({ds.get('PixelSpacing')}), not the two it must "
-            "(row and column spacing), so the pixel size is unknown"
-        )
-    else:
-        spacing = _floats(ds, "PixelSpacing", file=file)
     thickness = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0
     pixels = _compact(_decode(file, ds))
     del ds.PixelData  # keep only the header: a long series would otherwise hold every slice twice
@@ -647,6 +640,20 @@ def _read_slice(file: Path, ds: Any) -> _Slice:
         instance_number=_int_or_none(ds.get("InstanceNumber")) or 0,
         single_slice_spacing=abs(float(thickness)) or 1.0,
     )
+
+
+def _pixel_spacing(ds: Any, *, where: Any) -> Optional[tuple[float, float]]:
+    """The (row, column) PixelSpacing of ``ds``; None when absent (the caller assumes 1 mm), an error when malformed."""
+    n = _multiplicity(ds, "PixelSpacing")
+    if n == 0:
+        return None
+    if n != 2:
+        raise InputError(
+            f"{where}: PixelSpacing holds {n} value(s) ({ds.get('PixelSpacing')}), not the two it must "
+            "(row and column spacing), so the pixel size is unknown"
+        )
+    row, column = _floats(ds, "PixelSpacing", file=where)
+    return float(row), float(column)
 
 
 def _read_frames(file: Path, ds: Any) -> list[_Slice]:
@@ -669,18 +676,11 @@ def _read_frames(file: Path, ds: Any) -> list[_Slice]:
                 "functional groups (per-frame or shared), so its place in space is unknown"
             )
         measures = _functional_group(ds, index, "PixelMeasuresSequence")
-        n_spacing = _multiplicity(measures, "PixelSpacing") if measures is not None else 0
-        if n_spacing == 0:
+        spacing = _pixel_spacing(measures, where=where) if measures is not None else None
+        if spacing is None:
             if index == 0:
                 log.warning("%s: no PixelSpacing in the Pixel Measures functional group; assuming 1 mm", file)
             spacing = (1.0, 1.0)
-        elif n_spacing != 2:
-            raise InputError(
-                f"{where}: PixelSpacing holds {n_spacing} value(s) ({measures.get('PixelSpacing')}), not the two it "
-                "must (row and column spacing), so the pixel size is unknown"
-            )
-        else:
-            spacing = _floats(measures, "PixelSpacing", file=where)
         thickness = (measures.get("SpacingBetweenSlices") or measures.get("SliceThickness") if measures is not None else None) or 1.0
         transform = _functional_group(ds, index, "PixelValueTransformationSequence")
         modality = next((m for m in (transform, ds) if m is not None and _has_modality_transform(m)), None)
