@@ -319,3 +319,15 @@ def test_legend_counts_what_the_label_map_holds_and_records_the_settings(phantom
     assert first["voxels"] == second["voxels"] > 0 and counts[2] == 0  # the same prompt twice: ties go to the first
     assert legend["settings"] == {"axis": "axial", "threshold": 0.3, "cleanup": False, "min_component_ml": 0.01,
                                   "keep_empty_slices": False}
+
+
+@pytest.mark.parametrize("command", ["segment", "explain"])
+def test_a_folder_of_several_studies_is_segmented_by_the_series_named(command, shared_data, tmp_path, capsys):
+    dicomdir = shared_data / "dicom/pydicom_dicomdirtests/DICOMDIR"  # two CT series of two patients
+    chosen = "1.3.6.1.4.1.5962.1.1.0.0.0.1194734704.16302.0.6"  # 16 x 16 x 5 voxels
+    base = [command, str(dicomdir), "-p", "liver", "--weights", "random", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "guess")]) == 2
+    assert "--series UID" in capsys.readouterr().err and not (tmp_path / "guess").exists()
+    assert main([*base, "--series", chosen, "--out", str(tmp_path / "chosen")]) == 0
+    written = next(p for p in (tmp_path / "chosen").rglob("*.nii.gz"))
+    assert sitk.ReadImage(str(written)).GetSize() == (16, 16, 5)

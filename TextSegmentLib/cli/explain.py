@@ -9,6 +9,8 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explain", help="show, layer by layer, what the model looked at for each prompt")
     p.add_argument("input", help="CT file (NIfTI, NRRD, MHA) or DICOM folder")
+    p.add_argument("--series", metavar="UID", default=None,
+                   help="DICOM: the series to use when the folder holds several (UID or key; `textsegment info` lists them)")
     p.add_argument(
         "--prompt", "-p", action="append", required=True, help="what to segment and explain (repeat for several)"
     )
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         raise OutputExistsError(
             f"{out_dir}: holds saliency results already; choose another --out folder or pass --overwrite"
         )
-    volume = read_volume(args.input, allow_non_ct=args.allow_non_ct)
+    volume = read_volume(args.input, allow_non_ct=args.allow_non_ct, series_uid=args.series)
     if args.slice is not None:  # checked before the run: the montage is written after the saliency maps
         from ..preprocess import slice_plan
 

@@ -13,6 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("segment", help="segment a CT with one or more text prompts")
     p.add_argument("input", help="CT file (NIfTI, NRRD, MHA) or DICOM folder")
     p.add_argument("--prompt", "-p", action="append", required=True, help="what to segment (repeat for several)")
+    p.add_argument("--series", metavar="UID", default=None,
+                   help="DICOM: the series to use when the folder holds several (UID or key; `textsegment info` lists them)")
     p.add_argument("--aux-prompt", action="append", default=None,
                    help="auxiliary description per prompt (TGC-Net); repeat in the order of --prompt")
     p.add_argument("--out", "-o", required=True, help="output folder (created; existing files are never replaced "
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.out)
     prompts = validate_prompts(args.prompt)
-    volume = read_volume(args.input, allow_non_ct=args.allow_non_ct)
+    volume = read_volume(args.input, allow_non_ct=args.allow_non_ct, series_uid=args.series)
     check_outputs_free(out_dir, overwrite=args.overwrite)
     model = load_model(args.model, weights=args.weights, device=args.device)
     sink = None

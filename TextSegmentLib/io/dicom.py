@@ -471,7 +471,7 @@ def choose_series(
         )
         raise InputError(
             f"{source}: holds {len(rivals)} candidate series from {len(studies)} different patients/studies; "
-            f"point at one series' folder, or pass series_uid in Python (`textsegment info --series` shows one): {listing}"
+            f"choose one with series_uid (CLI: --series UID; `textsegment info` lists them) or point at its folder: {listing}"
         )
     if len(rivals) > 1:
         log.warning("%s: %d candidate series; reading %s (%d images, the most)", source, len(rivals), best.key, best.n_images)
