@@ -489,6 +489,7 @@ class SegmentationLogic:
         Refuses to overwrite an existing file unless ``overwrite=True``, and never a source image.
         """
         import dataclasses
+        import os
 
         from .dicom_seg import write_dicom_seg
         from .io.dicom import read_series, series_from_files
@@ -499,13 +500,28 @@ class SegmentationLogic:
         if not results:
             raise InputError("nothing to export: segment a volume first")
         path = Path(path)
-        if path.exists() and not overwrite:  # before reading the whole series; write_dicom_seg checks again
-            raise OutputExistsError(f"{path}: exists already; pass overwrite=True to replace it")
         node = outcome.input_node
         files = dicom_source_files(node, file_for_instance=file_for_instance)
+        # before reading the whole series (write_dicom_seg checks again); a folder or a source image is
+        # refused as such: telling the user to pass overwrite=True would not help there
+        if path.is_dir():
+            raise InputError(f"{path}: is a folder; give a file name for the DICOM SEG")
+        if any(path.resolve() == f.resolve() or (path.exists() and os.path.samefile(path, f)) for f in files):
+            raise OutputExistsError(f"{path}: is a source image of volume {node.GetName()!r}; TextSegment never "
+                                    "overwrites its inputs, choose another output path")
+        if path.exists() and not overwrite:
+            raise OutputExistsError(f"{path}: exists already; pass overwrite=True to replace it")
         name = f"Slicer volume {node.GetName()!r}"
         source = read_series(series_from_files(files, source=name), source=name)
-        moved = [dataclasses.replace(r, mask=reorient_to(r.mask, source)) for r in results]
+        try:
+            moved = [dataclasses.replace(r, mask=reorient_to(r.mask, source)) for r in results]
+        except InputError as exc:  # reorient_to would name the node twice: both volumes carry its name
+            raise InputError(
+                f"volume {node.GetName()!r} as segmented (shape {results[0].mask.shape}) does not lie on the voxel grid "
+                f"of the DICOM series it was loaded from (shape {source.shape}, {len(set(files))} file(s)); it was "
+                "cropped, resampled or moved (e.g. a hardened transform) after loading, so no SEG frame could reference "
+                "its source image. Segment the volume as loaded from DICOM to export a DICOM SEG"
+            ) from exc
         model_name = outcome.model_name or "TextSegment"
         return write_dicom_seg(moved, source=source, path=path, overwrite=overwrite, model_name=model_name,
                                series_description=" ".join(dict.fromkeys(["TextSegment", model_name])))

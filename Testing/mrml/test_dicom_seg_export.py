@@ -249,3 +249,46 @@ def test_reorient_to_moves_voxels_exactly_and_refuses_other_grids():
                   Volume(reference.array, spacing=(0.7, 0.9, 2.0), origin=reference.origin, direction=reference.direction)):
         with pytest.raises(InputError, match="does not lie on the voxel grid"):
             reorient_to(other, reference)
+
+
+
+@pytest.mark.parametrize("change", ["cropped", "resampled", "rotated"])
+def test_a_cropped_resampled_or_moved_node_is_refused_naming_its_series(context, logic, shared_data, tmp_path, change):
+    """The refusal names the DICOM series, not the node twice ("'CT' does not lie on the voxel grid of 'CT'")."""
+    from TextSegmentLib.slicer_bridge import volume_from_node
+
+    node, _, database = _load(context, shared_data, THREE_SLICES)
+    v = volume_from_node(node)
+    if change == "cropped":  # Crop Volume keeps the attributes of its input
+        changed = Volume(v.array[:, 10:400, 20:300], spacing=v.spacing, origin=v.physical_points([[20, 10, 0]])[0],
+                         direction=v.direction)
+    elif change == "resampled":
+        changed = Volume(v.array[:, ::2, ::2], spacing=(2 * v.spacing[0], 2 * v.spacing[1], v.spacing[2]),
+                         origin=v.origin, direction=v.direction)
+    else:  # a hardened rotation: the same voxels, moved
+        changed = Volume(v.array, spacing=v.spacing, origin=v.origin,
+                         direction=v.direction @ np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
+    moved = node_from_volume(changed, context=context, name="CT changed")
+    moved.SetAttribute(DICOM_UIDS_ATTRIBUTE, node.GetAttribute(DICOM_UIDS_ATTRIBUTE))
+    outcome = logic.segment(volume=moved, prompts=["bone"], model=BoneModel(), device="cpu", wait=True)
+    with pytest.raises(InputError, match=r"^volume 'CT changed' as segmented \(shape \(3, \d+, \d+\)\) does not lie on the voxel grid "
+                                         r"of the DICOM series it was loaded from \(shape \(3, 512, 512\), 3 file\(s\)\); "
+                                         r"it was cropped, resampled or moved") as caught:
+        logic.export_dicom_seg(outcome, path=tmp_path / "seg.dcm", file_for_instance=database)
+    assert str(caught.value).count("CT changed") == 1
+    assert not (tmp_path / "seg.dcm").exists()
+
+
+def test_a_folder_or_a_source_image_as_output_is_refused_as_such(context, logic, shared_data, tmp_path):
+    """Neither refusal suggests overwrite=True: it would not help."""
+    node, files, database = _load(context, shared_data, THREE_SLICES)
+    outcome = logic.segment(volume=node, prompts=["bone"], model=BoneModel(), device="cpu", wait=True)
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    with pytest.raises(InputError, match="is a folder; give a file name") as caught:
+        logic.export_dicom_seg(outcome, path=folder, file_for_instance=database)
+    assert "overwrite" not in str(caught.value)
+    assert list(folder.iterdir()) == []
+    with pytest.raises(OutputExistsError, match="is a source image of volume 'CT'.*never overwrites its inputs") as caught:
+        logic.export_dicom_seg(outcome, path=files[0], file_for_instance=database)
+    assert "overwrite=True" not in str(caught.value)
