@@ -225,3 +225,11 @@ def test_atomic_write_serves_other_writers(tmp_path):
         atomic_write(target, failing, overwrite=True)
     assert target.read_text() == "complete"
     assert [p.name for p in tmp_path.iterdir()] == ["seg.seg.nrrd"]
+
+
+def test_an_output_whose_folder_is_a_file_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "results"
+    blocker.write_text("a file where the output folder should be")
+    with pytest.raises(InputError, match="cannot create its folder"):
+        write_json({"a": 1}, blocker / "legend.json")
+    assert blocker.read_text() == "a file where the output folder should be"

@@ -166,7 +166,10 @@ def atomic_write(
         raise InputError(f"{path}: is a folder; give a file name for the output")
     if path.exists() and not overwrite:
         raise _exists(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. a file where a folder of the path should be
+        raise InputError(f"{path}: cannot create its folder {path.parent} ({exc.strerror or exc}); nothing was written") from None
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial{_suffix(path)}")
     try:
         write(tmp)
