@@ -219,3 +219,149 @@ def test_pool_presence_is_where_each_prompts_ground_truth_has_voxels(tiny_pool):
             np.testing.assert_array_equal(present, expected)
             checked += int(len(expected) > 0)
     assert checked > 20  # most prompts are shown somewhere; absent ones must come out empty
+
+
+def _write_msd(folder, labels, name=None, label_array=None):
+    """A one-case MSD task folder on a small phantom CT; returns the label array written."""
+    import SimpleITK as sitk
+
+    from TextSegmentLib.phantom import make_phantom
+
+    ph = make_phantom(seed=5, shape=(4, 32, 32))
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    for array, file in ((ph.ct.array, "imagesTr/case_001.nii.gz"), (label_array, "labelsTr/case_001.nii.gz")):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(ph.ct.spacing)
+        sitk.WriteImage(image, str(folder / file))
+    spec = {"labels": labels, "training": [{"image": "./imagesTr/case_001.nii.gz", "label": "./labelsTr/case_001.nii.gz"}]}
+    if name is not None:
+        spec["name"] = name
+    (folder / "dataset.json").write_text(json.dumps(spec))
+
+
+def test_msd_generic_lesion_labels_get_the_organ_of_the_task(tmp_path):
+    """Task03_Liver's "cancer" is the liver's tumour, and "liver" includes it (it was a bare "tumor" cut out of the liver)."""
+    from TextSegmentLib.prompts import Target
+
+    labels = np.zeros((4, 32, 32), dtype=np.uint8)
+    labels[1:3, 8:24, 8:24] = 1
+    labels[2, 12:16, 12:16] = 2
+    _write_msd(tmp_path / "Task03_Liver", {"0": "background", "1": "liver", "2": "cancer"}, name="Liver", label_array=labels)
+    (case,) = load_msd_task(tmp_path / "Task03_Liver")
+    assert case.label_names == {1: "liver", 2: "liver_tumor"}
+    assert np.array_equal(ground_truth(Target(("liver",)), case.labels.array, case.label_names), labels > 0)
+    # the organ from the task's name field or, without one, from the folder name
+    _write_msd(tmp_path / "Task08_HepaticVessel", {"0": "background", "1": "Vessel", "2": "Tumour"}, name="HepaticVessel",
+               label_array=labels)
+    assert load_msd_task(tmp_path / "Task08_HepaticVessel")[0].label_names == {1: "liver_vessel", 2: "liver_tumor"}
+    _write_msd(tmp_path / "Task06_Lung", {"0": "background", "1": "cancer"}, label_array=(labels > 0).astype(np.uint8))
+    assert load_msd_task(tmp_path / "Task06_Lung")[0].label_names == {1: "lung_nodule"}
+    _write_msd(tmp_path / "Task10_Colon", {"0": "background", "1": "colon cancer primaries"}, name="Colon",
+               label_array=(labels > 0).astype(np.uint8))
+    assert load_msd_task(tmp_path / "Task10_Colon")[0].label_names == {1: "colon_tumor_primary"}  # already specific
+
+
+def test_totalsegmentator_class_map_names_are_canonical(tmp_path):
+    """A class map's own spelling ("Urinary Bladder") is the table's name: else it got no table prompts and,
+    being undeclared as urinary_bladder, the bladder in view was drawn as an absent (empty) negative."""
+    import SimpleITK as sitk
+
+    from TextSegmentLib.phantom import make_phantom
+    from TextSegmentLib.prompts import build_prompt_pyramid
+
+    ph = make_phantom(seed=5, shape=(4, 32, 32))
+    labels = np.zeros((4, 32, 32), dtype=np.uint8)
+    labels[1:3, 4:14, 4:14] = 1
+    labels[1:3, 18:28, 18:28] = 2
+    for array, file in ((ph.ct.array, "ct.nii.gz"), (labels, "seg.nii.gz")):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(ph.ct.spacing)
+        sitk.WriteImage(image, str(tmp_path / file))
+    (tmp_path / "maps.json").write_text(json.dumps({"total": {"1": "Liver", "2": "Urinary Bladder"}}))
+    case = load_totalsegmentator_case(tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", tmp_path / "maps.json")
+    assert case.label_names == {1: "liver", 2: "urinary_bladder"}
+    for seed in range(6):
+        prompts = build_prompt_pyramid(case.labels, case.label_names, seed=seed, absent=8)
+        negatives = [p for p in prompts if p.level == "negative"]
+        assert all("urinary_bladder" not in p.target.include for p in negatives)
+        assert any(p.level == "L2" and p.target.include == ("liver",) for p in prompts)  # the table's descriptions
+
+
+def _seg_on_dcmqi_series(shared_data, tmp_path, masks, labels, fractional=False):
+    """A highdicom SEG of (slices, rows, cols, segments) masks on the dcmqi 3-slice CT series."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    folder = shared_data / "dicom" / "dcmqi_ct3slice" / "series"
+    sources = [pydicom.dcmread(f) for f in sorted(folder.iterdir())]
+    sources.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
+    for ds in sources:
+        if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
+            del ds.SpecificCharacterSet  # empty: the default repertoire, which highdicom rejects as ''
+        ds.PatientName = f"{ds.PatientName}^"
+    algorithm = hd.AlgorithmIdentificationSequence(name="test", family=codes.cid7162.ArtificialIntelligence, version="1")
+    descriptions = [hd.seg.SegmentDescription(
+        segment_number=n + 1, segment_label=label, segmented_property_category=codes.cid7150.Tissue,
+        segmented_property_type=codes.cid7166.ConnectiveTissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm) for n, label in enumerate(labels)]
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=masks,
+        segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL if fractional else hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="test", manufacturer_model_name="test", software_versions="1", device_serial_number="1")
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path)
+    return folder, path
+
+
+def test_overlapping_seg_segments_keep_a_lesion_inside_its_organ(shared_data, tmp_path):
+    """Segment 1 (tumour) lies inside segment 2 (liver): the later segment overwrote it and the tumour was lost."""
+    masks = np.zeros((3, 512, 512, 2), dtype=bool)
+    masks[:, 100:300, 100:300, 1] = True  # liver
+    masks[1, 150:170, 150:170, 0] = True  # its tumour
+    series, seg = _seg_on_dcmqi_series(shared_data, tmp_path, masks, ["liver tumor", "liver"])
+    case = load_dicom_seg_case(series, seg)
+    assert case.label_names == {1: "liver_tumor", 2: "liver"}
+    tumour = case.labels.array == 1
+    assert tumour.sum() == 400 and tumour[1, 150:170, 150:170].all()
+    assert int((case.labels.array > 0).sum()) == 3 * 200 * 200
+    from TextSegmentLib.prompts import Target
+    assert ground_truth(Target(("liver",)), case.labels.array, case.label_names).sum() == 3 * 200 * 200
+
+
+def test_fractional_seg_is_cut_at_one_half(shared_data, tmp_path):
+    """A FRACTIONAL SEG's values are fractions of MaximumFractionalValue: a 0.2 fringe is not the segment."""
+    masks = np.zeros((3, 512, 512, 1), dtype=np.float32)
+    masks[:, 100:200, 100:200, 0] = 0.2
+    masks[:, 120:180, 120:180, 0] = 0.9
+    series, seg = _seg_on_dcmqi_series(shared_data, tmp_path, masks, ["liver"], fractional=True)
+    case = load_dicom_seg_case(series, seg)
+    got = case.labels.array == 1
+    assert got.sum() == 3 * 60 * 60 and got[:, 120:180, 120:180].all()
+
+
+def test_a_label_map_outside_the_ct_is_refused():
+    """Resampled in physical space, a label map of another image came out all zero and every label an 'absent' negative."""
+    from TextSegmentLib.phantom import make_phantom
+    from TextSegmentLib.training.data import LabelledCase
+
+    ph = make_phantom(seed=5, shape=(4, 32, 32))
+    elsewhere = ph.labels.with_array(ph.labels.array)
+    elsewhere = dataclasses.replace(elsewhere, origin=tuple(np.asarray(ph.ct.origin) + 500.0))
+    with pytest.raises(InputError, match="outside the CT"):
+        LabelledCase("x", ph.ct, elsewhere, dict(ph.label_names))
+    moved = dataclasses.replace(ph.labels, origin=tuple(np.asarray(ph.ct.origin) + np.asarray(ph.ct.spacing)))
+    assert LabelledCase("y", ph.ct, moved, dict(ph.label_names)).labels.array.any()  # a shift by one voxel is fine
+
+
+def test_single_segment_seg_with_shared_functional_groups(shared_data, tmp_path):
+    """highdicom (and so ``textsegment``'s own SEG export) puts a lone segment's identification in the
+    shared functional groups; reading it raised AttributeError."""
+    masks = np.zeros((3, 512, 512, 1), dtype=bool)
+    masks[:2, 200:260, 210:250, 0] = True
+    series, seg = _seg_on_dcmqi_series(shared_data, tmp_path, masks, ["spleen"])
+    case = load_dicom_seg_case(series, seg)
+    assert case.label_names == {1: "spleen"}
+    assert np.array_equal(case.labels.array == 1, masks[..., 0])

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..preprocess import fit_to_square, slice_plan, window_composite
-from ..prompts import Prompt, build_prompt_pyramid, canonical_target_name, ground_truth
+from ..prompts import Prompt, build_prompt_pyramid, canonical_target_name, find_target_name, ground_truth
+from ..prompts.names import words
 from ..volume import Volume
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,10 @@ def load_totalsegmentator_case(
 
     maps = json.loads(Path(class_map).read_text())
     names = maps.get(task, maps)
-    return LabelledCase(Path(ct).name, read_volume(ct), read_label_map(seg), {int(k): str(v) for k, v in names.items()},
-                        licence=licence)
+    # canonical names, as the MSD and SEG loaders give: a map's "Urinary Bladder" must be the table's
+    # urinary_bladder, or it gets no table prompts and is even drawn as an "absent" negative
+    return LabelledCase(Path(ct).name, read_volume(ct), read_label_map(seg),
+                        {int(k): canonical_target_name(str(v)) for k, v in names.items() if int(k) > 0}, licence=licence)
 
 
 def load_msd_task(folder: Union[str, Path], *, limit: Optional[int] = None, licence: str = "CC-BY-SA-4.0") -> list[LabelledCase]:
@@ -91,7 +94,7 @@ def load_msd_task(folder: Union[str, Path], *, limit: Optional[int] = None, lice
     if not spec_path.is_file():
         raise InputError(f"{folder} is not an MSD task folder: it has no dataset.json")
     spec = json.loads(spec_path.read_text())
-    names = {int(k): canonical_target_name(str(v)) for k, v in spec.get("labels", {}).items() if int(k) > 0}
+    names = msd_label_names(spec, folder)
     cases = []
     for entry in spec.get("training", [])[:limit]:
         image, label = folder / entry["image"], folder / entry["label"]
@@ -99,6 +102,31 @@ def load_msd_task(folder: Union[str, Path], *, limit: Optional[int] = None, lice
     if not cases:
         raise InputError(f"{spec_path} lists no training cases")
     return cases
+
+
+GENERIC_LABEL_WORDS = {"tumor", "vessel", "cyst", "nodule", "metastasis", "primary"}
+
+
+def msd_label_names(spec: Mapping[str, Any], folder: Path) -> dict[int, str]:
+    """Canonical names of an MSD task's labels; a generic one ("cancer", "Tumour") gets the task's organ.
+
+    Why: Task03_Liver's "cancer" alone is a "tumor" that the liver does not include, so "liver"
+    prompts would get the tumour cut out of their ground truth; "liver cancer" is liver_tumor.
+    """
+    organ = None
+    task = re.sub(r"^Task\d+_", "", folder.resolve().name)
+    for text in (str(spec.get("name", "")), task):
+        text = re.sub(r"([a-z])([A-Z])", r"\1 \2", text)  # "HepaticVessel" -> "Hepatic Vessel"
+        organ = next((w for w in words(text) if w not in GENERIC_LABEL_WORDS and find_target_name(w)), None)
+        if organ:
+            break
+    names = {}
+    for k, v in spec.get("labels", {}).items():
+        text = str(v)
+        if int(k) > 0:
+            generic = organ and words(text) and set(words(text)) <= GENERIC_LABEL_WORDS
+            names[int(k)] = canonical_target_name(f"{organ} {text}" if generic else text)
+    return names
 
 
 def load_dicom_seg_case(series: Union[str, Path], seg_file: Union[str, Path], *, licence: str = "") -> LabelledCase:
@@ -113,16 +141,33 @@ def load_dicom_seg_case(series: Union[str, Path], seg_file: Union[str, Path], *,
         raise InputError(f"{seg_file} is not a DICOM SEG (modality {getattr(ds, 'Modality', '?')!r})")
     names = {int(s.SegmentNumber): canonical_target_name(str(s.SegmentLabel)) for s in ds.SegmentSequence}
     frames = ds.pixel_array.reshape(-1, int(ds.Rows), int(ds.Columns))
+    if str(getattr(ds, "SegmentationType", "BINARY")).upper() == "FRACTIONAL":
+        # fractions in 0..MaximumFractionalValue: a voxel is in the segment when at least half of it is
+        frames = frames.astype(np.float64) >= float(getattr(ds, "MaximumFractionalValue", 255)) / 2
+    else:
+        frames = frames > 0
     labels = np.zeros(ct.shape, dtype=np.uint8)
     inverse = np.linalg.inv(ct.ijk_to_lps()[:3, :3])
     origin = np.asarray(ct.origin)
+    placed = []
+    size: dict[int, int] = {}
+    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else {}
+
+    def group(frame_groups: Any, keyword: str) -> Any:  # per frame, else shared (highdicom: one segment)
+        return (frame_groups.get(keyword) or shared.get(keyword))[0]
+
     for frame, groups in zip(frames, ds.PerFrameFunctionalGroupsSequence):
-        number = int(groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        position = np.asarray(groups.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+        number = int(group(groups, "SegmentIdentificationSequence").ReferencedSegmentNumber)
+        position = np.asarray(group(groups, "PlanePositionSequence").ImagePositionPatient, dtype=float)
         i, j, k = np.round(inverse @ (position - origin)).astype(int)
         if (i, j) != (0, 0) or not 0 <= k < ct.shape[0] or frame.shape != ct.shape[1:]:
             raise InputError(f"{seg_file}: a frame does not lie on a slice of the CT grid; resample the SEG first")
-        labels[k][frame > 0] = number  # overlapping segments: the later one wins (a partition is needed)
+        placed.append((number, k, frame))
+        size[number] = size.get(number, 0) + int(frame.sum())
+    # overlapping segments (a partition is needed): the smaller segment wins, so a lesion inside its
+    # organ survives whatever the segment order (the organ's name includes its lesions)
+    for number, k, frame in sorted(placed, key=lambda p: -size[p[0]]):
+        labels[k][frame] = number
     return LabelledCase(Path(series).name, ct, ct.with_array(labels, modality="SEG"), names, licence=licence)
 
 
@@ -234,7 +279,11 @@ def align_labels(labels: Volume, ct: Volume) -> Volume:
 
     reference = image(ct, np.zeros(ct.shape, dtype=np.uint8))
     moved = sitk.Resample(image(labels, np.asarray(labels.array)), reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    return ct.with_array(sitk.GetArrayFromImage(moved).astype(labels.array.dtype), modality="SEG")
+    array = sitk.GetArrayFromImage(moved).astype(labels.array.dtype)
+    if np.any(labels.array) and not array.any():
+        raise InputError(f"{labels.source or 'the label map'}: its labelled voxels lie outside the CT "
+                         f"{ct.source or ''} in physical space; is it the label map of another image?")
+    return ct.with_array(array, modality="SEG")
 
 
 # --------------------------------------------------------------------------------------- pool
