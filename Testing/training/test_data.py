@@ -365,3 +365,111 @@ def test_single_segment_seg_with_shared_functional_groups(shared_data, tmp_path)
     case = load_dicom_seg_case(series, seg)
     assert case.label_names == {1: "spleen"}
     assert np.array_equal(case.labels.array == 1, masks[..., 0])
+
+
+def _renumber_seg(path, number):
+    """The lone segment of a highdicom SEG renumbered (highdicom numbers segments from 1)."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.SegmentSequence[0].SegmentNumber = number
+    for groups in [*ds.SharedFunctionalGroupsSequence, *ds.PerFrameFunctionalGroupsSequence]:
+        for item in groups.get("SegmentIdentificationSequence", []):
+            item.ReferencedSegmentNumber = number
+    ds.save_as(path)
+
+
+def test_seg_segment_numbers_above_255_do_not_wrap(shared_data, tmp_path):
+    """The label array was uint8: segment 300 came out as label 44."""
+    masks = np.zeros((3, 512, 512, 1), dtype=bool)
+    masks[1, 200:260, 210:250, 0] = True
+    series, seg = _seg_on_dcmqi_series(shared_data, tmp_path, masks, ["spleen"])
+    _renumber_seg(seg, 300)
+    case = load_dicom_seg_case(series, seg)
+    assert case.label_names == {300: "spleen"}
+    assert np.array_equal(case.labels.array == 300, masks[..., 0])
+
+
+def test_seg_reads_the_series_it_references(shared_data, tmp_path):
+    """With another series on the same grid in the folder, the labels were put on whichever series was picked."""
+    import shutil
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from TextSegmentLib.io import read_volume
+
+    masks = np.zeros((3, 512, 512, 1), dtype=bool)
+    masks[:2, 200:260, 210:250, 0] = True
+    series, seg = _seg_on_dcmqi_series(shared_data, tmp_path, masks, ["spleen"])
+    folder, decoy = tmp_path / "study", tmp_path / "decoy"
+    shutil.copytree(series, folder / "ct")
+    decoy.mkdir()
+    uid = generate_uid()
+    for file in sorted(series.iterdir()):  # the same grid, 100 HU brighter, numbered first: chosen without the reference
+        ds = pydicom.dcmread(file)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SeriesNumber = uid, generate_uid(), 1
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.RescaleIntercept = float(ds.RescaleIntercept) + 100
+        ds.save_as(decoy / file.name)
+    shutil.copytree(decoy, folder / "decoy")
+    case = load_dicom_seg_case(folder, seg)
+    assert np.array_equal(case.ct.array, read_volume(series).array)
+    assert np.array_equal(case.labels.array == 1, masks[..., 0])
+    with pytest.raises(InputError, match=r"seg\.dcm segments series .*, which .*decoy does not hold; it holds: " + uid):
+        load_dicom_seg_case(decoy, seg)
+
+
+def test_seg_frame_without_segment_or_position_is_named(shared_data, tmp_path):
+    """A frame with no segment number or position in either functional group raised TypeError."""
+    import pydicom
+
+    masks = np.zeros((3, 512, 512, 1), dtype=bool)
+    masks[:, 200:260, 210:250, 0] = True
+    series, seg = _seg_on_dcmqi_series(shared_data, tmp_path, masks, ["spleen"])
+    ds = pydicom.dcmread(seg)
+    del ds.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence
+    ds.save_as(tmp_path / "no_position.dcm")
+    with pytest.raises(InputError, match=r"no_position\.dcm: frame 2 has no ImagePositionPatient"):
+        load_dicom_seg_case(series, tmp_path / "no_position.dcm")
+    ds = pydicom.dcmread(seg)
+    for groups in [*ds.SharedFunctionalGroupsSequence, *ds.PerFrameFunctionalGroupsSequence]:
+        if "SegmentIdentificationSequence" in groups:
+            del groups.SegmentIdentificationSequence
+    ds.save_as(tmp_path / "no_segment.dcm")
+    with pytest.raises(InputError, match=r"no_segment\.dcm: frame 1 has no ReferencedSegmentNumber"):
+        load_dicom_seg_case(series, tmp_path / "no_segment.dcm")
+
+
+def test_msd_task_that_is_not_ct_is_refused_up_front(tmp_path):
+    """An MR or multi-channel (4D) task failed part-way through loading, with messages that did not say why."""
+    labels = np.zeros((4, 32, 32), dtype=np.uint8)
+    labels[1:3, 8:24, 8:24] = 1
+    for task, modality, said in (("Task01_BrainTumour", {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+                                  "FLAIR, T1w, t1gd, T2w \\(4 channel"),
+                                 ("Task02_Heart", {"0": "MRI"}, "MRI \\(1 channel"),
+                                 ("Task05_Prostate", {"0": "T2", "1": "ADC"}, "T2, ADC \\(2 channel")):
+        _write_msd(tmp_path / task, {"0": "background", "1": "tumour"}, name=task.split("_")[1], label_array=labels)
+        spec = json.loads((tmp_path / task / "dataset.json").read_text())
+        (tmp_path / task / "dataset.json").write_text(json.dumps({**spec, "modality": modality}))
+        with pytest.raises(InputError, match=f"{task}/dataset.json: task {task.split('_')[1]} is not single-channel CT: "
+                                             f"its modality is {said}"):
+            load_msd_task(tmp_path / task)
+    _write_msd(tmp_path / "Task03_Liver", {"0": "background", "1": "liver"}, name="Liver", label_array=labels)
+    spec = json.loads((tmp_path / "Task03_Liver" / "dataset.json").read_text())
+    (tmp_path / "Task03_Liver" / "dataset.json").write_text(json.dumps({**spec, "modality": {"0": "CT"}}))
+    assert load_msd_task(tmp_path / "Task03_Liver")[0].label_names == {1: "liver"}
+
+
+def test_class_map_without_the_task_is_named(tmp_path):
+    """A class-map file without the task fell back to the whole file and raised a bare ValueError."""
+    import SimpleITK as sitk
+
+    from TextSegmentLib.phantom import make_phantom
+
+    ph = make_phantom(seed=5, shape=(4, 32, 32))
+    for array, file in ((ph.ct.array, "ct.nii.gz"), (ph.labels.array, "seg.nii.gz")):
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / file))
+    (tmp_path / "maps.json").write_text(json.dumps({"total_mr": {"1": "spleen"}, "body": {"1": "body"}}))
+    with pytest.raises(InputError, match=r"maps\.json has no class map for task 'total'; its tasks: total_mr, body"):
+        load_totalsegmentator_case(tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", tmp_path / "maps.json")

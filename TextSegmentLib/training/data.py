@@ -78,6 +78,8 @@ def load_totalsegmentator_case(
     from ..io import read_label_map, read_volume
 
     maps = json.loads(Path(class_map).read_text())
+    if task not in maps and any(isinstance(v, Mapping) for v in maps.values()):  # a file of maps by task, not one map
+        raise InputError(f"{class_map} has no class map for task {task!r}; its tasks: {', '.join(maps)}")
     names = maps.get(task, maps)
     # canonical names, as the MSD and SEG loaders give: a map's "Urinary Bladder" must be the table's
     # urinary_bladder, or it gets no table prompts and is even drawn as an "absent" negative
@@ -94,6 +96,10 @@ def load_msd_task(folder: Union[str, Path], *, limit: Optional[int] = None, lice
     if not spec_path.is_file():
         raise InputError(f"{folder} is not an MSD task folder: it has no dataset.json")
     spec = json.loads(spec_path.read_text())
+    modality = [str(m) for m in spec.get("modality", {"0": "CT"}).values()]
+    if [m.strip().upper() for m in modality] != ["CT"]:  # MR or multi-channel (4D) tasks: TextSegment trains on CT
+        raise InputError(f"{spec_path}: task {spec.get('name') or folder.name} is not single-channel CT: its modality is "
+                         f"{', '.join(modality) or 'empty'} ({len(modality)} channel(s)); use a CT task")
     names = msd_label_names(spec, folder)
     cases = []
     for entry in spec.get("training", [])[:limit]:
@@ -130,15 +136,27 @@ def msd_label_names(spec: Mapping[str, Any], folder: Path) -> dict[int, str]:
 
 
 def load_dicom_seg_case(series: Union[str, Path], seg_file: Union[str, Path], *, licence: str = "") -> LabelledCase:
-    """A DICOM CT series and a DICOM SEG on it; frames are placed by their position on the CT grid."""
+    """A DICOM CT series and a DICOM SEG on it; frames are placed by their position on the CT grid.
+
+    From a folder of several series, the one the SEG references (ReferencedSeriesSequence) is read: another
+    on the same grid would take the labels silently.
+    """
     import pydicom
 
-    from ..io import read_volume
+    from ..io import dicom, read_volume
 
-    ct = read_volume(series)
     ds = pydicom.dcmread(str(seg_file))
     if getattr(ds, "Modality", "") != "SEG":
         raise InputError(f"{seg_file} is not a DICOM SEG (modality {getattr(ds, 'Modality', '?')!r})")
+    series_uid = None
+    referenced = [str(r.SeriesInstanceUID) for r in ds.get("ReferencedSeriesSequence", []) if "SeriesInstanceUID" in r]
+    if referenced and dicom.is_dicom_input(Path(series)):
+        held = {s.series_instance_uid: s.key for s in dicom.list_series(series)}
+        series_uid = next((uid for uid in referenced if uid in held), None)
+        if series_uid is None:
+            raise InputError(f"{seg_file} segments series {', '.join(referenced)}, which {series} does not hold; "
+                             f"it holds: {', '.join(held)}")
+    ct = read_volume(series, series_uid=series_uid)
     names = {int(s.SegmentNumber): canonical_target_name(str(s.SegmentLabel)) for s in ds.SegmentSequence}
     frames = ds.pixel_array.reshape(-1, int(ds.Rows), int(ds.Columns))
     if str(getattr(ds, "SegmentationType", "BINARY")).upper() == "FRACTIONAL":
@@ -146,24 +164,28 @@ def load_dicom_seg_case(series: Union[str, Path], seg_file: Union[str, Path], *,
         frames = frames.astype(np.float64) >= float(getattr(ds, "MaximumFractionalValue", 255)) / 2
     else:
         frames = frames > 0
-    labels = np.zeros(ct.shape, dtype=np.uint8)
     inverse = np.linalg.inv(ct.ijk_to_lps()[:3, :3])
     origin = np.asarray(ct.origin)
     placed = []
     size: dict[int, int] = {}
     shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else {}
 
-    def group(frame_groups: Any, keyword: str) -> Any:  # per frame, else shared (highdicom: one segment)
-        return (frame_groups.get(keyword) or shared.get(keyword))[0]
+    def value(n: int, frame_groups: Any, sequence: str, keyword: str) -> Any:  # per frame, else shared (highdicom: one segment)
+        for where in (frame_groups, shared):
+            items = where.get(sequence)
+            if items and keyword in items[0]:
+                return items[0].get(keyword)
+        raise InputError(f"{seg_file}: frame {n} has no {keyword} ({sequence}) in its per-frame or shared functional groups")
 
-    for frame, groups in zip(frames, ds.PerFrameFunctionalGroupsSequence):
-        number = int(group(groups, "SegmentIdentificationSequence").ReferencedSegmentNumber)
-        position = np.asarray(group(groups, "PlanePositionSequence").ImagePositionPatient, dtype=float)
+    for n, (frame, groups) in enumerate(zip(frames, ds.PerFrameFunctionalGroupsSequence), start=1):
+        number = int(value(n, groups, "SegmentIdentificationSequence", "ReferencedSegmentNumber"))
+        position = np.asarray(value(n, groups, "PlanePositionSequence", "ImagePositionPatient"), dtype=float)
         i, j, k = np.round(inverse @ (position - origin)).astype(int)
         if (i, j) != (0, 0) or not 0 <= k < ct.shape[0] or frame.shape != ct.shape[1:]:
             raise InputError(f"{seg_file}: a frame does not lie on a slice of the CT grid; resample the SEG first")
         placed.append((number, k, frame))
         size[number] = size.get(number, 0) + int(frame.sum())
+    labels = np.zeros(ct.shape, dtype=np.min_scalar_type(max(size, default=0)))  # segment numbers go up to 65535
     # overlapping segments (a partition is needed): the smaller segment wins, so a lesion inside its
     # organ survives whatever the segment order (the organ's name includes its lesions)
     for number, k, frame in sorted(placed, key=lambda p: -size[p[0]]):
