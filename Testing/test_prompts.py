@@ -82,6 +82,32 @@ def test_canonical_target_name_normalises_typed_names(typed, canonical):
     assert canonical_target_name(typed) == canonical
 
 
+@pytest.mark.parametrize(
+    "adjective, noun, canonical",
+    [
+        ("hepatic lesion", "liver lesion", "liver_tumor"), ("renal cyst", "kidney cyst", "kidney_cyst"),
+        ("pulmonary nodule", "lung nodule", "lung_nodule"), ("splenic lesion", "spleen lesion", "spleen_tumor"),
+        ("gastric cancer", "stomach cancer", "stomach_tumor"), ("pancreatic cancer", "pancreas cancer", "pancreas_tumor"),
+        ("Pancreatic Tumour", "pancreas tumor", "pancreas_tumor"), ("colonic carcinoma", "colon carcinoma", "colon_tumor"),
+        ("duodenal mass", "duodenum mass", "duodenum_tumor"), ("prostatic carcinoma", "prostate carcinoma", "prostate_tumor"),
+        ("cerebral tumour", "brain tumor", "brain_tumor"), ("esophageal cancer", "oesophagus cancer", "esophagus_tumor"),
+    ],
+)
+def test_an_organs_adjective_and_noun_give_one_name(adjective, noun, canonical):
+    # one canonical name per lesion (hepatic -> liver): "pancreatic cancer" was pancreatic_tumor beside pancreas_tumor
+    assert canonical_target_name(adjective) == canonical_target_name(noun) == canonical
+    organ = lookup(noun).region
+    assert organ is not None and lookup(adjective).region == organ and lookup(adjective).type == lookup(noun).type
+
+
+def test_an_organs_adjective_names_a_findings_region_only():
+    # colours and codes: "pancreatic cancer" lies in the pancreas (was: no region); "hepatic vein" stays a vein
+    assert lookup("hepatic vein").type.meaning == "Vein" and lookup("renal artery").type.meaning == "Artery"
+    assert lookup("tumour in the hepatic vein").region.meaning == "Vein"
+    style = lookup("left renal cyst")
+    assert style.region.meaning == "Kidney" and style.region_modifier == LEFT
+
+
 def test_unknown_names_come_back_normalised_and_are_not_found():
     assert canonical_target_name("Brain Tumour (Left)") == "brain_tumor_left"
     assert find_target_name("purple elephant") is None
@@ -110,6 +136,38 @@ def test_groups_expand_organs_with_their_lesions():
     assert expand("body", {"liver", "spleen"}) == set()  # the whole outline only where "body" is itself a label
     assert expand("body", {"body", "liver"}) == {"body", "liver"}
     assert "liver_tumor_necrotic_core" in descendants("liver", every_label())
+
+
+@pytest.mark.parametrize(
+    "organ, lesion",
+    [
+        ("liver", "hepatic lesion"), ("lungs", "pulmonary nodule"), ("kidney_left", "left renal cyst"),
+        ("pancreas", "pancreatic cancer"), ("pancreas", "pancreas tumour"), ("spleen", "splenic lesion"),
+        ("kidney_left", "left renal tumour"), ("kidney_right", "right kidney cancer"), ("kidneys", "kidney cancer"),
+        ("kidneys", "renal cyst"), ("adrenal_gland_left", "left adrenal mass"), ("adrenal_glands", "adrenal gland tumour"),
+        ("colon", "colonic carcinoma"), ("urinary_bladder", "bladder cancer"), ("urinary_bladder", "urinary bladder tumor"),
+        ("brain", "cerebral tumour"),
+    ],
+)
+def test_every_organ_includes_its_lesions_as_the_liver_does(organ, lesion):
+    # MSD Task07's labels are "pancreas" and "cancer" (named pancreas_tumor): a "pancreas" prompt must not cut the
+    # tumour out of its ground truth, as "liver" keeps liver_tumor; "<organ> excluding the tumour" does
+    name = canonical_target_name(lesion)
+    names = {1: organ, 2: name, 3: "aorta"}
+    label_map = np.array([[[0, 1, 2, 3]]], dtype=np.uint8)
+    assert ground_truth(Target((organ,)), label_map, names).ravel().tolist() == [False, True, True, False], name
+    assert ground_truth(Target((name,)), label_map, names).ravel().tolist() == [False, False, True, False]
+    assert name in descendants(organ, every_label())
+    display = display_name(organ)
+    assert resolve_target(f"{display} excluding the {lesion}", label_names=names) == Target((organ,), (name,))
+
+
+def test_an_organs_vessels_are_not_its_lesions():
+    assert canonical_target_name("hepatic vein") == "liver_vein"  # not a liver structure, as before
+    assert not any(v in descendants(o, every_label()) for o in ("liver", "pancreas", "kidneys")
+                   for v in ("liver_vein", "liver_vessel", "pancreas_duct", "kidney_artery"))
+    assert canonical_target_name("pancreatic gland") == "pancreas" and canonical_target_name("splenic vein") == (
+        "portal_vein_and_splenic_vein")
 
 
 def test_l3_ground_truth_is_mask_algebra(phantom):

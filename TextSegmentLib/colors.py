@@ -137,6 +137,20 @@ ANATOMY: tuple[_Entry, ...] = (
     _anatomy("29092000", "Vein", (0, 151, 206), "veins"),
 )
 
+# An organ's adjective names the organ a finding lies in ("pancreatic cancer" is the pancreas's, as
+# "pancreas cancer" is), as ``prompts`` reads it; only for findings, and only when no organ noun is
+# named: "hepatic vein" stays a vein, "tumour in the hepatic vein" the vein's.
+_ADJECTIVES: dict[str, tuple[str, ...]] = {
+    "Liver": ("hepatic",), "Kidney": ("renal",), "Lung": ("pulmonary",), "Pancreas": ("pancreatic",),
+    "Spleen": ("splenic",), "Stomach": ("gastric",), "Aorta": ("aortic",), "Heart": ("cardiac",),
+    "Esophagus": ("esophageal", "oesophageal"), "Colon": ("colonic",), "Duodenum": ("duodenal",),
+    "Adrenal gland": ("suprarenal",), "Prostate": ("prostatic",), "Brain": ("cerebral",),
+    "Vertebra": ("vertebral",),
+}
+_REGION_ADJECTIVES: tuple[_Entry, ...] = tuple(
+    _Entry(e.code, e.rgb, _ADJECTIVES[e.code.meaning], e.category) for e in ANATOMY if e.code.meaning in _ADJECTIVES
+)
+
 FINDINGS: tuple[_Entry, ...] = (
     _finding("108369006", "Neoplasm", (255, 128, 0), "tumor", "tumors", "tumour", "tumours", "cancer",
              "carcinoma", "malignancy", "neoplasms"),
@@ -192,6 +206,7 @@ def lookup(prompt: str) -> SegmentStyle:
     finding = _find(FINDINGS, wanted)
     side = _laterality(wanted)
     if finding is not None:
+        organ = organ or _find(_REGION_ADJECTIVES, wanted)
         return SegmentStyle(
             label=prompt, rgb=finding.rgb, category=finding.category, type=finding.code,
             region=organ.code if organ else None, region_modifier=side if organ else None,

@@ -22,6 +22,9 @@ _WORDS = {
     "oesophageal": "esophagus", "esophageal": "esophagus", "renal": "kidney", "hepatic": "liver",
     "pulmonary": "lung", "gastric": "stomach", "aortic": "aorta", "cardiac": "heart", "splenic": "spleen",
     "vertebra": "vertebrae", "vertebral": "vertebrae", "intestine": "bowel", "suprarenal": "adrenal",
+    # an organ's adjective is its noun, so "pancreatic cancer" and "pancreas cancer" are one name (pancreas_tumor,
+    # which the pancreas includes); "hepatic vein" stays liver_vein, no member of the liver's group
+    "pancreatic": "pancreas", "colonic": "colon", "duodenal": "duodenum", "prostatic": "prostate", "cerebral": "brain",
 }
 _STOPWORDS = {
     "the", "a", "an", "of", "in", "inside", "within", "both", "all", "whole", "entire", "its", "their", "this",
