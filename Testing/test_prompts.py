@@ -334,6 +334,21 @@ def test_pyramid_on_a_phantom(phantom):
     assert per_target and max(per_target.values()) <= 2
 
 
+@pytest.mark.parametrize("lesion, organ_group", [("kidney_tumor_left", "kidneys"), ("colon_tumor", "bowel")])
+def test_a_map_holding_only_a_lesion_is_not_asked_for_its_organ(lesion, organ_group):
+    """A SEG of a kidney tumour alone: "kidneys" with only the tumour as truth would teach the tumour as the organ."""
+    labels = np.zeros((4, 16, 16), np.uint8)
+    labels[1:3, 4:9, 4:9] = 1
+    prompts = build_prompt_pyramid(labels, {1: lesion}, seed=0)
+    asked = {p.target for p in prompts if p.level != "negative"}
+    assert Target((organ_group,)) not in asked and Target((lesion,)) in asked
+    with_organ = labels.copy()
+    with_organ[1:3, 9:13, 4:9] = 2  # the organ labelled too: the group is asked for again
+    organ = {"kidneys": "kidney_left", "bowel": "colon"}[organ_group]
+    prompts = build_prompt_pyramid(with_organ, {1: lesion, 2: organ}, seed=0)
+    assert Target((organ_group,)) in {p.target for p in prompts if p.level != "negative"}
+
+
 def test_pyramid_negatives_are_absent_from_the_image_not_just_unlabelled(phantom):
     prompts = build_prompt_pyramid(phantom.labels, phantom.label_names, seed=3, absent=50)
     negatives = [p.target.include[0] for p in prompts if p.level == "negative" and p.source != "nonsense"]

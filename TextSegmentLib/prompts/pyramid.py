@@ -87,8 +87,23 @@ def build_prompt_pyramid(
     return prompts
 
 
+_LESION_WORDS = frozenset({"tumor", "cyst", "nodule", "lesion", "metastasis", "cancer"})
+
+
 def _present_targets(names: dict[int, str], present: set[str]) -> list[str]:
-    """Present labels in label order, then composite groups that have voxels but are not labels."""
+    """Present labels in label order, then composite groups that have voxels but are not labels.
+
+    An organ group is offered only when some of its organ is labelled, not just a lesion in it: a
+    SEG holding a kidney tumour alone would otherwise ask for "kidneys" with the tumour as truth.
+    """
     labels = [n for _, n in sorted(names.items()) if n in present]
-    groups = [g for g in COMPOSITES if g not in present and expand(g, present)]
+    groups = [
+        g for g in COMPOSITES
+        if g not in present and (members := expand(g, present))
+        and (_is_lesion(g) or not all(_is_lesion(m) for m in members))
+    ]
     return labels + groups
+
+
+def _is_lesion(name: str) -> bool:
+    return not _LESION_WORDS.isdisjoint(name.split("_"))
