@@ -473,3 +473,23 @@ def test_class_map_without_the_task_is_named(tmp_path):
     (tmp_path / "maps.json").write_text(json.dumps({"total_mr": {"1": "spleen"}, "body": {"1": "body"}}))
     with pytest.raises(InputError, match=r"maps\.json has no class map for task 'total'; its tasks: total_mr, body"):
         load_totalsegmentator_case(tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", tmp_path / "maps.json")
+
+
+def test_seg_on_a_study_folder_reads_its_headers_once(shared_data, tmp_path, monkeypatch):
+    """Finding the referenced series listed the folder, then read_volume listed it again: every header of a
+    big study was read twice."""
+    import shutil
+
+    from TextSegmentLib.io import dicom
+
+    masks = np.zeros((3, 512, 512, 1), dtype=bool)
+    masks[:2, 200:260, 210:250, 0] = True
+    series, seg = _seg_on_dcmqi_series(shared_data, tmp_path, masks, ["spleen"])
+    shutil.copytree(series, tmp_path / "study" / "ct")
+    calls = []
+    listed = dicom.list_series
+    monkeypatch.setattr(dicom, "list_series", lambda *a, **k: calls.append(a) or listed(*a, **k))
+    case = load_dicom_seg_case(tmp_path / "study", seg)
+    assert np.array_equal(case.labels.array == 1, masks[..., 0])
+    assert case.ct.modality == "CT"
+    assert len(calls) == 1

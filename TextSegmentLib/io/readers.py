@@ -22,7 +22,7 @@ import gzip
 import logging
 import zlib
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -43,19 +43,24 @@ NOT_CT_HINT = "To read it anyway pass allow_non_ct=True (CLI: --allow-non-ct)."
 _ITK_SHORT_READ = ("fread got only", "_nrrdGzRead", "_nrrdEncodingGzip_read")  # ITK's words for a short NRRD
 
 
-def read_volume(path: Path | str, *, allow_non_ct: bool = False, series_uid: Optional[str] = None) -> Volume:
+def read_volume(
+    path: Path | str, *, allow_non_ct: bool = False, series_uid: Optional[str] = None,
+    listing: Optional[Sequence[dicom.SeriesInfo]] = None,
+) -> Volume:
     """A CT volume from an image file, a DICOM folder, a DICOMDIR or a single DICOM file.
 
     ``series_uid`` picks one DICOM series (a SeriesInstanceUID or a key from ``list_series``); without
     it the CT series is chosen (see ``dicom.choose_series``). A single DICOM file is read alone, as
     one slice; point at its folder for the whole series. Non-CT input raises ``NotCTError`` unless
-    ``allow_non_ct``.
+    ``allow_non_ct``. ``listing``: ``list_series(path)`` when the caller has made it already, so a
+    large study's headers are not read a second time.
     """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if dicom.is_dicom_input(path):
-        series = dicom.choose_series(dicom.list_series(path), source=path, series_uid=series_uid, allow_non_ct=allow_non_ct)
+        found = dicom.list_series(path) if listing is None else listing
+        series = dicom.choose_series(found, source=path, series_uid=series_uid, allow_non_ct=allow_non_ct)
         volume = dicom.read_series(series, source=path)
         _check_values(volume, path)
     else:

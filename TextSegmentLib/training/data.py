@@ -148,15 +148,17 @@ def load_dicom_seg_case(series: Union[str, Path], seg_file: Union[str, Path], *,
     ds = pydicom.dcmread(str(seg_file))
     if getattr(ds, "Modality", "") != "SEG":
         raise InputError(f"{seg_file} is not a DICOM SEG (modality {getattr(ds, 'Modality', '?')!r})")
-    series_uid = None
     referenced = [str(r.SeriesInstanceUID) for r in ds.get("ReferencedSeriesSequence", []) if "SeriesInstanceUID" in r]
     if referenced and dicom.is_dicom_input(Path(series)):
-        held = {s.series_instance_uid: s.key for s in dicom.list_series(series)}
+        listing = dicom.list_series(series)  # once: read_volume would read every header of the study again
+        held = {s.series_instance_uid: s.key for s in listing}
         series_uid = next((uid for uid in referenced if uid in held), None)
         if series_uid is None:
             raise InputError(f"{seg_file} segments series {', '.join(referenced)}, which {series} does not hold; "
                              f"it holds: {', '.join(held)}")
-    ct = read_volume(series, series_uid=series_uid)
+        ct = read_volume(series, series_uid=series_uid, listing=listing)
+    else:
+        ct = read_volume(series)
     names = {int(s.SegmentNumber): canonical_target_name(str(s.SegmentLabel)) for s in ds.SegmentSequence}
     frames = ds.pixel_array.reshape(-1, int(ds.Rows), int(ds.Columns))
     if str(getattr(ds, "SegmentationType", "BINARY")).upper() == "FRACTIONAL":
