@@ -450,6 +450,8 @@ def test_enhanced_ct_in_a_folder_and_through_textsegment_info(shared_data, tmp_p
     np.testing.assert_allclose(report["volume"]["origin_lps_mm"], classic.origin, atol=1e-5)
     np.testing.assert_allclose(report["volume"]["spacing_xyz_mm"], classic.spacing, atol=1e-5)
     assert report["volume"]["dicom"]["files"] == 1  # one file holds the three slices
+    assert cli.main(["info", str(tmp_path / "study")]) == 0
+    assert "1 file, 3 images" in capsys.readouterr().out
 
 
 def test_an_enhanced_ct_is_chosen_by_its_slices_not_its_one_file(shared_data, tmp_path, caplog):

@@ -52,7 +52,7 @@ def format_text(report: dict[str, Any]) -> str:
         for s in series:
             size = f"{s['columns']}x{s['rows']}" if s["rows"] else "-"
             lines.append(
-                f"  {s['key']}  {s['modality'] or '??':<8} {s['n_files']:>4} files  {size:>9}  "
+                f"  {s['key']}  {s['modality'] or '??':<8} {_count(s):>14}  {size:>9}  "
                 f"{s['description'] or '(no description)'}  [patient {s['patient_id'] or '?'}]"
             )
     if "volume_error" in report:
@@ -82,3 +82,9 @@ def format_text(report: dict[str, Any]) -> str:
         if "slice_shear_mm" in meta:
             lines.append(f"  warning      slices drift {meta['slice_shear_mm']:.3g} mm sideways (gantry tilt?)")
     return "\n".join(lines)
+
+
+def _count(series: dict[str, Any]) -> str:
+    """Files, and the images they hold when that differs (an Enhanced CT is one file of many frames)."""
+    files, images = series["n_files"], series.get("n_images", series["n_files"])
+    return f"{files} files" if images == files else f"{files} file{'s' * (files != 1)}, {images} images"

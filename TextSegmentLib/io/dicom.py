@@ -445,7 +445,7 @@ def choose_series(
         return matches[0]
     images = [s for s in series if s.is_image]
     if not images:
-        found = ", ".join(f"{s.modality or 'no modality'} ({s.n_files} files)" for s in series)
+        found = ", ".join(f"{s.modality or 'no modality'} ({s.n_images} images)" for s in series)
         raise InputError(f"{source}: no image series to read; the DICOM objects here hold no images: {found}")
     ct_like = [s for s in images if s.modality in ("CT", "")]
     if not ct_like:
@@ -467,7 +467,7 @@ def choose_series(
     studies = {(s.patient_id, s.study_instance_uid) for s in rivals}
     if len(studies) > 1:
         listing = "; ".join(
-            f"{s.key} ({s.modality or 'no modality'}, {s.n_files} files, {s.description or 'no description'})" for s in rivals
+            f"{s.key} ({s.modality or 'no modality'}, {s.n_images} images, {s.description or 'no description'})" for s in rivals
         )
         raise InputError(
             f"{source}: holds {len(rivals)} candidate series from {len(studies)} different patients/studies; "
