@@ -305,7 +305,7 @@ def test_every_code_in_the_tables_is_dicoms():
         ("right lung, lower lobe", "39607008", RIGHT, None),
         ("left and right kidneys", "64033007", None, None),
         ("left kidney excluding the cyst", "64033007", LEFT, None),
-        ("hepatic tumour", "108369006", None, None),
+        ("hepatic tumour", "108369006", None, "10200004"),  # the adjective names the finding's organ
         ("cyst in the liver", "367643001", None, "10200004"),
         ("portal vein", "32764006", None, None),
         ("oesophagus", "32849002", None, None),
