@@ -643,3 +643,69 @@ def test_a_cut_off_download_is_called_incomplete(tmp_path, published, server):
         load_model("wee", manifest=manifest)
     folder = cache_path(load_manifest(manifest).get("wee-v1")).parent
     assert list(folder.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- review: unreadable files, killed downloads, ignored ids
+
+
+def test_verify_reports_an_unreadable_file_and_checks_the_rest(tmp_path, published, monkeypatch, capsys, no_network):
+    _, file_path = published
+    manifest = _manifest(tmp_path, _entry(file_path), dict(_entry(file_path), id="wee-v2", default=False))
+    unreadable = _place_in_cache(file_path, manifest)
+    other = cache_path(load_manifest(manifest).get("wee-v2"))
+    other.parent.mkdir(parents=True)
+    other.write_bytes(file_path.read_bytes())
+    _deny_reading(monkeypatch, unreadable)
+
+    results = {r.entry.id: r for r in verify_weights(manifest=manifest)}
+    assert {i: r.status for i, r in results.items()} == {"wee-v1": "unreadable", "wee-v2": "ok"}
+    assert "Permission denied" in results["wee-v1"].message and str(unreadable) in results["wee-v1"].message
+    monkeypatch.setenv(weights.ENV_MANIFEST, manifest)
+    assert _cli(monkeypatch, "weights", "verify") == 1
+    out = capsys.readouterr().out
+    assert "unreadable" in out and "Permission denied" in out and str(other) in out
+
+
+def test_a_killed_downloads_stale_part_files_are_removed_by_the_next_download(
+    tmp_path, published, server, monkeypatch, capsys
+):
+    _, file_path = published
+    url, root, _ = server
+    (root / file_path.name).write_bytes(file_path.read_bytes())
+    manifest = _manifest(tmp_path, _entry(file_path, urls=[f"{url}/{file_path.name}"]))
+    folder = cache_path(load_manifest(manifest).get("wee-v1")).parent
+    folder.mkdir(parents=True)
+    stale, fresh = folder / f".{file_path.name}.killed.part", folder / f".{file_path.name}.running.part"
+    for part in (stale, fresh):
+        part.write_bytes(b"half a download")
+    two_days_ago = os.stat(stale).st_mtime - 2 * 24 * 3600
+    os.utime(stale, (two_days_ago, two_days_ago))
+
+    monkeypatch.setenv(weights.ENV_MANIFEST, manifest)
+    assert _cli(monkeypatch, "weights", "verify") == 0  # leftovers are worth a mention, not a failure
+    out = capsys.readouterr().out
+    assert "leftover" in out and str(stale) in out and str(fresh) in out
+
+    assert load_model("wee", manifest=manifest).weights_source.origin == "download"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([file_path.name, fresh.name])  # another process's stays
+    assert [(r.status, r.path) for r in verify_weights(manifest=manifest)] == [("ok", folder / file_path.name), ("leftover", fresh)]
+
+
+def test_import_under_another_id_of_a_known_file_says_it_was_imported_as_the_known_id(
+    tmp_path, published, monkeypatch, capsys, caplog, no_network
+):
+    _, file_path = published
+    manifest = _manifest(tmp_path, _entry(file_path))
+    monkeypatch.setenv(weights.ENV_MANIFEST, manifest)
+
+    with caplog.at_level(logging.WARNING, logger="TextSegmentLib.weights"):
+        assert _cli(monkeypatch, "weights", "import", str(file_path), "--id", "mine") == 0
+    assert "as wee-v1" in capsys.readouterr().out
+    [notice] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "known weights wee-v1" in notice and "'mine'" in notice and "\n" not in notice
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="TextSegmentLib.weights"):
+        assert import_weights(file_path, weights_id="wee-v1").id == "wee-v1"  # the known id itself: nothing to say
+        assert import_weights(file_path).id == "wee-v1"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -15,6 +15,7 @@ trained weights is adding an entry. Files a user imports are recorded beside the
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import http.client
 import json
@@ -23,6 +24,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ RANDOM = "random"
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 MANIFEST_FORMAT_VERSION = 1
 DOWNLOAD_TIMEOUT_S = 60.0
+STALE_PART_S = 24 * 3600.0  # a temp file untouched this long is no download in progress: a killed one's leftover
 _CHUNK = 1 << 20
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -308,7 +311,8 @@ def _hub_cached_file(entry: WeightsEntry) -> Optional[Path]:
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """``status``: ok | tampered | missing (not on this machine) | unverified (no checksum known)."""
+    """``status``: ok | tampered | unreadable | missing (not on this machine) | unverified (no checksum known)
+    | leftover (a partial download left by a killed process; ``path`` is that temp file)."""
 
     entry: WeightsEntry
     status: str
@@ -325,7 +329,8 @@ def verify_weights(
 ) -> list[VerifyResult]:
     """Re-hash every known file on this machine against its recorded sha256."""
     results = []
-    for state in list_weights(manifest=manifest, home=home):
+    states = list_weights(manifest=manifest, home=home)
+    for state in states:
         entry = state.entry
         if state.path is None:
             note = "not on this machine"
@@ -341,11 +346,21 @@ def verify_weights(
             if not entry.sha256:
                 results.append(VerifyResult(entry, "unverified", path, "no sha256 recorded for it"))
                 continue
-            actual = sha256_file(path, cancel=cancel)
+            try:
+                actual = sha256_file(path, cancel=cancel)
+            except WeightsError as exc:  # one unreadable file must not hide the state of the others
+                results.append(VerifyResult(entry, "unreadable", path, str(exc)))
+                continue
             if actual == entry.sha256:
                 results.append(VerifyResult(entry, "ok", path))
             else:
                 results.append(VerifyResult(entry, "tampered", path, _tampered_message(path, entry, actual)))
+    for state in states:
+        if state.entry.kind == "checkpoint":
+            for part in _part_files(cache_path(state.entry, home=home)):
+                results.append(VerifyResult(state.entry, "leftover", part, (
+                    f"{part}: a partial download or import, killed (or still running); unless in progress, delete it, "
+                    f"or the next download of {state.entry.id} removes it once it is {STALE_PART_S / 3600:.0f} hours old")))
     return results
 
 
@@ -471,6 +486,7 @@ def _download(entry: WeightsEntry, dest: Path, *, progress: Optional[ProgressCal
     """Fetch into a temp file beside ``dest``, check the sha256, and only then rename it into place."""
     report = MonotonicProgress(progress)
     _make_cache_folder(dest.parent)
+    _remove_stale_parts(dest)
     failures = []
     for url in entry.urls:
         if not url.lower().startswith(("https://", "http://")):
@@ -516,6 +532,22 @@ def _download(entry: WeightsEntry, dest: Path, *, progress: Optional[ProgressCal
         f"could not download weights {entry.id!r}: " + "; ".join(failures)
         + f". Try again later, or get {entry.file} (sha256 {entry.sha256}) another way and run `textsegment weights import FILE`"
     )
+
+
+def _part_files(dest: Path) -> list[Path]:
+    """The temp files (``_cache_temp_file``) of downloads and imports into ``dest``, finished or not."""
+    return sorted(dest.parent.glob(f".{glob.escape(dest.name)}.*.part")) if dest.parent.is_dir() else []
+
+
+def _remove_stale_parts(dest: Path) -> None:
+    """Delete temp files a killed download left; one touched within ``STALE_PART_S`` may be another process's, and stays."""
+    for part in _part_files(dest):
+        try:
+            if time.time() - part.stat().st_mtime > STALE_PART_S:
+                part.unlink()
+                log.info("removed %s, left by an interrupted download", part)
+        except OSError as exc:  # gone already (another process cleaned it), or not ours to delete
+            log.debug("cannot remove %s: %s", part, exc)
 
 
 def _why_mismatch(entry: WeightsEntry, received: int, content_type: str, start: bytes) -> str:
@@ -656,6 +688,8 @@ def import_weights(
     for entry in known_manifest.entries:
         if entry.kind == "checkpoint" and entry.sha256 == digest:
             _copy_verified(source, cache_path(entry, home=home), digest)
+            if weights_id is not None and weights_id != entry.id:
+                log.warning("%s is the known weights %s: imported as %s, not as %r", source, entry.id, entry.id, weights_id)
             log.info("imported %s as the known weights %s", source, entry.id)
             return entry
 
@@ -704,6 +738,7 @@ def _copy_verified(source: Path, dest: Path, digest: str) -> None:
     if dest.is_file() and sha256_file(dest) == digest:
         return
     _make_cache_folder(dest.parent)
+    _remove_stale_parts(dest)  # a killed import's leftovers, as a download clears its own
     fd, tmp_name = _cache_temp_file(dest)
     try:
         check = hashlib.sha256()

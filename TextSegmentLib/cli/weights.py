@@ -32,7 +32,7 @@ def register(subparsers: Any) -> None:
     importing.add_argument("--id", dest="weights_id", help="id to use with --weights (default: the file name)")
     importing.set_defaults(func=run)
 
-    verify = actions.add_parser("verify", help="re-hash the weights on this machine; exit 1 if any is tampered")
+    verify = actions.add_parser("verify", help="re-hash the weights on this machine; exit 1 if any is tampered or unreadable")
     verify.add_argument("--json", action="store_true", help="machine-readable output")
     verify.set_defaults(func=run)
 
@@ -65,11 +65,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:
         _table(("STATUS", "ID", "PATH / NOTE"), [(r.status, r.entry.id, _note(r)) for r in results])
-    return 1 if any(r.status == "tampered" for r in results) else 0
+    return 1 if any(r.status in ("tampered", "unreadable") for r in results) else 0
 
 
 def _note(result: Any) -> str:
-    if result.status == "tampered":
+    if result.status in ("tampered", "unreadable", "leftover"):
         return result.message
     return str(result.path) if result.path else result.message
 
