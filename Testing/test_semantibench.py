@@ -187,3 +187,50 @@ def test_bench_command_notes_the_clean_up_it_scored(tmp_path):
     note = "masks cleaned up as by `segment --cleanup --min-component-ml 0.5`"
     assert note in (out / "bench.md").read_text()
     assert json.loads((out / "bench.json").read_text())["summary"]["notes"] == [note]
+
+
+def test_compare_pairs_only_common_cases_and_says_how_many_it_dropped(tmp_path):
+    a = BenchReport("a", "w", "toy", [PromptResult("c1", "liver", "L1", "liver", 1, 1, 0.8),
+                                      PromptResult("c2", "liver", "L1", "liver", 1, 1, 0.7)])
+    b = BenchReport("b", "w", "toy", [PromptResult("c1", "liver", "L1", "liver", 1, 1, 0.6),
+                                      PromptResult("c3", "liver", "L1", "liver", 1, 1, 0.7),
+                                      PromptResult("c3", "x", "L3", "x", 1, 1, 0.5)])
+    comparison = compare(a, b)
+    assert comparison["L1"]["n"] == 1 and comparison["L1"]["mean_difference"] == pytest.approx(0.2)
+    assert comparison["L3"] is None
+    assert comparison["dropped"]["L1"] == {"only_a": 1, "only_b": 1}
+    assert comparison["dropped"]["L3"] == {"only_a": 0, "only_b": 1}
+    assert comparison["dropped"]["L2"] == {"only_a": 0, "only_b": 0}
+    markdown = write_report(a, tmp_path, comparison=comparison)["markdown"].read_text()
+    assert "L1: 1 only in a, 1 only in b; L3: 0 only in a, 1 only in b" in markdown
+    complete = compare(_report(), _report(model="other"))
+    assert all(d == {"only_a": 0, "only_b": 0} for d in complete["dropped"].values())
+    assert "Left out" not in write_report(_report(), tmp_path / "full", comparison=complete)["markdown"].read_text()
+
+
+def test_target_cells_with_pipes_or_line_breaks_keep_the_markdown_table_whole():
+    report = BenchReport("m", "w", "toy", [PromptResult("c", "p", "L1", "a|b\nc", 1, 1, 0.5),
+                                           PromptResult("c", "q", "L3", "肝臓", 1, 1, 0.25)])
+    lines = report.to_markdown().splitlines()
+    header = lines.index("| target | level | n | mean Dice / FP rate |")
+    rows = lines[header + 2:header + 4]
+    assert rows == ["| a\\|b c | L1 | 1 | 0.500 |", "| 肝臓 | L3 | 1 | 0.250 |"]
+
+
+def test_plot_without_negatives_or_l3_draws_no_false_positive_bar(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *args, **kwargs: figures.append(fig))
+    report = BenchReport("m", "w", "toy", [PromptResult("c", "liver", "L1", "liver", 1, 1, 0.8, [0.8])])
+    paths = write_report(report, tmp_path)
+    data = json.loads(paths["json"].read_text())
+    assert data["summary"]["pss"] is None and data["summary"]["false_positive_rate"] is None
+    assert "= n/a (per-case median n/a)" in paths["markdown"].read_text()
+    (fig,) = figures
+    fp_axes = fig.axes[1]
+    assert not fp_axes.patches  # no bar at 0: no negatives is not a false-positive rate of 0
+    assert fp_axes.get_title().endswith("n/a")
+    figures.clear()
+    write_report(_report(), tmp_path / "full")
+    assert [bar.get_height() for bar in figures[0].axes[1].patches] == [pytest.approx(0.5)]

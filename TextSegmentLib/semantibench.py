@@ -220,7 +220,7 @@ class BenchReport:
                   "| target | level | n | mean Dice / FP rate |", "|---|---|---|---|"]
         for row in self.target_table():
             value = row.get("mean_dice", row.get("false_positive_rate"))
-            lines.append(f"| {row['target']} | {row['level']} | {row['n']} | {_f(value)} |")
+            lines.append(f"| {_cell(row['target'])} | {row['level']} | {row['n']} | {_f(value)} |")
         lines += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines).rstrip() + "\n"
 
@@ -238,9 +238,14 @@ class BenchReport:
         ax.set_ylim(-0.02, 1.02)
         ax.set_ylabel("Dice per (case, prompt)")
         ax.set_title(f"{self.model}: PSS {_f(self.pss())}")
-        ax2.bar(["negatives"], [self.false_positive_rate() or 0.0], color="tab:red")
+        fp_rate = self.false_positive_rate()
+        if fp_rate is None:  # no negative controls: no rate to draw, rather than a bar at 0
+            ax2.text(0.5, 0.5, "no negatives", ha="center", va="center", transform=ax2.transAxes)
+            ax2.set_xticks([])
+        else:
+            ax2.bar(["negatives"], [fp_rate], color="tab:red")
         ax2.set_ylim(0, 1)
-        ax2.set_title("false-positive rate")
+        ax2.set_title(f"false-positive rate{'' if fp_rate is not None else ': n/a'}")
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -250,14 +255,22 @@ def _f(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _cell(text: Any) -> str:
+    """Text for a markdown table cell: a pipe or a line break would split the row."""
+    return str(text).replace("\r\n", " ").replace("\n", " ").replace("\r", " ").replace("|", "\\|")
+
+
 def compare(a: BenchReport, b: BenchReport) -> dict[str, Any]:
     """Paired Wilcoxon per level on the (case, prompt) pairs both reports scored."""
     out: dict[str, Any] = {"a": a.model, "b": b.model}
+    dropped = {}
     for level in SCORED_LEVELS:
         da = {(r.case, r.prompt): r.dice for r in a.results if r.level == level and r.dice is not None}
         db = {(r.case, r.prompt): r.dice for r in b.results if r.level == level and r.dice is not None}
         keys = sorted(set(da) & set(db))
         out[level] = wilcoxon([da[k] for k in keys], [db[k] for k in keys])
+        dropped[level] = {"only_a": len(da) - len(keys), "only_b": len(db) - len(keys)}
+    out["dropped"] = dropped  # (case, prompt) pairs scored by one report only: left out of the test
     return out
 
 
@@ -369,6 +382,11 @@ def write_report(report: BenchReport, folder: Path, *, comparison: Optional[dict
             w = comparison.get(level)
             markdown += (f"| {level} | 0 | n/a | n/a |\n" if w is None else
                          f"| {level} | {w['n']} | {w['mean_difference']:+.3f} | {w['p_value']:.3g} |\n")
+        dropped = {lv: d for lv, d in comparison.get("dropped", {}).items() if d["only_a"] or d["only_b"]}
+        if dropped:
+            markdown += ("\nLeft out (scored by one report only): " + "; ".join(
+                f"{lv}: {d['only_a']} only in {comparison.get('a')}, {d['only_b']} only in {comparison.get('b')}"
+                for lv, d in dropped.items()) + "\n")
     paths = {"json": folder / "bench.json", "markdown": folder / "bench.md", "plot": folder / "bench.png"}
     paths["json"].write_text(json.dumps(data, indent=1) + "\n")
     paths["markdown"].write_text(markdown)
