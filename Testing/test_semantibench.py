@@ -234,3 +234,15 @@ def test_plot_without_negatives_or_l3_draws_no_false_positive_bar(tmp_path, monk
     figures.clear()
     write_report(_report(), tmp_path / "full")
     assert [bar.get_height() for bar in figures[0].axes[1].patches] == [pytest.approx(0.5)]
+
+
+def test_the_comparison_names_its_sides_and_its_json_holds_no_nan(tmp_path):
+    """Two runs of one model with other weights: the table must say which is a; NaN is not valid JSON."""
+    a = BenchReport("freqmedclip-tiny", "mine", "toy", [PromptResult("c1", "liver", "L1", "liver", 1, 1, 0.8)])
+    b = BenchReport("freqmedclip-tiny", "shipped", "toy", [PromptResult("c1", "liver", "L1", "liver", 1, 1, 0.6)])
+    comparison = compare(a, b)
+    comparison["L1"]["statistic"] = float("nan")  # as a test statistic can be
+    paths = write_report(a, tmp_path, comparison=comparison)
+    assert "a = freqmedclip-tiny (mine) and b = freqmedclip-tiny (shipped)" in paths["markdown"].read_text()
+    saved = json.loads(paths["json"].read_text(), parse_constant=lambda name: pytest.fail(f"{name} in bench.json"))
+    assert saved["comparison"]["L1"]["statistic"] is None and saved["comparison"]["a_weights"] == "mine"

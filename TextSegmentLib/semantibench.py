@@ -262,7 +262,7 @@ def _cell(text: Any) -> str:
 
 def compare(a: BenchReport, b: BenchReport) -> dict[str, Any]:
     """Paired Wilcoxon per level on the (case, prompt) pairs both reports scored."""
-    out: dict[str, Any] = {"a": a.model, "b": b.model}
+    out: dict[str, Any] = {"a": a.model, "b": b.model, "a_weights": a.weights, "b_weights": b.weights}
     dropped = {}
     for level in SCORED_LEVELS:
         da = {(r.case, r.prompt): r.dice for r in a.results if r.level == level and r.dice is not None}
@@ -369,6 +369,17 @@ def _distinct_names(names: Sequence[str]) -> list[str]:
     return out
 
 
+def _no_nan(value: Any) -> Any:
+    """``value`` with every NaN or infinity replaced by None, for strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_no_nan(v) for v in value]
+    return value
+
+
 def write_report(report: BenchReport, folder: Path, *, comparison: Optional[dict] = None) -> dict[str, Path]:
     """``bench.json``, ``bench.md`` and ``bench.png`` (plus the Wilcoxon comparison) in ``folder``."""
     folder = Path(folder)
@@ -377,7 +388,10 @@ def write_report(report: BenchReport, folder: Path, *, comparison: Optional[dict
     markdown = report.to_markdown()
     if comparison is not None:
         data["comparison"] = comparison
-        markdown += "\n## Paired Wilcoxon signed-rank test\n\n| level | n | mean difference | p |\n|---|---|---|---|\n"
+        names = [f"{comparison.get(k)}" + (f" ({comparison[k + '_weights']})" if comparison.get(k + "_weights") else "")
+                 for k in ("a", "b")]
+        markdown += (f"\n## Paired Wilcoxon signed-rank test\n\nMean difference = a − b, with a = {names[0]} and "
+                     f"b = {names[1]}.\n\n| level | n | mean difference | p |\n|---|---|---|---|\n")
         for level in SCORED_LEVELS:
             w = comparison.get(level)
             markdown += (f"| {level} | 0 | n/a | n/a |\n" if w is None else
@@ -388,7 +402,8 @@ def write_report(report: BenchReport, folder: Path, *, comparison: Optional[dict
                 f"{lv}: {d['only_a']} only in {comparison.get('a')}, {d['only_b']} only in {comparison.get('b')}"
                 for lv, d in dropped.items()) + "\n")
     paths = {"json": folder / "bench.json", "markdown": folder / "bench.md", "plot": folder / "bench.png"}
-    paths["json"].write_text(json.dumps(data, indent=1) + "\n")
+    # NaN is not JSON: a value that cannot be computed is null, as the markdown's n/a
+    paths["json"].write_text(json.dumps(_no_nan(data), indent=1, allow_nan=False) + "\n")
     paths["markdown"].write_text(markdown)
     report.plot(paths["plot"])
     return paths
