@@ -170,6 +170,15 @@ def test_noise_level_follows_the_parameter():
     assert 17 < np.std((noisy - quiet)[inside]) < 23
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 4, 4), (4, 1, 1), (1, 1, 4)])
+def test_tiny_phantoms_get_tissue_hu_not_a_clipped_noise_spike(shape):
+    # a one-voxel noise field has zero spread: scaling it to noise_hu must not divide by ~0
+    noisy = make_phantom(seed=3, shape=shape, noise_hu=12).ct.array.astype(float)
+    quiet = make_phantom(seed=3, shape=shape, noise_hu=0).ct.array.astype(float)
+    assert noisy.shape == shape and np.isfinite(noisy).all()
+    assert np.abs(noisy - quiet).max() <= 5 * 12
+
+
 def test_label_map_is_a_partition_on_the_ct_grid(default_phantom):
     phantom, _ = default_phantom
     assert phantom.labels.same_geometry(phantom.ct)

@@ -76,6 +76,8 @@ def physical_centroid(volume: Volume, mask: np.ndarray) -> np.ndarray:
         ("RML", "lung_middle_lobe_right"), ("vertebra L1", "vertebrae_L1"), ("left iliac artery", "iliac_artery_left"),
         ("oesophagus", "esophagus"), ("small intestine", "small_bowel"), ("the spine", "vertebrae"),
         ("pulmonary nodule", "lung_nodule"), ("necrotic centre", "liver_tumor_necrotic_core"),
+        ("I.V.C.", "inferior_vena_cava"), ("i.v.c", "inferior_vena_cava"), ("R.M.L.", "lung_middle_lobe_right"),
+        ("L. kidney", "kidney_left"), ("Lt. kidney", "kidney_left"),
     ],
 )
 def test_canonical_target_name_normalises_typed_names(typed, canonical):
@@ -106,6 +108,12 @@ def test_an_organs_adjective_names_a_findings_region_only():
     assert lookup("tumour in the hepatic vein").region.meaning == "Vein"
     style = lookup("left renal cyst")
     assert style.region.meaning == "Kidney" and style.region_modifier == LEFT
+
+
+def test_dotted_abbreviations_resolve_like_their_letters():
+    assert resolve_target("I.V.C.") == resolve_target("IVC") == resolve_target("inferior vena cava")
+    assert resolve_target("liver excluding the I.V.C.") == Target(("liver",), ("inferior_vena_cava",))
+    assert canonical_target_name("L.kidney") == "kidney_left"  # one letter then a word: a side, not an abbreviation
 
 
 def test_unknown_names_come_back_normalised_and_are_not_found():
@@ -358,6 +366,13 @@ def test_pyramid_negatives_are_absent_from_the_image_not_just_unlabelled(phantom
                                                                   "urinary_bladder", "femur_left", "femur_right", "sacrum"}
 
 
+
+
+def test_pyramid_refuses_a_negative_absent_count(phantom):
+    with pytest.raises(InputError, match="-2"):  # not order[:-2], "all but the last two"
+        build_prompt_pyramid(phantom.labels, phantom.label_names, seed=3, absent=-2)
+    prompts = build_prompt_pyramid(phantom.labels, phantom.label_names, seed=3, absent=0)
+    assert not [p for p in prompts if p.source == "absent structure"]
 def test_pyramid_is_seeded(phantom):
     def texts(seed):
         return [p.text for p in build_prompt_pyramid(phantom.labels, phantom.label_names, seed=seed, max_l2_per_target=1)]

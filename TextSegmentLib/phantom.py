@@ -660,7 +660,9 @@ def _acquire(hu: np.ndarray, rng: np.random.Generator, noise_hu: float) -> np.nd
     hu = gaussian_blur(hu, (0.5, 0.5, 0.5))
     if noise_hu > 0:
         noise = gaussian_blur(rng.standard_normal(hu.shape, dtype=np.float32), (0.0, 0.7, 0.7))
-        hu += noise * np.float32(noise_hu / max(float(noise.std()), 1e-6))
+        spread = float(noise.std())
+        if spread > 1e-6:  # a one-voxel field has no spread to scale: dividing by ~0 would clip the voxel
+            hu += noise * np.float32(noise_hu / spread)
     return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
 
 

@@ -514,6 +514,27 @@ def test_multi_frame_image_without_functional_groups_is_refused_clearly(shared_d
         read_volume(tmp_path / "multi.dcm")
 
 
+def test_a_multi_frame_file_without_functional_groups_does_not_outrank_a_real_ct(shared_data, tmp_path):
+    # a multi-frame Secondary Capture (4 frames, no per-frame geometry) beside the 3-slice CT: its frames
+    # cannot be read, so it counts as one image and the CT is chosen
+    study = tmp_path / "study"
+    study.mkdir()
+    files = sorted((shared_data / DCMQI).iterdir())
+    for file in files:
+        shutil.copy(file, study / file.name)
+    datasets = [pydicom.dcmread(f) for f in files]
+    ds = datasets[0]
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"  # Multi-frame Grayscale Word Secondary Capture
+    ds.SeriesInstanceUID, ds.SOPInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    ds.NumberOfFrames = 4
+    ds.PixelData = b"".join(d.PixelData for d in [*datasets, datasets[0]])
+    ds.save_as(study / "multi.dcm")
+    (multi,) = [s for s in list_series(study) if s.files == (str(study / "multi.dcm"),)]
+    assert multi.n_images == 1
+    volume = read_volume(study)
+    assert volume.shape[0] == len(files) and str(study / "multi.dcm") not in volume.dicom.files
+
+
 def test_a_classic_slice_with_a_stray_functional_groups_sequence_is_read_as_classic(shared_data, tmp_path):
     # single-frame CT with its own position/orientation: the stray shared group holds no geometry, and needs none
     for file in sorted((shared_data / DCMQI).iterdir()):

@@ -334,7 +334,8 @@ def _series_info(key: str, members: list[tuple[Path, Any]]) -> SeriesInfo:
         is_image=is_image,
         orientations=len(_orientation_groups(members)),
         localizer_files=tuple(str(f) for f, _ in sorted(localizers, key=lambda m: str(m[0]))),
-        frames=sum(max(_int_or_none(h.get("NumberOfFrames")) or 1, 1) for _, h in members),
+        # only frames read_series will place (an enhanced file's) count: other multi-frame files are refused there
+        frames=sum(max(_int_or_none(h.get("NumberOfFrames")) or 1, 1) if _is_enhanced(h) else 1 for _, h in members),
     )
 
 

@@ -2,7 +2,8 @@
 
 Names are compared as *sets of normalised words*, so word order, case, punctuation, side
 abbreviations and British spellings do not matter: "Left Kidney", "kidney (left)", "left-kidney"
-and "L kidney" all become ``kidney_left``. Left and right always mean the patient's.
+and "L kidney" all become ``kidney_left``; a dotted abbreviation is its letters ("I.V.C." is "IVC").
+Left and right always mean the patient's.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ _STOPWORDS = {
     "parenchyma", "remaining", "rest",
 }
 _KEEP_S = ("ss", "us", "is", "as")
+_DOTTED = re.compile(r"(?<![0-9a-z])[a-z](?:\.[a-z])+\.?(?![0-9a-z])")  # "i.v.c." is "ivc", as "l." is "l"
 
 _EXCLUDE = re.compile(r"\s*,?\s*\b(?:excluding|without|but not|except for|except|minus|sparing|other than|"
                       r"not including|apart from|and not|not)\b\s*")
@@ -42,7 +44,8 @@ _PART_OF = re.compile(r"\s+\b(?:of|in|inside|within)\b\s+")
 def words(text: str) -> tuple[str, ...]:
     """Normalised words of a name: lower case, singular, American spelling, sides spelled out."""
     out = []
-    for w in re.split(r"[^0-9a-z]+", text.lower()):
+    text = _DOTTED.sub(lambda m: m.group().replace(".", ""), text.lower())
+    for w in re.split(r"[^0-9a-z]+", text):
         if not w:
             continue
         if w.endswith("ies") and len(w) > 4:

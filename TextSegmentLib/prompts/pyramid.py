@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InputError
 from .names import display_name
 from .table import prompt_table
 from .targets import COMPOSITES, PARTS, LabelNames, Prompt, Target, expand, names_by_id
@@ -45,6 +46,8 @@ def build_prompt_pyramid(
     than ``min_voxels`` voxels (a sliver at the edge of the view) are neither asked for nor
     used as negatives.
     """
+    if absent < 0:  # order[:-1] would silently drop the last negatives instead
+        raise InputError(f"absent must be a count of negative prompts (0 or more), got {absent}")
     rng = np.random.default_rng(seed)
     table = prompt_table()
     names = names_by_id(label_names)
