@@ -371,8 +371,12 @@ def test_pyramid_negatives_are_absent_from_the_image_not_just_unlabelled(phantom
 def test_pyramid_refuses_a_negative_absent_count(phantom):
     with pytest.raises(InputError, match="-2"):  # not order[:-2], "all but the last two"
         build_prompt_pyramid(phantom.labels, phantom.label_names, seed=3, absent=-2)
+    with pytest.raises(InputError, match="nonsense must be a count"):
+        build_prompt_pyramid(phantom.labels, phantom.label_names, seed=3, nonsense=-1)
     prompts = build_prompt_pyramid(phantom.labels, phantom.label_names, seed=3, absent=0)
     assert not [p for p in prompts if p.source == "absent structure"]
+
+
 def test_pyramid_is_seeded(phantom):
     def texts(seed):
         return [p.text for p in build_prompt_pyramid(phantom.labels, phantom.label_names, seed=seed, max_l2_per_target=1)]

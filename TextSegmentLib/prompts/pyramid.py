@@ -46,8 +46,9 @@ def build_prompt_pyramid(
     than ``min_voxels`` voxels (a sliver at the edge of the view) are neither asked for nor
     used as negatives.
     """
-    if absent < 0:  # order[:-1] would silently drop the last negatives instead
-        raise InputError(f"absent must be a count of negative prompts (0 or more), got {absent}")
+    for name, count in (("absent", absent), ("nonsense", nonsense)):
+        if count < 0:  # order[:-1] would silently drop the last negatives instead
+            raise InputError(f"{name} must be a count of negative prompts (0 or more), got {count}")
     rng = np.random.default_rng(seed)
     table = prompt_table()
     names = names_by_id(label_names)
