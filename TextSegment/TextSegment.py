@@ -156,6 +156,7 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._outcome = None
         self._features = None
         self._weightsModel = None
+        self._listedWeights = 0  # items of the weights list from logic.weights_choices; one more holds an unlisted value
         self._runColormap = None  # the colour map the running segmentation's saliency maps get
         self._outcomeColormap = None  # the colour map the last outcome's saliency maps show
         self._inputVolume = None  # the input last seen, to notice when the user picks another one
@@ -259,8 +260,8 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelComboBox.currentIndex = index
         if p.model != self._weightsModel:  # the weights list reads the disk: only when the model changes
             self._fillWeights(p.model, p.weights)
-        elif self.ui.weightsComboBox.findData(p.weights) not in (-1, self.ui.weightsComboBox.currentIndex):
-            self.ui.weightsComboBox.currentIndex = self.ui.weightsComboBox.findData(p.weights)
+        else:
+            self._selectWeights(p.weights)
         previousInput, self._inputVolume = self._inputVolume, p.inputVolume
         output = p.outputSegmentation
         if previousInput is not None and p.inputVolume is not previousInput and output is not None:
@@ -313,12 +314,42 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 error = str(exc)
             for weightsId, label in choices:
                 combo.addItem(label, weightsId)
-            combo.currentIndex = max(0, combo.findData(selected))
+            self._listedWeights = len(choices)
         finally:
             combo.blockSignals(wasBlocked)
+        self._selectWeights(selected)
         known = len(choices) > 1
         self.ui.weightsStatusLabel.text = error if error is not None else "" if known else _(
             "No trained weights known for {model} on this computer: import a file or download in Setup.").format(model=model)
+
+    def _selectWeights(self, selected):
+        """Show ``selected`` in the weights list; a value it does not list (a file path, an id set from the console
+        or a loaded scene) gets an item of its own, after the listed ones, replaced when something else is chosen."""
+        combo = self.ui.weightsComboBox
+        wasBlocked = combo.blockSignals(True)
+        try:
+            index = combo.findData(selected) if selected else 0
+            if not 0 <= index < self._listedWeights:
+                index = -1
+            for extra in reversed(range(self._listedWeights, combo.count)):
+                combo.removeItem(extra)
+            if index < 0:
+                combo.addItem(self._unlistedWeightsLabel(selected), selected)
+                index = combo.count - 1
+                combo.setItemData(index, str(selected), qt.Qt.ToolTipRole)
+            if combo.currentIndex != index:
+                combo.currentIndex = index
+        finally:
+            combo.blockSignals(wasBlocked)
+
+    @staticmethod
+    def _unlistedWeightsLabel(weights):
+        import os
+
+        text = str(weights)
+        if os.sep in text or "/" in text or text.lower().endswith((".safetensors", ".pt", ".pth", ".ckpt")):
+            return _("file: {name}").format(name=os.path.basename(text.rstrip("/" + os.sep)) or text)
+        return _("{id} (not listed for this model)").format(id=text)
 
     # segment -------------------------------------------------------------------------------------
     def onApplyButton(self):
@@ -539,10 +570,28 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onDownloadWeights(self):
         from TextSegmentLib.weights import list_weights
 
-        weightsId = self._parameterNode.weights
-        entries = [s.entry for s in list_weights() if s.entry.id == weightsId]
+        p = self._parameterNode
+        if p is None:
+            return
+        weightsId = p.weights
+        try:
+            known = list_weights()
+        except Exception as exc:  # a broken manifest
+            self._showError(_("Cannot list the known weights"), exc)
+            return
+        if weightsId:
+            entries = [s.entry for s in known if s.entry.id == weightsId]
+        else:  # "default weights": the entry the manifest names as this model's default
+            entries = [s.entry for s in known if s.default and s.entry.kind == "checkpoint" and s.entry.model == p.model]
+            if not entries:
+                slicer.util.infoDisplay(_(
+                    "No default weights are known for {model}, so there is nothing to download: choose other weights "
+                    "in the Weights list, or import a checkpoint file.").format(model=p.model))
+                return
         if not entries:
-            slicer.util.infoDisplay(_("Choose the weights to download in the Weights list first."))
+            slicer.util.infoDisplay(_(
+                "{weights} is not a known weights id (a checkpoint file is used where it lies): there is nothing to "
+                "download. Choose the weights to download in the Weights list.").format(weights=weightsId))
             return
         entry = entries[0]
         size = f"{entry.size / 2**20:.0f} MiB" if entry.size else _("unknown size")

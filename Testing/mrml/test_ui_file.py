@@ -277,6 +277,18 @@ class _Combo(_Widget):
     def itemText(self, index):
         return self.items[index][0]
 
+    @property
+    def count(self):
+        return len(self.items)
+
+    def removeItem(self, index):  # as QComboBox: an item before the current one moves the current index
+        del self.items[index]
+        if index < self._index or self._index >= len(self.items):
+            self.currentIndex = self._index - 1 if self.items else -1
+
+    def setItemData(self, index, value, role):
+        self.__dict__.setdefault("tooltips", {})[(index, role)] = value
+
 
 class _Node:
     def __init__(self, node_id):
@@ -410,7 +422,7 @@ def widget(monkeypatch):
     qt.QTimer = lambda: _Widget()
     qt.QShortcut = lambda keys, parent: _Widget()
     qt.QKeySequence = lambda keys: keys
-    qt.Qt = types.SimpleNamespace(WidgetWithChildrenShortcut=2)
+    qt.Qt = types.SimpleNamespace(WidgetWithChildrenShortcut=2, ToolTipRole=3)
     qt.QSettings = lambda: types.SimpleNamespace(value=settings.get, setValue=settings.__setitem__)
     slicer = types.ModuleType("slicer")
     slicer.vtkMRMLScalarVolumeNode = slicer.vtkMRMLSegmentationNode = object
@@ -463,6 +475,84 @@ def test_choosing_another_model_drops_the_previous_models_weights(widget):
     ui.weightsComboBox.currentIndex = ui.weightsComboBox.findData("tgc-v9")
     p.model = "tgcnet-tiny"  # the parameter node set again (console, scene): its weights stay
     assert p.weights == "tgc-v9"
+
+
+def test_weights_not_in_the_list_are_shown_and_kept(widget):
+    ui, p = widget.ui, widget._parameterNode
+    combo = ui.weightsComboBox
+    p.weights = "/data/checkpoints/my-fine-tune.safetensors"  # from the Python console or a loaded scene
+    assert combo.currentText == "file: my-fine-tune.safetensors"  # not "default weights" while a run uses the file
+    assert combo.itemData(combo.currentIndex) == p.weights == "/data/checkpoints/my-fine-tune.safetensors"
+    assert combo.tooltips[(combo.currentIndex, 3)] == "/data/checkpoints/my-fine-tune.safetensors"
+    p.prompts = "liver"  # any other change to the node: the value stays selected, no second item
+    assert combo.itemData(combo.currentIndex) == p.weights and combo.count == 3
+    p.weights = "/data/other.safetensors"  # another unlisted value replaces the first one's item
+    assert [combo.itemData(i) for i in range(combo.count)] == ["", "fmc-v8", "/data/other.safetensors"]
+    assert combo.currentText == "file: other.safetensors"
+    combo.currentIndex = combo.findData("fmc-v8")  # choosing a listed item replaces the unlisted one
+    assert p.weights == "fmc-v8"
+    assert [combo.itemData(i) for i in range(combo.count)] == ["", "fmc-v8"]
+    p.weights = "some-imported-id"
+    assert combo.itemData(combo.currentIndex) == "some-imported-id" and "some-imported-id" in combo.currentText
+    combo.currentIndex = 0
+    assert p.weights == "" and combo.count == 2
+
+
+def test_unlisted_weights_are_shown_when_the_widget_opens_and_dropped_with_the_model(widget):
+    ui, p = widget.ui, widget._parameterNode
+    widget.exit()
+    p.weights = "/data/my.safetensors"  # a scene loaded while the module was not shown
+    widget._weightsModel = None  # as a fresh widget: the list is read again
+    widget.enter()
+    assert ui.weightsComboBox.currentText == "file: my.safetensors"
+    ui.modelComboBox.currentIndex = ui.modelComboBox.findData("tgcnet-tiny")  # existing behaviour: dropped
+    assert p.model == "tgcnet-tiny" and p.weights == ""
+    assert ui.weightsComboBox.currentText == "default weights" and ui.weightsComboBox.count == 2
+
+
+def _known_weights(monkeypatch, widget, statuses):
+    import types
+
+    import TextSegmentLib.weights as weights_module
+
+    monkeypatch.setattr(weights_module, "list_weights", lambda: statuses)
+    shown, started = [], []
+    widget.module.slicer.util.infoDisplay = lambda text, **kw: shown.append(text)
+    widget.module.slicer.util.confirmOkCancelDisplay = lambda text, **kw: True
+    monkeypatch.setattr(widget.module.SegmentationLogic, "download_weights",
+                        lambda self, weights_id, *, model_name, wait: started.append((weights_id, model_name))
+                        or types.SimpleNamespace(title=f"Downloading {weights_id}"))
+    return shown, started
+
+
+def _status(weights_id, model, *, default=False):
+    import types
+
+    entry = types.SimpleNamespace(id=weights_id, model=model, kind="checkpoint", size=2**20, licence="CC-BY-4.0")
+    return types.SimpleNamespace(entry=entry, status="remote", default=default)
+
+
+def test_downloading_the_default_weights_downloads_the_models_default(widget, monkeypatch):
+    import types
+
+    p = widget._parameterNode
+    shown, started = _known_weights(monkeypatch, widget, [
+        _status("tgc-v9", "tgcnet-tiny", default=True), _status("fmc-v7", p.model), _status("fmc-v8", p.model, default=True)])
+    assert p.weights == ""  # "default weights" selected
+    widget.onDownloadWeights()
+    assert started == [("fmc-v8", p.model)], shown
+    widget._finish(types.SimpleNamespace(state="cancelled", title="Downloading"))  # the buttons come back
+
+
+def test_downloading_the_default_weights_says_why_when_the_model_has_none(widget, monkeypatch):
+    p = widget._parameterNode
+    shown, started = _known_weights(monkeypatch, widget, [_status("tgc-v9", "tgcnet-tiny", default=True)])
+    widget.onDownloadWeights()
+    assert started == [] and len(shown) == 1
+    assert "No default weights are known for " + p.model in shown[0]
+    p.weights = "/data/my.safetensors"
+    widget.onDownloadWeights()
+    assert started == [] and "nothing to download" in shown[1]
 
 
 def test_a_broken_manifest_is_shown_not_hidden(widget, monkeypatch):
