@@ -190,3 +190,72 @@ def _plan(volume):
     from TextSegmentLib.preprocess import slice_plan
 
     return slice_plan(volume, axis="axial")
+
+
+def _hand_made_result(names, shape=(2, 4, 4)):
+    from TextSegmentLib.saliency.sink import PromptSaliency, SaliencyResult
+    from TextSegmentLib.volume import Volume
+
+    maps = {name: Volume(np.full(shape, 10 * (n + 1), np.uint8)) for n, name in enumerate(names)}
+    legend = {name: {"layer": name, "encoding": "uint8: value = stored / 255, in [0, 1]"} for name in names}
+    item = PromptSaliency(prompt="bright", maps=maps, legend=legend, target_slices=1)
+    return SaliencyResult(prompts=[item], stage=1, layers=tuple(names), seconds=0.0, slices=shape[0])
+
+
+def test_layers_whose_file_names_collide_get_files_of_their_own(tmp_path):
+    result = _hand_made_result(["vit.3", "vit_3", "vit 3"])
+    write_saliency(result, out_dir=tmp_path)
+    layers = json.loads((tmp_path / LEGEND).read_text())["prompts"][0]["layers"]
+    assert len({layer["file"] for layer in layers}) == 3
+    for layer in layers:
+        stored = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / layer["file"])))
+        assert np.array_equal(stored, result[0].maps[layer["layer"]].array), layer
+
+
+def test_float16_maps_are_described_as_the_float32_files_they_become(model, phantom, tmp_path):
+    from TextSegmentLib.saliency import SaliencyConfig
+
+    volume, _, _ = phantom
+    run = explain(volume, ["bright"], model=model, device="cpu", config=SaliencyConfig(stage=2, encoding="float16"))
+    write_saliency(run.features, out_dir=tmp_path)
+    for layer in json.loads((tmp_path / LEGEND).read_text())["prompts"][0]["layers"]:
+        assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / layer["file"]))).dtype == np.float32
+        assert layer["encoding"].startswith("float32"), layer["encoding"]
+
+
+def test_a_refused_write_leaves_nothing_and_a_failed_one_leaves_no_finished_looking_folder(tmp_path, monkeypatch):
+    import TextSegmentLib.io.writers as writers
+
+    result = _hand_made_result(["shallow", "deep", "joint"])
+    (tmp_path / LEGEND).write_text("{}")  # an earlier run's legend: refused before any map is written
+    with pytest.raises(OutputExistsError):
+        write_saliency(result, out_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == [LEGEND]
+
+    (tmp_path / LEGEND).unlink()
+    write_saliency(result, out_dir=tmp_path)
+    real, calls = writers.write_volume, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writers, "write_volume", failing)
+    with pytest.raises(OSError):
+        write_saliency(result, out_dir=tmp_path, overwrite=True)
+    assert not (tmp_path / LEGEND).exists()  # no legend: the folder does not look finished
+    calls.clear()
+    with pytest.raises(OSError):
+        write_saliency(result, out_dir=tmp_path / "fresh")
+    assert not [p for p in (tmp_path / "fresh").rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("axis", ["coronal", "sagittal"])
+def test_montage_of_a_one_slice_volume_across_its_thin_axis(model, tmp_path, axis):
+    volume, ball, _ = sphere_phantom(shape=(1, 32, 32), centre_offset=(0.0, 0.0, 0.0))
+    run = explain(volume, ["bright"], model=model, device="cpu", stage=2)
+    mask = volume.with_array(ball.astype(np.uint8))
+    assert save_montage(run.features[0], volume=volume, mask=mask, path=tmp_path / "m.png", axis=axis).exists()
+    assert save_montage(run.features[0], volume=volume, path=tmp_path / "n.png", axis=axis).exists()

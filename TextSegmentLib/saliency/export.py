@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import __version__
+from ..errors import OutputExistsError
 from .sink import SaliencyResult
 
 LEGEND = "saliency_legend.json"
@@ -45,16 +46,19 @@ def write_saliency(
     from ..io.writers import write_float_map, write_json, write_volume
 
     out_dir = Path(out_dir)
-    written: list[Path] = []
+    plan: list[tuple[Any, Path]] = []  # (map volume, destination), all decided before anything is written
     prompts = []
     for i, item in enumerate(result.prompts):
         folder = f"{i + 1:02d}_{slug(item.prompt)}"
         layers = []
+        taken: set[str] = set()
         for name, volume in item.maps.items():
-            relative = f"{folder}/{layer_file_name(name, suffix)}"
-            writer = write_volume if volume.array.dtype.kind == "u" else write_float_map
-            written.append(writer(volume, out_dir / relative, overwrite=overwrite))
-            layers.append({**item.legend[name], "file": relative})
+            relative = _unique_file(folder, name, suffix, taken)
+            entry = {**item.legend[name], "file": relative}
+            if volume.array.dtype.kind == "f":  # no image format stores half floats: say what the file holds
+                entry["encoding"] = f"float32 (computed as {volume.array.dtype.name}): value in [0, 1]"
+            plan.append((volume, out_dir / relative))
+            layers.append(entry)
         prompts.append(
             {"prompt": item.prompt, "folder": folder, "slices_with_target": item.target_slices, "layers": layers}
         )
@@ -71,5 +75,33 @@ def write_saliency(
         "notice": NOTICE,
     }
     legend.update(extra_legend or {})
-    written.append(write_json(legend, out_dir / LEGEND, overwrite=overwrite))
+    if not overwrite:  # refuse before writing anything, so a refusal leaves no half-written folder
+        existing = [path for path in [p for _, p in plan] + [out_dir / LEGEND] if path.exists()]
+        if existing:
+            raise OutputExistsError(
+                f"{existing[0]}: exists already; choose another --out folder or pass --overwrite; nothing was written"
+            )
+    # The legend goes last and any old one first: a folder with a legend is always a finished one.
+    (out_dir / LEGEND).unlink(missing_ok=True)
+    written: list[Path] = []
+    try:
+        for volume, path in plan:
+            writer = write_volume if volume.array.dtype.kind == "u" else write_float_map
+            written.append(writer(volume, path, overwrite=overwrite))
+        written.append(write_json(legend, out_dir / LEGEND, overwrite=overwrite))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return written
+
+
+def _unique_file(folder: str, layer: str, suffix: str, taken: set[str]) -> str:
+    """``folder/<layer slug><suffix>``, numbered when another layer of the prompt slugs the same (vit.3, vit_3)."""
+    stem = layer_file_name(layer, "") or "layer"
+    name, n = stem, 1
+    while name.lower() in taken:
+        n += 1
+        name = f"{stem}_{n}"
+    taken.add(name.lower())
+    return f"{folder}/{name}{suffix}"

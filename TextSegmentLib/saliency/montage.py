@@ -100,13 +100,13 @@ def save_montage(
         if panel == "target":
             target = outline if outline is not None else _hot_region(saliency, plan, slice_index)
             if target is not None and target.any():
-                ax.contour(target.astype(np.float32), levels=[0.5], colors=["#39ff14"], linewidths=1.0)
+                _outline(ax, target, linewidth=1.0, aspect=aspect)
             title = "mask outline" if outline is not None else "combined map ≥ 0.5"
         elif panel != "CT":
             heat = plan.extract(saliency.values(panel))[slice_index]
             ax.imshow(heat, cmap=COLORMAP, norm=norm, alpha=0.55, aspect=aspect, interpolation="bilinear")
             if outline is not None and outline.any():
-                ax.contour(outline.astype(np.float32), levels=[0.5], colors=["#39ff14"], linewidths=0.6)
+                _outline(ax, outline, linewidth=0.6, aspect=aspect)
             title = _panel_title(saliency, panel)
         else:
             title = f"CT ({axis} slice {slice_index})"
@@ -117,6 +117,17 @@ def save_montage(
     figure.suptitle(f"“{saliency.prompt}”: layer-wise saliency", fontsize=11)
     figure.text(0.5, 0.005, NOTICE, ha="center", va="bottom", fontsize=6.5, color="#555555")
     return _save_atomically(figure, path, overwrite=overwrite)
+
+
+def _outline(ax: Any, region: np.ndarray, *, linewidth: float, aspect: float) -> None:
+    """Outline ``region`` in green; a slice one pixel thin (contour needs 2 × 2) gets it filled instead."""
+    if min(region.shape) >= 2:
+        ax.contour(region.astype(np.float32), levels=[0.5], colors=["#39ff14"], linewidths=linewidth)
+        return
+    from matplotlib.colors import ListedColormap
+
+    shown = np.ma.masked_where(~region.astype(bool), np.ones(region.shape, np.float32))
+    ax.imshow(shown, cmap=ListedColormap(["#39ff14"]), alpha=0.6, aspect=aspect, interpolation="nearest")
 
 
 def _panel_title(saliency: PromptSaliency, layer: str) -> str:
