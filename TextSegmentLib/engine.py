@@ -111,7 +111,8 @@ def segment(
     are thresholded from the network's float32 output before that, so they do not depend on it.
     ``probability_grid="compact"`` keeps each probability map on the compact grid over the volume's
     extent, at most the network's input size a side in-plane (``grid.py``): the network sees no finer
-    detail, and a 512² CT's map takes 1/16 of the memory with a 128-pixel model (1/4 with a 256-pixel one). The masks stay on the source grid.
+    detail, and a 512² CT's map takes 1/16 of the memory with a 128-pixel model (1/4 with a 256-pixel
+    one). The masks stay on the source grid.
     ``windows`` are the models' three input channels; one window (e.g. ``"lung"``) fills all three.
     """
     import torch
