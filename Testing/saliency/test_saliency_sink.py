@@ -355,3 +355,32 @@ def _fit():
     from TextSegmentLib.preprocess import plan_fit
 
     return plan_fit((32, 32), size=32)
+
+
+@pytest.mark.parametrize(
+    "layers",
+    ["deep,deep,joint", "deep,,joint", " deep , joint ", "deep, ,joint,deep,", [" deep", "", "joint ", "deep"]],
+)
+def test_layers_are_stripped_blanks_dropped_and_repeats_kept_once(model, layers):
+    """A repeated layer was tapped twice and counted twice in the combined map's mean."""
+    assert build_saliency_sink(model=model, layers=layers).taps == ("deep", "joint")
+
+
+def test_unknown_layers_are_refused_at_build_time_listing_the_taps(model):
+    with pytest.raises(ModelError, match=r"unknown feature tap\(s\) \['vit.3'\]; this model has \['shallow', 'deep', 'joint'\]"):
+        build_saliency_sink(model=model, layers="deep, vit.3 ,deep")
+    with pytest.raises(InputError, match="no saliency layers"):
+        build_saliency_sink(model=model, layers=" , ")
+
+
+class CombinedTapModel(PlantedModel):
+    tap_names = ("shallow", COMBINED, "deep")
+
+
+@pytest.mark.parametrize("layers", [None, "deep,combined", [COMBINED]])
+def test_a_tap_named_combined_is_refused_as_reserved_at_build_time(layers):
+    """Its map and the combined map shared one key in the result's dicts: one of them was lost."""
+    model = CombinedTapModel()
+    with pytest.raises(InputError, match=r"'combined' .* reserved for the combined map; choose layers among \['shallow', 'deep'\]"):
+        build_saliency_sink(model=model, layers=layers)
+    assert build_saliency_sink(model=model, layers="shallow,deep").taps == ("shallow", "deep")

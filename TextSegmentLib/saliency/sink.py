@@ -106,20 +106,29 @@ def build_saliency_sink(
 ) -> "SaliencySink":
     """A features sink for ``segment(...)``; ``layers`` defaults to the model's ``saliency_layers``.
 
-    ``layers`` may be a comma-separated string ("vit.3,vit.11"); ``roi`` is a mask ``Volume`` on the
+    ``layers`` may be a comma-separated string ("vit.3,vit.11"); names are stripped, blanks dropped and
+    repeats kept once; an unknown name is a ``ModelError`` listing the model's taps, and a tap named
+    "combined" an ``InputError`` (the name is reserved for the combined map). ``roi`` is a mask ``Volume`` on the
     input grid or an inclusive voxel box ``((i0, i1), (j0, j1), (k0, k1))``, clipped to the input
     with a logged warning (entirely outside or i0 > i1 is an ``InputError``: ``fit_roi``). ``config``
     overrides the other options when given. ``grid`` "source" stores the maps on the input's voxel
     grid instead of the compact grid over its extent (``grid.py``).
     """
     config = config or SaliencyConfig(stage=stage, threshold=threshold, encoding=encoding, grid=grid)
-    if isinstance(layers, str):
-        layers = [name.strip() for name in layers.split(",") if name.strip()]
     if layers is None:
         layers = getattr(model, "saliency_layers", ()) or True
-    names = model.resolve_taps(layers if layers is True else list(layers))
+    if layers is not True:  # names stripped, blanks dropped, repeats kept once (first place wins)
+        parts = layers.split(",") if isinstance(layers, str) else layers
+        layers = list(dict.fromkeys(str(name).strip() for name in parts if str(name).strip()))
+    names = model.resolve_taps(layers)  # unknown names: ModelError listing the model's taps
     if not names:
         raise InputError("no saliency layers: this model exposes no feature taps, or --layers was empty")
+    if COMBINED in names:  # its map would overwrite (or be overwritten by) the combined map
+        others = [name for name in getattr(model, "tap_names", ()) if name != COMBINED]
+        raise InputError(
+            f"feature tap {COMBINED!r} cannot be a saliency layer: the name is reserved for the combined map; "
+            f"choose layers among {others}"
+        )
     return SaliencySink(layers=names, config=config, roi=roi)
 
 
