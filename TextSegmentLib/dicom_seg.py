@@ -212,14 +212,14 @@ def _frame_numbers(source: Volume) -> Optional[list[int]]:
 
 def _check_frames(ds: Any, source: Volume, frame_numbers: Sequence[int], file: str) -> None:
     """Refuse a volume whose slice ``k`` is not frame ``frame_numbers[k]`` of the multi-frame ``file``."""
-    from .io.dicom import _functional_group
+    from .io.dicom import functional_group
 
     n = int(ds.get("NumberOfFrames") or 1)
     if n != len(frame_numbers):
         raise InputError(f"{file}: holds {n} frames but the volume {len(frame_numbers)} slices; not every frame was read")
     for k, frame in enumerate(frame_numbers):
-        plane = _functional_group(ds, frame - 1, "PlanePositionSequence")
-        orientation = _functional_group(ds, frame - 1, "PlaneOrientationSequence")
+        plane = functional_group(ds, frame - 1, "PlanePositionSequence")
+        orientation = functional_group(ds, frame - 1, "PlaneOrientationSequence")
         _check_plane(ds, source, k, f"{file} (frame {frame})",
                      orientation.get("ImageOrientationPatient") if orientation is not None else None,
                      plane.get("ImagePositionPatient") if plane is not None else None)

@@ -559,7 +559,7 @@ def test_a_one_frame_enhanced_ct_is_placed_by_its_functional_groups(shared_data,
     path = enhanced_ct(shared_data / DCMQI, tmp_path / "enhanced.dcm", edit=only_the_second_slice)
     ds = pydicom.dcmread(path)
     assert int(ds.NumberOfFrames) == 1
-    plane = dicom._functional_group(ds, 0, "PlanePositionSequence")  # per-frame or shared: highdicom's choice
+    plane = dicom.functional_group(ds, 0, "PlanePositionSequence")  # per-frame or shared: highdicom's choice
     ds.ImagePositionPatient = [float(v) + 100 for v in plane.ImagePositionPatient]  # stray, and wrong
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.save_as(path)

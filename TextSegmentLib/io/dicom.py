@@ -389,7 +389,7 @@ def _orientation_key(header: Any) -> Optional[tuple[float, ...]]:
     For an enhanced (multi-frame) file: the shared orientation, else the first frame's (read_series checks every frame).
     """
     if _is_enhanced(header):
-        header = _functional_group(header, 0, "PlaneOrientationSequence")
+        header = functional_group(header, 0, "PlaneOrientationSequence")
         if header is None:
             return None
     if _multiplicity(header, "ImageOrientationPatient") != 6:
@@ -414,7 +414,7 @@ def _is_enhanced(ds: Any) -> bool:
     return _multiplicity(ds, "ImagePositionPatient") != 3 or _multiplicity(ds, "ImageOrientationPatient") != 6
 
 
-def _functional_group(ds: Any, index: int, keyword: str) -> Optional[Any]:
+def functional_group(ds: Any, index: int, keyword: str) -> Optional[Any]:
     """The first item of functional group ``keyword`` for frame ``index`` (0-based): per-frame first, else shared."""
     for container, position in (("PerFrameFunctionalGroupsSequence", index), ("SharedFunctionalGroupsSequence", 0)):
         groups = ds.get(container)
@@ -668,22 +668,22 @@ def _read_frames(file: Path, ds: Any) -> list[_Slice]:
     geometry = []
     for index in range(n):
         where = f"{file} (frame {index + 1})"
-        plane = _functional_group(ds, index, "PlanePositionSequence")
-        orientation = _functional_group(ds, index, "PlaneOrientationSequence")
+        plane = functional_group(ds, index, "PlanePositionSequence")
+        orientation = functional_group(ds, index, "PlaneOrientationSequence")
         if (plane is None or orientation is None or _multiplicity(plane, "ImagePositionPatient") != 3
                 or _multiplicity(orientation, "ImageOrientationPatient") != 6):
             raise InputError(
                 f"{where}: no complete ImagePositionPatient/ImageOrientationPatient in the Plane Position/Orientation "
                 "functional groups (per-frame or shared), so its place in space is unknown"
             )
-        measures = _functional_group(ds, index, "PixelMeasuresSequence")
+        measures = functional_group(ds, index, "PixelMeasuresSequence")
         spacing = _pixel_spacing(measures, where=where) if measures is not None else None
         if spacing is None:
             if index == 0:
                 log.warning("%s: no PixelSpacing in the Pixel Measures functional group; assuming 1 mm", file)
             spacing = (1.0, 1.0)
         thickness = (measures.get("SpacingBetweenSlices") or measures.get("SliceThickness") if measures is not None else None) or 1.0
-        transform = _functional_group(ds, index, "PixelValueTransformationSequence")
+        transform = functional_group(ds, index, "PixelValueTransformationSequence")
         modality = next((m for m in (transform, ds) if m is not None and _has_modality_transform(m)), None)
         geometry.append((plane, orientation, spacing, thickness, modality, where))
     if any(g[4] is None for g in geometry):
