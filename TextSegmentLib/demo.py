@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError, OutputExistsError
+from .errors import OutputExistsError
 from .volume import Volume
 
 log = logging.getLogger(__name__)
@@ -89,14 +89,14 @@ def run_demo(
 ) -> DemoReport:
     """Segment and explain the demo case into ``out_dir``; returns what was measured and written."""
     from .export import write_segmentation
+    from .export import refuse_file_as_folder
     from .io import read_volume
     from .report import write_html_report
     from .saliency import explain, save_montage, write_saliency
     from .weights import load_model, weights_label
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: is a file, not a folder; choose a folder for --out (it is created if missing)")
+    refuse_file_as_folder(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise OutputExistsError(f"{out_dir}: is not empty; choose another --out folder or pass --overwrite")
 

@@ -23,11 +23,17 @@ PROBABILITY_DIR = "probabilities"
 SALIENCY_DIR = "saliency"
 
 
-def check_outputs_free(out_dir: Path, *, overwrite: bool = False) -> None:
-    """Fail before any work is done if the run would have to replace existing outputs."""
+def refuse_file_as_folder(out_dir: Path) -> None:
+    """An output folder that is a file (even the input CT) is refused before any work, by every command."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: is a file, not a folder; choose a folder for --out (it is created if missing)")
+
+
+def check_outputs_free(out_dir: Path, *, overwrite: bool = False) -> None:
+    """Fail before any work is done if the run would have to replace existing outputs."""
+    out_dir = Path(out_dir)
+    refuse_file_as_folder(out_dir)
     if overwrite or not out_dir.exists():
         return
     names = (LABEL_MAP, LEGEND, PROBABILITY_DIR, SALIENCY_DIR)

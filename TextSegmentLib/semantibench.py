@@ -349,21 +349,14 @@ def _distinct_names(names: Sequence[str]) -> list[str]:
     Two cases under one name would be merged into one case and would overwrite each other's
     (case, prompt) pairs in ``compare``.
     """
-    counts: dict[str, int] = {}
+    from collections import Counter
+
+    counts, numbered, taken, out = Counter(names), Counter(), set(names), []
     for name in names:
-        counts[name] = counts.get(name, 0) + 1
-    taken, out, seen = set(names), [], {}
-    for name in names:
-        if counts[name] == 1:
-            out.append(name)
-            continue
-        k = seen.get(name, 0)
-        while True:
-            k += 1
-            candidate = f"{name} #{k}"
-            if candidate not in taken:
-                break
-        seen[name] = k
+        candidate = name
+        while counts[name] > 1 and candidate in taken:  # every case of a shared name gets its number
+            numbered[name] += 1
+            candidate = f"{name} #{numbered[name]}"
         taken.add(candidate)
         out.append(candidate)
     return out

@@ -224,10 +224,6 @@ class _EitherToken(CancelToken):
         other = self._other
         return super().cancelled or bool(other is not None and (other() if callable(other) else other.cancelled))
 
-    def raise_if_cancelled(self) -> None:
-        if self.cancelled:
-            raise Cancelled("cancelled by the user; no output was written")
-
 
 @dataclass
 class Job:

@@ -44,18 +44,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..semantibench import compare, run_bench, write_report
-    from ..training.data import load_source
+    from ..training.data import load_source, parse_grid
     from ..weights import load_model, weights_label
     from .progressbar import progress_bar
 
     specs = list(args.data)
     names = []
     if args.phantoms > 0:
-        sizes = args.phantom_shape.lower().split("x")
-        if len(sizes) != 3 or not all(size.strip().isdigit() and int(size) > 0 for size in sizes):
+        try:
+            shape = "x".join(map(str, parse_grid(args.phantom_shape.lower())))
+        except InputError:
             raise InputError(f"--phantom-shape must be three positive whole numbers Z x Y x X, e.g. 32x128x128; "
-                             f"got {args.phantom_shape!r}")
-        shape = "x".join(str(int(size)) for size in sizes)
+                             f"got {args.phantom_shape!r}") from None
         specs.insert(0, f"phantoms:{args.seed}-{args.seed + args.phantoms - 1}@{shape}")
         names.append(f"{args.phantoms} phantoms (seeds {args.seed}–{args.seed + args.phantoms - 1})")
     if args.real:
@@ -113,12 +113,13 @@ REPORT_FILES = ("bench.json", "bench.md", "bench.png")
 
 def _check_free(out: Path, *, compare: bool, overwrite: bool) -> None:
     """Refuse an --out that is a file, or that holds an earlier bench's files (unless --overwrite)."""
-    from ..errors import InputError, OutputExistsError
+    from ..errors import OutputExistsError
+
+    from ..export import refuse_file_as_folder
 
     folders = [out, out / "compare"] if compare else [out]
     for folder in folders:
-        if folder.exists() and not folder.is_dir():
-            raise InputError(f"{folder}: is a file, not a folder; choose a folder for --out (it is created if missing)")
+        refuse_file_as_folder(folder)
     if overwrite:
         return
     taken = [folder / name for folder in folders for name in REPORT_FILES if (folder / name).exists()]

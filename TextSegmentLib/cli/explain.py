@@ -7,10 +7,11 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .segment import GRID_HELP, SERIES_HELP, add_model_arguments
+
     p = sub.add_parser("explain", help="show, layer by layer, what the model looked at for each prompt")
     p.add_argument("input", help="CT file (NIfTI, NRRD, MHA) or DICOM folder")
-    p.add_argument("--series", metavar="UID", default=None,
-                   help="DICOM: the series to use when the folder holds several (UID or key; `textsegment info` lists them)")
+    p.add_argument("--series", metavar="UID", default=None, help=SERIES_HELP)
     p.add_argument(
         "--prompt", "-p", action="append", required=True, help="what to segment and explain (repeat for several)"
     )
@@ -43,8 +44,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--encoding", choices=("uint8", "float16"), default="uint8", help="how maps are stored (default uint8)"
     )
-    from .segment import GRID_HELP, add_model_arguments
-
     p.add_argument("--grid", choices=("compact", "source"), default="compact", help=GRID_HELP)
     p.add_argument(
         "--slice", type=int, default=None, help="montage slice (canonical index along --axis; default: largest target)"
@@ -73,29 +72,18 @@ def parse_roi(text: str):
     return tuple(zip(values[0::2], values[1::2]))
 
 
-def box_mask(box, volume):
-    """The inclusive (i, j, k) voxel box as a 0/1 mask ``Volume`` on ``volume``'s grid (I along x, K along z)."""
-    import numpy as np
-
-    (i0, i1), (j0, j1), (k0, k1) = box
-    mask = np.zeros(volume.shape, dtype=np.uint8)
-    mask[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1] = 1
-    return volume.with_array(mask)
-
-
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError, OutputExistsError
-    from ..export import slug
+    from ..export import refuse_file_as_folder, slug
     from ..io import read_label_map, read_volume
     from ..saliency import SaliencyConfig, explain, save_montage, write_saliency
     from ..saliency.export import LEGEND
-    from ..saliency.sink import fit_roi
+    from ..saliency.sink import fit_roi, roi_mask
     from ..weights import load_model, weights_record
     from .progressbar import progress_bar
 
     out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: is a file, not a folder; choose a folder for --out (it is created if missing)")
+    refuse_file_as_folder(out_dir)
     if (out_dir / LEGEND).exists() and not args.overwrite:
         raise OutputExistsError(
             f"{out_dir}: holds saliency results already; choose another --out folder or pass --overwrite"
@@ -136,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         extra_legend={"model": args.model, **weights_record(model, args.weights)},  # what ran, not the option
     )
     if isinstance(roi, tuple):  # the montage shows (and picks its slice from) the box explained, not the mask
-        roi = box_mask(roi, volume)
+        roi = volume.with_array(roi_mask(roi, volume))
     for i, (item, segmentation) in enumerate(zip(result.prompts, run_.results)):
         outline = roi if roi is not None else segmentation.mask
         png = out_dir / f"{i + 1:02d}_{slug(item.prompt)}_montage.png"

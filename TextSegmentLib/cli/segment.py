@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+SERIES_HELP = "DICOM: the series to use when the folder holds several (UID or key; `textsegment info` lists them)"
 GRID_HELP = ("compact (default): saliency maps at most 128 voxels a side in-plane over the CT's extent (16x smaller "
              "at 512x512, no detail lost; viewers interpolate them); source: the CT's voxel grid")
 
@@ -13,8 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("segment", help="segment a CT with one or more text prompts")
     p.add_argument("input", help="CT file (NIfTI, NRRD, MHA) or DICOM folder")
     p.add_argument("--prompt", "-p", action="append", required=True, help="what to segment (repeat for several)")
-    p.add_argument("--series", metavar="UID", default=None,
-                   help="DICOM: the series to use when the folder holds several (UID or key; `textsegment info` lists them)")
+    p.add_argument("--series", metavar="UID", default=None, help=SERIES_HELP)
     p.add_argument("--aux-prompt", action="append", default=None,
                    help="auxiliary description per prompt (TGC-Net); repeat in the order of --prompt")
     p.add_argument("--out", "-o", required=True, help="output folder (created; existing files are never replaced "

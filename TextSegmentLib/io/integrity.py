@@ -16,7 +16,7 @@ import os
 import re
 import zlib
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -54,6 +54,40 @@ def check_complete(path: Path, *, format_name: str) -> None:
         raise InputError(f"{path}: truncated or corrupt: {problem}; copy or export the file again")
 
 
+class NiftiHeader(NamedTuple):
+    """The fields of a NIfTI-1 or -2 header that size and locate its voxel data."""
+
+    endian: str
+    size: int  # 348 (NIfTI-1) or 540 (NIfTI-2)
+    magic: bytes
+    dims: np.ndarray  # dim[0] is the rank
+    datatype: int
+    bitpix: int
+    offset: float  # vox_offset
+
+
+def nifti_header(head: bytes) -> Optional[NiftiHeader]:
+    """The header at the start of ``head`` (raw, already inflated); None when it is not NIfTI,
+    EOFError when ``head`` ends inside it."""
+    for endian in "<>":
+        size = int(np.frombuffer(head, f"{endian}i4", 1)[0]) if len(head) >= 4 else 0
+        if size in (348, 540):
+            break
+    else:
+        return None
+    if len(head) < size:
+        raise EOFError(f"it ends inside the NIfTI header ({len(head)} of {size} bytes)")
+
+    def field(kind: str, at: int, count: int = 1) -> np.ndarray:
+        return np.frombuffer(head, f"{endian}{kind}", count, at)
+
+    if size == 348:
+        return NiftiHeader(endian, size, head[344:348], field("i2", 40, 8), int(field("i2", 70)[0]),
+                           int(field("i2", 72)[0]), float(field("f4", 108)[0]))
+    return NiftiHeader(endian, size, head[4:8], field("i8", 16, 8), int(field("i2", 12)[0]), int(field("i2", 14)[0]),
+                       float(field("i8", 168)[0]))
+
+
 def _nifti_layout(path: Path) -> Optional[tuple[int, int, Optional[str]]]:
     """(0, header + data bytes, packing) of a single-file NIfTI-1/2, or None when it is not one."""
     with open(path, "rb") as handle:
@@ -67,24 +101,12 @@ def _nifti_layout(path: Path) -> Optional[tuple[int, int, Optional[str]]]:
     else:
         with open(path, "rb") as handle:
             head = handle.read(544)
-    for endian in "<>":
-        size = int(np.frombuffer(head, f"{endian}i4", 1)[0]) if len(head) >= 4 else 0
-        if size in (348, 540):
-            break
-    else:
+    header = nifti_header(head)
+    if header is None:
         if packed and not head:
             raise EOFError("the gzip stream ends inside the NIfTI header")
         return None
-    if len(head) < size:
-        raise EOFError(f"it ends inside the NIfTI header ({len(head)} of {size} bytes)")
-
-    def field(kind: str, at: int, count: int = 1) -> np.ndarray:
-        return np.frombuffer(head, f"{endian}{kind}", count, at)
-
-    if size == 348:
-        magic, dims, bitpix, offset = head[344:348], field("i2", 40, 8), int(field("i2", 72)[0]), float(field("f4", 108)[0])
-    else:
-        magic, dims, bitpix, offset = head[4:8], field("i8", 16, 8), int(field("i2", 14)[0]), float(field("i8", 168)[0])
+    magic, dims, bitpix, offset, size = header.magic, header.dims, header.bitpix, header.offset, header.size
     rank = int(dims[0])
     if magic not in (b"n+1\0", b"n+2\0") or not 1 <= rank <= 7 or bitpix <= 0 or min(dims[1 : rank + 1]) < 0:
         return None  # a header/image pair, or a header ITK will judge for itself

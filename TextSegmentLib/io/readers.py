@@ -30,7 +30,7 @@ import SimpleITK as sitk
 from ..errors import InputError, NotCTError
 from ..volume import Volume
 from . import dicom
-from .integrity import check_complete
+from .integrity import check_complete, nifti_header
 
 log = logging.getLogger(__name__)
 
@@ -176,24 +176,14 @@ def _nifti_non_finite(path: Path) -> int:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rb") as handle:
         data = handle.read()
-    def field(kind: str, at: int, count: int = 1) -> np.ndarray:
-        return np.frombuffer(data, f"{endian}{kind}", count, at)
-
-    for endian in "<>":
-        size = int(field("i4", 0)[0]) if len(data) >= 4 else 0
-        if size == 348:  # NIfTI-1
-            dims, code, offset = field("i2", 40, 8), int(field("i2", 70)[0]), int(field("f4", 108)[0])
-            break
-        if size == 540:  # NIfTI-2
-            dims, code, offset = field("i8", 16, 8), int(field("i2", 12)[0]), int(field("i8", 168)[0])
-            break
-    else:
+    header = nifti_header(data)
+    if header is None:
         return 0
-    dtype = {16: "f4", 64: "f8"}.get(code)
-    count = int(np.prod(dims[1 : int(dims[0]) + 1]))
+    dtype = {16: "f4", 64: "f8"}.get(header.datatype)
+    count, offset = int(np.prod(header.dims[1 : int(header.dims[0]) + 1])), int(header.offset)
     if dtype is None or offset + count * int(dtype[1]) > len(data):
         return 0
-    voxels = np.frombuffer(data, f"{endian}{dtype}", count, offset)
+    voxels = np.frombuffer(data, f"{header.endian}{dtype}", count, offset)
     return int(np.count_nonzero(~np.isfinite(voxels)))
 
 

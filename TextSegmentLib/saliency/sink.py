@@ -175,7 +175,7 @@ class SaliencySink:
         self._size = int(model.image_size)
         self._device = model.device
         self._model = model
-        self._target_slices = None if self.roi is None else plan.extract(_roi_mask(self.roi, volume))
+        self._target_slices = None if self.roi is None else plan.extract(roi_mask(self.roi, volume))
         self._kept: dict[tuple[int, Any], _Kept] = {}  # (prompt index, fit) -> maps of slices with a target
         self._layer_info: dict[str, dict[str, Any]] = {}
         self._seconds = 0.0
@@ -433,7 +433,7 @@ def _store(stack: Any, chunk: Any, scaled: Any) -> None:
         target[chunk] = values
 
 
-def _roi_mask(roi: Union[Volume, Box], volume: Volume) -> np.ndarray:
+def roi_mask(roi: Union[Volume, Box], volume: Volume) -> np.ndarray:
     """The ROI as a (z, y, x) 0/1 array on the input grid."""
     if isinstance(roi, Volume):
         if not roi.same_geometry(volume):

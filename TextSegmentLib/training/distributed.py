@@ -70,15 +70,6 @@ def any_across(flag: bool, info: DistInfo) -> bool:
     return mean_across(1.0 if flag else 0.0, info) > 0
 
 
-def gather_text(text: str, info: DistInfo) -> list[str]:
-    """Every rank's ``text``, in rank order, on every rank (``[text]`` without distribution)."""
-    if not info.enabled:
-        return [text]
-    texts: list = [None] * info.world_size
-    dist.all_gather_object(texts, text)
-    return [str(t) for t in texts]
-
-
 def gather_objects(value: object, info: DistInfo) -> list:
     """Every rank's ``value`` (picklable, e.g. torch's RNG state tensors), in rank order, on every rank."""
     if not info.enabled:

@@ -244,9 +244,10 @@ def train(
         stopping = finished or out_of_time or (config.stop_after is not None and run_steps >= config.stop_after)
         saving = step % config.checkpoint_every == 0 or stopping
         if saving:  # every rank's sampler, so that a resume continues each rank's own batches
-            rank_rng = distributed.gather_text(json.dumps(rng.bit_generator.state), info)
-            rank_difficulty = distributed.gather_text(json.dumps(train_pool.difficulty), info)
-            rank_torch_rng = distributed.gather_objects(_torch_rng_state(), info)
+            ranks = distributed.gather_objects(
+                {"rng": rng.bit_generator.state, "difficulty": train_pool.difficulty, "torch_rng": _torch_rng_state()},
+                info,
+            )
         if info.is_main:
             if val_pairs is not None and (step % config.val_every == 0 or stopping):
                 scores = validate(model, val_pool, val_pairs, device=device)
@@ -258,8 +259,7 @@ def train(
                     best = scores["mean"]
                     _save_weights(model, out_dir / "best.safetensors", config, step=step, scores=scores)
             if saving:
-                _save_state(state_path, model, optimizer, schedule, step, history, best, rank_rng, rank_difficulty,
-                            rank_torch_rng=rank_torch_rng, scaler=scaler)
+                _save_state(state_path, model, optimizer, schedule, step, history, best, ranks, scaler=scaler)
                 plot_curves(history, out_dir / "curves.png")
             if progress is not None:
                 progress(step / config.steps, f"step {step}/{config.steps} loss {loss_value:.3f}")
@@ -351,17 +351,15 @@ def _torch_rng_state() -> dict:
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def _save_state(path, model, optimizer, schedule, step, history, best, rank_rng, rank_difficulty, *,
-                rank_torch_rng, scaler) -> None:
-    """``rank_rng`` / ``rank_difficulty``: each rank's sampler state and prompt difficulties as JSON, in rank order;
-    ``rank_torch_rng``: each rank's ``_torch_rng_state``."""
+def _save_state(path, model, optimizer, schedule, step, history, best, ranks, *, scaler) -> None:
+    """``ranks``: each rank's sampler state, prompt difficulties and ``_torch_rng_state``, in rank order."""
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-        "step": step, "history": json.dumps(history), "best": best, "rng": rank_rng[0],
-        "difficulty": rank_difficulty[0],  # rank 0's, as before: older code reads these
-        "rank_rng": json.dumps([json.loads(r) for r in rank_rng]),
-        "rank_difficulty": json.dumps([json.loads(d) for d in rank_difficulty]),
-        "rank_torch_rng": rank_torch_rng, "scaler": scaler.state_dict(),
+        "step": step, "history": json.dumps(history), "best": best,
+        "rng": json.dumps(ranks[0]["rng"]), "difficulty": json.dumps(ranks[0]["difficulty"]),  # as before: older code reads these
+        "rank_rng": json.dumps([r["rng"] for r in ranks]),
+        "rank_difficulty": json.dumps([r["difficulty"] for r in ranks]),
+        "rank_torch_rng": [r["torch_rng"] for r in ranks], "scaler": scaler.state_dict(),
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
