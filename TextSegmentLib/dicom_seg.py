@@ -13,7 +13,7 @@ meta header (MediaStorageSOPInstanceUID / MediaStorageSOPClassUID) or the volume
 study, series and frame-of-reference UIDs from ``DicomInfo`` or, if empty there too, generated
 *stably* (a hash of the series' instance UIDs), so writing twice gives a SEG in the same study.
 
-An enhanced (multi-frame) CT source — one file, every slice a frame, read by ``io.dicom`` with
+An enhanced (multi-frame) CT source — one file, every slice a frame, read by ``io.dicom_volume`` with
 ``metadata["frame_numbers"]`` — is handed to highdicom as that one dataset, with the masks put back
 into the file's frame order, so each SEG frame references the source image *and its frame number*.
 Each frame's position/orientation (functional groups) is checked against the volume like a file's.
@@ -212,7 +212,7 @@ def _frame_numbers(source: Volume) -> Optional[list[int]]:
 
 def _check_frames(ds: Any, source: Volume, frame_numbers: Sequence[int], file: str) -> None:
     """Refuse a volume whose slice ``k`` is not frame ``frame_numbers[k]`` of the multi-frame ``file``."""
-    from .io.dicom import functional_group
+    from .io.dicom_series import functional_group
 
     n = int(ds.get("NumberOfFrames") or 1)
     if n != len(frame_numbers):

@@ -488,7 +488,8 @@ class SegmentationLogic:
         import os
 
         from .dicom_seg import write_dicom_seg
-        from .io.dicom import read_series, series_from_files
+        from .io.dicom_series import series_from_files
+        from .io.dicom_volume import read_series
         from .slicer_bridge import dicom_source_files
         from .volume import reorient_to
 

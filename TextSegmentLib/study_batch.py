@@ -13,8 +13,8 @@ its status, and every DICOM file skipped because its header is unreadable (``cor
 renamed when complete, so a series that fails half-way never leaves outputs that look finished.
 Only a finished series names a ``folder`` in the report: with ``overwrite`` an earlier run's folder
 for a series that fails now is kept (never delete what the user had), and a warning says it is stale.
-A scout filed under a CT series' UID is left out of the stack (``io.dicom``) and named in the warnings.
-An Enhanced (multi-frame) CT file is a series like a folder of slices (``io.dicom`` reads its frames);
+A scout filed under a CT series' UID is left out of the stack (``io.dicom_series``) and named in the warnings.
+An Enhanced (multi-frame) CT file is a series like a folder of slices (``io.dicom_volume`` reads its frames);
 its ``seg.dcm`` references that one file and its frame numbers.
 A bad series is reported and skipped; the others still run. Non-image objects (SEG, RTSTRUCT) and
 non-CT series are listed as skipped, never guessed at.
@@ -132,7 +132,7 @@ def segment_study(
     ``overwrite``); raises ``Cancelled`` after writing the report when cancelled.
     """
     from .engine import validate_prompts
-    from .io.dicom import list_series
+    from .io.dicom_series import list_series
     from .io.writers import write_json
 
     started = time.perf_counter()
@@ -228,7 +228,7 @@ def _check_free(output_dir: Path, folders: list[str], *, overwrite: bool) -> Non
 
 def _read(series: Any, *, source: Path) -> Any:
     """The engine's reader, with the CT rule of ``io.readers``: no Modality tag is fine when values look like HU."""
-    from .io.dicom import read_series
+    from .io.dicom_volume import read_series
     from .io.readers import looks_like_hu
 
     volume = read_series(series, source=source)

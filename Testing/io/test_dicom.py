@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from enhanced_ct import ENHANCED_CT, LEGACY_ENHANCED_CT, enhanced_ct
 
 from TextSegmentLib.errors import InputError, NotCTError
-from TextSegmentLib.io import dicom, list_series, read_label_map, read_volume
+from TextSegmentLib.io import dicom_series, dicom_volume, list_series, read_label_map, read_volume
 
 TOTALSEG = "dicom/totalseg_example_ct_dicom"
 DIRTESTS = "dicom/pydicom_dicomdirtests"
@@ -212,7 +212,7 @@ def test_compressed_pixels_fall_back_to_simpleitk(shared_data, monkeypatch):
     def no_decoder(*args, **kwargs):
         raise NotImplementedError("no pixel data handler for this transfer syntax")
 
-    monkeypatch.setattr(dicom, "apply_modality_lut", no_decoder)
+    monkeypatch.setattr(dicom_volume, "apply_modality_lut", no_decoder)
     fallback = read_volume(folder)
     np.testing.assert_array_equal(fallback.array, expected)
     assert fallback.array.dtype == np.int16
@@ -232,7 +232,7 @@ def test_uncompressed_pixels_pydicom_cannot_read_are_not_handed_to_simpleitk(sha
     def unreadable(*args, **kwargs):
         raise ValueError("pixel data too short")
 
-    monkeypatch.setattr(dicom, "apply_modality_lut", unreadable)
+    monkeypatch.setattr(dicom_volume, "apply_modality_lut", unreadable)
     with pytest.raises(InputError, match="corrupt pixel data"):
         read_volume(shared_data / "dicom/rtutils_mock_ct_rtstruct")
 
@@ -559,7 +559,7 @@ def test_a_one_frame_enhanced_ct_is_placed_by_its_functional_groups(shared_data,
     path = enhanced_ct(shared_data / DCMQI, tmp_path / "enhanced.dcm", edit=only_the_second_slice)
     ds = pydicom.dcmread(path)
     assert int(ds.NumberOfFrames) == 1
-    plane = dicom.functional_group(ds, 0, "PlanePositionSequence")  # per-frame or shared: highdicom's choice
+    plane = dicom_series.functional_group(ds, 0, "PlanePositionSequence")  # per-frame or shared: highdicom's choice
     ds.ImagePositionPatient = [float(v) + 100 for v in plane.ImagePositionPatient]  # stray, and wrong
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.save_as(path)

@@ -480,15 +480,15 @@ def test_seg_on_a_study_folder_reads_its_headers_once(shared_data, tmp_path, mon
     big study was read twice."""
     import shutil
 
-    from TextSegmentLib.io import dicom
+    from TextSegmentLib.io import dicom_series
 
     masks = np.zeros((3, 512, 512, 1), dtype=bool)
     masks[:2, 200:260, 210:250, 0] = True
     series, seg = _seg_on_dcmqi_series(shared_data, tmp_path, masks, ["spleen"])
     shutil.copytree(series, tmp_path / "study" / "ct")
     calls = []
-    listed = dicom.list_series
-    monkeypatch.setattr(dicom, "list_series", lambda *a, **k: calls.append(a) or listed(*a, **k))
+    listed = dicom_series.list_series
+    monkeypatch.setattr(dicom_series, "list_series", lambda *a, **k: calls.append(a) or listed(*a, **k))
     case = load_dicom_seg_case(tmp_path / "study", seg)
     assert np.array_equal(case.labels.array == 1, masks[..., 0])
     assert case.ct.modality == "CT"

@@ -4,7 +4,8 @@ Readers refuse what is not a usable 3D CT with one clear ``InputError``; writers
 never overwrite an input.
 """
 
-from .dicom import SeriesInfo, choose_series, is_dicom_input, list_series, read_series, series_from_files
+from .dicom_series import SeriesInfo, choose_series, is_dicom_input, list_series, series_from_files
+from .dicom_volume import read_series
 from .readers import looks_like_hu, read_image_file, read_label_map, read_volume
 from .writers import atomic_write, write_float_map, write_json, write_label_map, write_volume
 

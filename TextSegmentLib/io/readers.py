@@ -29,7 +29,7 @@ import SimpleITK as sitk
 
 from ..errors import InputError, NotCTError
 from ..volume import Volume
-from . import dicom
+from . import dicom_series, dicom_volume
 from .integrity import check_complete, nifti_header
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,12 @@ _ITK_SHORT_READ = ("fread got only", "_nrrdGzRead", "_nrrdEncodingGzip_read")  #
 
 def read_volume(
     path: Path | str, *, allow_non_ct: bool = False, series_uid: Optional[str] = None,
-    listing: Optional[Sequence[dicom.SeriesInfo]] = None,
+    listing: Optional[Sequence[dicom_series.SeriesInfo]] = None,
 ) -> Volume:
     """A CT volume from an image file, a DICOM folder, a DICOMDIR or a single DICOM file.
 
     ``series_uid`` picks one DICOM series (a SeriesInstanceUID or a key from ``list_series``); without
-    it the CT series is chosen (see ``dicom.choose_series``). A single DICOM file is read alone, as
+    it the CT series is chosen (see ``dicom_series.choose_series``). A single DICOM file is read alone, as
     one slice; point at its folder for the whole series. Non-CT input raises ``NotCTError`` unless
     ``allow_non_ct``. ``listing``: ``list_series(path)`` when the caller has made it already, so a
     large study's headers are not read a second time.
@@ -58,10 +58,10 @@ def read_volume(
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
-    if dicom.is_dicom_input(path):
-        found = dicom.list_series(path) if listing is None else listing
-        series = dicom.choose_series(found, source=path, series_uid=series_uid, allow_non_ct=allow_non_ct)
-        volume = dicom.read_series(series, source=path)
+    if dicom_series.is_dicom_input(path):
+        found = dicom_series.list_series(path) if listing is None else listing
+        series = dicom_series.choose_series(found, source=path, series_uid=series_uid, allow_non_ct=allow_non_ct)
+        volume = dicom_volume.read_series(series, source=path)
         _check_values(volume, path)
     else:
         if series_uid:

@@ -143,14 +143,14 @@ def load_dicom_seg_case(series: Union[str, Path], seg_file: Union[str, Path], *,
     """
     import pydicom
 
-    from ..io import dicom, read_volume
+    from ..io import dicom_series, read_volume
 
     ds = pydicom.dcmread(str(seg_file))
     if getattr(ds, "Modality", "") != "SEG":
         raise InputError(f"{seg_file} is not a DICOM SEG (modality {getattr(ds, 'Modality', '?')!r})")
     referenced = [str(r.SeriesInstanceUID) for r in ds.get("ReferencedSeriesSequence", []) if "SeriesInstanceUID" in r]
-    if referenced and dicom.is_dicom_input(Path(series)):
-        listing = dicom.list_series(series)  # once: read_volume would read every header of the study again
+    if referenced and dicom_series.is_dicom_input(Path(series)):
+        listing = dicom_series.list_series(series)  # once: read_volume would read every header of the study again
         held = {s.series_instance_uid: s.key for s in listing}
         series_uid = next((uid for uid in referenced if uid in held), None)
         if series_uid is None:
