@@ -57,12 +57,19 @@ def test_a_batch_where_no_row_has_a_target_gives_zero_maps(family_model, stage):
         assert maps[name].shape[0] == 2 and not maps[name].any()
 
 
+@pytest.mark.parametrize("one_projection", [True, False])
 @pytest.mark.parametrize("stage", [2, 3])
-def test_image_taps_are_projected_once_per_image_with_the_same_maps(family_model, stage, monkeypatch):
-    """Rows prompt-major (P·B): a tap the prompt cannot change needs one projection per image, not per row."""
+def test_image_taps_are_projected_once_per_image_with_the_same_maps(family_model, stage, one_projection, monkeypatch):
+    """Rows prompt-major (P·B): a tap the prompt cannot change needs one projection per image, not per row.
+
+    The families map every ViT tap through one projection, so the stacked taps are projected in one
+    call; a model without that promise gets one call per tap. The maps are the same either way.
+    """
     from TextSegmentLib.saliency import SaliencyConfig, explain_batch
 
     model = family_model
+    assert model.joint_projection_shared
+    monkeypatch.setattr(model, "joint_projection_shared", one_projection, raising=False)
     size, images, prompts = model.image_size, 2, 3
     batch = torch.rand(images, 3, size, size, generator=torch.Generator().manual_seed(5))
     rows = torch.arange(prompts).repeat_interleave(images)
@@ -80,7 +87,7 @@ def test_image_taps_are_projected_once_per_image_with_the_same_maps(family_model
         project = model.project_to_joint
         monkeypatch.setattr(model, "project_to_joint", lambda name, f: seen.append(f.shape[0]) or project(name, f))
         shared, _, _ = explain_batch(output, layers=layers, target=target, config=config, model=model, images=images)
-    assert seen == [images] * len(layers)
+    assert seen == ([images * len(layers)] if one_projection else [images] * len(layers))
     for name in layers:
         torch.testing.assert_close(shared[name], plain[name], rtol=1e-5, atol=1e-5)
 

@@ -140,6 +140,10 @@ class TextSegmentationModel(nn.Module):
         """Taps ``project_to_joint`` can map into the joint image–text space (saliency stages 2–3)."""
         return ()
 
+    # True when ``project_to_joint`` maps every joint tap alike, so taps of one shape may be stacked
+    # along the batch and projected in one call (saliency does so)
+    joint_projection_shared = False
+
     def project_to_joint(self, name: str, features: torch.Tensor) -> torch.Tensor:
         """Map tap ``name``'s ``(B, C, h, w)`` features into the joint space ``(B, D, h, w)``."""
         from ..errors import ModelError

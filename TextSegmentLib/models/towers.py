@@ -628,6 +628,8 @@ class ViTJointTaps:
     trained on), an approximation for earlier blocks, whose tokens were never trained to live there.
     """
 
+    joint_projection_shared = True  # every vit.<i> goes through the same norm + projection
+
     @property
     def joint_tap_names(self) -> tuple[str, ...]:
         return tuple(f"vit.{i}" for i in self.config.vit_taps)

@@ -62,6 +62,7 @@ def explain_batch(
     prompt = None if output.text_embedding is None else output.text_embedding.float()
     joint = set(getattr(model, "joint_tap_names", ()) or ()) if hasattr(model, "project_to_joint") else set()
     image_taps = set(getattr(model, "image_tap_names", ()) or ())
+    one_projection = bool(getattr(model, "joint_projection_shared", False))
     features_of: dict[str, Any] = {}
     info: dict[str, dict[str, Any]] = {}
     per_image_of: dict[str, bool] = {}
@@ -88,21 +89,22 @@ def explain_batch(
         if same != name:
             aliases[name], info[name] = same, info[same]
             continue
-        features = (tap[:images] if shared else tap).float()
         if text:
-            features = model.project_to_joint(name, features).float()
             space = "joint image-text space (model projection)"
         per_image_of[name] = shared
         text_of[name] = text
-        features_of[name] = features
-        info[name] = {"stage": stage, "space": space, "feature_shape": list(features.shape[1:]), "note": note}
+        features_of[name] = (tap[:images] if shared else tap).float()  # projected per group, below
+        info[name] = {"stage": stage, "space": space, "feature_shape": None, "note": note}
 
     # Layers with the same stage and small feature maps of one shape (the ViT blocks, typically) are
-    # stacked along the batch and mapped in one go; large maps are mapped one by one.
+    # stacked along the batch and mapped in one go; large maps are mapped one by one. Taps in the
+    # text space are stacked only where the model maps them all with one projection
+    # (``joint_projection_shared``), which then runs once on the stack.
     groups: dict[tuple[Any, ...], list[str]] = {}
     for name, features in features_of.items():
         key = (info[name]["stage"], text_of[name], per_image_of[name]) + tuple(features.shape[1:])
-        if features.shape[-2] * features.shape[-1] > STACK_MAX_CELLS:  # copying it costs more than a call
+        large = features.shape[-2] * features.shape[-1] > STACK_MAX_CELLS  # copying it costs more than a call
+        if large or (text_of[name] and not one_projection):
             key = key[:3] + (name,) + key[3:]
         groups.setdefault(key, []).append(name)
     pooled: dict[tuple[int, int], Any] = {}  # the target on each feature grid, shared by same-sized taps
@@ -127,6 +129,10 @@ def explain_batch(
         gather = rows is not None and not per_image
         chosen = [features_of[n][rows] if gather else features_of[n] for n in names]
         features = torch.cat(chosen) if k > 1 else chosen[0]
+        if text:  # stacked taps share the model's one projection: one call, not k
+            features = model.project_to_joint(names[0], features).float()
+        for name in names:
+            info[name]["feature_shape"] = list(features.shape[1:])
 
         def own_rows(x: Any) -> Any:
             """This group's rows of a per-row tensor: those with a target, or per image (B, P, ...)."""

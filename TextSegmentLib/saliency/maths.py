@@ -17,7 +17,7 @@ inside a box when its centre ``((i + 0.5) / h)`` is.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -309,9 +309,10 @@ def stage3_map(
         - weights.global_image * normalise(global_image, dim=-1)
         - weights.context * normalise(context, dim=-1)
     )
+    total = weights.total
     if prompt is None:
-        weights = replace(weights, prompt=0.0)
+        total -= weights.prompt
     else:
         reference = reference + weights.prompt * normalise(prompt, dim=-1)
-    unit = (projection_map(features, reference) / max(weights.total, EPS) + 1.0) / 2.0
+    unit = (projection_map(features, reference) / max(total, EPS) + 1.0) / 2.0
     return unit * prior
