@@ -1,8 +1,9 @@
 """TextSegment: text-prompted CT segmentation with layer-wise saliency, as a 3D Slicer module.
 
 A thin adapter. Everything that runs without Qt lives in TextSegmentLib and is tested headless:
-``slicer_logic`` (parameters, the worker thread, jobs, study batch), ``slicer_bridge`` (every MRML
-change), the engine and the models. Nothing here imports torch at load time, so Slicer starts fast
+``slicer_logic`` (segmentation, study batch), ``slicer_parameters`` (the parameter node),
+``slicer_jobs`` (the worker thread), ``slicer_setup`` (GPUs, requirements), ``slicer_bridge`` (every
+MRML change), the engine and the models. Nothing here imports torch at load time, so Slicer starts fast
 and the module opens even before its dependencies are installed (Setup section).
 
 Console::
@@ -32,8 +33,9 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from TextSegmentLib import slicer_logic
-from TextSegmentLib.slicer_logic import PARAMETERS, SegmentationLogic
+from TextSegmentLib import slicer_logic, slicer_parameters, slicer_setup
+from TextSegmentLib.slicer_logic import SegmentationLogic
+from TextSegmentLib.slicer_parameters import PARAMETERS
 
 HISTORY_KEY = "TextSegment/PromptHistory"
 HISTORY_LENGTH = 30
@@ -58,9 +60,9 @@ class TextSegment(ScriptedLoadableModule):
         )
 
 
-# parameters: the same list slicer_logic reads and writes headless ----------------------------------
+# parameters: the same list slicer_parameters reads and writes headless -----------------------------
 def _parameterNodeClass():
-    """A parameterNodeWrapper class built from ``slicer_logic.PARAMETERS`` (one source for both)."""
+    """A parameterNodeWrapper class built from ``slicer_parameters.PARAMETERS`` (one source for both)."""
     annotations, defaults = {}, {}
     for p in PARAMETERS:
         if p.is_node:
@@ -103,9 +105,9 @@ def _indexDicomFolders(folders):
 def missingDependencies():
     """Requirements not satisfied now, torch first; no pip, no network."""
     requirementsPath = _resourcePath("requirements.txt")
-    return slicer_logic.missing_requirements(
-        [slicer_logic.TORCH_REQUIREMENT, slicer_logic.TORCHVISION_REQUIREMENT]
-        + slicer_logic.read_requirements(requirementsPath))
+    return slicer_setup.missing_requirements(
+        [slicer_setup.TORCH_REQUIREMENT, slicer_setup.TORCHVISION_REQUIREMENT]
+        + slicer_setup.read_requirements(requirementsPath))
 
 
 def installDependencies():
@@ -113,10 +115,10 @@ def installDependencies():
     import PyTorchUtils
 
     torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-    torchMissing = slicer_logic.missing_requirements([slicer_logic.TORCH_REQUIREMENT, slicer_logic.TORCHVISION_REQUIREMENT])
+    torchMissing = slicer_setup.missing_requirements([slicer_setup.TORCH_REQUIREMENT, slicer_setup.TORCHVISION_REQUIREMENT])
     if torchMissing:
-        specifier = slicer_logic.TORCH_REQUIREMENT[len("torch"):]
-        visionSpecifier = slicer_logic.TORCHVISION_REQUIREMENT[len("torchvision"):]
+        specifier = slicer_setup.TORCH_REQUIREMENT[len("torch"):]
+        visionSpecifier = slicer_setup.TORCHVISION_REQUIREMENT[len("torchvision"):]
         if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=specifier,
                                    torchvisionVersionRequirement=visionSpecifier) is None:
             raise RuntimeError(_("PyTorch was not installed"))
@@ -132,7 +134,7 @@ def installDependencies():
         except TypeError:  # an older pip_ensure without skip_packages
             pydeps.pip_ensure(requirements, requester="TextSegment")
     else:
-        missing = slicer_logic.missing_requirements(slicer_logic.read_requirements(requirementsPath))
+        missing = slicer_setup.missing_requirements(slicer_setup.read_requirements(requirementsPath))
         if missing:
             slicer.util.pip_install(["-r", requirementsPath])
 
@@ -194,7 +196,7 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportDicomSegButton.connect("clicked(bool)", self.onExportDicomSeg)
         self._pollTimer.connect("timeout()", self.onPoll)
 
-        for preset in slicer_logic.MODEL_PRESETS:
+        for preset in slicer_parameters.MODEL_PRESETS:
             self.ui.modelComboBox.addItem(preset, preset)
         self._fillHistory()
         self._showDevices()
@@ -372,7 +374,7 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showError(_("Cannot start"), exc)
             return
         self._runColormap = p.colormap
-        self._rememberPrompts(slicer_logic.parse_prompts(p.prompts))
+        self._rememberPrompts(slicer_parameters.parse_prompts(p.prompts))
         self._start(job, "segment")
 
     def _start(self, job, kind):
@@ -531,7 +533,7 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # setup ---------------------------------------------------------------------------------------
     def _showDevices(self):
-        self.ui.deviceInfoLabel.text = slicer_logic.describe_gpus(slicer_logic.probe_gpus())
+        self.ui.deviceInfoLabel.text = slicer_setup.describe_gpus(slicer_setup.probe_gpus())
 
     def _showDependencies(self):
         try:
@@ -643,7 +645,7 @@ class TextSegmentTest(ScriptedLoadableModuleTest):
         self.assertTrue(slicer.util.saveScene(path))
         slicer.mrmlScene.Clear()
         slicer.util.loadScene(path)
-        values = slicer_logic.read_parameters(slicer_logic.find_parameter_node(slicer.mrmlScene, create=False))
+        values = slicer_parameters.read_parameters(slicer_parameters.find_parameter_node(slicer.mrmlScene, create=False))
         self.assertEqual(values["prompts"], "liver\nleft kidney")
         self.assertEqual((values["saliency"], values["saliencyOpacity"], values["saliencyStage"]), (True, 0.25, 3))
         self.assertEqual(values["inputVolume"].GetName(), "CT")

@@ -27,7 +27,7 @@ class CancelToken:
         return self._event.is_set()
 
     def raise_if_cancelled(self) -> None:
-        if self.cancelled:  # the property, so a token that also follows another (slicer_logic) is obeyed
+        if self.cancelled:  # the property, so a token that also follows another (slicer_jobs) is obeyed
             raise Cancelled("cancelled by the user; no output was written")
 
 

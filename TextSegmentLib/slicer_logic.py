@@ -1,8 +1,8 @@
-"""The Slicer module's logic without Qt: parameters, one persistent worker thread, jobs, study batch.
+"""The Slicer module's logic without Qt: segmentation, saliency, DICOM SEG export, study batch, weights.
 
 Usable from Slicer's Python console, from ``Slicer --python-script`` and, on ``slicer-core``,
-headless in CI (volumes and segmentations go through ``slicer_bridge``; this module itself only
-finds its parameter node and checks that nodes are still in the scene)::
+headless in CI (volumes and segmentations go through ``slicer_bridge``, the parameter node through
+``slicer_parameters``; this module itself only checks that nodes are still in the scene)::
 
     logic = SegmentationLogic()                       # inside Slicer: the application's scene
     outcome = logic.segment(volume=getNode("CT"), prompts=["liver", "spleen"],
@@ -21,288 +21,34 @@ Threads: torch runs on one persistent worker thread (warm kernels and caches acr
 Qt and pip stay on the main thread. Jobs report through a thread-safe queue that the main thread
 drains with ``poll()``; only ``poll()`` (or a ``wait=True`` call, on the caller's thread) changes
 the scene, after a run has succeeded. The input volume is copied before the worker sees it and
-is never written.
+is never written. The worker and its jobs are in ``slicer_jobs``; GPU probing and requirement
+checks for the Setup section in ``slicer_setup``.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import itertools
 import logging
 import queue
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from .errors import Cancelled, InputError, OutputExistsError
 from .progress import CancelToken, ProgressCallback
+from .slicer_jobs import CANCELLED, DONE, FAILED, RUNNING, Job, JobEvent, Worker, EitherToken
+from .slicer_parameters import (
+    DEFAULT_MODEL,
+    find_parameter_node,
+    parse_aux_prompts,
+    parse_prompts,
+    read_parameters,
+    write_parameters,
+)
 
 log = logging.getLogger(__name__)
-
-MODULE_NAME = "TextSegment"
-DEFAULT_MODEL = "freqmedclip-tiny"
-# The presets the registry builds, listed without importing torch (Slicer start-up; torch may be missing).
-MODEL_PRESETS = ("freqmedclip-tiny", "freqmedclip-base", "tgcnet-tiny", "tgcnet-base")
-TORCH_REQUIREMENT = "torch>=2.4,<2.15"  # torch and torchvision come from Slicer's PyTorch extension, not pip
-TORCHVISION_REQUIREMENT = "torchvision>=0.19,<0.30"
-COLORMAPS = ("Inferno", "Viridis", "Magma", "Plasma", "ColdToHotRainbow")
-
-
-# parameters ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Parameter:
-    """One entry of the module's parameter node.
-
-    ``type`` is str, int, float or bool, or the MRML class name of a referenced node. Values are
-    stored exactly as Slicer's ``parameterNodeWrapper`` stores them (``str(number)``, "True"/"False",
-    node references under the parameter's name), so this plain-MRML helper and the wrapper in
-    ``TextSegment.py`` read and write the same scene files.
-    """
-
-    name: str
-    type: Any
-    default: Any = None
-    choices: tuple = ()
-    bounds: Optional[tuple[float, float]] = None
-
-    @property
-    def is_node(self) -> bool:
-        return isinstance(self.type, str)
-
-
-PARAMETERS = (
-    Parameter("inputVolume", "vtkMRMLScalarVolumeNode"),
-    Parameter("prompts", str, ""),
-    Parameter("auxPrompts", str, ""),
-    Parameter("model", str, DEFAULT_MODEL),
-    Parameter("weights", str, ""),  # "" = the model's default weights
-    Parameter("device", str, "auto", choices=("auto", "cuda", "cpu")),
-    Parameter("threshold", float, 0.5, bounds=(0.05, 0.95)),
-    Parameter("minIslandMl", float, 0.0, bounds=(0.0, 1000.0)),  # 0 = keep every island
-    Parameter("outputSegmentation", "vtkMRMLSegmentationNode"),
-    Parameter("saliency", bool, False),
-    Parameter("saliencyStage", int, 1, bounds=(1, 3)),
-    Parameter("compactSaliency", bool, True),  # maps on the compact grid (grid.py)
-    Parameter("saliencyLayer", str, ""),  # "" = the combined map
-    Parameter("saliencyOpacity", float, 0.5, bounds=(0.0, 1.0)),
-    Parameter("colormap", str, "Inferno", choices=COLORMAPS),
-    Parameter("combinedMap", bool, True),
-)
-_BY_NAME = {p.name: p for p in PARAMETERS}
-
-
-def find_parameter_node(scene: Any, *, create: bool = True) -> Any:
-    """The module's ``vtkMRMLScriptedModuleNode``, found and made as ``ScriptedLoadableModuleLogic`` does.
-
-    A singleton tagged with the module name and carrying its ``ModuleName`` attribute, so a scene
-    saved headless opens in Slicer with the same parameters, and the other way round.
-    """
-    node = scene.GetSingletonNode(MODULE_NAME, "vtkMRMLScriptedModuleNode")
-    if node is None:
-        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode")):
-            candidate = scene.GetNthNodeByClass(i, "vtkMRMLScriptedModuleNode")
-            if candidate.GetAttribute("ModuleName") == MODULE_NAME:
-                node = candidate
-                break
-    if node is not None or not create:
-        return node
-    node = scene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
-    node.UnRegister(None)  # the Python variable owns it now (as in Slicer's createParameterNode)
-    node.SetSingletonTag(MODULE_NAME)
-    node.SetAttribute("ModuleName", MODULE_NAME)
-    node.SetName(scene.GenerateUniqueName(MODULE_NAME))
-    node = scene.AddNode(node)
-    write_parameters(node, {})
-    return node
-
-
-def read_parameters(node: Any) -> dict[str, Any]:
-    """Every parameter's value (its default where the node has none)."""
-    values = {}
-    for p in PARAMETERS:
-        if p.is_node:
-            values[p.name] = node.GetNodeReference(p.name)
-        elif not node.HasParameter(p.name):
-            values[p.name] = p.default
-        elif p.type is bool:
-            values[p.name] = node.GetParameter(p.name) == "True"
-        else:
-            values[p.name] = p.type(node.GetParameter(p.name))
-    return values
-
-
-def write_parameters(node: Any, values: Mapping[str, Any]) -> None:
-    """Write ``values`` (validated) and the defaults of parameters the node lacks, in one modification."""
-    unknown = sorted(set(values) - set(_BY_NAME))
-    if unknown:
-        raise InputError(f"unknown TextSegment parameter(s) {unknown}; known: {sorted(_BY_NAME)}")
-    for name, value in values.items():
-        _check(_BY_NAME[name], value)
-    modifying = node.StartModify()
-    try:
-        for p in PARAMETERS:
-            if p.name in values:
-                _store(node, p, values[p.name])
-            elif not node.HasParameter(p.name):
-                _store(node, p, p.default)
-    finally:
-        node.EndModify(modifying)
-
-
-def _check(p: Parameter, value: Any) -> None:
-    if p.is_node:
-        if value is not None and not value.IsA(p.type):
-            raise InputError(f"parameter {p.name!r} takes a {p.type}, not a {value.GetClassName()}")
-        return
-    if p.type is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, p.type) or (p.type is int and isinstance(value, bool)):
-        raise InputError(f"parameter {p.name!r} takes a {p.type.__name__}, got {value!r}")
-    if p.choices and value not in p.choices:
-        raise InputError(f"parameter {p.name!r} must be one of {list(p.choices)}, got {value!r}")
-    if p.bounds and not p.bounds[0] <= value <= p.bounds[1]:
-        raise InputError(f"parameter {p.name!r} must lie between {p.bounds[0]} and {p.bounds[1]}, got {value!r}")
-
-
-def _store(node: Any, p: Parameter, value: Any) -> None:
-    if p.is_node:  # as the wrapper's NodeSerializer: an empty parameter marks it present, the reference holds it
-        node.SetParameter(p.name, "")
-        node.SetNodeReferenceID(p.name, value.GetID() if value is not None else None)
-    elif p.type is bool:
-        node.SetParameter(p.name, "True" if value else "False")
-    else:
-        node.SetParameter(p.name, str(p.type(value)))
-
-
-# prompts ---------------------------------------------------------------------------------------
-def parse_prompts(text: Union[str, Sequence[str]]) -> list[str]:
-    """One prompt per line (or a list); blank lines and repeats dropped, order kept.
-
-    A repeat differing only in case ("Liver", "liver") is dropped too: Slicer finds segments by
-    name regardless of case, so both would land in one segment, the second overwriting the first.
-    """
-    lines = text.splitlines() if isinstance(text, str) else list(text)
-    unique: dict[str, str] = {}
-    for line in lines:
-        prompt = " ".join(str(line).split())
-        unique.setdefault(prompt.casefold(), prompt)
-    prompts = [p for p in unique.values() if p]
-    if not prompts:
-        raise InputError("no prompt given: type what to segment, one per line (e.g. 'liver')")
-    return prompts
-
-
-def parse_aux_prompts(text: Union[str, Sequence[str], None], *, count: int) -> Optional[list[Optional[str]]]:
-    """Auxiliary descriptions (TGC-Net), one line per prompt, or none at all."""
-    if text is None:
-        return None
-    lines = [" ".join(str(line).split()) for line in (text.splitlines() if isinstance(text, str) else text)]
-    if not any(lines):
-        return None
-    if len(lines) != count:
-        raise InputError(f"{len(lines)} auxiliary description line(s) for {count} prompt(s): give one line per prompt, or none")
-    return [line or None for line in lines]
-
-
-# jobs and the worker ---------------------------------------------------------------------------
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-
-
-class _EitherToken(CancelToken):
-    """The job's own token, also cancelled by the caller's (a token or, as the engine takes, a
-    zero-argument callable): the worker and the engine check one token."""
-
-    def __init__(self, other: Union[CancelToken, Callable[[], bool], None] = None) -> None:
-        super().__init__()
-        self._other = other
-
-    @property
-    def cancelled(self) -> bool:
-        other = self._other
-        return super().cancelled or bool(other is not None and (other() if callable(other) else other.cancelled))
-
-
-@dataclass
-class Job:
-    """One piece of work: computed on the worker, finished (applied to the scene) by ``poll()``."""
-
-    id: int
-    title: str
-    compute: Callable[[ProgressCallback, CancelToken], Any] = field(repr=False)
-    apply: Optional[Callable[[Any], Any]] = field(default=None, repr=False)
-    cancel_token: CancelToken = field(default_factory=CancelToken, repr=False)
-    progress: Optional[ProgressCallback] = field(default=None, repr=False)  # the caller's; called by poll()
-    state: str = QUEUED
-    fraction: float = 0.0
-    message: str = ""
-    result: Any = None
-    error: Optional[BaseException] = None
-
-    @property
-    def finished(self) -> bool:
-        return self.state in (DONE, FAILED, CANCELLED)
-
-    def cancel(self) -> None:
-        """Ask the job to stop before its next batch of slices; whatever it computed is then discarded."""
-        self.cancel_token.cancel()
-
-
-@dataclass(frozen=True)
-class JobEvent:
-    """What ``poll()`` saw happen: ``kind`` is progress, running, done, failed or cancelled."""
-
-    job: Job
-    kind: str
-
-
-class Worker:
-    """One persistent daemon thread running jobs in order; started on the first job."""
-
-    def __init__(self, events: "queue.SimpleQueue[tuple[Job, str, Any]]") -> None:
-        self._jobs: "queue.SimpleQueue[Optional[Job]]" = queue.SimpleQueue()
-        self._events = events
-        self._thread: Optional[threading.Thread] = None
-        self._lock = threading.Lock()
-
-    def submit(self, job: Job) -> None:
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="TextSegment worker", daemon=True)
-                self._thread.start()
-        self._jobs.put(job)
-
-    def shutdown(self, *, timeout: Optional[float] = None) -> None:
-        with self._lock:
-            thread, self._thread = self._thread, None
-        if thread is not None:
-            self._jobs.put(None)
-            thread.join(timeout)
-
-    @property
-    def thread(self) -> Optional[threading.Thread]:
-        return self._thread
-
-    def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            self._run(job)
-
-    def _run(self, job: Job) -> None:
-        post = self._events.put
-        if job.cancel_token.cancelled:
-            post((job, CANCELLED, None))
-            return
-        post((job, RUNNING, None))
-        try:
-            value = job.compute(lambda fraction, message="": post((job, "progress", (fraction, message))), job.cancel_token)
-        except Cancelled:
-            post((job, CANCELLED, None))
-        except Exception as exc:  # noqa: BLE001 - handed to the main thread, which shows it
-            post((job, FAILED, exc))
-        else:
-            post((job, "computed", value))
 
 
 # outcomes --------------------------------------------------------------------------------------
@@ -623,7 +369,7 @@ class SegmentationLogic:
         ``cancel`` (the caller's token) cancels the job as ``job.cancel()`` does; ``progress`` is
         called by ``poll()``, on the main thread, never from the worker (it may touch Qt and MRML).
         """
-        job = Job(id=next(self._ids), title=title, compute=compute, apply=apply, cancel_token=_EitherToken(cancel),
+        job = Job(id=next(self._ids), title=title, compute=compute, apply=apply, cancel_token=EitherToken(cancel),
                   progress=progress)
         self._jobs.append(job)
         self.worker.submit(job)
@@ -740,6 +486,18 @@ def _ignore(fraction: float, message: str = "") -> None:
     return None
 
 
+def _file_state(weights: Optional[str]) -> Optional[tuple[int, int]]:
+    """(mtime, size) when ``weights`` names a file: a checkpoint rewritten in place (a user's own
+    training run exporting again) is loaded again instead of the model kept from the old file."""
+    if not weights:
+        return None
+    try:
+        stat = Path(weights).expanduser().stat()
+    except (OSError, ValueError):
+        return None  # an id, "random", a hub id: immutable once resolved
+    return stat.st_mtime_ns, stat.st_size
+
+
 # robustness ------------------------------------------------------------------------------------
 def robustness_note(model: Any, *, prompt: Optional[str] = None) -> str:
     """Prompt-robustness figures the weights carry, for ``prompt`` if they have its own, or what to try instead.
@@ -763,87 +521,3 @@ def robustness_note(model: Any, *, prompt: Optional[str] = None) -> str:
         return f"Robustness {scope}: " + "; ".join(parts) + "."
     return ("No prompt-robustness figures ship with these weights. Reword the prompt (e.g. 'liver' and "
             "'the liver parenchyma') and compare: a mask that changes a lot is not robust.")
-
-
-# devices (no torch import: the widget shows this before torch is installed) -----------------------
-def probe_gpus(*, run: Callable[..., Any] = subprocess.run) -> list[dict[str, Any]]:
-    """NVIDIA GPUs as ``nvidia-smi`` reports them (name, total and free MiB); [] when there is none.
-
-    A GPU whose memory nvidia-smi does not report ("[N/A]": unified-memory parts such as a DGX Spark's
-    GB10) is kept with ``None`` for it: it is still the GPU the models run on."""
-    command = ["nvidia-smi", "--query-gpu=index,name,memory.total,memory.free", "--format=csv,noheader,nounits"]
-    try:
-        done = run(command, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return []
-    if getattr(done, "returncode", 1) != 0:
-        return []
-    gpus = []
-    for line in done.stdout.splitlines():
-        fields = [f.strip() for f in line.split(",")]
-        if len(fields) != 4:
-            continue
-        try:
-            index = int(fields[0])
-        except ValueError:
-            continue
-        gpus.append({"index": index, "name": fields[1], "total_mib": _mib(fields[2]), "free_mib": _mib(fields[3])})
-    return gpus
-
-
-def _mib(field: str) -> Optional[int]:
-    try:
-        return int(field)
-    except ValueError:
-        return None  # "[N/A]", "[Not Supported]"
-
-
-def describe_gpus(gpus: Sequence[Mapping[str, Any]]) -> str:
-    """One line for the device selector: what 'auto' and 'cuda' will use."""
-    if not gpus:
-        return "No NVIDIA GPU found: models run on the CPU (slower)."
-
-    def memory(g: Mapping[str, Any]) -> str:
-        if g.get("free_mib") is None or g.get("total_mib") is None:
-            return "memory not reported"
-        return f"{g['free_mib'] / 1024:.1f} of {g['total_mib'] / 1024:.1f} GiB free"
-
-    return "; ".join(f"cuda:{g['index']} {g['name']}: {memory(g)}" for g in gpus)
-
-
-# dependencies ----------------------------------------------------------------------------------
-def read_requirements(path: Union[str, Path]) -> list[str]:
-    """The requirement lines of a requirements.txt (comments, blanks and pip options dropped)."""
-    lines = (line.split("#", 1)[0].strip() for line in Path(path).read_text(encoding="utf-8").splitlines())
-    return [line for line in lines if line and not line.startswith("-")]
-
-
-def missing_requirements(requirements: Iterable[str]) -> list[str]:
-    """Requirements not installed, or installed at a version outside their pins (no pip, no network)."""
-    from packaging.requirements import Requirement
-
-    missing = []
-    for text in requirements:
-        requirement = Requirement(text)
-        if requirement.marker is not None and not requirement.marker.evaluate():
-            continue  # not for this Python or platform: pip skips it too
-        try:
-            installed = importlib.metadata.version(requirement.name)
-        except importlib.metadata.PackageNotFoundError:
-            missing.append(text)
-            continue
-        if not requirement.specifier.contains(installed, prereleases=True):
-            missing.append(f"{text} (installed: {installed})")
-    return missing
-
-
-def _file_state(weights: Optional[str]) -> Optional[tuple[int, int]]:
-    """(mtime, size) when ``weights`` names a file: a checkpoint rewritten in place (a user's own
-    training run exporting again) is loaded again instead of the model kept from the old file."""
-    if not weights:
-        return None
-    try:
-        stat = Path(weights).expanduser().stat()
-    except (OSError, ValueError):
-        return None  # an id, "random", a hub id: immutable once resolved
-    return stat.st_mtime_ns, stat.st_size

@@ -22,21 +22,17 @@ from TextSegmentLib.errors import Cancelled, InputError
 from TextSegmentLib.io import read_label_map
 from TextSegmentLib.progress import CancelToken
 from TextSegmentLib.slicer_bridge import SALIENCY_ATTRIBUTE, export_segmentation, node_from_volume
-from TextSegmentLib.slicer_logic import (
+from TextSegmentLib.slicer_logic import SegmentationLogic, robustness_note
+from TextSegmentLib.slicer_parameters import (
     MODEL_PRESETS,
     PARAMETERS,
-    TORCH_REQUIREMENT,
-    SegmentationLogic,
-    describe_gpus,
     find_parameter_node,
-    missing_requirements,
     parse_aux_prompts,
     parse_prompts,
-    probe_gpus,
     read_parameters,
-    robustness_note,
     write_parameters,
 )
+from TextSegmentLib.slicer_setup import TORCH_REQUIREMENT, describe_gpus, missing_requirements, probe_gpus
 from TextSegmentLib.volume import Volume
 
 REPO = Path(__file__).resolve().parents[2]

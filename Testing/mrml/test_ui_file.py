@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from TextSegmentLib.slicer_logic import PARAMETERS, TORCH_REQUIREMENT, TORCHVISION_REQUIREMENT
+from TextSegmentLib.slicer_parameters import PARAMETERS
+from TextSegmentLib.slicer_setup import TORCH_REQUIREMENT, TORCHVISION_REQUIREMENT
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "TextSegment" / "TextSegment.py"
@@ -143,7 +144,8 @@ def test_the_module_defines_the_slicer_classes_and_imports_no_torch_at_load():
     top_level |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
     assert "torch" not in top_level
     # what it imports from the Lib at load pulls in no torch either
-    probe = "import sys, TextSegmentLib.slicer_logic, TextSegmentLib.slicer_bridge; print('torch' in sys.modules)"
+    probe = ("import sys, TextSegmentLib.slicer_logic, TextSegmentLib.slicer_parameters, TextSegmentLib.slicer_setup, "
+             "TextSegmentLib.slicer_bridge; print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
@@ -151,7 +153,7 @@ def test_the_module_defines_the_slicer_classes_and_imports_no_torch_at_load():
 
 def test_requirements_are_the_pyproject_pins_without_torch():
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    from TextSegmentLib.slicer_logic import read_requirements
+    from TextSegmentLib.slicer_setup import read_requirements
 
     requirements = read_requirements(REPO / "TextSegment" / "Resources" / "requirements.txt")
     assert {TORCH_REQUIREMENT, TORCHVISION_REQUIREMENT} <= set(pyproject)
@@ -450,7 +452,7 @@ def widget(monkeypatch):
     spec = importlib.util.spec_from_file_location("TextSegment_under_test", MODULE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    monkeypatch.setattr(module.slicer_logic, "probe_gpus", lambda: [])
+    monkeypatch.setattr(module.slicer_setup, "probe_gpus", lambda: [])
     monkeypatch.setattr(module, "missingDependencies", lambda: [])
     weights = {"freqmedclip-tiny": [("", "default weights"), ("fmc-v8", "fmc-v8")],
                "tgcnet-tiny": [("", "default weights"), ("tgc-v9", "tgc-v9")]}
@@ -590,7 +592,7 @@ def test_reentering_the_module_neither_fails_nor_recolours_the_saliency_maps(wid
     recoloured = []
 
     def add_saliency_volumes(item, *, reference_node, context, colormap):
-        if colormap not in widget.module.slicer_logic.COLORMAPS:  # as saliency_color_node refuses ''
+        if colormap not in widget.module.slicer_parameters.COLORMAPS:  # as saliency_color_node refuses ''
             raise bridge.InputError(f"colour table {colormap!r} is not in the scene")
         recoloured.append(colormap)
         return {}
