@@ -123,14 +123,9 @@ def segment(
     prompt_list = validate_prompts(prompts)
     aux_list = _validate_aux(aux_prompts, len(prompt_list))
     windows = _validate_windows(windows)
-    if not 0.0 < threshold < 1.0:
-        raise InputError(f"threshold must lie strictly between 0 and 1, got {threshold}")
-    if not min_component_ml >= 0.0:
-        raise InputError(f"min_component_ml must be 0 or more (mL), got {min_component_ml}")
+    check_settings(threshold=threshold, min_component_ml=min_component_ml, probability_grid=probability_grid)
     if probability_dtype not in PROBABILITY_DTYPES:
         raise InputError(f"probability_dtype must be one of {', '.join(PROBABILITY_DTYPES)}, got {probability_dtype!r}")
-    if probability_grid not in GRIDS:
-        raise InputError(f"probability_grid must be one of {', '.join(GRIDS)}, got {probability_grid!r}")
     if volume.array.size == 0:
         raise InputError(f"{volume.source or 'volume'}: holds no voxels (shape {volume.shape}); nothing to segment")
     if not _all_finite(volume.array):
@@ -434,6 +429,27 @@ def _initial_batch_size(batch_size: Union[int, str], device) -> int:
     if value < 1:
         raise InputError(f"batch size must be a positive integer or 'auto', got {batch_size!r}")
     return value
+
+
+def check_settings(
+    *,
+    prompts: int = 1,
+    aux_prompts: Optional[Sequence[Optional[str]]] = None,
+    threshold: float = 0.5,
+    batch_size: Union[int, str] = "auto",
+    min_component_ml: float = 0.0,
+    probability_grid: str = "source",
+) -> None:
+    """``segment``'s option checks on their own: a long job (a study batch) refuses a bad option once, up front."""
+    _validate_aux(aux_prompts, prompts)
+    if not 0.0 < threshold < 1.0:
+        raise InputError(f"threshold must lie strictly between 0 and 1, got {threshold}")
+    if not min_component_ml >= 0.0:
+        raise InputError(f"min_component_ml must be 0 or more (mL), got {min_component_ml}")
+    if probability_grid not in GRIDS:
+        raise InputError(f"probability_grid must be one of {', '.join(GRIDS)}, got {probability_grid!r}")
+    if batch_size != "auto":
+        _initial_batch_size(batch_size, None)  # a number needs no device
 
 
 def validate_prompts(prompts: Union[str, Sequence[str]]) -> list[str]:

@@ -131,13 +131,16 @@ def segment_study(
     Raises before any work when the folder holds no CT series or outputs exist (unless
     ``overwrite``); raises ``Cancelled`` after writing the report when cancelled.
     """
-    from .engine import validate_prompts
+    from .engine import check_settings, validate_prompts
     from .io.dicom_series import list_series
     from .io.writers import write_json
 
     started = time.perf_counter()
     dicom_dir, output_dir = Path(dicom_dir), Path(output_dir)
     prompt_list = validate_prompts(prompts)
+    # once, before any series: a bad option would otherwise fail every series with the same message
+    check_settings(prompts=len(prompt_list), aux_prompts=aux_prompts, threshold=threshold, batch_size=batch_size,
+                   probability_grid=probability_grid)
     corrupt_files: list[dict[str, str]] = []
     found = list_series(dicom_dir, corrupt_files=corrupt_files)
     outcomes = [_outcome(s) for s in found]  # skipped, with the reason, unless a CT candidate
@@ -216,6 +219,9 @@ def _name_folders(outcomes: list[SeriesOutcome]) -> None:
 
 
 def _check_free(output_dir: Path, folders: list[str], *, overwrite: bool) -> None:
+    from .export import refuse_file_as_folder
+
+    refuse_file_as_folder(output_dir)  # else every series runs first and the report's write fails with a traceback
     if overwrite:
         return
     taken = [p for p in [output_dir / REPORT, *(output_dir / f for f in folders)] if p.exists()]

@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--saliency", action="store_true", help="also write the layer-wise saliency maps of each series")
-    p.add_argument("--stage", type=int, choices=(1, 2, 3), default=1, help="saliency stage (see `textsegment explain`)")
+    p.add_argument("--stage", type=int, choices=(1, 2, 3), default=None,
+                   help="saliency stage (with --saliency; default 1; see `textsegment explain`)")
     p.add_argument("--probability-grid", choices=("source", "compact"), default="source",
                    help="probability maps on each CT's voxel grid (default) or on the compact grid (see `segment`)")
     p.add_argument("--no-dicom-seg", action="store_true", help="write no DICOM SEG (only NIfTI and the legend)")
@@ -34,12 +35,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..study_batch import exit_code, segment_study
     from .progressbar import progress_bar
+    from .segment import check_saliency_options
+
+    check_saliency_options(args)
 
     with progress_bar(disable=args.quiet) as bar:
         report = segment_study(
             args.dicom_dir, args.prompt, output_dir=args.out, model=args.model, weights=args.weights,
             aux_prompts=args.aux_prompt, device=args.device, batch_size=args.batch_size, threshold=args.threshold,
-            dicom_seg=not args.no_dicom_seg, saliency=args.saliency, saliency_stage=args.stage,
+            dicom_seg=not args.no_dicom_seg, saliency=args.saliency, saliency_stage=args.stage or 1,
             probability_grid=args.probability_grid, overwrite=args.overwrite, progress=bar,
         )
     for series in report.series:

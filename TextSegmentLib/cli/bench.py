@@ -45,9 +45,11 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..semantibench import compare, run_bench, write_report
     from ..training.data import load_source, parse_grid
-    from ..weights import load_model, weights_label
+    from ..weights import weights_label
     from .progressbar import progress_bar
 
+    if args.compare_weights and not args.compare_model:
+        raise InputError("--compare-weights needs --compare-model: the model those weights are for")
     specs = list(args.data)
     names = []
     if args.phantoms > 0:
@@ -66,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("nothing to benchmark: give --phantoms N, --real or --data SOURCE")
     out = Path(args.out)
     _check_free(out, compare=bool(args.compare_model), overwrite=args.overwrite)  # before the (long) run
+    models = _load_models(args)  # both before any run: a typo in the second must not cost the first one's run
     cases = []
     for spec in specs:
         try:
@@ -82,10 +85,7 @@ def run(args: argparse.Namespace) -> int:
         f" --min-component-ml {args.min_component_ml:g}" if args.min_component_ml else "")
     notes = [f"masks cleaned up as by `segment{flags}`"] if flags else []
     reports = []
-    for model_name, weights in ((args.model, args.weights), (args.compare_model, args.compare_weights)):
-        if not model_name:
-            continue
-        model = load_model(model_name, weights=weights, device=args.device)
+    for model_name, weights, model in models:
         label = weights_label(model, weights)
         with progress_bar(disable=args.quiet) as bar:
             reports.append(run_bench(model, cases, model_name=model_name, weights=label, dataset=dataset,
@@ -106,6 +106,14 @@ def run(args: argparse.Namespace) -> int:
           f"{'n/a' if fp is None else f'{fp:.3f}'} (any voxel), {'n/a' if ff is None else f'{ff:.3f}'} (a region ≥ 1 mL)")
     print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
     return 0
+
+
+def _load_models(args: argparse.Namespace) -> list:
+    """(name, weights option, model) for the model and the --compare-model, when given."""
+    from ..weights import load_model
+
+    pairs = [(args.model, args.weights), (args.compare_model, args.compare_weights)]
+    return [(name, weights, load_model(name, weights=weights, device=args.device)) for name, weights in pairs if name]
 
 
 REPORT_FILES = ("bench.json", "bench.md", "bench.png")

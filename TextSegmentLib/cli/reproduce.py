@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..export import refuse_file_as_folder
     from ..training import recipe_chain, reproduce
     from .progressbar import progress_bar
 
@@ -29,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
             start = f"from {phase.starts_from}" if phase.starts_from else "from random weights"
             print(f"{number}. {phase.weights_id}: {phase.recipe}, {phase.config.steps} steps {start}")
         return 0
+    refuse_file_as_folder(args.out)  # else the first phase loads its data, then fails with a traceback
     with progress_bar(disable=args.quiet) as bar:
         made = reproduce(args.weights, out_dir=args.out, recipes_dir=args.recipes, threads=args.threads,
                          device=args.device, steps=args.steps, progress=bar)

@@ -30,9 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-non-ct", action="store_true", help="run on a series that is not CT (results unreliable)")
     p.add_argument("--saliency", action="store_true",
                    help="also write per-layer saliency maps from the same forward pass (into OUT/saliency)")
-    p.add_argument("--stage", type=int, choices=(1, 2, 3), default=1, help="saliency stage (with --saliency)")
-    p.add_argument("--layers", default=None, help="saliency layers, e.g. vit.3,vit.11 (default: the model's saliency layers)")
-    p.add_argument("--saliency-grid", choices=("compact", "source"), default="compact", help=GRID_HELP)
+    p.add_argument("--stage", type=int, choices=(1, 2, 3), default=None,
+                   help="saliency stage (with --saliency; default 1)")
+    p.add_argument("--layers", default=None, help="saliency layers (with --saliency), e.g. vit.3,vit.11 "
+                   "(default: the model's saliency layers)")
+    p.add_argument("--saliency-grid", choices=("compact", "source"), default=None, help=GRID_HELP)
     p.add_argument("--probability-grid", choices=("source", "compact"), default="source",
                    help="source (default): probability maps on the CT's voxel grid; compact: at most the network's "
                         "input size a side in-plane over the CT's extent (up to 16x smaller at 512x512: freqmedclip-tiny 16x, tgcnet-tiny 4x; "
@@ -60,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.out)
     prompts = validate_prompts(args.prompt)
+    check_saliency_options(args)
     volume = read_volume(args.input, allow_non_ct=args.allow_non_ct, series_uid=args.series)
     check_outputs_free(out_dir, overwrite=args.overwrite)
     model = load_model(args.model, weights=args.weights, device=args.device)
@@ -67,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
     if args.saliency:
         from ..saliency import build_saliency_sink
 
-        sink = build_saliency_sink(model=model, layers=args.layers, stage=args.stage, threshold=args.threshold,
-                                   grid=args.saliency_grid)
+        sink = build_saliency_sink(model=model, layers=args.layers, stage=args.stage or 1, threshold=args.threshold,
+                                   grid=args.saliency_grid or "compact")
     with progress_bar(disable=args.quiet) as bar:
         run_ = segment(
             volume, prompts, model=model, aux_prompts=args.aux_prompt, device=args.device,
@@ -94,3 +97,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {len(written)} files to {out_dir} in {run_.seconds:.1f} s on {run_.device}")
     return 0
 
+
+def check_saliency_options(args: argparse.Namespace) -> None:
+    """--stage, --layers and --saliency-grid without --saliency would be ignored in silence: refuse them."""
+    from ..errors import InputError
+
+    options = (("--stage", "stage"), ("--layers", "layers"), ("--saliency-grid", "saliency_grid"))
+    given = [flag for flag, name in options if getattr(args, name, None) is not None]
+    if given and not args.saliency:
+        several = len(given) > 1
+        raise InputError(f"{', '.join(given)}: saliency option{'s' * several}, ignored without --saliency; "
+                         f"add --saliency or leave {'them' if several else 'it'} out")

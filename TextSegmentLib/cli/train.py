@@ -23,11 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int)
-    p.add_argument("--out", "-o", help="run folder (checkpoints, history, curves)")
+    p.add_argument("--out", "-o", help="run folder: last.pt (to resume), best.safetensors, config.json, curves.png")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (with OUT/config.json when no --config)")
     p.add_argument("--export", help="write the best weights here as an fp16 TextSegment checkpoint when done "
                    "(mixed with the init weights when the recipe sets export_mix below 1)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --export file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --export file, and start again "
+                   "from step 0 in an --out folder that holds an earlier run")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from .progressbar import progress_bar
 
     config = build_config(args)
+    check_outputs(config, args)
     with progress_bar(disable=args.quiet) as bar:
         result = train(config, resume=args.resume, progress=bar)
     state = "finished" if result.finished else "stopped (resume with --resume)"
@@ -70,3 +72,21 @@ def run(args: argparse.Namespace) -> int:
                               mix_with=config.init_weights, mix=config.export_mix)
         print(f"exported {info.path} ({info.path.stat().st_size / 1e6:.1f} MB, fp16)")
     return 0
+
+
+def check_outputs(config, args: argparse.Namespace) -> None:
+    """Refuse, before the (long) run, an --out that is a file, an earlier run (it would start over
+    and replace its last.pt) without --resume or --overwrite, and an --export that exists."""
+    from ..errors import InputError, OutputExistsError
+    from ..export import refuse_file_as_folder
+
+    out = Path(config.out_dir)
+    refuse_file_as_folder(out)
+    if not args.resume and not args.overwrite and (out / "last.pt").exists():
+        raise OutputExistsError(f"{out}: holds an earlier training run (last.pt); continue it with --resume, "
+                                "start it again with --overwrite, or choose another --out folder")
+    export = Path(args.export) if args.export else None
+    if export is not None and export.is_dir():
+        raise InputError(f"--export {export}: is a folder; give the file to write, e.g. {export / 'model.safetensors'}")
+    if export is not None and export.exists() and not args.overwrite:
+        raise OutputExistsError(f"--export {export}: exists already; choose another file or pass --overwrite")

@@ -32,7 +32,7 @@ def load_recipe(path: PathLike, **overrides: Any) -> TrainConfig:
         raise InputError(f"recipe {path} not found")
     try:
         values = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:  # a binary file (a checkpoint, a CT) is not a recipe
         raise InputError(f"recipe {path} is not valid JSON: {error}") from None
     if not isinstance(values, dict):
         raise InputError(f"recipe {path} must hold a JSON object of TrainConfig fields")

@@ -1,0 +1,181 @@
+"""A new user's obvious mistakes, command by command: one line on stderr, exit 2, before any long work,
+and nothing the user had replaced (docs/usage.md, *Command line*)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from TextSegmentLib.cli import main
+from TextSegmentLib.phantom import make_phantom, save_phantom
+
+TINY = {"clip_source": "random:textsegment-vit-ti16-text32", "train_vision_tower": True, "train_text_tower": True}
+
+
+@pytest.fixture(scope="module")
+def phantom_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("phantom")
+    save_phantom(make_phantom(seed=1, shape=(6, 64, 64)), folder)
+    return folder / "ct.nii.gz"
+
+
+@pytest.fixture()
+def series(shared_data, tmp_path):
+    """Three CT slices of one series, copied (a batch reads the whole folder)."""
+    folder = tmp_path / "study"
+    shutil.copytree(shared_data / "dicom" / "dcmqi_ct3slice" / "series", folder)
+    return folder
+
+
+def _one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"textsegment {command}: error:") and len(err.splitlines()) == 1, err
+    return err
+
+
+def _recipe(folder, **fields):
+    """A recipe small enough to train a step of in seconds."""
+    path = folder / "tiny.json"
+    base = {"model": "freqmedclip-tiny", "overrides": TINY, "sources": ["phantoms:3-4@6x64x64"],
+            "val_sources": ["phantoms:5@6x64x64"], "steps": 1, "batch_size": 2, "warmup_steps": 1, "val_every": 1,
+            "val_pairs_per_level": 2, "seed": 1, "out_dir": str(folder / "run")}
+    path.write_text(json.dumps({**base, **fields}))
+    return path
+
+
+# batch -------------------------------------------------------------------------------------------
+def test_batch_out_naming_a_file_is_refused_before_any_series(series, tmp_path, capsys):
+    # every series used to run first, then the report's write crashed with a FileExistsError traceback
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    code = main(["batch", str(series), "-p", "liver", "--out", str(out), "--weights", "random", "--device", "cpu",
+                 "--quiet"])
+    assert code == 2 and "not a folder" in _one_line_error(capsys, "batch")
+    assert out.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--threshold", "2"], "threshold must lie strictly between 0 and 1"),
+    (["--batch-size", "0"], "batch size must be a positive integer"),
+    (["--aux-prompt", "a", "--aux-prompt", "b"], "2 auxiliary prompt(s) for 1 prompt(s)"),
+])
+def test_batch_refuses_a_bad_option_once_before_any_series(option, message, series, tmp_path, capsys):
+    # it used to fail every series with the same message, exit 1 and leave a batch_report.json
+    out = tmp_path / "out"
+    code = main(["batch", str(series), "-p", "liver", "--out", str(out), "--weights", "random", "--device", "cpu",
+                 "--quiet", *option])
+    assert code == 2 and message in _one_line_error(capsys, "batch")
+    assert not out.exists()
+
+
+# saliency options without --saliency ---------------------------------------------------------------
+@pytest.mark.parametrize("command, option", [
+    ("segment", ["--stage", "2"]),
+    ("segment", ["--layers", "vit.3"]),
+    ("segment", ["--saliency-grid", "source"]),
+    ("batch", ["--stage", "2"]),
+])
+def test_saliency_options_without_saliency_are_refused_not_ignored(command, option, phantom_file, series, tmp_path,
+                                                                   capsys):
+    source = phantom_file if command == "segment" else series
+    out = tmp_path / "out"
+    code = main([command, str(source), "-p", "liver", "--out", str(out), "--weights", "random", "--device", "cpu",
+                 "--quiet", *option])
+    err = _one_line_error(capsys, command)
+    assert code == 2 and option[0] in err and "--saliency" in err
+    assert not out.exists()
+
+
+def test_saliency_options_still_work_with_saliency(phantom_file, tmp_path):
+    out = tmp_path / "out"
+    assert main(["segment", str(phantom_file), "-p", "liver", "--out", str(out), "--weights", "random", "--quiet",
+                 "--saliency", "--stage", "2", "--layers", "vit.11"]) == 0
+    legend = json.loads((out / "saliency" / "saliency_legend.json").read_text())
+    assert legend["stage"] == 2 and legend["layers"] == ["vit.11"]
+
+
+# train and reproduce ----------------------------------------------------------------------------
+def test_train_out_naming_a_file_is_refused_before_the_run(tmp_path, capsys):
+    out = tmp_path / "run.txt"
+    out.write_text("keep me")
+    assert main(["train", "--config", str(_recipe(tmp_path)), "--out", str(out), "--threads", "1", "--quiet"]) == 2
+    assert "not a folder" in _one_line_error(capsys, "train")
+    assert out.read_text() == "keep me"
+
+
+def test_train_into_an_earlier_run_without_resume_is_refused_and_its_state_kept(tmp_path, capsys):
+    # it used to start again from step 0 and replace the earlier run's last.pt and best weights
+    recipe = _recipe(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"hours of training")
+    assert main(["train", "--config", str(recipe), "--threads", "1", "--quiet"]) == 2
+    err = _one_line_error(capsys, "train")
+    assert "--resume" in err and "--overwrite" in err
+    assert (run / "last.pt").read_bytes() == b"hours of training"
+    assert sorted(p.name for p in run.iterdir()) == ["last.pt"]
+
+
+def test_train_export_that_exists_is_refused_before_the_run(tmp_path, capsys):
+    # the run used to train first and refuse the export at the end, naming the API's overwrite=True
+    export = tmp_path / "mine.safetensors"
+    export.write_bytes(b"keep me")
+    assert main(["train", "--config", str(_recipe(tmp_path)), "--threads", "1", "--quiet",
+                 "--export", str(export)]) == 2
+    assert "--overwrite" in _one_line_error(capsys, "train")
+    assert export.read_bytes() == b"keep me" and not (tmp_path / "run").exists()
+
+
+def test_train_export_naming_a_folder_is_refused_before_the_run(tmp_path, capsys):
+    assert main(["train", "--config", str(_recipe(tmp_path)), "--threads", "1", "--quiet",
+                 "--export", str(tmp_path)]) == 2
+    assert "is a folder" in _one_line_error(capsys, "train")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_config_that_is_not_text_is_one_line(phantom_file, capsys):
+    # a gzip file used to raise a UnicodeDecodeError traceback
+    assert main(["train", "--config", str(phantom_file)]) == 2
+    assert "not valid JSON" in _one_line_error(capsys, "train")
+
+
+def test_reproduce_out_naming_a_file_is_refused_before_the_first_phase(tmp_path, capsys):
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    _recipe(recipes).rename(recipes / "freqmedclip-tiny-v1.json")
+    out = tmp_path / "made.txt"
+    out.write_text("keep me")
+    code = main(["reproduce", "freqmedclip-tiny-v1", "--recipes", str(recipes), "--out", str(out), "--steps", "1",
+                 "--threads", "1", "--quiet"])
+    assert code == 2 and "not a folder" in _one_line_error(capsys, "reproduce")
+    assert out.read_text() == "keep me"
+
+
+# bench ------------------------------------------------------------------------------------------
+BENCH = ["bench", "--model", "freqmedclip-tiny", "--weights", "random", "--phantoms", "1", "--phantom-shape",
+         "3x48x48", "--device", "cpu", "--quiet"]
+
+
+@pytest.mark.parametrize("compare, message", [
+    (["--compare-model", "tgcnet"], "unknown model 'tgcnet'"),
+    (["--compare-model", "tgcnet-tiny", "--compare-weights", "tgcnet-tiny-v99"], "'tgcnet-tiny-v99'"),
+])
+def test_bench_compare_model_typo_is_refused_before_the_first_models_run(compare, message, tmp_path, capsys,
+                                                                         monkeypatch):
+    # the first model's whole benchmark used to run before the second model was even looked up
+    from TextSegmentLib import semantibench
+
+    runs = []
+    monkeypatch.setattr(semantibench, "run_bench", lambda *a, **k: runs.append(a))
+    assert main(BENCH + compare + ["--out", str(tmp_path / "bench")]) == 2
+    assert message in _one_line_error(capsys, "bench")
+    assert runs == [] and not (tmp_path / "bench").exists()
+
+
+def test_bench_compare_weights_without_compare_model_is_refused(tmp_path, capsys):
+    # they used to be ignored in silence: a one-model report where a comparison was asked for
+    assert main(BENCH + ["--compare-weights", "tgcnet-tiny-v9", "--out", str(tmp_path / "bench")]) == 2
+    assert "--compare-model" in _one_line_error(capsys, "bench")
+    assert not (tmp_path / "bench").exists()
