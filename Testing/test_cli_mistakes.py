@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from TextSegmentLib.cli import main
@@ -135,6 +136,13 @@ def test_train_export_naming_a_folder_is_refused_before_the_run(tmp_path, capsys
     assert not (tmp_path / "run").exists()
 
 
+def test_train_export_mix_without_weights_to_mix_with_names_the_option(tmp_path, capsys):
+    # the message named only the recipe field init_weights, not the --init a CLI user would add
+    assert main(["train", "--config", str(_recipe(tmp_path, export_mix=0.5)), "--threads", "1", "--quiet"]) == 2
+    assert "--init" in _one_line_error(capsys, "train")
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_config_that_is_not_text_is_one_line(phantom_file, capsys):
     # a gzip file used to raise a UnicodeDecodeError traceback
     assert main(["train", "--config", str(phantom_file)]) == 2
@@ -179,3 +187,81 @@ def test_bench_compare_weights_without_compare_model_is_refused(tmp_path, capsys
     assert main(BENCH + ["--compare-weights", "tgcnet-tiny-v9", "--out", str(tmp_path / "bench")]) == 2
     assert "--compare-model" in _one_line_error(capsys, "bench")
     assert not (tmp_path / "bench").exists()
+
+
+def test_bench_negative_phantom_count_is_refused_not_read_as_none(tmp_path, capsys):
+    # it used to say "nothing to benchmark", as if no --phantoms had been given
+    assert main(BENCH + ["--phantoms", "-1", "--out", str(tmp_path / "bench")]) == 2
+    assert "--phantoms must be 0 or more" in _one_line_error(capsys, "bench")
+    assert not (tmp_path / "bench").exists()
+
+
+def test_bench_negative_min_component_ml_is_refused_before_the_phantoms_are_made(tmp_path, capsys, monkeypatch):
+    # it was refused only by the first segmentation, after the models were loaded and the phantoms made
+    from TextSegmentLib.training import data
+
+    made = []
+    monkeypatch.setattr(data, "load_source", lambda spec: made.append(spec) or [])
+    assert main(BENCH + ["--min-component-ml", "-1", "--out", str(tmp_path / "bench")]) == 2
+    assert "--min-component-ml must be 0 or more" in _one_line_error(capsys, "bench")
+    assert made == [] and not (tmp_path / "bench").exists()
+
+
+# option names in library messages ------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["segment", "explain", "info"])
+def test_series_for_an_image_file_names_the_option(command, phantom_file, tmp_path, capsys):
+    # the message used to name the API's series_uid, which no CLI user typed
+    out = ["-p", "liver", "--out", str(tmp_path / "out"), "--weights", "random", "--quiet"] * (command != "info")
+    assert main([command, str(phantom_file), "--series", "1.2.3", *out]) == 2
+    assert "--series" in _one_line_error(capsys, command)
+    assert not (tmp_path / "out").exists()
+
+
+def test_segment_negative_min_component_ml_names_the_option(phantom_file, tmp_path, capsys):
+    assert main(["segment", str(phantom_file), "-p", "liver", "--out", str(tmp_path / "out"), "--weights", "random",
+                 "--quiet", "--min-component-ml", "-1"]) == 2
+    assert "--min-component-ml" in _one_line_error(capsys, "segment")
+    assert not (tmp_path / "out").exists()
+
+
+def test_phantom_negative_noise_names_the_option(tmp_path, capsys):
+    assert main(["phantom", str(tmp_path / "out"), "--noise", "-1"]) == 2
+    assert "--noise" in _one_line_error(capsys, "phantom")
+    assert not (tmp_path / "out").exists()
+
+
+# auxiliary prompts are TGC-Net's ----------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["segment", "batch"])
+def test_aux_prompt_for_freqmedclip_is_refused_not_ignored(command, phantom_file, series, tmp_path, capsys):
+    # FreqMedCLIP ignored it, yet the legend recorded it as if it had shaped the masks
+    source = phantom_file if command == "segment" else series
+    out = tmp_path / "out"
+    code = main([command, str(source), "-p", "liver", "--aux-prompt", "a large organ under the right ribs",
+                 "--model", "freqmedclip-tiny", "--out", str(out), "--weights", "random", "--device", "cpu", "--quiet"])
+    err = _one_line_error(capsys, command)
+    assert code == 2 and "FreqMedCLIP" in err and "TGC-Net" in err and "--aux-prompt" in err
+    assert not out.exists()
+
+
+# explain --target-mask ------------------------------------------------------------------------------
+def test_explain_target_mask_on_another_grid_names_the_option_the_file_and_both_shapes(phantom_file, tmp_path,
+                                                                                     capsys):
+    import SimpleITK as sitk
+
+    mask = tmp_path / "mask.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((6, 32, 32), np.uint8)), str(mask))
+    code = main(["explain", str(phantom_file), "-p", "liver", "--out", str(tmp_path / "out"), "--target-mask",
+                 str(mask), "--weights", "random", "--device", "cpu", "--quiet"])
+    err = _one_line_error(capsys, "explain")
+    assert code == 2 and "--target-mask" in err and str(mask) in err
+    assert "(6, 32, 32)" in err and "(6, 64, 64)" in err
+    assert not (tmp_path / "out").exists()
+
+
+# info: counts as a user reads them --------------------------------------------------------------------
+def test_info_counts_one_file_in_the_singular(shared_data, tmp_path, capsys):
+    # a one-slice series read "1 files"
+    shutil.copy(shared_data / "dicom" / "pydicom_CT_small" / "CT_small.dcm", tmp_path)
+    assert main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "1 file " in out and "DICOM        1 file," in out and "1 files" not in out

@@ -25,7 +25,7 @@ from torch import nn
 from enhanced_ct import enhanced_ct
 
 from TextSegmentLib.cli import main
-from TextSegmentLib.errors import Cancelled, NotCTError, OutputExistsError
+from TextSegmentLib.errors import Cancelled, InputError, NotCTError, OutputExistsError
 from TextSegmentLib.models.base import ModelOutput, TextFeatures, TextSegmentationModel
 from TextSegmentLib.progress import CancelToken
 from TextSegmentLib.study_batch import REPORT, SEG_FILE, segment_study
@@ -222,6 +222,16 @@ def test_a_folder_without_ct_is_an_error(shared_data, tmp_path):
     shutil.copy(shared_data / "dicom" / "dcmqi_ct3slice" / "liver.dcm", folder)
     with pytest.raises(NotCTError, match="no CT series"):
         segment_study(folder, ["bone"], output_dir=tmp_path / "out", model=HUThresholdModel(), device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_aux_prompts_for_a_model_that_ignores_them_are_refused_before_any_series(shared_data, tmp_path):
+    # each series used to fail on them alike (or, before, run with them ignored)
+    root = tmp_path / "study"
+    shutil.copytree(shared_data / "dicom" / "dcmqi_ct3slice" / "series", root / "a")
+    with pytest.raises(InputError, match="HUThresholdModel does not use auxiliary prompts .*TGC-Net"):
+        segment_study(root, ["bone"], output_dir=tmp_path / "out", model=HUThresholdModel(), device="cpu",
+                      aux_prompts=["cortical bone"])
     assert not (tmp_path / "out").exists()
 
 

@@ -122,6 +122,7 @@ def segment(
 
     prompt_list = validate_prompts(prompts)
     aux_list = _validate_aux(aux_prompts, len(prompt_list))
+    check_aux_prompts(model, aux_list)
     windows = _validate_windows(windows)
     check_settings(threshold=threshold, min_component_ml=min_component_ml, probability_grid=probability_grid)
     if probability_dtype not in PROBABILITY_DTYPES:
@@ -445,11 +446,20 @@ def check_settings(
     if not 0.0 < threshold < 1.0:
         raise InputError(f"threshold must lie strictly between 0 and 1, got {threshold}")
     if not min_component_ml >= 0.0:
-        raise InputError(f"min_component_ml must be 0 or more (mL), got {min_component_ml}")
+        raise InputError(f"min_component_ml (CLI: --min-component-ml) must be 0 or more (mL), "
+                         f"got {min_component_ml:g}")
     if probability_grid not in GRIDS:
         raise InputError(f"probability_grid must be one of {', '.join(GRIDS)}, got {probability_grid!r}")
     if batch_size != "auto":
         _initial_batch_size(batch_size, None)  # a number needs no device
+
+
+def check_aux_prompts(model: Any, aux_prompts: Optional[Sequence[Optional[str]]]) -> None:
+    """Auxiliary prompts a model ignores would change nothing yet be recorded in the legend: refuse them."""
+    texts = [aux_prompts] if isinstance(aux_prompts, str) else list(aux_prompts or ())
+    if any(text and text.strip() for text in texts) and not getattr(model, "uses_aux_prompts", False):
+        raise InputError(f"{type(model).__name__} does not use auxiliary prompts (CLI: --aux-prompt); they are for "
+                         "TGC-Net (e.g. tgcnet-tiny): leave them out or choose a TGC-Net model")
 
 
 def validate_prompts(prompts: Union[str, Sequence[str]]) -> list[str]:

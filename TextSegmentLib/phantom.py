@@ -297,7 +297,7 @@ def _config(seed, shape, spacing, direction, origin, lesions, noise_hu, phase) -
     if phase not in PHASES:
         raise InputError(f"unknown contrast phase {phase!r}; choose one of {', '.join(PHASES)}")
     if not np.isfinite(noise_hu) or noise_hu < 0:
-        raise InputError(f"noise_hu must be a non-negative number, got {noise_hu}")
+        raise InputError(f"noise_hu (CLI: --noise) must be a non-negative number of HU, got {noise_hu:g}")
     return PhantomConfig(
         seed=int(seed),
         shape=shape,  # type: ignore[arg-type]

@@ -131,7 +131,7 @@ def segment_study(
     Raises before any work when the folder holds no CT series or outputs exist (unless
     ``overwrite``); raises ``Cancelled`` after writing the report when cancelled.
     """
-    from .engine import check_settings, validate_prompts
+    from .engine import check_aux_prompts, check_settings, validate_prompts
     from .io.dicom_series import list_series
     from .io.writers import write_json
 
@@ -156,6 +156,7 @@ def segment_study(
 
     if isinstance(model, str):
         model = load_model(model, weights=weights, device=device)
+    check_aux_prompts(model, aux_prompts)  # once, here: each series would fail on it alike
     ran = weights_record(model, weights)
     reader = reader or (lambda series: _read(series, source=dicom_dir))
     report = StudyReport(str(dicom_dir), str(output_dir), prompt_list, model_name, series=outcomes,

@@ -242,6 +242,34 @@ def test_empty_prompts_are_refused(prompts):
         segment(volume, prompts, model=WindowModel(), device="cpu")
 
 
+def test_a_negative_min_component_ml_is_named_as_the_cli_user_typed_it_too():
+    volume, _ = cube_volume()
+    with pytest.raises(InputError, match=r"min_component_ml \(CLI: --min-component-ml\) must be 0 or more"):
+        segment(volume, ["bright"], model=WindowModel(), device="cpu", min_component_ml=-1)
+
+
+class AuxModel(WindowModel):
+    """Declares that it reads auxiliary prompts, as TGC-Net does."""
+
+    uses_aux_prompts = True
+
+
+@pytest.mark.parametrize("aux", ["a bright bone", ["a bright bone"]])
+def test_aux_prompts_are_refused_for_a_model_that_ignores_them(aux):
+    # they used to be ignored by the model yet recorded in the results (and so the legend)
+    volume, _ = cube_volume()
+    with pytest.raises(InputError, match="WindowModel does not use auxiliary prompts .*for TGC-Net"):
+        segment(volume, ["bright"], model=WindowModel(), aux_prompts=aux, device="cpu")
+
+
+def test_aux_prompts_reach_a_model_that_uses_them_and_blank_ones_pass_any_model():
+    volume, _ = cube_volume()
+    run = segment(volume, ["bright"], model=AuxModel(), aux_prompts=["a bright bone"], device="cpu")
+    assert run.results[0].aux_prompt == "a bright bone"
+    blank = segment(volume, ["bright"], model=WindowModel(), aux_prompts=["  "], device="cpu")  # an empty box
+    assert blank.results[0].aux_prompt is None
+
+
 def test_one_window_name_fills_all_three_channels():
     """A lone preset name is one window (not its letters), given to the model's three channels."""
     volume, cube = cube_volume()

@@ -192,6 +192,25 @@ def test_rtstruct_beside_the_ct_is_ignored(shared_data):
     assert all("rt.dcm" not in f for f in volume.dicom.files)
 
 
+def test_a_folder_of_one_rtstruct_counts_it_in_the_singular(shared_data, tmp_path):
+    # it read "RTSTRUCT (1 images)": an object that holds no images, counted as images, in the plural
+    shutil.copy(shared_data / "dicom/rtutils_mock_ct_rtstruct/rt.dcm", tmp_path)
+    with pytest.raises(InputError, match=r"hold no images: RTSTRUCT \(1 file\)$"):
+        read_volume(tmp_path)
+
+
+def test_one_image_series_of_two_patients_are_counted_in_the_singular(shared_data, tmp_path):
+    for patient in ("A", "B"):
+        ds = pydicom.dcmread(shared_data / "dicom/pydicom_CT_small/CT_small.dcm")
+        ds.PatientID, ds.StudyInstanceUID = patient, pydicom.uid.generate_uid(entropy_srcs=[patient, "study"])
+        ds.SeriesInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[patient, "series"])
+        ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[patient, "image"])
+        ds.save_as(tmp_path / f"{patient}.dcm")
+    with pytest.raises(InputError, match="2 different patients") as refused:
+        read_volume(tmp_path)
+    assert str(refused.value).count("(CT, 1 image, ") == 2 and "1 images" not in str(refused.value)
+
+
 def test_seg_objects_beside_the_ct_are_ignored(shared_data):
     volume = read_volume(shared_data / "dicom/dcmqi_ct3slice")
     assert volume.shape == (3, 512, 512)

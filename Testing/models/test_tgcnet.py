@@ -186,6 +186,14 @@ def test_auxiliary_text_changes_the_mask_and_defaults_to_the_curated_description
     torch.testing.assert_close(tiny.encode_text(["liver"]).tokens, tiny.encode_text(["liver"], [curated]).tokens)
 
 
+def test_the_engine_passes_auxiliary_prompts_to_tgcnet(tiny):
+    # the engine refuses them for a model that does not declare it reads them (FreqMedCLIP ignored them)
+    from TextSegmentLib.engine import check_aux_prompts
+
+    assert tiny.uses_aux_prompts
+    check_aux_prompts(tiny, ["a dark fluid-filled sac"])
+
+
 @pytest.mark.parametrize("kept_only, described", [(False, "gallbladder"), (True, "liver")])
 def test_exclusion_prompts_are_described_as_the_config_says(tiny, kept_only, described):
     """aux_kept_only False (the shipped weights' training): the gallbladder's text; True: the liver's."""

@@ -192,6 +192,25 @@ def test_islands_under_the_chosen_volume_are_dropped(logic, context, ct_node, tm
     assert any("nothing found" in w for w in dropped.warnings)
 
 
+def test_aux_prompts_for_a_model_that_ignores_them_get_the_engines_message(logic, context, ct_node, shared_data,
+                                                                          tmp_path):
+    # the model ignored them, yet the run recorded them; the study batch goes through the same check
+    refused = "BoneModel does not use auxiliary prompts .*for TGC-Net"
+    with pytest.raises(InputError, match=refused):
+        logic.segment(volume=ct_node, prompts="bone", aux_prompts="dense cortical bone", model=BoneModel(),
+                      device="cpu")
+    study = tmp_path / "study"
+    shutil.copytree(shared_data / "dicom" / "dcmqi_ct3slice" / "series", study / "ct")
+    with pytest.raises(InputError, match=refused):
+        logic.segment_dicom_study(dicom_dir=study, prompts="bone", aux_prompts="dense cortical bone",
+                                  output_dir=tmp_path / "out", model=BoneModel(), device="cpu")
+    assert not (tmp_path / "out").exists()
+    # the module's box left empty (or blank lines only) runs as without it
+    outcome = logic.segment(volume=ct_node, prompts="bone\nsoft tissue", aux_prompts="\n \n", model=BoneModel(),
+                            device="cpu")
+    assert outcome.segmentation_node.GetSegmentation().GetNumberOfSegments() == 2
+
+
 def test_no_volume_selected_is_an_error(logic):
     with pytest.raises(InputError, match="no input volume"):
         logic.segment(volume=None, prompts=["bone"], model=BoneModel())

@@ -285,6 +285,23 @@ def test_bad_rois_layers_and_stages_are_clear_errors(model, phantom):
         build_saliency_sink(model=model, stage=4)
 
 
+@pytest.mark.parametrize("shape, spacing, differs", [
+    ((8, 32, 32), (2.0, 1.0, 2.0), "; spacing differ"),
+    ((6, 16, 16), None, ""),
+])
+def test_a_target_mask_on_another_grid_names_both_files_and_shapes(shape, spacing, differs):
+    # the message used to name neither the mask's file nor either grid
+    from TextSegmentLib.saliency.sink import roi_mask
+
+    ct = Volume(np.zeros((8, 32, 32), np.int16), source="ct.nii.gz")
+    mask = Volume(np.ones(shape, np.uint8), spacing=spacing or ct.spacing, source="masks/liver.nii.gz")
+    with pytest.raises(InputError) as refused:
+        roi_mask(mask, ct, what="--target-mask")
+    message = str(refused.value)
+    assert message.startswith("--target-mask masks/liver.nii.gz is not on the same voxel grid as the CT ct.nii.gz")
+    assert f"(shape {shape} vs (8, 32, 32){differs})" in message
+
+
 @pytest.mark.parametrize(
     "options, match",
     [

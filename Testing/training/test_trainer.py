@@ -131,6 +131,20 @@ def test_resume_continues_the_schedule(tiny_pool, tmp_path, hard_mining):
             torch.testing.assert_close(value, trained, atol=2e-3, rtol=2e-3)
 
 
+def test_a_run_writes_the_files_the_module_docstring_names_and_no_other(tiny_pool, tmp_path):
+    # the docstring named a history.json that no run wrote (the history lives in last.pt)
+    import re
+
+    from TextSegmentLib.training import trainer
+
+    files_paragraph = trainer.__doc__.split("Files in ``out_dir``:")[1]
+    named = set(re.findall(r"``(\w+\.(?:pt|safetensors|json|png))``", files_paragraph))
+    result = train(_config(tmp_path / "run", steps=1, val_pairs_per_level=1), pools=(tiny_pool, tiny_pool))
+    assert result.best_path is not None
+    assert named == {p.name for p in (tmp_path / "run").iterdir()}
+    assert "history" in torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+
+
 def test_history_records_the_learning_rate_each_step_used(tiny_pool, tmp_path):
     result = train(_config(tmp_path / "run"), pools=(tiny_pool, None))
     expected = [1e-3 * lr_factor(s, total=4, warmup=2, min_ratio=0.02) for s in range(4)]
@@ -142,7 +156,8 @@ def test_resume_with_another_config_is_refused_and_config_json_kept(tiny_pool, t
 
     train(_config(tmp_path / "run", stop_after=1), pools=(tiny_pool, None))
     saved = (tmp_path / "run" / "config.json").read_text()
-    with pytest.raises(InputError, match=r"lr_new: saved 0.001, now 0.01; seed: saved 3, now 4\)"):
+    with pytest.raises(InputError, match=r"lr_new: saved 0.001, now 0.01; seed: saved 3, now 4\).* another out_dir "
+                                         r"\(CLI: --out\)"):
         train(_config(tmp_path / "run", lr_new=1e-2, seed=4), resume=True, pools=(tiny_pool, None))
     assert (tmp_path / "run" / "config.json").read_text() == saved
     # how long and with how many threads it runs may change; config.json then records what this part used
@@ -266,6 +281,6 @@ def test_a_mix_that_cannot_be_made_fails_with_the_reason(tmp_path, tiny_pool):
         export_weights(tmp_path / "a.safetensors", tmp_path / "x.safetensors", mix_with=str(tmp_path / "a.safetensors"), mix=0.0)
     assert not (tmp_path / "x.safetensors").exists()
     # a recipe that could not be exported fails before a single step is trained
-    with pytest.raises(InputError, match="set init_weights too"):
+    with pytest.raises(InputError, match=r"set init_weights \(CLI: --init\) too"):
         train(_config(tmp_path / "run", export_mix=0.5), pools=(tiny_pool, None))
     assert not (tmp_path / "run").exists()

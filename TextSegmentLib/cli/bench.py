@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.compare_weights and not args.compare_model:
         raise InputError("--compare-weights needs --compare-model: the model those weights are for")
+    _check_amounts(args)
     specs = list(args.data)
     names = []
     if args.phantoms > 0:
@@ -106,6 +107,16 @@ def run(args: argparse.Namespace) -> int:
           f"{'n/a' if fp is None else f'{fp:.3f}'} (any voxel), {'n/a' if ff is None else f'{ff:.3f}'} (a region ≥ 1 mL)")
     print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
     return 0
+
+
+def _check_amounts(args: argparse.Namespace) -> None:
+    """A negative count or volume is a typo: refuse it before any phantom is made or model loaded."""
+    from ..errors import InputError
+
+    if args.phantoms < 0:
+        raise InputError(f"--phantoms must be 0 or more (a number of phantoms), got {args.phantoms}")
+    if not args.min_component_ml >= 0:
+        raise InputError(f"--min-component-ml must be 0 or more (mL), got {args.min_component_ml:g}")
 
 
 def _load_models(args: argparse.Namespace) -> list:

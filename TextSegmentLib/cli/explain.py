@@ -96,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         if not 0 <= args.slice < slices:
             raise InputError(f"--slice {args.slice} is outside the {slices} {args.axis} slices of this volume (0..{slices - 1})")
     roi = read_label_map(args.target_mask) if args.target_mask else None
+    if roi is not None:
+        roi_mask(roi, volume, what="--target-mask")  # before the model loads: a mask on another grid is refused now
     if args.roi:
         roi, warning = fit_roi(parse_roi(args.roi), volume.shape, what="--roi")
         if warning:

@@ -45,6 +45,8 @@ def gather(path: Path, *, series_uid: str | None = None) -> dict[str, Any]:
 
 
 def format_text(report: dict[str, Any]) -> str:
+    from ..io.dicom_series import counted
+
     lines = [report["path"]]
     series = report.get("series")
     if series is not None:
@@ -75,7 +77,8 @@ def format_text(report: dict[str, Any]) -> str:
             f"  values       {lo:g} .. {hi:g} ({volume['dtype']})",
         ]
         if dicom:
-            lines.append(f"  DICOM        {dicom['files']} files, series {dicom['series_instance_uid'] or '(no UID)'}")
+            lines.append(f"  DICOM        {counted(dicom['files'], 'file')}, series "
+                         f"{dicom['series_instance_uid'] or '(no UID)'}")
         if meta.get("non_uniform_spacing"):
             off = meta["max_spacing_deviation_mm"]
             lines.append(f"  warning      uneven slice gaps (up to {off:.3g} mm off); stacked, not resampled")
@@ -86,5 +89,7 @@ def format_text(report: dict[str, Any]) -> str:
 
 def _count(series: dict[str, Any]) -> str:
     """Files, and the images they hold when that differs (an Enhanced CT is one file of many frames)."""
+    from ..io.dicom_series import counted
+
     files, images = series["n_files"], series.get("n_images", series["n_files"])
-    return f"{files} files" if images == files else f"{files} file{'s' * (files != 1)}, {images} images"
+    return counted(files, "file") if images == files else f"{counted(files, 'file')}, {counted(images, 'image')}"

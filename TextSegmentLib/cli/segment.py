@@ -54,7 +54,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine import segment, validate_prompts
+    from ..engine import check_settings, segment, validate_prompts
     from ..io import read_volume
     from ..weights import load_model, weights_record
     from ..export import SALIENCY_DIR, check_outputs_free, write_segmentation
@@ -63,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     prompts = validate_prompts(args.prompt)
     check_saliency_options(args)
+    # before the CT is read and the model loaded: a bad option is refused now, not after that work
+    check_settings(prompts=len(prompts), aux_prompts=args.aux_prompt, threshold=args.threshold,
+                   batch_size=args.batch_size, min_component_ml=args.min_component_ml,
+                   probability_grid=args.probability_grid)
     volume = read_volume(args.input, allow_non_ct=args.allow_non_ct, series_uid=args.series)
     check_outputs_free(out_dir, overwrite=args.overwrite)
     model = load_model(args.model, weights=args.weights, device=args.device)

@@ -92,6 +92,11 @@ class SeriesInfo:
         return data
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 image', '3 images': a count as a user reads it (``noun`` singular, its plural ending in s)."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 # discovery ------------------------------------------------------------------------------------
 def is_dicom_file(path: Path) -> bool:
     """True when the file carries the DICOM Part 10 signature ("DICM" after the 128-byte preamble)."""
@@ -429,7 +434,7 @@ def choose_series(
         return matches[0]
     images = [s for s in series if s.is_image]
     if not images:
-        found = ", ".join(f"{s.modality or 'no modality'} ({s.n_images} images)" for s in series)
+        found = ", ".join(f"{s.modality or 'no modality'} ({counted(s.n_files, 'file')})" for s in series)
         raise InputError(f"{source}: no image series to read; the DICOM objects here hold no images: {found}")
     ct_like = [s for s in images if s.modality in ("CT", "")]
     if not ct_like:
@@ -451,12 +456,14 @@ def choose_series(
     studies = {(s.patient_id, s.study_instance_uid) for s in rivals}
     if len(studies) > 1:
         listing = "; ".join(
-            f"{s.key} ({s.modality or 'no modality'}, {s.n_images} images, {s.description or 'no description'})" for s in rivals
+            f"{s.key} ({s.modality or 'no modality'}, {counted(s.n_images, 'image')}, "
+            f"{s.description or 'no description'})" for s in rivals
         )
         raise InputError(
             f"{source}: holds {len(rivals)} candidate series from {len(studies)} different patients/studies; "
             f"choose one with series_uid (CLI: --series UID; `textsegment info` lists them) or point at its folder: {listing}"
         )
     if len(rivals) > 1:
-        log.warning("%s: %d candidate series; reading %s (%d images, the most)", source, len(rivals), best.key, best.n_images)
+        log.warning("%s: %d candidate series; reading %s (%s, the most)", source, len(rivals), best.key,
+                    counted(best.n_images, "image"))
     return best

@@ -65,7 +65,8 @@ def read_volume(
         _check_values(volume, path)
     else:
         if series_uid:
-            raise InputError(f"{path}: series_uid applies to DICOM input only, and this is an image file")
+            raise InputError(f"{path}: series_uid (CLI: --series) applies to DICOM input only, and this is an "
+                             "image file; leave it out")
         volume = read_image_file(path)
     return _apply_ct_policy(volume, path=path, allow_non_ct=allow_non_ct)
 

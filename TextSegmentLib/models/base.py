@@ -106,6 +106,8 @@ class TextSegmentationModel(nn.Module):
     saliency_layers: tuple[str, ...] = ()
     # taps ``encode_image`` computes: the same for every prompt, so saliency projects them once per image
     image_tap_names: tuple[str, ...] = ()
+    # True when ``encode_text`` reads ``aux_prompts``; ``engine.segment`` refuses them for a model that ignores them
+    uses_aux_prompts = False
 
     @property
     def image_size(self) -> int:

@@ -343,6 +343,8 @@ class TGCNet(ViTJointTaps, TextSegmentationModel):
     from random weights.
     """
 
+    uses_aux_prompts = True  # DATE's auxiliary text
+
     def __init__(self, config: TGCNetConfig, *, vision: nn.Module, text: nn.Module) -> None:
         super().__init__()
         _check_config(config, vision)

@@ -433,11 +433,10 @@ def _store(stack: Any, chunk: Any, scaled: Any) -> None:
         target[chunk] = values
 
 
-def roi_mask(roi: Union[Volume, Box], volume: Volume) -> np.ndarray:
-    """The ROI as a (z, y, x) 0/1 array on the input grid."""
+def roi_mask(roi: Union[Volume, Box], volume: Volume, *, what: str = "saliency target mask") -> np.ndarray:
+    """The ROI as a (z, y, x) 0/1 array on the input grid; ``what`` names a mask in messages (CLI: --target-mask)."""
     if isinstance(roi, Volume):
-        if not roi.same_geometry(volume):
-            raise InputError("the saliency target mask must lie on the same voxel grid as the CT (resample it first)")
+        _check_same_grid(roi, volume, what=what)
         mask = np.asarray(roi.array) > 0
     else:
         ((i0, i1), (j0, j1), (k0, k1)), warning = fit_roi(roi, volume.shape)
@@ -448,6 +447,18 @@ def roi_mask(roi: Union[Volume, Box], volume: Volume) -> np.ndarray:
     if not mask.any():
         raise InputError("the saliency ROI is empty or lies outside the image")
     return mask.astype(np.uint8)
+
+
+def _check_same_grid(mask: Volume, volume: Volume, *, what: str) -> None:
+    """A mask on another grid would mark other voxels: name both files, both shapes and what differs."""
+    if mask.same_geometry(volume):
+        return
+    differs = [name for name in ("spacing", "origin", "direction")
+               if not np.allclose(getattr(mask, name), getattr(volume, name), atol=1e-4)]
+    also = f"; {', '.join(differs)} differ" if differs else ""
+    raise InputError(f"{what} {mask.source or '(in memory)'} is not on the same voxel grid as the CT "
+                     f"{volume.source or '(in memory)'} (shape {mask.shape} vs {volume.shape}{also}); "
+                     "resample the mask onto the CT's grid first")
 
 
 def fit_roi(box: Box, shape: Sequence[int], *, what: str = "saliency ROI box") -> tuple[Box, Optional[str]]:

@@ -6,8 +6,9 @@ FreqMedCLIP), AMP on CUDA only. Everything a run needs to continue lives in ``ou
 (loaded with ``weights_only=True``: tensors and plain containers, never arbitrary pickles), so
 ``resume=True`` continues the very same schedule. Rank 0 of a torchrun job validates, plots and saves.
 
-Files in ``out_dir``: ``last.pt`` (resume state), ``best.safetensors`` (best validation mean Dice
-over L1–L3, fp32), ``history.json`` and ``curves.png``.
+Files in ``out_dir``: ``last.pt`` (resume state, the loss, learning-rate and validation history
+included: ``TrainResult.history``), ``best.safetensors`` (best validation mean Dice over L1–L3,
+fp32), ``config.json`` (the run's settings, checked on resume) and ``curves.png``.
 """
 
 from __future__ import annotations
@@ -277,7 +278,7 @@ def check_mix(mix: float, *, mix_with: Optional[str]) -> None:
         raise InputError(f"export mix must lie in (0, 1], got {mix}")
     if mix < 1.0 and not mix_with:
         raise InputError("an export mix below 1 needs the weights to mix with (the run's init_weights): "
-                         "set init_weights too")
+                         "set init_weights (CLI: --init) too")
 
 
 def check_resume_config(config: TrainConfig, saved_path: Path) -> None:
@@ -301,7 +302,7 @@ def check_resume_config(config: TrainConfig, saved_path: Path) -> None:
             changed.append(f"{f.name}: saved {before!r}, now {new[f.name]!r}")
     if changed:
         raise InputError(f"cannot resume {saved_path.parent} with another config ({'; '.join(changed)}); resume with "
-                         f"the saved settings ({saved_path}) or train into another out_dir")
+                         f"the saved settings ({saved_path}) or train into another out_dir (CLI: --out)")
 
 
 def _initial_model(config: TrainConfig) -> nn.Module:
