@@ -97,6 +97,19 @@ def test_saliency_options_still_work_with_saliency(phantom_file, tmp_path):
     assert legend["stage"] == 2 and legend["layers"] == ["vit.11"]
 
 
+@pytest.mark.parametrize("command", ["segment", "explain", "batch"])
+def test_a_prompt_given_twice_is_refused_whatever_its_case_and_spacing(command, phantom_file, series, tmp_path,
+                                                                        capsys):
+    """Two labels of one prompt, the second map named 02_liver_: refused before any work, as Slicer drops repeats."""
+    source = phantom_file if command != "batch" else series
+    out = tmp_path / "out"
+    code = main([command, str(source), "-p", "liver", "-p", "spleen", "-p", " Liver ", "--out", str(out),
+                 "--weights", "random", "--device", "cpu", "--quiet"])
+    err = _one_line_error(capsys, command)
+    assert code == 2 and "given twice (prompts 1 and 3)" in err
+    assert not out.exists()
+
+
 # train and reproduce ----------------------------------------------------------------------------
 def test_train_out_naming_a_file_is_refused_before_the_run(tmp_path, capsys):
     out = tmp_path / "run.txt"

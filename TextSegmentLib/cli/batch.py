@@ -35,8 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..study_batch import exit_code, segment_study
     from .progressbar import progress_bar
-    from .segment import check_saliency_options
+    from .segment import check_distinct_prompts, check_saliency_options
 
+    check_distinct_prompts(args.prompt)
     check_saliency_options(args)
 
     with progress_bar(disable=args.quiet) as bar:

@@ -81,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     from ..saliency.sink import fit_roi, roi_mask
     from ..weights import load_model, weights_record
     from .progressbar import progress_bar
+    from .segment import check_distinct_prompts
 
+    check_distinct_prompts(args.prompt)
     out_dir = Path(args.out)
     refuse_file_as_folder(out_dir)
     if (out_dir / LEGEND).exists() and not args.overwrite:

@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.out)
     prompts = validate_prompts(args.prompt)
+    check_distinct_prompts(prompts)
     check_saliency_options(args)
     # before the CT is read and the model loaded: a bad option is refused now, not after that work
     check_settings(prompts=len(prompts), aux_prompts=args.aux_prompt, threshold=args.threshold,
@@ -100,6 +101,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"{result.prompt!r}: {result.voxels} voxels, {result.volume_ml:.1f} ml")
     print(f"wrote {len(written)} files to {out_dir} in {run_.seconds:.1f} s on {run_.device}")
     return 0
+
+
+def check_distinct_prompts(prompts: list[str]) -> None:
+    """A prompt typed twice would give two identical labels and a second map named apart: refuse it.
+
+    Case and spacing do not make a prompt new ("Liver", "liver "), as in the Slicer module.
+    """
+    from ..errors import InputError
+
+    first: dict[str, int] = {}
+    for number, prompt in enumerate(prompts or (), start=1):
+        key = " ".join(str(prompt).split()).casefold()
+        if key in first:
+            raise InputError(f"--prompt {prompt!r} is given twice (prompts {first[key]} and {number}); "
+                             "each prompt makes one label: give it once")
+        first[key] = number
 
 
 def check_saliency_options(args: argparse.Namespace) -> None:
