@@ -58,6 +58,15 @@ def test_folder_with_several_studies_lists_them_and_explains(shared_data, textse
     assert code == 0 and "16 x 16 x 5 voxels" in out and "SmartScore" in out
 
 
+def test_a_series_without_pixels_is_listed_as_no_image(shared_data, textsegment):
+    """50 CT objects without Rows/Columns are listed, as nothing to read: 'no image', not a blank size."""
+    code, out, _ = textsegment(shared_data / "dicom/pydicom_dicomdirtests")
+    assert code == 0
+    pixel_less = [line for line in out.splitlines() if "50 files" in line]
+    assert len(pixel_less) == 1 and "no image" in pixel_less[0]
+    assert all("no image" not in line for line in out.splitlines() if "16x16" in line)
+
+
 def test_uneven_spacing_is_shown(shared_data, textsegment):
     code, out, _ = textsegment(shared_data / "dicom/monai_CT_DICOM_tiny")
     assert code == 0 and "uneven slice gaps" in out

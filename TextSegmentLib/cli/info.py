@@ -52,7 +52,7 @@ def format_text(report: dict[str, Any]) -> str:
     if series is not None:
         lines.append(f"DICOM: {len(series)} series")
         for s in series:
-            size = f"{s['columns']}x{s['rows']}" if s["rows"] else "-"
+            size = f"{s['columns']}x{s['rows']}" if s["rows"] else ("-" if s["is_image"] else "no image")
             lines.append(
                 f"  {s['key']}  {s['modality'] or '??':<8} {_count(s):>14}  {size:>9}  "
                 f"{s['description'] or '(no description)'}  [patient {s['patient_id'] or '?'}]"
