@@ -21,6 +21,8 @@ from typing import Optional
 
 import numpy as np
 
+from .prompts.names import ORGAN_ADJECTIVES
+
 # matplotlib's "inferno" sampled at 33 evenly spaced points (0..255 RGB); linear interpolation
 # between them stays within 5/255 of the original 256-entry table.
 _INFERNO_ANCHORS = (
@@ -138,17 +140,12 @@ ANATOMY: tuple[_Entry, ...] = (
 )
 
 # An organ's adjective names the organ a finding lies in ("pancreatic cancer" is the pancreas's, as
-# "pancreas cancer" is), as ``prompts`` reads it; only for findings, and only when no organ noun is
-# named: "hepatic vein" stays a vein, "tumour in the hepatic vein" the vein's.
-_ADJECTIVES: dict[str, tuple[str, ...]] = {
-    "Liver": ("hepatic",), "Kidney": ("renal",), "Lung": ("pulmonary",), "Pancreas": ("pancreatic",),
-    "Spleen": ("splenic",), "Stomach": ("gastric",), "Aorta": ("aortic",), "Heart": ("cardiac",),
-    "Esophagus": ("esophageal", "oesophageal"), "Colon": ("colonic",), "Duodenum": ("duodenal",),
-    "Adrenal gland": ("suprarenal",), "Prostate": ("prostatic",), "Brain": ("cerebral",),
-    "Vertebra": ("vertebral",),
-}
+# "pancreas cancer" is), with the adjectives ``prompts`` reads; only for findings, and only when no organ
+# noun is named: "hepatic vein" stays a vein, "tumour in the hepatic vein" the vein's.
 _REGION_ADJECTIVES: tuple[_Entry, ...] = tuple(
-    _Entry(e.code, e.rgb, _ADJECTIVES[e.code.meaning], e.category) for e in ANATOMY if e.code.meaning in _ADJECTIVES
+    _Entry(e.code, e.rgb, adjectives, e.category)
+    for e in ANATOMY
+    if (adjectives := tuple(a for a, noun in ORGAN_ADJECTIVES.items() if noun in {e.code.meaning.lower(), *e.synonyms}))
 )
 
 FINDINGS: tuple[_Entry, ...] = (

@@ -16,16 +16,20 @@ from .table import prompt_table
 from .targets import GROUPS, LabelNames, Target, descendants, expand, names_by_id
 
 SIDES = ("left", "right")
+# an organ's adjective is its noun, so "pancreatic cancer" and "pancreas cancer" are one name (pancreas_tumor,
+# which the pancreas includes); "hepatic vein" stays liver_vein, no member of the liver's group. ``colors``
+# reads the same table to find the organ a finding lies in.
+ORGAN_ADJECTIVES = {
+    "oesophageal": "esophagus", "esophageal": "esophagus", "renal": "kidney", "hepatic": "liver",
+    "pulmonary": "lung", "gastric": "stomach", "aortic": "aorta", "cardiac": "heart", "splenic": "spleen",
+    "vertebral": "vertebrae", "suprarenal": "adrenal", "pancreatic": "pancreas", "colonic": "colon",
+    "duodenal": "duodenum", "prostatic": "prostate", "cerebral": "brain",
+}
 _WORDS = {
     "l": "left", "lt": "left", "sinister": "left", "r": "right", "rt": "right", "dexter": "right",
     "tumour": "tumor", "lesion": "tumor", "mass": "tumor", "neoplasm": "tumor", "cancer": "tumor",
     "carcinoma": "tumor", "centre": "core", "center": "core", "oesophagus": "esophagus",
-    "oesophageal": "esophagus", "esophageal": "esophagus", "renal": "kidney", "hepatic": "liver",
-    "pulmonary": "lung", "gastric": "stomach", "aortic": "aorta", "cardiac": "heart", "splenic": "spleen",
-    "vertebra": "vertebrae", "vertebral": "vertebrae", "intestine": "bowel", "suprarenal": "adrenal",
-    # an organ's adjective is its noun, so "pancreatic cancer" and "pancreas cancer" are one name (pancreas_tumor,
-    # which the pancreas includes); "hepatic vein" stays liver_vein, no member of the liver's group
-    "pancreatic": "pancreas", "colonic": "colon", "duodenal": "duodenum", "prostatic": "prostate", "cerebral": "brain",
+    "vertebra": "vertebrae", "intestine": "bowel", **ORGAN_ADJECTIVES,
 }
 _STOPWORDS = {
     "the", "a", "an", "of", "in", "inside", "within", "both", "all", "whole", "entire", "its", "their", "this",

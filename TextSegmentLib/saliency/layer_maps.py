@@ -108,8 +108,13 @@ def explain_batch(
             key = key[:3] + (name,) + key[3:]
         groups.setdefault(key, []).append(name)
     pooled: dict[tuple[int, int], Any] = {}  # the target on each feature grid, shared by same-sized taps
+    # stage 3's share of image (not padding) per cell, once per grid like the target
+    image_on: dict[tuple[int, int], Any] = {}
+    pool_image = inside is not None and any(key[0] == 3 for key in groups)
     for shape in sorted({key[-2:] for key in groups}, key=lambda hw: -hw[0] * hw[1]):  # finest first
         pooled[shape] = _pool(target_rows, shape, pooled)
+        if pool_image:
+            image_on[shape] = _pool(inside.float()[None, None], shape, image_on)
     rows = None if every else has_target.nonzero().squeeze(1)
     maps: dict[str, Any] = {}
     # stage 3's context ring and prior depend on the targets' boxes and the grid only: every row's, on
@@ -151,7 +156,7 @@ def explain_batch(
             key = (h, w, per_image, gather)
             if key not in surrounds:
                 ring, prior = (own_rows(x) for x in rings_and_priors[(h, w)])
-                image = None if inside is None else F.adaptive_avg_pool2d(inside.float()[None, None], (h, w))[0, 0]
+                image = image_on[(h, w)][0] if pool_image else None
                 surrounds[key] = _surround(weights, ring, prior, image)
             surround = tuple(stacked(x) for x in surrounds[key])
         raw = _layer_map(
