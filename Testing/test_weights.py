@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from TextSegmentLib import checkpoint, cli, weights
+from TextSegmentLib import checkpoint, cli, weights, weights_cache, weights_manifest
 from TextSegmentLib.checkpoint import save_checkpoint
 from TextSegmentLib.errors import Cancelled, InputError, WeightsError
 from TextSegmentLib.models import registry
@@ -150,7 +150,7 @@ def test_bundled_file_wins_and_is_checked(tmp_path, published, monkeypatch, no_n
     package_data = tmp_path / "package_data"
     (package_data / "weights").mkdir(parents=True)
     (package_data / "weights" / file_path.name).write_bytes(file_path.read_bytes())
-    monkeypatch.setattr(weights, "PACKAGE_DATA", package_data)
+    monkeypatch.setattr(weights_manifest, "PACKAGE_DATA", package_data)
     manifest = _manifest(tmp_path, _entry(file_path, bundled=True))
 
     source = resolve_weights(None, model_name="wee", manifest=manifest)
@@ -372,7 +372,7 @@ def test_verify_reports_ok_missing_and_tampered(tmp_path, published, no_network)
 def test_home_follows_the_environment(tmp_path, monkeypatch):
     assert textsegment_home() == (tmp_path / "home").resolve()
     monkeypatch.delenv(weights.ENV_HOME)
-    monkeypatch.setattr(weights.sys, "platform", "linux")
+    monkeypatch.setattr(weights_manifest.sys, "platform", "linux")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert textsegment_home() == tmp_path / "xdg" / "textsegment"
     assert textsegment_home(tmp_path / "explicit") == (tmp_path / "explicit").resolve()
@@ -497,6 +497,29 @@ def test_import_into_a_home_that_cannot_be_written_is_a_clear_error(tmp_path, mo
     assert blocker.read_text() == "a file where the cache folder should be"
 
 
+def test_an_import_whose_copy_fails_leaves_no_file_in_the_cache(tmp_path, monkeypatch, no_network):
+    """The copy goes through a temp file: a read error mid-import leaves neither it nor a cached file."""
+    source = tmp_path / "mine.safetensors"
+    _checkpoint(source, seed=5)
+    monkeypatch.setenv(weights.ENV_MANIFEST, _manifest(tmp_path))
+    real_open = open
+    broken = [True]
+
+    def failing(file, *args, **kwargs):  # hashing the source works; the copy's own read of it fails
+        if broken[0] and os.fspath(file) == os.fspath(source):
+            raise OSError(5, "Input/output error", os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(weights_cache, "open", failing, raising=False)
+    with pytest.raises(WeightsError, match=r"cannot copy .*mine\.safetensors into the weights cache .*Input/output error.*; nothing was imported"):
+        import_weights(source, weights_id="mine-v1")
+    folder = textsegment_home() / "weights" / "mine-v1"
+    assert list(folder.iterdir()) == []  # the temp file is gone, and no half-copied file took its place
+    assert not weights.imported_registry_path().exists()  # nor is the id recorded
+    broken[0] = False
+    assert import_weights(source, weights_id="mine-v1").id == "mine-v1"  # the next try succeeds
+
+
 def _deny_reading(monkeypatch, path) -> None:
     """``open`` raises PermissionError for ``path`` in the weights and checkpoint code (the tests run as root)."""
     real_open = open
@@ -506,7 +529,7 @@ def _deny_reading(monkeypatch, path) -> None:
             raise PermissionError(13, "Permission denied", os.fspath(file))
         return real_open(file, *args, **kwargs)
 
-    for module in (weights, checkpoint):
+    for module in (weights_manifest, weights_cache, checkpoint):
         monkeypatch.setattr(module, "open", guarded, raising=False)
 
 
@@ -567,7 +590,7 @@ def test_a_tampered_bundled_file_is_not_to_be_re_downloaded_and_a_good_imported_
     (package_data / "weights").mkdir(parents=True)
     bundled = package_data / "weights" / file_path.name
     bundled.write_bytes(file_path.read_bytes())
-    monkeypatch.setattr(weights, "PACKAGE_DATA", package_data)
+    monkeypatch.setattr(weights_manifest, "PACKAGE_DATA", package_data)
     manifest = _manifest(tmp_path, _entry(file_path, bundled=True))  # like every shipped checkpoint: no URL
     _flip_byte(bundled)
 

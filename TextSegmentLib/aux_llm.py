@@ -86,7 +86,7 @@ class LLMAnswerCache:
 
     def __init__(self, path: Optional[Path] = None) -> None:
         if path is None:
-            from .weights import textsegment_home  # the weights' cache folder: one home for everything cached
+            from .weights_manifest import textsegment_home  # the weights' cache folder: one home for everything cached
 
             path = textsegment_home() / CACHE_FILE_NAME
         self.path = Path(path)
@@ -238,7 +238,7 @@ def ask_llm(prompt: str, *, endpoint: LLMEndpoint, cache: Optional[LLMAnswerCach
     cached = _clean_answer(cache.get(key))
     if cached:
         return cached
-    from .weights import offline_reason
+    from .weights_manifest import offline_reason
 
     offline = offline_reason()
     if offline:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import pickle
 import string
 import tempfile
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError, WeightsError
+from ..weights_manifest import OFFLINE_VARIABLES, is_offline
 from .base import TextFeatures
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,6 @@ BIOMEDCLIP_TERMS = (
     "for research use only: its model card states that any deployed use case, commercial or not, is out of "
     "scope. Models built on it are research tools, not for diagnosis or clinical decisions."
 )
-OFFLINE_ENV_VARS = ("TEXTSEGMENT_OFFLINE", "HF_HUB_OFFLINE")
 PINNED_REVISIONS = {BIOMEDCLIP_HUB_ID: BIOMEDCLIP_REVISION}
 
 # What open_clip's local-dir loader reads; it builds a random model, with only a log warning, from a
@@ -167,11 +166,6 @@ register_clip_config("textsegment-vit-ti16-text32", _tiny_clip(text_width=32, te
 
 
 # --------------------------------------------------------------------------------------- loading
-
-
-def is_offline() -> bool:
-    """True when ``TEXTSEGMENT_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to a true value."""
-    return any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on") for var in OFFLINE_ENV_VARS)
 
 
 def load_clip(source: str, *, image_size: Optional[int] = None, cache_dir: Optional[str | Path] = None) -> nn.Module:
@@ -387,11 +381,11 @@ def _resolve_hf_files(name: str, folder: Optional[Path], filenames: Sequence[str
         if folder is None:
             raise WeightsError(
                 f"{name!r} is needed by the CLIP text tower but is not in the Hugging Face cache, and offline mode "
-                f"is on ({' / '.join(OFFLINE_ENV_VARS)}). Run once online to fill the cache."
+                f"is on ({' / '.join(OFFLINE_VARIABLES)}). Run once online to fill the cache."
             )
         raise WeightsError(
             f"{name!r} is needed by the CLIP text tower but is neither in {folder} nor in the Hugging Face cache, "
-            f"and offline mode is on ({' / '.join(OFFLINE_ENV_VARS)}). Copy its {' / '.join(filenames[:3])} into "
+            f"and offline mode is on ({' / '.join(OFFLINE_VARIABLES)}). Copy its {' / '.join(filenames[:3])} into "
             f"{folder}, or run once online to fill the cache."
         )
     return name
@@ -423,7 +417,7 @@ def _hub_snapshot(repo_id: str, *, cache_dir) -> Path:
     if is_offline():
         raise WeightsError(
             f"hf-hub:{repo_id} is not in the Hugging Face cache{f' ({cache_dir})' if cache_dir else ''} and offline "
-            f"mode is on ({' / '.join(OFFLINE_ENV_VARS)}). Download it once while online, or copy its files "
+            f"mode is on ({' / '.join(OFFLINE_VARIABLES)}). Download it once while online, or copy its files "
             "(open_clip_config.json, the checkpoint, the tokenizer files and the text model's config.json) into a "
             "folder and use 'local-dir:/that/folder'."
         )
