@@ -22,7 +22,7 @@ from typing import Any, Iterable, Optional, Union
 
 from .errors import WeightsError
 from .progress import ProgressCallback
-from .weights_cache import STALE_PART_S, _download, _part_files, _read_imported, import_weights
+from .weights_cache import STALE_PART_S, download_entry, import_weights, part_files, read_imported
 from .weights_manifest import (
     ENV_HOME,
     ENV_MANIFEST,
@@ -32,7 +32,7 @@ from .weights_manifest import (
     Manifest,
     PathLike,
     WeightsEntry,
-    _as_manifest,
+    as_manifest,
     bundled_path,
     cache_path,
     imported_registry_path,
@@ -53,9 +53,9 @@ RANDOM = "random"
 
 def known_weights(*, manifest: Union[Manifest, PathLike, None] = None, home: Optional[PathLike] = None) -> list[WeightsEntry]:
     """Manifest entries, then the ones imported on this machine."""
-    entries = list(_as_manifest(manifest).entries)
+    entries = list(as_manifest(manifest).entries)
     ids = {e.id for e in entries}
-    for entry in _read_imported(home):
+    for entry in read_imported(home):
         if entry.id in ids:
             log.warning("imported weights %r are shadowed by the manifest entry of the same id", entry.id)
             continue
@@ -82,7 +82,7 @@ class WeightsStatus:
 
 def list_weights(*, manifest: Union[Manifest, PathLike, None] = None, home: Optional[PathLike] = None) -> list[WeightsStatus]:
     """Every known entry with where it is; touches only the local disk."""
-    manifest = _as_manifest(manifest)
+    manifest = as_manifest(manifest)
     # only the manifest names defaults (an imported entry's own "default" flag is never used: see resolve_weights)
     defaults = {entry.id for entry in manifest.entries if manifest.default_for(entry.model) is entry}
     return [
@@ -166,7 +166,7 @@ def verify_weights(
                 results.append(VerifyResult(entry, "tampered", path, _tampered_message(path, entry, actual)))
     for state in states:
         if state.entry.kind == "checkpoint":
-            for part in _part_files(cache_path(state.entry, home=home)):
+            for part in part_files(cache_path(state.entry, home=home)):
                 results.append(VerifyResult(state.entry, "leftover", part, (
                     f"{part}: a partial download or import, killed (or still running); unless in progress, delete it, "
                     f"or the next download of {state.entry.id} removes it once it is {STALE_PART_S / 3600:.0f} hours old")))
@@ -223,7 +223,7 @@ def resolve_weights(
         return WeightsSource(kind=RANDOM, origin=RANDOM)
     known = known_weights(manifest=manifest, home=home)
     if spec is None:
-        entry = _as_manifest(manifest).default_for(model_name)
+        entry = as_manifest(manifest).default_for(model_name)
         if entry is None:
             raise WeightsError(
                 f"no trained weights are known for {model_name}; pass --weights PATH (a TextSegment checkpoint) "
@@ -287,7 +287,7 @@ def _resolve_entry(
             f"{todo}" + _known_ids_hint(known, entry.model)
         )
     return WeightsSource(
-        kind="file", path=_download(entry, where, progress=progress, cancel=cancel), entry=entry, origin="download", verified=True
+        kind="file", path=download_entry(entry, where, progress=progress, cancel=cancel), entry=entry, origin="download", verified=True
     )
 
 

@@ -33,8 +33,8 @@ from .weights_manifest import (
     Manifest,
     PathLike,
     WeightsEntry,
-    _as_manifest,
-    _read_entries,
+    as_manifest,
+    read_entries,
     cache_path,
     imported_registry_path,
     sha256_file,
@@ -49,7 +49,7 @@ STALE_PART_S = 24 * 3600.0  # a temp file untouched this long is no download in 
 # --------------------------------------------------------------------------- downloading a manifest entry
 
 
-def _download(entry: WeightsEntry, dest: Path, *, progress: Optional[ProgressCallback], cancel: CancelLike) -> Path:
+def download_entry(entry: WeightsEntry, dest: Path, *, progress: Optional[ProgressCallback], cancel: CancelLike) -> Path:
     """Fetch into a temp file beside ``dest``, check the sha256, and only then rename it into place."""
     report = MonotonicProgress(progress)
     _make_cache_folder(dest.parent)
@@ -101,14 +101,14 @@ def _download(entry: WeightsEntry, dest: Path, *, progress: Optional[ProgressCal
     )
 
 
-def _part_files(dest: Path) -> list[Path]:
+def part_files(dest: Path) -> list[Path]:
     """The temp files (``_cache_temp_file``) of downloads and imports into ``dest``, finished or not."""
     return sorted(dest.parent.glob(f".{glob.escape(dest.name)}.*.part")) if dest.parent.is_dir() else []
 
 
 def _remove_stale_parts(dest: Path) -> None:
     """Delete temp files a killed download left; one touched within ``STALE_PART_S`` may be another process's, and stays."""
-    for part in _part_files(dest):
+    for part in part_files(dest):
         try:
             if time.time() - part.stat().st_mtime > STALE_PART_S:
                 part.unlink()
@@ -158,7 +158,7 @@ def import_weights(
     except Exception as exc:
         raise WeightsError(f"{source} holds weights for model {info.model_name!r}, which this TextSegment cannot build ({exc})") from None
     digest = sha256_file(source)
-    known_manifest = _as_manifest(manifest)
+    known_manifest = as_manifest(manifest)
     for entry in known_manifest.entries:
         if entry.kind == "checkpoint" and entry.sha256 == digest:
             _copy_verified(source, cache_path(entry, home=home), digest)
@@ -167,7 +167,7 @@ def import_weights(
             log.info("imported %s as the known weights %s", source, entry.id)
             return entry
 
-    imported = _read_imported(home)
+    imported = read_imported(home)
     if weights_id is None:  # a file imported before (under any name) fills that entry's cache slot, as above
         same = next((e for e in imported if e.sha256 == digest and known_manifest.get(e.id) is None), None)
         if same is not None:
@@ -264,11 +264,11 @@ def _unwritable(folder: Path, exc: OSError) -> str:
     )
 
 
-def _read_imported(home: Optional[PathLike]) -> list[WeightsEntry]:
+def read_imported(home: Optional[PathLike]) -> list[WeightsEntry]:
     path = imported_registry_path(home=home)
     if not path.is_file():
         return []
-    return _read_entries(path, origin="imported", kind_of_file="imported-weights registry")
+    return read_entries(path, origin="imported", kind_of_file="imported-weights registry")
 
 
 def _write_imported(home: Optional[PathLike], entries: list[WeightsEntry]) -> None:

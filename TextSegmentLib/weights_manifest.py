@@ -134,7 +134,7 @@ class Manifest:
 def load_manifest(path: Optional[PathLike] = None) -> Manifest:
     """The manifest at ``path``, else ``$TEXTSEGMENT_MANIFEST``, else the one shipped in the package."""
     path = Path(path or os.environ.get(ENV_MANIFEST) or PACKAGE_DATA / "weights_manifest.json")
-    entries = _read_entries(path, origin="manifest", kind_of_file="weights manifest")
+    entries = read_entries(path, origin="manifest", kind_of_file="weights manifest")
     seen: set[str] = set()
     defaults: set[str] = set()
     for entry in entries:
@@ -148,7 +148,7 @@ def load_manifest(path: Optional[PathLike] = None) -> Manifest:
     return Manifest(entries=tuple(entries), path=path)
 
 
-def _read_entries(path: Path, *, origin: str, kind_of_file: str) -> list[WeightsEntry]:
+def read_entries(path: Path, *, origin: str, kind_of_file: str) -> list[WeightsEntry]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -165,7 +165,7 @@ def _read_entries(path: Path, *, origin: str, kind_of_file: str) -> list[Weights
     return [WeightsEntry.from_dict(item, where=f"{kind_of_file} {path}", origin=origin) for item in data["weights"]]
 
 
-def _as_manifest(manifest: Union[Manifest, PathLike, None]) -> Manifest:
+def as_manifest(manifest: Union[Manifest, PathLike, None]) -> Manifest:
     return manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
 
 
