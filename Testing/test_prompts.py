@@ -195,6 +195,16 @@ def test_l3_ground_truth_is_mask_algebra(phantom):
     assert not ground_truth(Target(), labels, names).any()
 
 
+
+def test_ground_truth_of_a_typed_prompt(phantom):
+    """``ground_truth("liver", ...)`` raised AttributeError ('str' has no 'mask'); text is what a user has."""
+    labels, names = phantom.labels, phantom.label_names
+    assert np.array_equal(ground_truth("liver without the tumour", labels, names),
+                          ground_truth(Target(("liver",), ("liver_tumor",)), labels, names))
+    assert np.array_equal(ground_truth("left kidney", labels, names), ground_truth(Target(("kidney_left",)), labels, names))
+    with pytest.raises(InputError, match="no ground truth for 'xyzzy'"):
+        ground_truth("xyzzy", labels, names)
+
 def test_prompts_round_trip_through_json():
     prompt = Prompt("left kidney but not the cyst", "L3", Target(("kidney_left",), ("kidney_cyst_left",)), "ours")
     assert Prompt.from_dict(json.loads(json.dumps(prompt.to_dict()))) == prompt

@@ -246,3 +246,38 @@ def test_the_comparison_names_its_sides_and_its_json_holds_no_nan(tmp_path):
     assert "a = freqmedclip-tiny (mine) and b = freqmedclip-tiny (shipped)" in paths["markdown"].read_text()
     saved = json.loads(paths["json"].read_text(), parse_constant=lambda name: pytest.fail(f"{name} in bench.json"))
     assert saved["comparison"]["L1"]["statistic"] is None and saved["comparison"]["a_weights"] == "mine"
+
+
+def test_dice_of_volumes_scores_their_voxels():
+    """``dice(run[0].mask, truth_volume)`` was 1.0 whatever the masks: ``np.asarray`` of a Volume is a 0-d object."""
+    from TextSegmentLib.volume import Volume
+
+    top = np.zeros((2, 4, 4), np.uint8)
+    top[0] = 1
+    bottom = 1 - top
+    assert dice(Volume(top), Volume(bottom)) == 0.0
+    assert dice(Volume(top), top) == 1.0
+    assert slice_dices(Volume(top), Volume(bottom)) == [0.0]
+
+
+def test_run_bench_takes_phantoms_and_names_what_ran():
+    """A ``Phantom`` failed with AttributeError ('name'); the model, weights and dataset had to be spelt out."""
+    from TextSegmentLib.phantom import make_phantom
+    from TextSegmentLib.semantibench import run_bench
+
+    report = run_bench(_ConstantModel(10.0), [make_phantom(seed=7, shape=(4, 32, 32))], device="cpu")
+    assert report.cases == ["phantom-7"] and report.dataset == "phantom-7"
+    assert report.model == "_ConstantModel" and report.weights == "default"
+    assert report.false_positive_rate() == 1.0
+
+
+def test_write_report_refuses_an_earlier_report_unless_overwrite(tmp_path):
+    """A second ``write_report`` into one folder replaced the first report in silence."""
+    from TextSegmentLib.errors import OutputExistsError
+
+    write_report(_report(model="first"), tmp_path)
+    with pytest.raises(OutputExistsError, match="holds bench results already"):
+        write_report(_report(model="second"), tmp_path)
+    assert json.loads((tmp_path / "bench.json").read_text())["summary"]["model"] == "first"
+    write_report(_report(model="second"), tmp_path, overwrite=True)
+    assert json.loads((tmp_path / "bench.json").read_text())["summary"]["model"] == "second"

@@ -414,3 +414,31 @@ def test_an_enhanced_ct_file_is_segmented_like_the_classic_series_it_came_from(s
     assert first.GetSize() == second.GetSize() and np.allclose(first.GetOrigin(), second.GetOrigin(), atol=1e-5)
     assert np.allclose(first.GetSpacing(), second.GetSpacing()) and np.allclose(first.GetDirection(), second.GetDirection())
     assert np.array_equal(sitk.GetArrayFromImage(first), sitk.GetArrayFromImage(second))
+
+
+def test_batch_options_from_python_are_checked_once_and_saliency_follows_the_threshold(shared_data, tmp_path):
+    """A bad saliency layer or stage failed every series alike; the maps explained the 0.5 mask at any threshold;
+    a repeated prompt made two identical labels; a model object was named by its class, not its preset."""
+    from TextSegmentLib.errors import ModelError
+
+    root = tmp_path / "study"
+    shutil.copytree(shared_data / "dicom" / "dcmqi_ct3slice" / "series", root / "a")
+    with pytest.raises(ModelError, match="unknown feature tap"):
+        segment_study(root, ["bone"], output_dir=tmp_path / "bad", model=HUThresholdModel(), device="cpu",
+                      saliency=True, saliency_layers="pixels,bogus")
+    with pytest.raises(InputError, match="saliency stage must be 1, 2 or 3"):
+        segment_study(root, ["bone"], output_dir=tmp_path / "bad", model=HUThresholdModel(), device="cpu",
+                      saliency=True, saliency_stage=5)
+    with pytest.raises(InputError, match="given twice"):
+        segment_study(root, ["bone", "Bone "], output_dir=tmp_path / "bad", model=HUThresholdModel(), device="cpu")
+    assert not (tmp_path / "bad").exists()
+    model = HUThresholdModel()
+    model.config.name = "hu-threshold-v1"  # a preset's config names it, as freqmedclip-tiny's does
+    out = tmp_path / "out"
+    report = segment_study(root, ["bone"], output_dir=out, model=model, device="cpu", threshold=0.3, saliency=True,
+                           dicom_seg=False)
+    (series,) = report.ok
+    assert report.model == "hu-threshold-v1"
+    assert json.loads((out / series.folder / "segmentation.json").read_text())["model"] == "hu-threshold-v1"
+    legend = json.loads((out / series.folder / "saliency" / "saliency_legend.json").read_text())
+    assert legend["config"]["threshold"] == 0.3

@@ -69,6 +69,10 @@ class SegmentationRun:
     skipped_slices: int
     warnings: list[str] = field(default_factory=list)
     features: Any = None  # what a ``features_sink`` collected (saliency), if one was given
+    # what made the masks, so ``export.write_segmentation`` records it as the CLI does without being told
+    model_name: Optional[str] = None  # the preset that ran (``model_label``)
+    weights_record: dict[str, Any] = field(default_factory=dict)  # ``weights.weights_record`` of the model that ran
+    settings: dict[str, Any] = field(default_factory=dict)  # axis, threshold, clean-up, ...
 
     def __getitem__(self, index: int) -> SegmentationResult:
         return self.results[index]
@@ -119,6 +123,7 @@ def segment(
 
     from .devices import select_device
     from .postprocess import clean_mask
+    from .weights import weights_record
 
     prompt_list = validate_prompts(prompts)
     aux_list = _validate_aux(aux_prompts, len(prompt_list))
@@ -226,6 +231,10 @@ def segment(
             )
         )
     report(1.0, "done")
+    settings = {"axis": axis, "threshold": threshold, "largest_component": largest_component, "fill_holes": fill_holes,
+                "min_component_ml": min_component_ml, "skip_empty_slices": skip_empty_slices,
+                "windows": [w if isinstance(w, str) else dict(vars(get_window(w))) for w in windows],
+                "probability_grid": probability_grid}
     return SegmentationRun(
         results=results,
         device=str(target),
@@ -235,7 +244,18 @@ def segment(
         skipped_slices=skipped,
         warnings=warnings,
         features=features,
+        model_name=model_label(model),
+        weights_record=weights_record(model),
+        settings=settings,
     )
+
+
+def model_label(model: Any) -> str:
+    """The preset a model was built from ("freqmedclip-tiny"), else its class name: what outputs call it.
+
+    The class name alone ("FreqMedCLIP") does not tell the tiny preset from the base one.
+    """
+    return str(getattr(getattr(model, "config", None), "name", None) or type(model).__name__)
 
 
 def _threshold(values: np.ndarray, cut: np.float32, *, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -473,6 +493,20 @@ def validate_prompts(prompts: Union[str, Sequence[str]]) -> list[str]:
         if not prompt:
             raise InputError(f"empty prompt {original!r}: type what to segment, e.g. 'spleen'")
     return cleaned
+
+
+def check_distinct_prompts(prompts: Sequence[str], *, option: str = "prompt") -> None:
+    """A prompt given twice would make two identical labels and a second file named apart: refuse it.
+
+    Case and spacing do not make a prompt new ("Liver", "liver "), as in the Slicer module.
+    """
+    first: dict[str, int] = {}
+    for number, prompt in enumerate(prompts or (), start=1):
+        key = " ".join(str(prompt).split()).casefold()
+        if key in first:
+            raise InputError(f"{option} {prompt!r} is given twice (prompts {first[key]} and {number}); "
+                             "each prompt makes one label: give it once")
+        first[key] = number
 
 
 def _validate_windows(windows: Union[str, Sequence[str]]) -> tuple:

@@ -72,17 +72,23 @@ def write_segmentation(
     run: Any,
     *,
     out_dir: Path,
-    model_name: str,
-    weights: Optional[str],
+    model_name: Optional[str] = None,
+    weights: Optional[str] = None,
     overwrite: bool = False,
     extra_legend: Optional[dict] = None,
 ) -> list[Path]:
-    """Write the label map, legend and probability maps of ``run`` into ``out_dir``; returns the paths."""
+    """Write the label map, legend and probability maps of ``run`` into ``out_dir``; returns the paths.
+
+    ``model_name`` and ``weights`` default to what ran (``run.model_name``, ``run.weights_record``), and the
+    legend records the weights' file and checksums and the run's ``settings``, as ``textsegment segment``
+    does; ``extra_legend`` adds to or replaces legend entries.
+    """
     from .io.writers import write_float_map, write_json, write_label_map
 
     out_dir = Path(out_dir)
     check_outputs_free(out_dir, overwrite=overwrite)
     reference = run.results[0].mask
+    ran = getattr(run, "weights_record", None) or {}  # a run built by hand has none
     labels = label_map(run)
     in_label_map = np.bincount(labels.ravel(), minlength=len(run.results) + 1)
     written = [write_label_map(reference.with_array(labels), out_dir / LABEL_MAP, overwrite=overwrite)]
@@ -113,8 +119,9 @@ def write_segmentation(
         "overlaps": "each voxel takes the label of the most probable prompt among those covering it; "
                     "voxels/volume_ml count each prompt's own mask, label_map_voxels what the label map holds",
         "probability_grid": "source" if all(r.probability.shape == r.mask.shape for r in run.results) else "compact",
-        "model": model_name,
-        "weights": weights,
+        **ran,  # weights, weights_file, weights_sha256, weights_data_sha256
+        "model": model_name or getattr(run, "model_name", None),
+        "weights": weights or ran.get("weights"),
         "device": run.device,
         "seconds": round(run.seconds, 3),
         "source": reference.source,
@@ -122,6 +129,8 @@ def write_segmentation(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "notice": "Research use only; not for diagnosis.",
     }
+    if getattr(run, "settings", None):
+        legend["settings"] = run.settings
     legend.update(extra_legend or {})
     written.append(write_json(legend, out_dir / LEGEND, overwrite=overwrite))
     return written

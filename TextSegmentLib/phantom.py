@@ -170,6 +170,11 @@ class Phantom:
     anatomy: dict[str, Any] = field(default_factory=dict)  # drawn sizes/positions, LPS mm
 
     @property
+    def name(self) -> str:
+        """``phantom-<seed>``, as ``training.phantom_cases`` names it: a phantom is a SemantiBench case as it is."""
+        return f"phantom-{self.config.seed}"
+
+    @property
     def lesions(self) -> tuple[str, ...]:
         """Lesions with at least one voxel on this grid."""
         counts = self.voxel_counts()

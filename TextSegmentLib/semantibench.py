@@ -41,9 +41,17 @@ FINDING_ML = 1.0  # a region this large on a negative control is a false finding
 # --------------------------------------------------------------------------------------- maths
 
 
+def _mask_array(mask: Any) -> np.ndarray:
+    """A mask as a boolean array; a ``Volume`` (``run[0].mask``, ``phantom.labels``) gives its voxels.
+
+    ``np.asarray`` of a ``Volume`` is a 0-d object array, which Dice would score as 1 against any other.
+    """
+    return np.asarray(getattr(mask, "array", mask), dtype=bool)
+
+
 def dice(prediction: Any, truth: Any) -> float:
-    """Dice of two boolean masks; 1 when both are empty, 0 when exactly one is."""
-    pred, gt = np.asarray(prediction, dtype=bool), np.asarray(truth, dtype=bool)
+    """Dice of two boolean masks (arrays or ``Volume`` s); 1 when both are empty, 0 when exactly one is."""
+    pred, gt = _mask_array(prediction), _mask_array(truth)
     if pred.shape != gt.shape:
         raise ValueError(f"dice needs masks of one shape, got {pred.shape} and {gt.shape}")
     total = int(pred.sum()) + int(gt.sum())
@@ -54,7 +62,7 @@ def dice(prediction: Any, truth: Any) -> float:
 
 def slice_dices(prediction: Any, truth: Any) -> list[float]:
     """Dice of each slice (axis 0) whose ground truth is non-empty."""
-    pred, gt = np.asarray(prediction, dtype=bool), np.asarray(truth, dtype=bool)
+    pred, gt = _mask_array(prediction), _mask_array(truth)
     return [dice(p, g) for p, g in zip(pred, gt) if g.any()]
 
 
@@ -322,13 +330,25 @@ def evaluate_case(
 
 
 def run_bench(
-    model: Any, cases: Iterable[Any], *, model_name: str, weights: str, dataset: str, seed: int = 0,
-    progress: Any = None, **options: Any,
+    model: Any, cases: Iterable[Any], *, model_name: Optional[str] = None, weights: Optional[str] = None,
+    dataset: Optional[str] = None, seed: int = 0, progress: Any = None, **options: Any,
 ) -> BenchReport:
+    """Score ``model`` on ``cases`` (``training.LabelledCase`` s or ``phantom.Phantom`` s): the report ``bench`` writes.
+
+    Case ``i`` gets the prompt pyramid of seed ``seed + i``; ``options`` go to ``evaluate_case``
+    (device, batch_size, clean-up). ``model_name``, ``weights`` and ``dataset`` default to the
+    model's preset, the weights it carries and the cases' names.
+    """
     import time
+
+    from .engine import model_label
+    from .weights import weights_label
 
     cases = list(cases)
     names = _distinct_names([case.name for case in cases])
+    model_name = model_name or model_label(model)
+    weights = weights or weights_label(model)
+    dataset = dataset or ", ".join(names)
     started = time.perf_counter()
     results: list[PromptResult] = []
     for i, (case, name) in enumerate(zip(cases, names)):
@@ -373,9 +393,24 @@ def _no_nan(value: Any) -> Any:
     return value
 
 
-def write_report(report: BenchReport, folder: Path, *, comparison: Optional[dict] = None) -> dict[str, Path]:
-    """``bench.json``, ``bench.md`` and ``bench.png`` (plus the Wilcoxon comparison) in ``folder``."""
+def write_report(
+    report: BenchReport, folder: Path, *, comparison: Optional[dict] = None, overwrite: bool = False
+) -> dict[str, Path]:
+    """``bench.json``, ``bench.md`` and ``bench.png`` (plus the Wilcoxon comparison) in ``folder``.
+
+    An earlier bench's files there are refused before anything is written unless ``overwrite``, as
+    every other writer does: a second call must not replace the first report in silence.
+    """
+    from .errors import OutputExistsError
+    from .export import refuse_file_as_folder
+
     folder = Path(folder)
+    refuse_file_as_folder(folder)
+    files = {"json": "bench.json", "markdown": "bench.md", "plot": "bench.png"}
+    taken = [name for name in files.values() if (folder / name).exists()]
+    if taken and not overwrite:
+        raise OutputExistsError(f"{folder}: holds bench results already ({', '.join(taken)}); "
+                                "choose another folder or pass overwrite=True (CLI: --overwrite)")
     folder.mkdir(parents=True, exist_ok=True)
     data = report.to_json()
     markdown = report.to_markdown()
@@ -394,7 +429,7 @@ def write_report(report: BenchReport, folder: Path, *, comparison: Optional[dict
             markdown += ("\nLeft out (scored by one report only): " + "; ".join(
                 f"{lv}: {d['only_a']} only in {comparison.get('a')}, {d['only_b']} only in {comparison.get('b')}"
                 for lv, d in dropped.items()) + "\n")
-    paths = {"json": folder / "bench.json", "markdown": folder / "bench.md", "plot": folder / "bench.png"}
+    paths = {kind: folder / name for kind, name in files.items()}
     # NaN is not JSON: a value that cannot be computed is null, as the markdown's n/a
     paths["json"].write_text(json.dumps(_no_nan(data), indent=1, allow_nan=False) + "\n")
     paths["markdown"].write_text(markdown)

@@ -158,7 +158,7 @@ class SegmentationLogic:
                 from .saliency import build_saliency_sink
 
                 sink = build_saliency_sink(model=loaded, layers=saliency_layers, stage=saliency_stage,
-                                           grid=saliency_grid)
+                                           grid=saliency_grid, threshold=threshold)  # explain the masks made here
             run = segment(source, prompt_list, model=loaded, aux_prompts=aux, device=run_device, batch_size=batch_size,
                           threshold=threshold, min_component_ml=min_component_ml, progress=report, cancel=token,
                           features_sink=sink)

@@ -124,20 +124,23 @@ def segment_study(
 ) -> StudyReport:
     """Segment every CT series under ``dicom_dir`` and write one folder per series plus the report.
 
-    ``model`` is a preset name (loaded once with ``weights`` on ``device``) or a model object
-    (``model_name`` then names it in the outputs).
+    ``model`` is a preset name (loaded once with ``weights`` on ``device``) or a model object;
+    ``model_name`` names it in the outputs (default: its preset, e.g. "freqmedclip-tiny").
+    A prompt given twice (case and spacing aside) is refused, as by ``textsegment batch``.
+    ``threshold`` makes the masks and, with ``saliency``, the target the maps explain.
     ``probability_grid="compact"`` keeps the probability maps on the compact grid (``engine.segment``).
     ``reader(series_info) -> Volume`` replaces the engine's DICOM reader (tests, other front ends).
     Raises before any work when the folder holds no CT series or outputs exist (unless
     ``overwrite``); raises ``Cancelled`` after writing the report when cancelled.
     """
-    from .engine import check_aux_prompts, check_settings, validate_prompts
+    from .engine import check_aux_prompts, check_distinct_prompts, check_settings, validate_prompts
     from .io.dicom_series import list_series
     from .io.writers import write_json
 
     started = time.perf_counter()
     dicom_dir, output_dir = Path(dicom_dir), Path(output_dir)
     prompt_list = validate_prompts(prompts)
+    check_distinct_prompts(prompt_list)  # two identical labels in every series' outputs otherwise
     # once, before any series: a bad option would otherwise fail every series with the same message
     check_settings(prompts=len(prompt_list), aux_prompts=aux_prompts, threshold=threshold, batch_size=batch_size,
                    probability_grid=probability_grid)
@@ -151,12 +154,15 @@ def segment_study(
     _name_folders([o for _, o in todo])
     _check_free(output_dir, [o.folder for _, o in todo], overwrite=overwrite)
 
-    model_name = model_name or (model if isinstance(model, str) else type(model).__name__)
+    from .engine import model_label
     from .weights import load_model, weights_record
 
     if isinstance(model, str):
         model = load_model(model, weights=weights, device=device)
+    model_name = model_name or model_label(model)  # the preset, not the class: "freqmedclip-tiny", not "FreqMedCLIP"
     check_aux_prompts(model, aux_prompts)  # once, here: each series would fail on it alike
+    if saliency:  # a bad stage or layer name, once, here: each series would fail on it alike
+        _saliency_sink(model, layers=saliency_layers, stage=saliency_stage, threshold=threshold)
     ran = weights_record(model, weights)
     reader = reader or (lambda series: _read(series, source=dicom_dir))
     report = StudyReport(str(dicom_dir), str(output_dir), prompt_list, model_name, series=outcomes,
@@ -264,9 +270,7 @@ def _run_series(series: Any, outcome: SeriesOutcome, *, reader: Callable[[Any], 
         volume = reader(series)
         sink = None
         if saliency:
-            from .saliency import build_saliency_sink
-
-            sink = build_saliency_sink(model=model, layers=saliency_layers, stage=saliency_stage)
+            sink = _saliency_sink(model, layers=saliency_layers, stage=saliency_stage, threshold=threshold)
         run = segment(volume, prompts, model=model, aux_prompts=aux_prompts, device=device, batch_size=batch_size,
                       threshold=threshold, probability_grid=probability_grid, progress=progress, cancel=cancel,
                       features_sink=sink)
@@ -295,6 +299,13 @@ def _run_series(series: Any, outcome: SeriesOutcome, *, reader: Callable[[Any], 
         outcome.seconds = round(time.perf_counter() - started, 3)
         if outcome.status != OK:
             _no_output(outcome, out_dir)
+
+
+def _saliency_sink(model: Any, *, layers: Any, stage: int, threshold: float) -> Any:
+    """The saliency sink of one series; its target is the mask at the batch's own ``threshold``, as ``segment --saliency``'s."""
+    from .saliency import build_saliency_sink
+
+    return build_saliency_sink(model=model, layers=layers, stage=stage, threshold=threshold)
 
 
 def _reading_warnings(series: Any, volume: Any) -> list[str]:

@@ -66,6 +66,12 @@ class Volume:
         if len(self.spacing) != 3 or any(not np.isfinite(s) or s <= 0 for s in self.spacing):
             raise InputError(f"{self.source or 'volume'}: spacing must be three positive numbers, got {self.spacing}")
 
+    def __repr__(self) -> str:
+        """One line: the dataclass repr printed every voxel row numpy shows, so a run in a notebook filled pages."""
+        spacing = ", ".join(f"{s:g}" for s in self.spacing)
+        return (f"Volume(shape={self.shape}, dtype={self.array.dtype}, spacing=({spacing}), "
+                f"orientation={orientation_code(self.direction)}, modality={self.modality!r}, source={self.source!r})")
+
     # geometry -----------------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, int, int]:

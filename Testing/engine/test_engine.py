@@ -490,3 +490,30 @@ def test_a_one_voxel_line_has_no_holes_to_fill():
     plane = np.zeros((1, 3, 5), np.uint8)
     plane[0, 1] = line  # the same line inside a one-slice plane: not filled either
     assert clean_mask(plane, largest_component=False).sum() == 3
+
+
+def test_a_run_written_from_python_records_what_ran_as_the_cli_does(tmp_path):
+    """``write_segmentation(run, out_dir=...)`` needed the model's name and weights, and its legend lacked the settings."""
+    import json
+
+    from TextSegmentLib.export import write_segmentation
+
+    volume, _ = cube_volume()
+    model = WindowModel()
+    model.config.name = "window-rule"  # a preset's config names it, as freqmedclip-tiny's does
+    run = segment(volume, ["bright"], model=model, device="cpu", threshold=0.3, largest_component=True)
+    write_segmentation(run, out_dir=tmp_path)
+    legend = json.loads((tmp_path / "segmentation.json").read_text())
+    assert legend["model"] == "window-rule" and legend["weights"] == "default"
+    assert {"weights_file", "weights_sha256", "weights_data_sha256"} <= set(legend)
+    assert legend["settings"]["threshold"] == 0.3 and legend["settings"]["largest_component"] is True
+    assert legend["settings"]["windows"] == ["abdomen", "lung", "bone"]
+
+
+def test_a_run_prints_in_a_few_lines():
+    """In a notebook ``run`` printed every Volume's voxels (numpy's summary of each array): pages per prompt."""
+    volume, _ = cube_volume()
+    run = segment(volume, ["bright", "dark"], model=WindowModel(), device="cpu")
+    text = repr(run)
+    assert "Volume(shape=(10, 32, 32), dtype=uint8, spacing=(1, 1, 2)" in text
+    assert len(text) < 1500 and "array(" not in text

@@ -526,3 +526,11 @@ def test_presets_and_torch_pin_match_the_engine_and_pyproject():
     assert sorted(MODEL_PRESETS) == list_models()
     dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert TORCH_REQUIREMENT in dependencies
+
+
+def test_saliency_explains_the_masks_at_the_modules_threshold(logic, ct_node):
+    """The maps' target is the mask at the slider's threshold, as ``segment --saliency``'s (it was 0.5 always)."""
+    outcome = logic.segment(volume=ct_node, prompts=["bone"], model=BoneModel(), device="cpu", threshold=0.3,
+                            saliency=True)
+    assert outcome.run.features.config.threshold == 0.3
+    assert "probability >= 0.3" in outcome.run.features[0].legend["combined"]["target"]

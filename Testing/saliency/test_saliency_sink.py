@@ -53,6 +53,15 @@ def test_slices_without_a_target_get_zero_maps(model, phantom):
         assert result.maps[name].array[~np.isin(np.arange(ball.shape[0]), empty)].any()
 
 
+
+def test_explain_with_a_config_still_takes_the_stage_and_threshold_given(model, phantom):
+    """Beside a ``config``, ``stage=2`` and ``threshold=0.3`` were dropped in silence: stage 1 maps of the 0.5 mask."""
+    volume, _, _ = phantom
+    run = run_explain(model, volume, stage=2, threshold=0.3, config=SaliencyConfig(encoding="float16"))
+    assert run.features.stage == 2 and run.features.config.threshold == 0.3
+    assert run.features.config.encoding == "float16"  # the rest of the config is kept
+    assert run_explain(model, volume, config=SaliencyConfig(stage=3)).features.stage == 3
+
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_a_flipped_volume_gives_the_flipped_maps_exactly(model, axis):
     flip = np.eye(3)

@@ -93,9 +93,9 @@ def run(args: argparse.Namespace) -> int:
                                      progress=bar, batch_size=args.batch_size, device=args.device, **cleanup))
         reports[-1].notes += notes
     comparison = compare(reports[0], reports[1]) if len(reports) == 2 else None
-    paths = write_report(reports[0], out, comparison=comparison)
+    paths = write_report(reports[0], out, comparison=comparison, overwrite=args.overwrite)
     if len(reports) == 2:
-        write_report(reports[1], out / "compare", comparison=comparison)
+        write_report(reports[1], out / "compare", comparison=comparison, overwrite=args.overwrite)
     summary = reports[0].summary()
     levels = summary["levels"]
     print(f"{args.model} on {dataset}: " + ", ".join(

@@ -108,15 +108,9 @@ def check_distinct_prompts(prompts: list[str]) -> None:
 
     Case and spacing do not make a prompt new ("Liver", "liver "), as in the Slicer module.
     """
-    from ..errors import InputError
+    from ..engine import check_distinct_prompts as check
 
-    first: dict[str, int] = {}
-    for number, prompt in enumerate(prompts or (), start=1):
-        key = " ".join(str(prompt).split()).casefold()
-        if key in first:
-            raise InputError(f"--prompt {prompt!r} is given twice (prompts {first[key]} and {number}); "
-                             "each prompt makes one label: give it once")
-        first[key] = number
+    check(prompts, option="--prompt")
 
 
 def check_saliency_options(args: argparse.Namespace) -> None:

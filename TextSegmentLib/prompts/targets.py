@@ -173,7 +173,19 @@ def descendants(name: str, vocabulary: Iterable[str]) -> list[str]:
     return out
 
 
-def ground_truth(prompt_or_target: Union[Prompt, Target], label_map: Any, label_names: LabelNames) -> np.ndarray:
-    """Boolean mask of a prompt's (or target's) ground truth on a label map (array or ``Volume``)."""
+def ground_truth(prompt_or_target: Union[Prompt, Target, str], label_map: Any, label_names: LabelNames) -> np.ndarray:
+    """Boolean mask of a prompt's (or target's) ground truth on a label map (array or ``Volume``).
+
+    A plain text ("left kidney excluding the cyst") is read by ``resolve_target``, as the prompt
+    tables are; text it cannot read is an ``InputError``, not a wrong mask.
+    """
+    if isinstance(prompt_or_target, str):
+        from .names import resolve_target
+
+        target = resolve_target(prompt_or_target, label_names=label_names)
+        if target is None:
+            raise InputError(f"no ground truth for {prompt_or_target!r}: the text names no structure the prompt "
+                             "tables know; pass a Target, e.g. Target(('liver',))")
+        return target.mask(label_map, label_names)
     target = prompt_or_target.target if isinstance(prompt_or_target, Prompt) else prompt_or_target
     return target.mask(label_map, label_names)

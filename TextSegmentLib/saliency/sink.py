@@ -138,7 +138,7 @@ def explain(
     *,
     model: Any,
     layers: Union[str, Sequence[str], None] = None,
-    stage: int = 1,
+    stage: Optional[int] = None,
     roi: Roi = None,
     config: Optional[SaliencyConfig] = None,
     **segment_options: Any,
@@ -146,17 +146,17 @@ def explain(
     """Segment ``prompts`` and explain them from the same forward pass; ``run.features`` is the ``SaliencyResult``.
 
     ``segment_options`` go to ``engine.segment`` (device, batch_size, axis, threshold, progress, ...).
+    ``stage`` (default 1) and ``threshold`` given beside a ``config`` replace the config's: the maps
+    explain the masks this call makes (a config's own threshold used to win over the one given here).
     """
     from ..engine import segment
 
-    threshold = segment_options.get("threshold", 0.5)
-    sink = build_saliency_sink(
-        model=model,
-        layers=layers,
-        stage=stage,
-        roi=roi,
-        config=config or SaliencyConfig(stage=stage, threshold=threshold),
-    )
+    changes = {"stage": stage} if stage is not None else {}
+    if "threshold" in segment_options:
+        changes["threshold"] = segment_options["threshold"]
+    config = dataclasses.replace(config, **changes) if config is not None else SaliencyConfig(
+        stage=changes.get("stage", 1), threshold=changes.get("threshold", 0.5))
+    sink = build_saliency_sink(model=model, layers=layers, roi=roi, config=config)
     return segment(volume, prompts, model=model, features_sink=sink, **segment_options)
 
 
