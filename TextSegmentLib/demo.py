@@ -98,7 +98,7 @@ def run_demo(
     out_dir = Path(out_dir)
     refuse_file_as_folder(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{out_dir}: is not empty; choose another --out folder or pass --overwrite")
+        raise OutputExistsError(f"{out_dir}: is not empty; choose another folder (CLI: --out) or pass overwrite=True (CLI: --overwrite)")
 
     if isinstance(prompts, str):  # one prompt, not one per character
         prompts = [prompts]

@@ -41,7 +41,7 @@ def check_outputs_free(out_dir: Path, *, overwrite: bool = False) -> None:
     if taken:
         raise OutputExistsError(
             f"{out_dir}: holds results already ({', '.join(p.name for p in taken)}); "
-            "choose another --out folder or pass --overwrite"
+            "choose another folder (CLI: --out) or pass overwrite=True (CLI: --overwrite)"
         )
 
 

@@ -254,7 +254,7 @@ def save_phantom(
     clashes = [str(p) for p in paths.values() if p.exists()]
     if clashes and not overwrite:  # check all first: never leave a half-replaced set
         verb = "exists" if len(clashes) == 1 else "exist"
-        raise OutputExistsError(f"{', '.join(clashes)} already {verb}; nothing was written (pass --overwrite to replace)")
+        raise OutputExistsError(f"{', '.join(clashes)} already {verb}; nothing was written (pass overwrite=True, CLI: --overwrite, to replace)")
 
     label_map = phantom.labels.array
     if prompts is None:

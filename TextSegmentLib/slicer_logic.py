@@ -167,7 +167,7 @@ class SegmentationLogic:
 
         def apply(run: Any) -> SegmentOutcome:
             outcome = self._add_results(run, input_node=volume, segmentation_node=segmentation_node, colormap=colormap)
-            outcome.model_name = model if isinstance(model, str) else type(model).__name__
+            outcome.model_name = run.model_name  # the preset (engine.model_label), whether named or passed loaded
             return outcome
 
         if wait:

@@ -235,7 +235,7 @@ def _check_free(output_dir: Path, folders: list[str], *, overwrite: bool) -> Non
     if taken:
         raise OutputExistsError(
             f"{output_dir}: holds batch results already ({', '.join(p.name for p in taken)}); "
-            "choose another output folder or pass --overwrite"
+            "choose another output folder or pass overwrite=True (CLI: --overwrite)"
         )
 
 
@@ -354,7 +354,7 @@ def _publish(staging: Path, final: Path, *, overwrite: bool) -> None:
     """Rename the finished staging folder into place (replacing an old one only with ``overwrite``)."""
     if final.exists():
         if not overwrite:
-            raise OutputExistsError(f"{final}: exists already; pass --overwrite to replace it")
+            raise OutputExistsError(f"{final}: exists already; pass overwrite=True (CLI: --overwrite) to replace it")
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         final.rename(old)
         staging.rename(final)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -342,6 +343,14 @@ def test_prompts_that_differ_only_in_case_give_one_segment(logic, ct_node):
     outcome = logic.segment(volume=ct_node, prompts="bone\nBone", model=BoneModel(), device="cpu")
     segmentation = outcome.segmentation_node.GetSegmentation()
     assert [r.prompt for r in outcome.run.results] == ["bone"] and segmentation.GetNumberOfSegments() == 1
+
+
+def test_a_model_object_is_named_by_its_preset_not_its_class(logic, ct_node):
+    """DICOM SEG records ``outcome.model_name`` as the algorithm: "FreqMedCLIP" would not tell tiny from base."""
+    model = BoneModel()
+    model.config = SimpleNamespace(**vars(model.config), name="bone-tiny")
+    assert logic.segment(volume=ct_node, prompts="bone", model=model, device="cpu").model_name == "bone-tiny"
+    assert logic.segment(volume=ct_node, prompts="bone", model=BoneModel(), device="cpu").model_name == "BoneModel"
 
 
 def test_models_are_loaded_once_and_out_of_memory_falls_back_to_the_cpu(context, ct_node):

@@ -79,7 +79,7 @@ def write_saliency(
         existing = [path for path in [p for _, p in plan] + [out_dir / LEGEND] if path.exists()]
         if existing:
             raise OutputExistsError(
-                f"{existing[0]}: exists already; choose another --out folder or pass --overwrite; nothing was written"
+                f"{existing[0]}: exists already; choose another folder (CLI: --out) or pass overwrite=True (CLI: --overwrite); nothing was written"
             )
     # The legend goes last and any old one first: a folder with a legend is always a finished one.
     (out_dir / LEGEND).unlink(missing_ok=True)

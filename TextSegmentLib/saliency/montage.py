@@ -71,7 +71,7 @@ def save_montage(
 
     path = Path(path)
     if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path}: exists already; choose another --out folder or pass --overwrite")
+        raise OutputExistsError(f"{path}: exists already; choose another folder (CLI: --out) or pass overwrite=True (CLI: --overwrite)")
     plan = slice_plan(volume, axis=axis)
     if slice_index is None:
         slice_index = choose_slice(saliency, plan=plan, mask=mask)
@@ -150,7 +150,7 @@ def _save_atomically(figure: Any, path: Path, *, overwrite: bool) -> Path:
     try:
         figure.savefig(tmp, format="png")
         if path.exists() and not overwrite:
-            raise OutputExistsError(f"{path}: exists already; pass --overwrite to replace it")
+            raise OutputExistsError(f"{path}: exists already; pass overwrite=True (CLI: --overwrite) to replace it")
         os.replace(tmp, path)
     finally:
         if tmp.exists():
