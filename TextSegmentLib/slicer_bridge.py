@@ -228,6 +228,17 @@ def dicom_source_files(node: Any, *, file_for_instance: Union[Callable[[str], An
     return files
 
 
+def node_holds(node: Any, volume: Volume) -> bool:
+    """Whether ``node`` still holds ``volume``'s voxels on its grid (a run's input, before its results are added)."""
+    image = node.GetImageData()
+    if image is None or image.GetPointData().GetScalars() is None or image.GetNumberOfScalarComponents() != 1:
+        return False
+    if _shape(node) != volume.shape or not np.allclose(volume.ijk_to_lps(), _ijk_to_lps(node), atol=GEOMETRY_TOLERANCE_MM):
+        return False
+    voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(volume.shape)  # a view: no copy
+    return bool(np.array_equal(voxels, volume.array))
+
+
 def _check_grid(volume: Volume, reference_node: Any, what: str) -> None:
     shape = _shape(reference_node)
     if volume.shape != shape or not np.allclose(volume.ijk_to_lps(), _ijk_to_lps(reference_node), atol=GEOMETRY_TOLERANCE_MM):
@@ -305,6 +316,8 @@ def add_segmentation(
     """
     context = _context(context)
     results = list(results)
+    if segmentation_node is not None:
+        check_output_segmentation(segmentation_node)
     for result in results:
         _check_grid(result.mask, reference_node, f"the mask for {result.prompt!r}")
     seen: dict[str, str] = {}
@@ -320,6 +333,9 @@ def add_segmentation(
         _place_beside(segmentation_node, reference_node, context)
     if segmentation_node.GetDisplayNode() is None:
         segmentation_node.CreateDefaultDisplayNodes()
+    labelmap_name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    if segmentation_node.GetSegmentation().GetSourceRepresentationName() != labelmap_name:  # empty: nothing to convert
+        segmentation_node.GetSegmentation().SetSourceRepresentationName(labelmap_name)
     if not segmentation_node.GetNodeReferenceID(segmentation_node.GetReferenceImageGeometryReferenceRole()):
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
@@ -341,6 +357,22 @@ def add_segmentation(
         if not logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, logic.MODE_REPLACE):
             raise RuntimeError(f"could not set the labelmap of segment {result.prompt!r}")
     return segmentation_node
+
+
+def check_output_segmentation(node: Any) -> None:
+    """Refuse an output node that masks cannot go into, before anything changes (and before a run).
+
+    A segmentation whose segments are stored as closed surfaces (imported models, STL) takes no
+    labelmap: Slicer would fail after an empty segment was already added."""
+    if not node.IsA("vtkMRMLSegmentationNode"):
+        raise InputError(f"{node.GetName()!r} is a {node.GetClassName()}, not a segmentation: choose a segmentation "
+                         "node for the output, or none to get a new one")
+    segmentation = node.GetSegmentation()
+    source = segmentation.GetSourceRepresentationName()
+    if segmentation.GetNumberOfSegments() and source != slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName():
+        raise InputError(f"segmentation {node.GetName()!r} stores its segments as {source!r}, which cannot take a mask: "
+                         "choose another output segmentation (or none for a new one), or set its source "
+                         "representation to 'Binary labelmap' in the Segmentations module")
 
 
 def _separate_from_other_grids(segmentation: Any, segment_id: str, labelmap: Any) -> None:
@@ -411,13 +443,10 @@ def saliency_color_node(*, context: Optional[SlicerContext] = None, colormap: st
     """Slicer's colour table ``colormap`` if the scene has it, else (for Inferno) our own 256-colour table."""
     context = _context(context)
     scene = context.scene
-    for node_id in (f"vtkMRMLColorTableNodeFile{colormap}.txt", f"vtkMRMLColorTableNode{colormap}",
-                    f"vtkMRMLProceduralColorNode{colormap}", f"vtkMRMLPETProceduralColorNode{colormap}"):
-        node = scene.GetNodeByID(node_id)
-        if node is not None:
-            return node
-    if colormap.lower() != "inferno":
-        raise InputError(f"colour table {colormap!r} is not in the scene; use 'Inferno' or one of Slicer's colour tables")
+    node = _scene_color_node(scene, colormap)
+    if node is not None:
+        return node
+    check_colormap(colormap, context=context)
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
         node = scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode")
         if node.GetName() == OWN_COLOR_TABLE:
@@ -432,6 +461,22 @@ def saliency_color_node(*, context: Optional[SlicerContext] = None, colormap: st
     node.GetLookupTable().SetRange(0, len(table) - 1)
     scene.AddNode(node)
     return node
+
+
+def _scene_color_node(scene: Any, colormap: str) -> Any:
+    for node_id in (f"vtkMRMLColorTableNodeFile{colormap}.txt", f"vtkMRMLColorTableNode{colormap}",
+                    f"vtkMRMLProceduralColorNode{colormap}", f"vtkMRMLPETProceduralColorNode{colormap}"):
+        node = scene.GetNodeByID(node_id)
+        if node is not None:
+            return node
+    return None
+
+
+def check_colormap(colormap: str, *, context: Optional[SlicerContext] = None) -> None:
+    """An unknown colour map is an ``InputError``; adds nothing to the scene, so a run can check it before it starts."""
+    context = _context(context)
+    if colormap.lower() != "inferno" and _scene_color_node(context.scene, colormap) is None:
+        raise InputError(f"colour table {colormap!r} is not in the scene; use 'Inferno' or one of Slicer's colour tables")
 
 
 def _unit_values(volume: Volume) -> np.ndarray:
@@ -449,13 +494,16 @@ def add_saliency_volumes(
     context: Optional[SlicerContext] = None,
     prompt: Optional[str] = None,
     colormap: str = "Inferno",
+    drop_other_layers: bool = False,
 ) -> dict[str, Any]:
     """One float volume per layer, coloured with ``colormap``, window 0–1, zero transparent.
 
     ``maps`` is a ``{layer: Volume}`` mapping or a saliency ``PromptSaliency`` (its ``.maps`` and
     ``.prompt``). Volumes added before for the same prompt, layer and reference volume are updated
     in place (another volume's maps for the same prompt are left alone) and put under the reference's
-    current parent transform, as new ones are. Returns ``{layer: node}`` in the order given.
+    current parent transform, as new ones are. ``drop_other_layers`` (a new run's maps) removes
+    that prompt's volumes of layers not given, so no map of an older run that explained other
+    layers is left looking current. Returns ``{layer: node}`` in the order given.
     """
     context = _context(context)
     prompt = prompt if prompt is not None else getattr(maps, "prompt", "")
@@ -488,6 +536,11 @@ def add_saliency_volumes(
         else:
             _place_beside(node, reference_node, context)
         nodes[layer] = node
+    for key, node in existing.items() if drop_other_layers else ():
+        if key.rsplit("|", 1)[0] == prompt and key.rsplit("|", 1)[1] not in maps:
+            for i in reversed(range(node.GetNumberOfDisplayNodes())):  # the scene would keep them, orphaned
+                context.scene.RemoveNode(node.GetNthDisplayNode(i))
+            context.scene.RemoveNode(node)
     return nodes
 
 
@@ -556,6 +609,10 @@ def export_segmentation(
             if not storage.WriteData(segmentation_node):
                 raise OSError("the segmentation storage node could not write the file")
     elif name.endswith(LABELMAP_SUFFIXES):
+        if not segmentation_node.GetSegmentation().GetNumberOfSegments():  # Slicer would fail, leaving a TempWrite folder
+            raise InputError(f"{path}: segmentation {segmentation_node.GetName()!r} has no segments, so there is no "
+                             "label map to write; segment the volume first")
+
         def write(tmp: Path) -> None:
             _write_labelmap(segmentation_node, tmp, reference_node=reference_node, context=context)
     else:

@@ -141,12 +141,13 @@ class SegmentationLogic:
         extent: 16× less memory on a 512 × 512 CT, and Slicer interpolates them on display; "source"
         puts them on the input's voxel grid.
         """
-        from .slicer_bridge import volume_from_node
+        from .slicer_bridge import check_colormap, volume_from_node
 
-        if volume is None:
-            raise InputError("no input volume selected: choose the CT volume to segment")
+        self._check_nodes(volume, segmentation_node)
         prompt_list = parse_prompts(prompts)
         aux = parse_aux_prompts(aux_prompts, count=len(prompt_list))
+        if saliency:
+            check_colormap(colormap, context=self.context)  # now, not once the run is over
         source = volume_from_node(volume)  # a copy, taken on this (main) thread: the worker never sees the node
 
         def compute(report: ProgressCallback, token: Optional[CancelToken]) -> Any:
@@ -166,7 +167,8 @@ class SegmentationLogic:
             return run
 
         def apply(run: Any) -> SegmentOutcome:
-            outcome = self._add_results(run, input_node=volume, segmentation_node=segmentation_node, colormap=colormap)
+            outcome = self._add_results(run, input_node=volume, segmentation_node=segmentation_node, colormap=colormap,
+                                        source=source)
             outcome.model_name = run.model_name  # the preset (engine.model_label), whether named or passed loaded
             return outcome
 
@@ -174,24 +176,49 @@ class SegmentationLogic:
             return apply(compute(progress or _ignore, cancel))
         return self.submit(f"Segmenting {volume.GetName()}", compute, apply, progress=progress, cancel=cancel)
 
-    def _add_results(self, run: Any, *, input_node: Any, segmentation_node: Any, colormap: str) -> SegmentOutcome:
-        """Main thread only: the one place a run changes the scene."""
-        from .slicer_bridge import add_saliency_volumes, add_segmentation, saliency_color_node
+    def _check_nodes(self, volume: Any, segmentation_node: Any) -> None:
+        """Refuse nodes a run cannot use before it starts (a wrong one would fail only once it is over)."""
+        from .slicer_bridge import check_output_segmentation
+
+        if volume is None:
+            raise InputError("no input volume selected: choose the CT volume to segment")
+        if not callable(getattr(volume, "IsA", None)):  # e.g. an engine Volume read from a file
+            raise InputError(f"volume must be a volume node of the scene (e.g. getNode('CT')), not a {type(volume).__name__}")
+        if not volume.IsA("vtkMRMLScalarVolumeNode"):
+            raise InputError(f"{volume.GetName()!r} is a {volume.GetClassName()}, not a volume: choose the CT volume to segment")
+        if volume.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise InputError(f"{volume.GetName()!r} is a label map, not an image: choose the CT volume to segment")
+        scene = self.context.scene
+        for node, what in ((volume, "volume"), (segmentation_node, "segmentation")):
+            if node is not None and scene.GetNodeByID(node.GetID() or "") is not node:
+                raise InputError(f"the {what} {node.GetName() or node.GetClassName()!r} is not in the scene; "
+                                 "add it (scene.AddNode) first")
+        if segmentation_node is not None:
+            check_output_segmentation(segmentation_node)
+
+    def _add_results(self, run: Any, *, input_node: Any, segmentation_node: Any, colormap: str,
+                     source: Any = None) -> SegmentOutcome:
+        """Main thread only: the one place a run changes the scene. ``source`` is the copy of the input
+        the run segmented: an input changed since (a filter writing into it, its spacing edited) gets nothing."""
+        from .slicer_bridge import add_saliency_volumes, add_segmentation, check_colormap, node_holds
 
         context = self.context
         if context.scene.GetNodeByID(input_node.GetID()) is not input_node:
             raise InputError(f"the volume {input_node.GetName()!r} was removed while it was being segmented; nothing was added")
+        if source is not None and not node_holds(input_node, source):
+            raise InputError(f"the volume {input_node.GetName()!r} was changed (its voxels or geometry) while it was being "
+                             "segmented, so the masks would not fit it; nothing was added: run the segmentation again")
         if segmentation_node is not None and context.scene.GetNodeByID(segmentation_node.GetID()) is not segmentation_node:
             log.warning("the output segmentation was removed meanwhile; adding a new one")
             segmentation_node = None
         if run.features is not None:
-            saliency_color_node(context=context, colormap=colormap)  # an unknown colour map fails before anything is added
+            check_colormap(colormap, context=context)  # an unknown colour map fails before anything is added
         node = add_segmentation(run.results, reference_node=input_node, context=context, segmentation_node=segmentation_node)
         saliency_nodes = {}
         if run.features is not None:
             for item in run.features.prompts:
                 saliency_nodes[item.prompt] = add_saliency_volumes(item, reference_node=input_node, context=context,
-                                                                   colormap=colormap)
+                                                                   colormap=colormap, drop_other_layers=True)
         for warning in run.warnings:
             log.warning("%s", warning)
         return SegmentOutcome(input_node=input_node, segmentation_node=node, run=run, saliency_nodes=saliency_nodes)

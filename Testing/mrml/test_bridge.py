@@ -242,6 +242,35 @@ def test_prompts_that_differ_only_in_case_are_refused_before_the_scene_changes(c
     assert _node_count(context) == count
 
 
+def _closed_surface_segmentation(context, *segment_names):
+    """A segmentation whose source representation is closed surfaces (e.g. an STL imported as segments)."""
+    output = context.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "imported model")
+    output.GetSegmentation().SetSourceRepresentationName(slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
+    for name in segment_names:
+        sphere = vtk.vtkSphereSource()
+        sphere.SetRadius(3.0)
+        sphere.Update()
+        output.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), name, (1.0, 0.0, 0.0))
+    return output
+
+
+def test_a_segmentation_of_closed_surfaces_is_refused_untouched_and_an_empty_one_takes_masks(context):
+    """Slicer cannot set a labelmap there: it failed with a RuntimeError after adding an empty segment."""
+    ct = _ct("oblique")
+    node = node_from_volume(ct, context=context, name="CT")
+    mask = _box_mask(ct, (1, 2, 3), (4, 6, 9))
+    output = _closed_surface_segmentation(context, "tumour model")
+    with pytest.raises(InputError, match="Closed surface.*Binary labelmap"):
+        add_segmentation([_result(ct, "liver", mask)], reference_node=node, context=context, segmentation_node=output)
+    segmentation = output.GetSegmentation()
+    assert [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())] == ["tumour model"]
+    assert not output.GetNodeReferenceID(output.GetReferenceImageGeometryReferenceRole())
+
+    empty = _closed_surface_segmentation(context)  # nothing to lose: it takes the masks
+    add_segmentation([_result(ct, "liver", mask)], reference_node=node, context=context, segmentation_node=empty)
+    assert np.array_equal(_ras_points_of_segment(empty, "liver"), _ras_points_of_mask(ct, mask))
+
+
 def test_segmentation_goes_under_the_source_study(context):
     ct = _ct("identity")
     node = node_from_volume(ct, context=context, name="CT")
@@ -469,6 +498,17 @@ def test_nifti_export_goes_through_a_labelmap_in_lps(context, tmp_path):
     assert np.array_equal(labels == 1, liver == 1) and np.array_equal(labels == 2, spleen == 1)
     with pytest.raises(InputError, match="unknown segmentation format"):
         export_segmentation(seg, tmp_path / "labels.png", context=context)
+
+
+def test_a_segmentation_without_segments_is_no_label_map_and_leaves_no_folder_behind(context, tmp_path):
+    """Slicer failed with 'the volume storage node could not write' and left a TempWrite folder in the output folder."""
+    ct = _ct("identity")
+    node = node_from_volume(ct, context=context, name="CT")
+    empty = context.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nothing yet")
+    count = _node_count(context)
+    with pytest.raises(InputError, match="'nothing yet' has no segments"):
+        export_segmentation(empty, tmp_path / "labels.nii.gz", context=context, reference_node=node)
+    assert list(tmp_path.iterdir()) == [] and _node_count(context) == count
 
 
 def test_real_label_survives_scene_and_seg_nrrd(context, tmp_path, shared_data):

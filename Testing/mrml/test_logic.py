@@ -219,6 +219,80 @@ def test_no_volume_selected_is_an_error(logic):
         parse_prompts(" \n  \n")
 
 
+def _closed_surface_segmentation(context):
+    """A segmentation holding an imported model: closed surfaces are its source representation."""
+    node = context.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "imported model")
+    node.GetSegmentation().SetSourceRepresentationName(slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
+    sphere = vtk.vtkSphereSource()
+    sphere.Update()
+    node.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "tumour model", (1.0, 0.0, 0.0))
+    return node
+
+
+@pytest.mark.parametrize("case", ["label map", "segmentation as input", "engine Volume", "input not in the scene",
+                                  "volume as output", "closed-surface output", "output not in the scene",
+                                  "unknown colour map"])
+def test_nodes_and_options_a_run_cannot_use_are_refused_before_it_runs(logic, context, ct_node, case):
+    """These failed only once the run was over (a raw AttributeError, TypeError or RuntimeError for most),
+    the closed-surface output after an empty segment had been added to it."""
+    volume, output, colormap = ct_node, None, "Inferno"
+    if case == "label map":
+        volume = context.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+        node_from_volume(_ct()[0].with_array(_ct()[1].astype(np.uint8)), context=context, name="labels", node=volume)
+    elif case == "segmentation as input":
+        volume = context.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "a segmentation")
+    elif case == "engine Volume":
+        volume = _ct()[0]
+    elif case == "input not in the scene":
+        volume = node_from_volume(_ct()[0], context=context, name="loose", node=slicer.vtkMRMLScalarVolumeNode())
+    elif case == "volume as output":
+        output = node_from_volume(_ct()[0], context=context, name="another CT")
+    elif case == "closed-surface output":
+        output = _closed_surface_segmentation(context)
+    elif case == "output not in the scene":
+        output = slicer.vtkMRMLSegmentationNode()
+    else:
+        colormap = "NoSuchMap"
+    before = _scene_ids(context)
+    model = BoneModel()
+    with pytest.raises(InputError, match="label map|not a volume|volume node|not in the scene|not a segmentation|Closed surface|NoSuchMap"):
+        logic.segment(volume=volume, prompts=["bone"], model=model, device="cpu", segmentation_node=output,
+                      saliency=True, colormap=colormap, wait=False)
+    assert model.threads == [] and logic.running == []  # refused on the spot, nothing computed
+    assert _scene_ids(context) == before
+    if case == "closed-surface output":
+        segmentation = output.GetSegmentation()
+        assert [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())] == ["tumour model"]
+
+
+class TwoLayerModel(BoneModel):
+    """BoneModel with a second feature tap, so a run can explain one layer or both."""
+
+    tap_names = ("pixels", "halved")
+
+    def forward(self, images, text, *, taps=None):
+        output = super().forward(images, text, taps=taps)
+        if taps:
+            output.taps["halved"] = images * 0.5
+        return output
+
+
+def test_a_rerun_explaining_fewer_layers_leaves_no_map_of_the_older_run(logic, context, ct_node):
+    first = logic.segment(volume=ct_node, prompts=["bone"], model=TwoLayerModel(), device="cpu", saliency=True)
+    assert set(first.saliency_nodes["bone"]) == {"pixels", "halved", "combined"}
+    stale = first.saliency_nodes["bone"]["halved"]
+    stale_display = stale.GetDisplayNodeID()
+    count = context.scene.GetNumberOfNodes()
+    again = logic.segment(volume=ct_node, prompts=["bone"], model=TwoLayerModel(), device="cpu", saliency=True,
+                          saliency_layers="pixels", segmentation_node=first.segmentation_node)
+    assert set(again.saliency_nodes["bone"]) == {"pixels", "combined"}
+    assert stale.GetScene() is None and context.scene.GetNodeByID(stale_display) is None  # no orphan display node
+    assert context.scene.GetNumberOfNodes() == count - 2
+    keys = [context.scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode").GetAttribute(SALIENCY_ATTRIBUTE)
+            for i in range(context.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
+    assert sorted(k for k in keys if k) == ["bone|combined", "bone|pixels"]
+
+
 def test_async_job_runs_on_one_persistent_worker_and_changes_the_scene_only_in_poll(logic, context, ct_node):
     gate = threading.Event()
     model = BoneModel(gate)
@@ -308,6 +382,24 @@ def test_input_removed_while_running_fails_without_adding_anything(logic, contex
     with pytest.raises(InputError, match="was removed"):
         logic.wait(job, timeout=20)
     assert job.state == "failed" and "was removed" in job.message
+    assert _scene_ids(context) == before
+
+
+@pytest.mark.parametrize("change", ["voxels written in place", "spacing edited"])
+def test_input_changed_while_running_fails_without_adding_anything(logic, context, ct_node, change):
+    """Masks of the old voxels were added in silence; an edited spacing gave 'must come from a run on that
+    volume' (it did) after the saliency colour table had already been added."""
+    gate = threading.Event()
+    job = logic.segment(volume=ct_node, prompts=["bone"], model=BoneModel(gate), device="cpu", saliency=True, wait=False)
+    if change == "voxels written in place":  # e.g. a filter module run with the CT as its output
+        numpy_support.vtk_to_numpy(ct_node.GetImageData().GetPointData().GetScalars())[:] = 1200
+        ct_node.GetImageData().Modified()
+    else:
+        ct_node.SetSpacing(1.0, 1.0, 1.0)
+    before = _scene_ids(context)
+    gate.set()
+    with pytest.raises(InputError, match="'CT' was changed .* while it was being segmented.*nothing was added"):
+        logic.wait(job, timeout=20)
     assert _scene_ids(context) == before
 
 
