@@ -209,7 +209,8 @@ class SegmentationLogic:
             raise InputError(f"the volume {input_node.GetName()!r} was changed (its voxels or geometry) while it was being "
                              "segmented, so the masks would not fit it; nothing was added: run the segmentation again")
         if segmentation_node is not None and context.scene.GetNodeByID(segmentation_node.GetID()) is not segmentation_node:
-            log.warning("the output segmentation was removed meanwhile; adding a new one")
+            run.warnings.append(f"the output segmentation {segmentation_node.GetName()!r} was removed while the run went on; "
+                                "the masks went into a new segmentation")  # logged below with the others, and shown
             segmentation_node = None
         if run.features is not None:
             check_colormap(colormap, context=context)  # an unknown colour map fails before anything is added

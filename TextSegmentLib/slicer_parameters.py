@@ -7,10 +7,13 @@ scene files; and the prompt-box parsing the logic and the widget share.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from .errors import InputError
+
+log = logging.getLogger(__name__)
 
 MODULE_NAME = "TextSegment"
 DEFAULT_MODEL = "freqmedclip-tiny"
@@ -88,7 +91,11 @@ def find_parameter_node(scene: Any, *, create: bool = True) -> Any:
 
 
 def read_parameters(node: Any) -> dict[str, Any]:
-    """Every parameter's value (its default where the node has none)."""
+    """Every parameter's value (its default where the node has none).
+
+    A value the module cannot use (a scene edited by hand or by another version: threshold "abc",
+    stage 7) is read as its default with a warning: a loaded scene must not break the module.
+    """
     values = {}
     for p in PARAMETERS:
         if p.is_node:
@@ -98,7 +105,14 @@ def read_parameters(node: Any) -> dict[str, Any]:
         elif p.type is bool:
             values[p.name] = node.GetParameter(p.name) == "True"
         else:
-            values[p.name] = p.type(node.GetParameter(p.name))
+            text = node.GetParameter(p.name)
+            try:
+                values[p.name] = p.type(text)
+                _check(p, values[p.name])
+            except (ValueError, InputError) as exc:
+                log.warning("TextSegment parameter %r holds %r, which the module cannot use (%s); using %r",
+                            p.name, text, exc, p.default)
+                values[p.name] = p.default
     return values
 
 
@@ -153,6 +167,9 @@ def parse_prompts(text: Union[str, Sequence[str]]) -> list[str]:
     name regardless of case, so both would land in one segment, the second overwriting the first.
     """
     lines = text.splitlines() if isinstance(text, str) else list(text)
+    if isinstance(text, (bytes, bytearray)) or not all(isinstance(line, str) for line in lines):
+        # bytes would become one prompt per byte value ("98", "111", ...), None a segment named "None"
+        raise InputError(f"prompts must be text: one string with a prompt per line, or a list of strings, not {text!r}")
     unique: dict[str, str] = {}
     for line in lines:
         prompt = " ".join(str(line).split())

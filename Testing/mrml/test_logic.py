@@ -385,6 +385,39 @@ def test_input_removed_while_running_fails_without_adding_anything(logic, contex
     assert _scene_ids(context) == before
 
 
+def test_prompts_that_are_not_text_are_refused():
+    """Bytes became one prompt per byte value ("98", "111", ...), None a segment named "None"."""
+    for prompts in (b"bone", [None], ["bone", 3]):
+        with pytest.raises(InputError, match="prompts must be text"):
+            parse_prompts(prompts)
+    assert parse_prompts(p for p in ["bone", "Bone", "soft tissue"]) == ["bone", "soft tissue"]  # any iterable of text
+
+
+def test_a_hand_edited_parameter_reads_as_its_default_with_a_warning(context, caplog):
+    """A raw ValueError broke the module on a scene whose threshold read "abc"; a stage of 7 passed unchecked."""
+    node = find_parameter_node(context.scene)
+    write_parameters(node, {"threshold": 0.3, "saliencyStage": 2, "colormap": "Viridis"})
+    node.SetParameter("threshold", "abc")
+    node.SetParameter("saliencyStage", "7")
+    node.SetParameter("colormap", "Rainbow")
+    values = read_parameters(node)
+    assert (values["threshold"], values["saliencyStage"], values["colormap"]) == (0.5, 1, "Inferno")
+    assert all(name in caplog.text for name in ("'threshold'", "'saliencyStage'", "'colormap'"))
+
+
+def test_an_output_removed_while_running_gets_a_new_one_and_the_outcome_says_so(logic, context, ct_node):
+    """The warning went only to the log; the widget shows ``outcome.warnings``."""
+    gate = threading.Event()
+    output = context.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
+    job = logic.segment(volume=ct_node, prompts=["bone"], model=BoneModel(gate), device="cpu",
+                        segmentation_node=output, wait=False)
+    context.scene.RemoveNode(output)
+    gate.set()
+    outcome = logic.wait(job, timeout=20)
+    assert outcome.segmentation_node is not output and outcome.segmentation_node.GetScene() is context.scene
+    assert any("was removed" in w and "mine" in w for w in outcome.warnings)
+
+
 @pytest.mark.parametrize("change", ["voxels written in place", "spacing edited"])
 def test_input_changed_while_running_fails_without_adding_anything(logic, context, ct_node, change):
     """Masks of the old voxels were added in silence; an edited spacing gave 'must come from a run on that
