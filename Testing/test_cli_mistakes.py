@@ -156,6 +156,27 @@ def test_train_export_mix_without_weights_to_mix_with_names_the_option(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+def test_train_export_without_validation_is_refused_before_the_run(tmp_path, capsys):
+    # the run trained, then exported nothing without a word: the export is the best validated checkpoint
+    export = tmp_path / "mine.safetensors"
+    assert main(["train", "--config", str(_recipe(tmp_path, val_sources=[])), "--threads", "1", "--quiet",
+                 "--export", str(export)]) == 2
+    assert "needs validation data (--val" in _one_line_error(capsys, "train")
+    assert not export.exists() and not (tmp_path / "run").exists()
+
+
+def test_train_into_a_finished_run_whose_last_pt_was_deleted_is_refused(tmp_path, capsys):
+    # with last.pt deleted to save space, the new run's first validation replaced the earlier run's best weights
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.safetensors").write_bytes(b"the weights of an earlier run")
+    for extra in ([], ["--resume"]):
+        assert main(["train", "--config", str(_recipe(tmp_path)), "--threads", "1", "--quiet", *extra]) == 2
+        assert "best.safetensors" in _one_line_error(capsys, "train")
+    assert sorted(p.name for p in run.iterdir()) == ["best.safetensors"]
+    assert (run / "best.safetensors").read_bytes() == b"the weights of an earlier run"
+
+
 def test_train_config_that_is_not_text_is_one_line(phantom_file, capsys):
     # a gzip file used to raise a UnicodeDecodeError traceback
     assert main(["train", "--config", str(phantom_file)]) == 2

@@ -493,3 +493,138 @@ def test_seg_on_a_study_folder_reads_its_headers_once(shared_data, tmp_path, mon
     assert np.array_equal(case.labels.array == 1, masks[..., 0])
     assert case.ct.modality == "CT"
     assert len(calls) == 1
+
+
+def _write_case(folder, labels, ct=None, **geometry):
+    """A phantom CT (4x32x32) and a label map, as ct.nii.gz and seg.nii.gz; ``geometry`` sets the label map's."""
+    import SimpleITK as sitk
+
+    from TextSegmentLib.phantom import make_phantom
+
+    ph = make_phantom(seed=5, shape=(4, 32, 32))
+    for array, file, where in ((ph.ct.array, "ct.nii.gz", {}), (labels, "seg.nii.gz", geometry)):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(where.get("spacing", ph.ct.spacing))
+        image.SetOrigin(where.get("origin", (0.0, 0.0, 0.0)))
+        sitk.WriteImage(image, str(folder / file))
+    return ph
+
+
+def test_a_label_map_covering_part_of_the_ct_is_refused(tmp_path):
+    """A cropped (or transposed) label map was resampled in silence: the CT beyond it trained as unlabelled background."""
+    labels = np.zeros((4, 32, 32), dtype=np.uint8)
+    labels[1:3, 8:24, 8:24] = 1
+    (tmp_path / "map.json").write_text(json.dumps({"1": "liver"}))
+    files = (tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", tmp_path / "map.json")
+    ph = _write_case(tmp_path, labels[:, :20, :])  # rows 20-31 of the CT have no labels (21 of 32 count: one voxel of slack)
+    with pytest.raises(InputError, match=r"seg\.nii\.gz: covers only 66% of the CT .*crop the CT"):
+        load_totalsegmentator_case(*files)
+    _write_case(tmp_path, np.ascontiguousarray(labels[:, :, :16]).transpose(0, 2, 1))  # 32 rows x 16 columns
+    with pytest.raises(InputError, match="covers only 53%"):
+        load_totalsegmentator_case(*files)
+    # the same extent at half the in-plane resolution covers it: resampled, not refused
+    _write_case(tmp_path, labels[:, ::2, ::2], spacing=(2 * ph.ct.spacing[0], 2 * ph.ct.spacing[1], ph.ct.spacing[2]),
+                origin=(ph.ct.spacing[0] / 2, ph.ct.spacing[1] / 2, 0.0))
+    case = load_totalsegmentator_case(*files)
+    assert case.ct.same_geometry(case.labels) and np.array_equal(case.labels.array, labels)
+
+
+def test_labels_their_class_map_does_not_name_are_refused(tmp_path):
+    """An unnamed label (a class map of another version, an MSD labels list that misses one) became background
+    in silence, so prompts for it, or for a group holding it, were trained and scored without it."""
+    labels = np.zeros((4, 32, 32), dtype=np.uint8)
+    labels[1:3, 4:14, 4:14] = 1
+    labels[1:3, 18:28, 18:28] = 5
+    _write_case(tmp_path, labels)
+    (tmp_path / "map.json").write_text(json.dumps({"total": {"1": "spleen", "2": "kidney_right"}}))
+    with pytest.raises(InputError, match=r"seg\.nii\.gz: label value\(s\) 5 \(200 voxels\) have no name in class map .*map\.json"):
+        load_totalsegmentator_case(tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", tmp_path / "map.json")
+    # names of labels absent from the map are fine: they are the absent-structure negatives
+    (tmp_path / "map.json").write_text(json.dumps({"total": {"1": "spleen", "2": "kidney_right", "5": "liver"}}))
+    case = load_totalsegmentator_case(tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", tmp_path / "map.json")
+    assert case.label_names == {1: "spleen", 2: "kidney_right", 5: "liver"}
+    _write_msd(tmp_path / "Task09_Spleen", {"0": "background", "1": "spleen"}, label_array=labels)
+    with pytest.raises(InputError, match=r"case_001\.nii\.gz: label value\(s\) 5 .* the labels of .*dataset\.json"):
+        load_msd_task(tmp_path / "Task09_Spleen")
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"1": "spleen",}', r"class map .*map\.json is not valid JSON"),
+    ('{"spleen": 1, "liver": 5}', r"label key 'spleen' \(name → value, inverted\) is not a label value"),
+    ('[["1", "spleen"]]', r"must hold a JSON object of label value → name"),
+    ('{"1": null}', r"label '1' has no name"),
+    (None, r"class map .*map\.json: no such file"),
+])
+def test_a_broken_class_map_is_named(tmp_path, content, message):
+    """Each raised a traceback (JSONDecodeError, ValueError from int('spleen'), AttributeError, FileNotFoundError)."""
+    labels = np.zeros((4, 32, 32), dtype=np.uint8)
+    labels[1:3, 4:14, 4:14] = 1
+    _write_case(tmp_path, labels)
+    if content is not None:
+        (tmp_path / "map.json").write_text(content)
+    with pytest.raises(InputError, match=message):
+        load_totalsegmentator_case(tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", tmp_path / "map.json")
+
+
+def test_a_broken_msd_dataset_json_is_named(tmp_path):
+    """A training entry without "label", a list of file names, inverted labels or bad JSON raised tracebacks."""
+    labels = np.zeros((4, 32, 32), dtype=np.uint8)
+    labels[1:3, 8:24, 8:24] = 1
+    task = tmp_path / "Task09_Spleen"
+    _write_msd(task, {"0": "background", "1": "spleen"}, label_array=labels)
+    spec = json.loads((task / "dataset.json").read_text())
+    for training, message in (
+        ([{"image": "./imagesTr/case_001.nii.gz"}], r"dataset\.json: training entry 1 is .*, not \{\"image\""),
+        (["./imagesTr/case_001.nii.gz"], r"training entry 1 is \"./imagesTr/case_001.nii.gz\", not"),
+        (spec["training"] + [{"image": "./imagesTr/case_002.nii.gz", "label": "./labelsTr/case_002.nii.gz"}],
+         r"dataset\.json: training entry 2 lists ./imagesTr/case_002.nii.gz, which is missing"),
+    ):
+        (task / "dataset.json").write_text(json.dumps({**spec, "training": training}))
+        with pytest.raises(InputError, match=message):
+            load_msd_task(task)
+    (task / "dataset.json").write_text(json.dumps({**spec, "labels": {"background": 0, "spleen": 1}}))  # nnU-Net v2's
+    with pytest.raises(InputError, match=r"label key 'background' \(name → value, inverted\)"):
+        load_msd_task(task)
+    (task / "dataset.json").write_text('{"labels": {"0": "background",}}')
+    with pytest.raises(InputError, match=r"dataset\.json is not valid JSON"):
+        load_msd_task(task)
+
+
+def test_a_seg_file_that_is_missing_or_not_dicom_is_named(shared_data, tmp_path):
+    """pydicom's FileNotFoundError, IsADirectoryError and InvalidDicomError came out as tracebacks."""
+    series = shared_data / "dicom" / "dcmqi_ct3slice" / "series"
+    with pytest.raises(InputError, match=r"nothere\.dcm: no such file"):
+        load_dicom_seg_case(series, tmp_path / "nothere.dcm")
+    with pytest.raises(InputError, match="is a folder; give the DICOM SEG file"):
+        load_dicom_seg_case(series, tmp_path)
+    with pytest.raises(InputError, match=r"liver_seg\.nrrd is not a DICOM file"):
+        load_dicom_seg_case(series, shared_data / "dicom" / "dcmqi_ct3slice" / "liver_seg.nrrd")
+
+
+def test_a_seg_made_on_an_anonymised_series_is_read(shared_data, tmp_path):
+    """A series without SeriesInstanceUID gets a generated one in the SEG textsegment writes; training on that
+    SEG was refused as "segments series 2.25..., which the folder does not hold; it holds: " (nothing)."""
+    import shutil
+
+    import pydicom
+
+    from TextSegmentLib.dicom_seg import write_dicom_seg
+    from TextSegmentLib.engine import SegmentationResult
+    from TextSegmentLib.io import read_volume
+
+    folder = tmp_path / "series"
+    shutil.copytree(shared_data / "dicom" / "dcmqi_ct3slice" / "series", folder)
+    for file in folder.iterdir():
+        ds = pydicom.dcmread(file)
+        del ds.SeriesInstanceUID
+        ds.save_as(file)
+    ct = read_volume(folder)
+    mask = np.zeros(ct.shape, dtype=np.uint8)
+    mask[:2, 200:260, 210:250] = 1
+    seg = write_dicom_seg([SegmentationResult("spleen", ct.with_array(mask.astype(np.float32)), ct.with_array(mask))],
+                          source=ct, path=tmp_path / "seg.dcm")
+    case = load_dicom_seg_case(folder, seg)
+    assert case.label_names == {1: "spleen"} and np.array_equal(case.labels.array, mask)
+    other = shared_data / "dicom" / "monai_CT_DICOM_tiny"  # a series the SEG does not reference still is refused
+    with pytest.raises(InputError, match=r"segments series 2\.25\.\d+, which .* does not hold; it holds: \S"):
+        load_dicom_seg_case(other, seg)

@@ -146,3 +146,15 @@ def test_reproduce_dry_run_lists_the_shipped_chain(capsys):
     assert lines[0].startswith("1. tgcnet-tiny-v2: ") and lines[0].endswith("from random weights")
     assert lines[-1].startswith(f"{len(lines)}. tgcnet-tiny-v9: ") and lines[-1].endswith("from tgcnet-tiny-v8")
     assert not Path("unused").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("augment", "false", "augment must be true or false, got 'false'"),
+    ("steps", 2.5, "steps must be a whole number, got 2.5"),
+    ("sources", "phantoms:0-3", "sources must be a list of texts, got 'phantoms:0-3'"),  # was a source per letter
+])
+def test_a_recipe_value_of_the_wrong_type_is_named_with_the_recipe(tmp_path, field, value, message):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"model": "freqmedclip-tiny", field: value}))
+    with pytest.raises(InputError, match=f"recipe {recipe}: {message}"):
+        _config("--config", str(recipe))

@@ -284,3 +284,39 @@ def test_a_mix_that_cannot_be_made_fails_with_the_reason(tmp_path, tiny_pool):
     with pytest.raises(InputError, match=r"set init_weights \(CLI: --init\) too"):
         train(_config(tmp_path / "run", export_mix=0.5), pools=(tiny_pool, None))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"steps": "2"}, r"steps must be a whole number, got '2'"),  # TypeError at the first comparison
+    ({"steps": 2.5}, r"steps must be a whole number, got 2.5"),  # ran 3 steps, "finished at step 3/2.5"
+    ({"augment": "false"}, r"augment must be true or false, got 'false'"),  # a non-empty string: augmented
+    ({"lr_new": "1e-4"}, r"lr_new must be a number"),  # TypeError in the scheduler
+    ({"level_weights": {"L1": "1"}}, r"level_weights must be an object of numbers"),
+    ({"real_fraction": "0.2"}, r"real_fraction must be a number or null"),
+    ({"steps": 0}, r"steps must be at least 1, got 0"),  # "finished at step 0/0"
+    ({"batch_size": 0}, r"batch_size must be at least 1"),  # ValueError in np.stack
+    ({"val_every": 0}, r"val_every must be at least 1"),  # ZeroDivisionError after the first step
+    ({"checkpoint_every": 0}, r"checkpoint_every must be at least 1"),
+    ({"warmup_steps": -1}, r"warmup_steps must be 0 or more"),
+])
+def test_a_config_of_the_wrong_type_or_a_count_below_one_is_refused_before_training(tiny_pool, tmp_path, change, message):
+    from TextSegmentLib.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        train(_config(tmp_path / "run", **change), pools=(tiny_pool, tiny_pool))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_without_sources_is_refused_before_training(tmp_path):
+    from TextSegmentLib.errors import InputError
+
+    with pytest.raises(InputError, match="no training data: sources is empty"):  # was torch.cat's ValueError
+        train(_config(tmp_path / "run", sources=()))
+
+
+def test_a_run_that_never_validated_reports_no_best_weights_of_an_earlier_run(tiny_pool, tmp_path):
+    """best_path pointed at the best.safetensors an earlier run left in the folder, as if this run made it."""
+    first = train(_config(tmp_path / "run", steps=1, val_pairs_per_level=1), pools=(tiny_pool, tiny_pool))
+    assert first.best_path is not None
+    again = train(_config(tmp_path / "run", steps=1), pools=(tiny_pool, None))
+    assert again.best_path is None

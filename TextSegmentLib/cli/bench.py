@@ -72,12 +72,14 @@ def run(args: argparse.Namespace) -> int:
     models = _load_models(args)  # both before any run: a typo in the second must not cost the first one's run
     cases = []
     for spec in specs:
+        real = args.real and spec == REAL_HELD_OUT.format(data=Path(args.shared_data))
+        missing = [p for p in spec.partition(":")[2].split(",") if real and not Path(p).exists()]
+        if missing:  # the loaders name the file, but not the option that points at it
+            raise InputError(f"--real: {missing[0]} not found; point --shared-data at the shared data folder "
+                             f"(now {args.shared_data!r}, relative to the current folder)")
         try:
             cases += load_source(spec)
         except FileNotFoundError as exc:  # a missing data file is a usage error, not a traceback
-            if args.real and spec == REAL_HELD_OUT.format(data=Path(args.shared_data)):
-                raise InputError(f"--real: {exc.filename or 'a data file'} not found; point --shared-data at the shared data folder "
-                                 f"(now {args.shared_data!r}, relative to the current folder)") from None
             raise InputError(f"--data {spec}: {exc.filename or 'a file'}: no such file") from None
     dataset = "; ".join(names)
 

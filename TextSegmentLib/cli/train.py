@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
 
 def check_outputs(config, args: argparse.Namespace) -> None:
     """Refuse, before the (long) run, an --out that is a file, an earlier run (it would start over
-    and replace its last.pt) without --resume or --overwrite, and an --export that exists."""
+    and replace its last.pt, or its best.safetensors alone) without --resume or --overwrite, and an
+    --export that exists or that a run without validation could not write (it exported nothing, without a word)."""
     from ..errors import InputError, OutputExistsError
     from ..export import refuse_file_as_folder
 
@@ -85,8 +86,15 @@ def check_outputs(config, args: argparse.Namespace) -> None:
     if not args.resume and not args.overwrite and (out / "last.pt").exists():
         raise OutputExistsError(f"{out}: holds an earlier training run (last.pt); continue it with --resume, "
                                 "start it again with --overwrite, or choose another --out folder")
+    if not args.overwrite and not (out / "last.pt").exists() and (out / "best.safetensors").exists():
+        # a finished run whose last.pt was deleted to save space: its first validation would replace the weights
+        raise OutputExistsError(f"{out}: holds an earlier run's best.safetensors (and no last.pt to resume); "
+                                "choose another --out folder, or pass --overwrite to replace it")
     export = Path(args.export) if args.export else None
     if export is not None and export.is_dir():
         raise InputError(f"--export {export}: is a folder; give the file to write, e.g. {export / 'model.safetensors'}")
     if export is not None and export.exists() and not args.overwrite:
         raise OutputExistsError(f"--export {export}: exists already; choose another file or pass --overwrite")
+    if export is not None and not config.val_sources:  # the export is the best validated checkpoint: there would be none
+        raise InputError(f"--export {export}: needs validation data (--val, or val_sources in the recipe); "
+                         "the exported weights are the run's best on it")

@@ -77,14 +77,18 @@ def load_totalsegmentator_case(
     """A CT (file or DICOM folder) + TotalSegmentator multilabel map + its class-map JSON."""
     from ..io import read_label_map, read_volume
 
-    maps = json.loads(Path(class_map).read_text())
+    maps = read_json(class_map, "class map")
+    if not isinstance(maps, Mapping):
+        raise InputError(f"class map {class_map} must hold a JSON object of label value → name, e.g. {{\"1\": \"spleen\"}}")
     if task not in maps and any(isinstance(v, Mapping) for v in maps.values()):  # a file of maps by task, not one map
         raise InputError(f"{class_map} has no class map for task {task!r}; its tasks: {', '.join(maps)}")
-    names = maps.get(task, maps)
+    names = label_values(maps.get(task, maps), f"class map {class_map}")
     # canonical names, as the MSD and SEG loaders give: a map's "Urinary Bladder" must be the table's
     # urinary_bladder, or it gets no table prompts and is even drawn as an "absent" negative
-    return LabelledCase(Path(ct).name, read_volume(ct), read_label_map(seg),
-                        {int(k): canonical_target_name(str(v)) for k, v in names.items() if int(k) > 0}, licence=licence)
+    case = LabelledCase(Path(ct).name, read_volume(ct), read_label_map(seg),
+                        {k: canonical_target_name(v) for k, v in names.items() if k > 0}, licence=licence)
+    check_named(case, seg, f"class map {class_map}")
+    return case
 
 
 def load_msd_task(folder: Union[str, Path], *, limit: Optional[int] = None, licence: str = "CC-BY-SA-4.0") -> list[LabelledCase]:
@@ -95,16 +99,25 @@ def load_msd_task(folder: Union[str, Path], *, limit: Optional[int] = None, lice
     spec_path = folder / "dataset.json"
     if not spec_path.is_file():
         raise InputError(f"{folder} is not an MSD task folder: it has no dataset.json")
-    spec = json.loads(spec_path.read_text())
+    spec = read_json(spec_path, "MSD task description")
+    if not isinstance(spec, Mapping):
+        raise InputError(f"{spec_path} must hold a JSON object (labels, training, ...)")
     modality = [str(m) for m in spec.get("modality", {"0": "CT"}).values()]
     if [m.strip().upper() for m in modality] != ["CT"]:  # MR or multi-channel (4D) tasks: TextSegment trains on CT
         raise InputError(f"{spec_path}: task {spec.get('name') or folder.name} is not single-channel CT: its modality is "
                          f"{', '.join(modality) or 'empty'} ({len(modality)} channel(s)); use a CT task")
     names = msd_label_names(spec, folder)
     cases = []
-    for entry in spec.get("training", [])[:limit]:
+    for n, entry in enumerate(spec.get("training", [])[:limit], start=1):
+        if not (isinstance(entry, Mapping) and isinstance(entry.get("image"), str) and isinstance(entry.get("label"), str)):
+            raise InputError(f"{spec_path}: training entry {n} is {json.dumps(entry)[:80]}, not "
+                             f'{{"image": "./imagesTr/NAME.nii.gz", "label": "./labelsTr/NAME.nii.gz"}}')
         image, label = folder / entry["image"], folder / entry["label"]
+        for path, listed in ((image, entry["image"]), (label, entry["label"])):
+            if not path.exists():
+                raise InputError(f"{spec_path}: training entry {n} lists {listed}, which is missing ({path})")
         cases.append(LabelledCase(image.name, read_volume(image), read_label_map(label), names, licence=licence))
+        check_named(cases[-1], label, f"the labels of {spec_path}")
     if not cases:
         raise InputError(f"{spec_path} lists no training cases")
     return cases
@@ -127,12 +140,60 @@ def msd_label_names(spec: Mapping[str, Any], folder: Path) -> dict[int, str]:
         if organ:
             break
     names = {}
-    for k, v in spec.get("labels", {}).items():
-        text = str(v)
-        if int(k) > 0:
+    for k, text in label_values(spec.get("labels", {}), str(folder / "dataset.json")).items():
+        if k > 0:
             generic = organ and words(text) and set(words(text)) <= GENERIC_LABEL_WORDS
             names[int(k)] = canonical_target_name(f"{organ} {text}" if generic else text)
     return names
+
+
+def read_json(path: Union[str, Path], what: str) -> Any:
+    """A JSON file's content; a missing or broken file is an error naming it, not a traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} {path}: " + ("no such file" if not path.exists() else "is a folder, not a JSON file"))
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{what} {path} is not valid JSON: {error}") from None
+
+
+def label_values(names: Any, where: str) -> dict[int, str]:
+    """``{"1": "spleen", ...}`` (label value → name) as ``{1: "spleen"}``.
+
+    Anything else is named: the inverted ``{"spleen": 1}`` that nnU-Net v2 writes, a list, a
+    non-text name.
+    """
+    if not isinstance(names, Mapping):
+        raise InputError(f"{where}: the labels must be a JSON object of label value → name, e.g. {{\"1\": \"spleen\"}}")
+    values = {}
+    for key, name in names.items():
+        try:
+            value = int(key)
+        except (TypeError, ValueError):
+            inverted = " (name → value, inverted)" if isinstance(name, int) else ""
+            raise InputError(f"{where}: label key {key!r}{inverted} is not a label value; write value → name, "
+                             f'e.g. {{"1": "spleen"}}') from None
+        if not isinstance(name, str) or not name.strip():
+            raise InputError(f"{where}: label {key!r} has no name (got {name!r}); write value → name, "
+                             f'e.g. {{"1": "spleen"}}')
+        values[value] = name
+    return values
+
+
+def check_named(case: LabelledCase, label_file: Any, names_from: str) -> None:
+    """Refuse label values of the map (``label_file``) that ``names_from`` gives no name.
+
+    Why: an unnamed label is trained and scored as background, so a prompt for what it holds (or for
+    a group including it) gets a mask without it; a class map of another TotalSegmentator version
+    shows up this way.
+    """
+    counts = np.bincount(np.asarray(case.labels.array).ravel().astype(np.int64))
+    unnamed = [int(v) for v in np.flatnonzero(counts) if v > 0 and int(v) not in case.label_names]
+    if unnamed:
+        listed = ", ".join(map(str, unnamed[:10])) + (f" and {len(unnamed) - 10} more" if len(unnamed) > 10 else "")
+        raise InputError(f"{label_file}: label value(s) {listed} ({int(counts[unnamed].sum())} voxels) "
+                         f"have no name in {names_from}; name them there, or check that it belongs to this label map")
 
 
 def load_dicom_seg_case(series: Union[str, Path], seg_file: Union[str, Path], *, licence: str = "") -> LabelledCase:
@@ -145,7 +206,13 @@ def load_dicom_seg_case(series: Union[str, Path], seg_file: Union[str, Path], *,
 
     from ..io import dicom_series, read_volume
 
-    ds = pydicom.dcmread(str(seg_file))
+    if not Path(seg_file).is_file():
+        problem = "no such file" if not Path(seg_file).exists() else "is a folder; give the DICOM SEG file"
+        raise InputError(f"{seg_file}: {problem}")
+    try:
+        ds = pydicom.dcmread(str(seg_file))
+    except pydicom.errors.InvalidDicomError:
+        raise InputError(f"{seg_file} is not a DICOM file; give a DICOM SEG") from None
     if getattr(ds, "Modality", "") != "SEG":
         raise InputError(f"{seg_file} is not a DICOM SEG (modality {getattr(ds, 'Modality', '?')!r})")
     referenced = [str(r.SeriesInstanceUID) for r in ds.get("ReferencedSeriesSequence", []) if "SeriesInstanceUID" in r]
@@ -153,10 +220,11 @@ def load_dicom_seg_case(series: Union[str, Path], seg_file: Union[str, Path], *,
         listing = dicom_series.list_series(series)  # once: read_volume would read every header of the study again
         held = {s.series_instance_uid: s.key for s in listing}
         series_uid = next((uid for uid in referenced if uid in held), None)
-        if series_uid is None:
+        ct = read_volume(series, series_uid=series_uid, listing=listing) if series_uid else _uidless_series(ds, series, listing)
+        if ct is None:
+            holds = ", ".join(s.series_instance_uid or f"{s.key} (no SeriesInstanceUID)" for s in listing)
             raise InputError(f"{seg_file} segments series {', '.join(referenced)}, which {series} does not hold; "
-                             f"it holds: {', '.join(held)}")
-        ct = read_volume(series, series_uid=series_uid, listing=listing)
+                             f"it holds: {holds or 'no series'}")
     else:
         ct = read_volume(series)
     names = {int(s.SegmentNumber): canonical_target_name(str(s.SegmentLabel)) for s in ds.SegmentSequence}
@@ -193,6 +261,24 @@ def load_dicom_seg_case(series: Union[str, Path], seg_file: Union[str, Path], *,
     for number, k, frame in sorted(placed, key=lambda p: -size[p[0]]):
         labels[k][frame] = number
     return LabelledCase(Path(series).name, ct, ct.with_array(labels, modality="SEG"), names, licence=licence)
+
+
+def _uidless_series(ds: Any, series: Union[str, Path], listing: Sequence[Any]) -> Optional[Volume]:
+    """The series without a SeriesInstanceUID whose images the SEG references (ReferencedInstanceSequence), if any.
+
+    Why: a SEG made on an anonymised series (``textsegment batch`` writes one) references a UID
+    generated for it, which no file of the series holds; its instance UIDs still match.
+    """
+    from ..io import read_volume
+
+    instances = {str(i.ReferencedSOPInstanceUID) for r in ds.get("ReferencedSeriesSequence", [])
+                 for i in r.get("ReferencedInstanceSequence", []) if "ReferencedSOPInstanceUID" in i}
+    for info in listing:
+        if instances and info.is_image and not info.series_instance_uid:
+            ct = read_volume(series, series_uid=info.key, listing=listing)
+            if instances & set(ct.dicom.sop_instance_uids):
+                return ct
+    return None
 
 
 def load_source(spec: str) -> list[LabelledCase]:
@@ -291,7 +377,11 @@ def check_sources(sources: Sequence[str], val_sources: Sequence[str]) -> None:
 
 
 def align_labels(labels: Volume, ct: Volume) -> Volume:
-    """The label map resampled (nearest neighbour) onto the CT grid, e.g. a y-flipped storage."""
+    """The label map resampled (nearest neighbour) onto the CT grid, e.g. a y-flipped storage.
+
+    It must cover the whole CT, give or take one of its voxels at the edge: CT outside it would be
+    trained and scored as unlabelled background (a cropped, transposed or coarser-extent map).
+    """
     import SimpleITK as sitk
 
     def image(volume: Volume, array: np.ndarray) -> "sitk.Image":
@@ -301,12 +391,24 @@ def align_labels(labels: Volume, ct: Volume) -> Volume:
         img.SetDirection(tuple(float(v) for v in np.asarray(volume.direction).ravel()))
         return img
 
+    def grid(volume: Volume) -> str:
+        return f"{'x'.join(map(str, volume.shape))} voxels of {'x'.join(f'{v:g}' for v in volume.spacing[::-1])} mm"
+
+    def resample(img: "sitk.Image") -> np.ndarray:  # nearest neighbour, the edge value carried past the edge
+        return sitk.GetArrayFromImage(sitk.Resample(img, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                                    img.GetPixelID(), True))
+
     reference = image(ct, np.zeros(ct.shape, dtype=np.uint8))
-    moved = sitk.Resample(image(labels, np.asarray(labels.array)), reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    array = sitk.GetArrayFromImage(moved).astype(labels.array.dtype)
+    array = resample(image(labels, np.asarray(labels.array))).astype(labels.array.dtype)
     if np.any(labels.array) and not array.any():
         raise InputError(f"{labels.source or 'the label map'}: its labelled voxels lie outside the CT "
                          f"{ct.source or ''} in physical space; is it the label map of another image?")
+    extent = sitk.ConstantPad(image(labels, np.ones(labels.shape, dtype=np.uint8)), [1, 1, 1], [1, 1, 1], 1)
+    covered = sitk.GetArrayFromImage(sitk.Resample(extent, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    if not covered.all():
+        raise InputError(f"{labels.source or 'the label map'}: covers only {100 * covered.mean():.0f}% of the CT "
+                         f"{ct.source or ''} (z x y x x: its grid {grid(labels)}, the CT's {grid(ct)}); the rest would "
+                         "count as unlabelled. Give the label map of the whole CT, or crop the CT to it")
     return ct.with_array(array, modality="SEG")
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from ..errors import InputError
-from .trainer import TrainConfig
+from .trainer import TrainConfig, check_field_type
 
 PathLike = Union[str, Path]
 
@@ -41,6 +41,11 @@ def load_recipe(path: PathLike, **overrides: Any) -> TrainConfig:
     unknown = sorted(set(values) - names)
     if unknown:
         raise InputError(f"recipe {path} has unknown field(s) {unknown}")
+    for key, value in values.items():  # the file's own values: a wrong type is the recipe's mistake
+        try:
+            check_field_type(key, value)
+        except InputError as error:
+            raise InputError(f"recipe {path}: {error}") from None
     values.update({key: value for key, value in overrides.items() if value is not None})
     for key in ("sources", "val_sources"):
         if key in values:

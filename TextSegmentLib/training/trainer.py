@@ -133,6 +133,9 @@ def train(
     """Run (or continue) training; returns where it stopped. ``pools`` (train, val) skip loading sources."""
     from ..devices import select_device
 
+    check_config(config)
+    if pools is None and not config.sources:  # torch.cat of no slices, a traceback, at the start of the run
+        raise InputError("no training data: sources is empty; give a source (CLI: --data), e.g. phantoms:0-47")
     check_mix(config.export_mix, mix_with=config.init_weights)  # fail now, not after the training
     check_level_weights(config.level_weights)
     check_real_fraction(config.real_fraction)
@@ -141,6 +144,8 @@ def train(
     state_path = out_dir / "last.pt"
     if resume and state_path.is_file():
         check_resume_config(config, out_dir / "config.json")
+    elif resume:
+        log.warning("%s holds no run to resume (no last.pt): training from step 0", out_dir)
     if config.threads:
         torch.set_num_threads(int(config.threads))
     device = select_device(config.device)
@@ -269,7 +274,50 @@ def train(
     distributed.barrier(info)
     distributed.shutdown(info)
     best_path = out_dir / "best.safetensors"
-    return TrainResult(step, finished, history, best_path if best_path.is_file() else None, out_dir, model)
+    # a run that never validated has no best of its own: one there is an earlier run's
+    best_path = best_path if best_path.is_file() and history["val"] else None
+    return TrainResult(step, finished, history, best_path, out_dir, model)
+
+
+_KINDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a text",
+          "tuple[str, ...]": "a list of texts", "dict[str, float]": "an object of numbers", "dict[str, Any]": "an object"}
+AT_LEAST_ONE = ("steps", "batch_size", "val_every", "val_pairs_per_level", "checkpoint_every", "stop_after")
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    """``value`` fits the ``TrainConfig`` annotation ``kind`` (JSON's types: lists for tuples, no bool for numbers)."""
+    if kind.startswith("Optional["):
+        return value is None or _is_kind(value, kind[len("Optional["):-1])
+    if kind in ("int", "float"):
+        return isinstance(value, int if kind == "int" else (int, float)) and not isinstance(value, bool)
+    if kind == "tuple[str, ...]":
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    if kind == "dict[str, float]":
+        return isinstance(value, dict) and all(_is_kind(v, "float") for v in value.values())
+    return isinstance(value, {"bool": bool, "str": str, "dict[str, Any]": dict}.get(kind, object))
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse a field of the wrong type (a recipe's ``"augment": "false"`` is true) or a count below 1.
+
+    Why: they failed deep in the run with a traceback (``steps: "2"``, ``val_every: 0``) or, worse,
+    ran with something else than written (``steps: 2.5`` ran 3 steps).
+    """
+    for f in dataclasses.fields(TrainConfig):
+        check_field_type(f.name, getattr(config, f.name))
+    for name in AT_LEAST_ONE:
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            raise InputError(f"{name} must be at least 1, got {getattr(config, name)}")
+    if config.warmup_steps < 0:
+        raise InputError(f"warmup_steps must be 0 or more, got {config.warmup_steps}")
+
+
+def check_field_type(name: str, value: Any) -> None:
+    """``value`` has the type of ``TrainConfig``'s field ``name``, or an error says which it needs."""
+    kind = str(next(f.type for f in dataclasses.fields(TrainConfig) if f.name == name))
+    if not _is_kind(value, kind):
+        wanted = f"{_KINDS[kind[9:-1]]} or null" if kind.startswith("Optional[") else _KINDS.get(kind, kind)
+        raise InputError(f"{name} must be {wanted}, got {value!r}")
 
 
 def check_mix(mix: float, *, mix_with: Optional[str]) -> None:
