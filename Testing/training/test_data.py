@@ -17,6 +17,7 @@ def test_mirror_prompt_swaps_sides_and_keeps_case():
     assert mirror_prompt("left kidney") == "right kidney"
     assert mirror_prompt("Right lung excluding the left lung") == "Left lung excluding the right lung"
     assert mirror_prompt("leftover liver") == "leftover liver"  # whole words only
+    assert mirror_prompt("LEFT KIDNEY, not the Left adrenal") == "RIGHT KIDNEY, not the Right adrenal"  # capitals stay capitals
 
 
 def test_mirror_augmentation_moves_mask_and_swaps_prompt():

@@ -611,6 +611,8 @@ def mirror_prompt(text: str) -> str:
     def swap(match: re.Match) -> str:
         word = match.group(0)
         other = "right" if word.lower() == "left" else "left"
+        if word.isupper():  # "LEFT KIDNEY": a report's headings are often in capitals
+            return other.upper()
         return other.capitalize() if word[0].isupper() else other
 
     return _SIDE.sub(swap, text)
