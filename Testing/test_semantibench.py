@@ -271,6 +271,27 @@ def test_run_bench_takes_phantoms_and_names_what_ran():
     assert report.false_positive_rate() == 1.0
 
 
+def test_a_report_says_which_file_each_case_was_read_from(tmp_path):
+    """Cases of one name ("ct.nii.gz #1", "#2") could only be matched to their files by their order."""
+    from TextSegmentLib.io import read_volume, write_volume
+    from TextSegmentLib.phantom import make_phantom
+    from TextSegmentLib.semantibench import run_bench
+    from TextSegmentLib.training import LabelledCase
+
+    cases = []
+    for patient, seed in (("s0001", 3), ("s0002", 4)):
+        phantom = make_phantom(seed=seed, shape=(4, 32, 32))
+        (tmp_path / patient).mkdir()
+        write_volume(phantom.ct, tmp_path / patient / "ct.nii.gz")
+        cases.append(LabelledCase("ct.nii.gz", read_volume(tmp_path / patient / "ct.nii.gz"), phantom.labels,
+                                  phantom.label_names))
+    report = run_bench(_ConstantModel(10.0), cases + [make_phantom(seed=5, shape=(4, 32, 32))], device="cpu")
+    listed = {c["case"]: c["source"] for c in report.to_json()["cases"]}
+    assert listed == {"ct.nii.gz #1": str(tmp_path / "s0001" / "ct.nii.gz"),
+                      "ct.nii.gz #2": str(tmp_path / "s0002" / "ct.nii.gz"), "phantom-5": None}
+    assert f"ct.nii.gz #2: `{tmp_path / 's0002' / 'ct.nii.gz'}`" in report.to_markdown()
+
+
 def test_write_report_refuses_an_earlier_report_unless_overwrite(tmp_path):
     """A second ``write_report`` into one folder replaced the first report in silence."""
     from TextSegmentLib.errors import OutputExistsError

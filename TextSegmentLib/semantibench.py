@@ -131,6 +131,7 @@ class BenchReport:
     results: list[PromptResult]
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)  # case name → the file or folder it was read from
 
     # ---- aggregates
 
@@ -210,7 +211,8 @@ class BenchReport:
     # ---- outputs
 
     def to_json(self) -> dict[str, Any]:
-        return {"summary": self.summary(), "targets": self.target_table(), "results": [asdict(r) for r in self.results]}
+        return {"summary": self.summary(), "cases": [{"case": c, "source": self.sources.get(c)} for c in self.cases],
+                "targets": self.target_table(), "results": [asdict(r) for r in self.results]}
 
     def to_markdown(self) -> str:
         s = self.summary()
@@ -230,6 +232,9 @@ class BenchReport:
             value = row.get("mean_dice", row.get("false_positive_rate"))
             lines.append(f"| {_cell(row['target'])} | {row['level']} | {row['n']} | {_f(value)} |")
         lines += [""] + [f"- {n}" for n in self.notes]
+        read_from = [f"{_cell(c)}: `{self.sources[c]}`" for c in self.cases if self.sources.get(c) not in (None, "", c)]
+        if read_from:  # "ct.nii.gz #2" alone does not say which patient's CT it was
+            lines += ["", "Cases read from: " + "; ".join(read_from)]
         return "\n".join(lines).rstrip() + "\n"
 
     def plot(self, path: Path) -> None:
@@ -359,8 +364,10 @@ def run_bench(
         if progress is not None:
             progress((i + 1) / len(cases), f"case {i + 1}/{len(cases)}")
         log.info("bench %s: case %s done", model_name, name)
+    sources = {name: str(case.ct.source) for case, name in zip(cases, names)  # files only: a phantom is its seed
+               if not getattr(case, "synthetic", True) and getattr(case.ct, "source", None)}
     return BenchReport(model=model_name, weights=weights, dataset=dataset, results=results,
-                       seconds=time.perf_counter() - started)
+                       seconds=time.perf_counter() - started, sources=sources)
 
 
 def _distinct_names(names: Sequence[str]) -> list[str]:
