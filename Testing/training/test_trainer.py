@@ -166,6 +166,19 @@ def test_resume_with_another_config_is_refused_and_config_json_kept(tiny_pool, t
     assert json.loads((tmp_path / "run" / "config.json").read_text())["max_minutes"] == 30.0
 
 
+def test_resume_without_the_runs_config_json_is_refused(tiny_pool, tmp_path):
+    """A last.pt copied into a folder without its config.json resumed under any settings, unchecked."""
+    from TextSegmentLib.errors import InputError
+
+    train(_config(tmp_path / "run", stop_after=1), pools=(tiny_pool, None))
+    (tmp_path / "run" / "config.json").unlink()
+    with pytest.raises(InputError, match="last.pt has no config.json beside it"):
+        train(_config(tmp_path / "run", lr_new=1e-2), resume=True, pools=(tiny_pool, None))
+    (tmp_path / "run" / "config.json").write_text("{not json")
+    with pytest.raises(InputError, match="config.json is not readable JSON"):
+        train(_config(tmp_path / "run"), resume=True, pools=(tiny_pool, None))
+
+
 def test_resume_restores_torchs_rng_and_the_grad_scaler(tiny_pool, tmp_path, monkeypatch):
     from TextSegmentLib.training import trainer
 

@@ -336,9 +336,13 @@ def check_resume_config(config: TrainConfig, saved_path: Path) -> None:
     ``seed``, ...) or mix two runs in one (``sources``, ``steps``, ...), while ``config.json`` would
     record settings that were never used. A field the saved run predates counts as its default.
     """
-    if not saved_path.is_file():
-        return
-    saved = json.loads(saved_path.read_text())
+    if not saved_path.is_file():  # a last.pt copied without it would resume under any settings, unchecked
+        raise InputError(f"cannot resume {saved_path.parent}: its last.pt has no {saved_path.name} beside it (the run's "
+                         "settings, checked on resume); put it back, or train into another out_dir (CLI: --out)")
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot resume {saved_path.parent}: {saved_path} is not readable JSON ({exc})") from None
     new = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as saved
     defaults = TrainConfig()
     changed = []
