@@ -335,9 +335,8 @@ def _write_series(run: Any, *, volume: Any, series: Any, folder: Path, model_nam
     """``weights``: the ``weights_record`` of the model that ran, written into every legend."""
     from .export import write_segmentation
 
-    legend = {**weights, "dicom_series": series.to_dict()}
-    written = write_segmentation(run, out_dir=folder, model_name=model_name, weights=weights["weights"],
-                                 extra_legend=legend)
+    written = write_segmentation(run, out_dir=folder, model_name=model_name,  # with run.weights_record
+                                 extra_legend={"dicom_series": series.to_dict()})
     if dicom_seg:
         from .dicom_seg import write_dicom_seg
 
@@ -352,9 +351,11 @@ def _write_series(run: Any, *, volume: Any, series: Any, folder: Path, model_nam
 
 def _publish(staging: Path, final: Path, *, overwrite: bool) -> None:
     """Rename the finished staging folder into place (replacing an old one only with ``overwrite``)."""
+    from .io.writers import exists_error
+
     if final.exists():
         if not overwrite:
-            raise OutputExistsError(f"{final}: exists already; pass overwrite=True (CLI: --overwrite) to replace it")
+            raise exists_error(final)
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         final.rename(old)
         staging.rename(final)

@@ -28,10 +28,12 @@ def load_tensors(weights: str) -> dict:
 
     from TextSegmentLib.weights import load_manifest, resolve_weights
 
-    entry = None if Path(weights).is_file() else load_manifest().get(weights)
-    if not Path(weights).is_file() and entry is None:
-        raise ValueError(f"{weights}: neither a checkpoint file nor a known weights id (textsegment weights list)")
-    path = Path(weights) if entry is None else resolve_weights(weights, model_name=entry.model, offline=True).path
+    path = Path(weights)
+    if not path.is_file():
+        entry = load_manifest().get(weights)
+        if entry is None:
+            raise ValueError(f"{weights}: neither a checkpoint file nor a known weights id (textsegment weights list)")
+        path = resolve_weights(weights, model_name=entry.model, offline=True).path
     return {name: t.float() for name, t in load_file(str(path)).items() if t.is_floating_point()}
 
 

@@ -56,7 +56,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..engine import check_settings, segment, validate_prompts
     from ..io import read_volume
-    from ..weights import load_model, weights_record
+    from ..weights import load_model
     from ..export import SALIENCY_DIR, check_outputs_free, write_segmentation
     from .progressbar import progress_bar
 
@@ -85,16 +85,16 @@ def run(args: argparse.Namespace) -> int:
             fill_holes=args.cleanup, min_component_ml=args.min_component_ml, progress=bar, features_sink=sink,
             probability_grid=args.probability_grid,
         )
-    ran = weights_record(model, args.weights)  # what ran, not the option (None for the default)
     settings = {"axis": args.axis, "threshold": args.threshold, "cleanup": args.cleanup,
                 "min_component_ml": args.min_component_ml, "keep_empty_slices": args.keep_empty_slices}
-    written = write_segmentation(run_, out_dir=out_dir, model_name=args.model, weights=ran["weights"],
-                                 overwrite=args.overwrite, extra_legend={**ran, "settings": settings})
+    # the legend names the weights that ran (run_.weights_record), not the option (None for the default)
+    written = write_segmentation(run_, out_dir=out_dir, model_name=args.model, overwrite=args.overwrite,
+                                 extra_legend={"settings": settings})
     if sink is not None:
         from ..saliency import write_saliency
 
         written += write_saliency(run_.features, out_dir=out_dir / SALIENCY_DIR, overwrite=args.overwrite,
-                                  extra_legend={"model": args.model, **ran})
+                                  extra_legend={"model": args.model, **run_.weights_record})
     for warning in run_.warnings:
         print(f"warning: {warning}")
     for result in run_.results:

@@ -165,7 +165,7 @@ def atomic_write(
     if path.is_dir():
         raise InputError(f"{path}: is a folder; give a file name for the output")
     if path.exists() and not overwrite:
-        raise _exists(path)
+        raise exists_error(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # e.g. a file where a folder of the path should be
@@ -192,14 +192,15 @@ def _publish(tmp: Path, path: Path, *, overwrite: bool) -> None:
     try:
         os.link(tmp, path)  # fails if path appeared meanwhile
     except FileExistsError:
-        raise _exists(path) from None
+        raise exists_error(path) from None
     except OSError:  # a file system without hard links
         if path.exists():
-            raise _exists(path) from None
+            raise exists_error(path) from None
         os.replace(tmp, path)
 
 
-def _exists(path: Path) -> OutputExistsError:
+def exists_error(path: Path) -> OutputExistsError:
+    """The one message for an output that is there already (writers, montages, a batch's series folders)."""
     return OutputExistsError(f"{path}: exists already; pass overwrite=True (CLI: --overwrite) to replace it")
 
 

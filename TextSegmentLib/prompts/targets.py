@@ -186,6 +186,6 @@ def ground_truth(prompt_or_target: Union[Prompt, Target, str], label_map: Any, l
         if target is None:
             raise InputError(f"no ground truth for {prompt_or_target!r}: the text names no structure the prompt "
                              "tables know; pass a Target, e.g. Target(('liver',))")
-        return target.mask(label_map, label_names)
-    target = prompt_or_target.target if isinstance(prompt_or_target, Prompt) else prompt_or_target
+    else:
+        target = prompt_or_target.target if isinstance(prompt_or_target, Prompt) else prompt_or_target
     return target.mask(label_map, label_names)

@@ -145,12 +145,14 @@ def _hot_region(saliency: PromptSaliency, plan: Any, slice_index: int) -> Option
 
 
 def _save_atomically(figure: Any, path: Path, *, overwrite: bool) -> Path:
+    from ..io.writers import exists_error
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     try:
         figure.savefig(tmp, format="png")
         if path.exists() and not overwrite:
-            raise OutputExistsError(f"{path}: exists already; pass overwrite=True (CLI: --overwrite) to replace it")
+            raise exists_error(path)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

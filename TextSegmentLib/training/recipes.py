@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from ..errors import InputError
+from .data import read_json
 from .trainer import TrainConfig, check_field_type
 
 PathLike = Union[str, Path]
@@ -28,12 +29,7 @@ def load_recipe(path: PathLike, **overrides: Any) -> TrainConfig:
     misspelt option cannot be silently ignored.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"recipe {path} not found")
-    try:
-        values = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:  # a binary file (a checkpoint, a CT) is not a recipe
-        raise InputError(f"recipe {path} is not valid JSON: {error}") from None
+    values = read_json(path, "recipe")  # a binary file (a checkpoint, a CT) is not a recipe: a one-line error
     if not isinstance(values, dict):
         raise InputError(f"recipe {path} must hold a JSON object of TrainConfig fields")
     values.pop("comment", None)
