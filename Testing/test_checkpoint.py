@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from TextSegmentLib import checkpoint
+from TextSegmentLib import checkpoint, weights_manifest
 from TextSegmentLib.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint, verify_checkpoint_data
 from TextSegmentLib.errors import ModelError, OutputExistsError, WeightsError
 from TextSegmentLib.models import registry
 from TextSegmentLib.models.base import TextSegmentationModel
+from TextSegmentLib.weights_manifest import load_manifest
 
 
 @dataclass
@@ -298,3 +299,16 @@ def test_unreadable_checkpoint_is_a_weights_error_naming_it(tiny_family, tmp_pat
     with pytest.raises(WeightsError, match="cannot read this weights file \\(Permission denied\\)") as info:
         call(path)
     assert str(path) in str(info.value)
+
+
+def test_the_tiny_presets_build_the_shipped_weights_architecture():
+    """Training a preset on one's own data gives the shipped model's shape and size (the presets once
+    had 256-wide text towers: a from-scratch export of 52 MB beside the shipped 24 MB)."""
+    manifest = load_manifest(weights_manifest.PACKAGE_DATA / "weights_manifest.json")
+    shipped = [e for e in manifest.entries if e.kind == "checkpoint"]
+    assert {e.model for e in shipped} == {"freqmedclip-tiny", "tgcnet-tiny"}
+    for entry in shipped:
+        stored = read_checkpoint_info(weights_manifest.bundled_path(entry)).config
+        preset = checkpoint.config_from_dict(entry.model, {})
+        trained = checkpoint.config_from_dict(entry.model, {k: v for k, v in stored.items() if not k.startswith("train_")})
+        assert trained == preset, entry.id

@@ -33,7 +33,7 @@ from ..errors import InputError, ModelError, WeightsError
 from .base import ImageFeatures, ModelOutput, TapRequest, TextFeatures, TextSegmentationModel
 from .layers import ChannelLayerNorm, ConvBlock, ConvNormAct, FiLM, HaarDWT, resize_to
 from .registry import register_builder, register_model
-from .towers import BIOMEDCLIP_SOURCE, TextTower, ViTJointTaps, VisionTower, is_offline, load_clip
+from .towers import BIOMEDCLIP_SOURCE, TINY_CLIP, TextTower, ViTJointTaps, VisionTower, is_offline, load_clip
 
 logger = logging.getLogger(__name__)
 
@@ -544,11 +544,12 @@ def freqmedclip_base() -> FreqMedCLIPConfig:
 @register_model("freqmedclip-tiny")
 def freqmedclip_tiny() -> FreqMedCLIPConfig:
     """Same architecture, CPU-sized: ViT-Ti/16 (12 blocks, width 192) at 128 px, ConvNeXt-Atto,
-    a 4-layer width-256 text transformer with open_clip's bundled tokenizer; needs no download."""
+    a 4-layer width-32 text transformer with open_clip's bundled tokenizer (the shipped weights'
+    towers); needs no download."""
     return FreqMedCLIPConfig(
         name="freqmedclip-tiny",
         image_size=128,
-        clip_source="random:textsegment-vit-ti16-text256",
+        clip_source=f"random:{TINY_CLIP}",
         freq_encoder="convnext_atto",
         skip_channels=32,
         decoder_channels=(96, 64, 48, 32, 16),

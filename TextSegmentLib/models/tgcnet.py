@@ -44,7 +44,7 @@ from .deformable_attention import (
 )
 from .layers import ConvBlock, ConvNormAct, FiLM, resize_to
 from .registry import register_builder, register_model
-from .towers import ViTJointTaps
+from .towers import TINY_CLIP, ViTJointTaps
 
 log = logging.getLogger(__name__)
 
@@ -524,7 +524,6 @@ def build_tgcnet(config: TGCNetConfig) -> TGCNet:
 # ---------------------------------------------------------------------------------------- presets
 
 
-TINY_CLIP = "textsegment-tgcnet-tiny-clip"  # registered in towers.py
 
 
 @register_model("tgcnet-base")

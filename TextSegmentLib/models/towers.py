@@ -157,12 +157,14 @@ def _tiny_clip(*, text_width: int, text_heads: int, context_length: int) -> dict
     }
 
 
+# The tiny presets' towers, as the shipped weights use them: the vocabulary-sized token table
+# dominates a tiny model; at width 32 a whole FreqMedCLIP-tiny checkpoint stays under 25 MB in fp16.
+# 77 tokens, because TGC-Net's DATE descriptions need them.
+TINY_CLIP = "textsegment-vit-ti16-text32"
+register_clip_config(TINY_CLIP, _tiny_clip(text_width=32, text_heads=2, context_length=77))
+# The presets' first, wider text towers; kept so that checkpoints made with them still load.
 register_clip_config("textsegment-vit-ti16-text256", _tiny_clip(text_width=256, text_heads=4, context_length=32))
-# TGC-Net's DATE descriptions need 77 tokens
 register_clip_config("textsegment-tgcnet-tiny-clip", _tiny_clip(text_width=256, text_heads=4, context_length=77))
-# The shipped tiny weights' towers: the vocabulary-sized token table dominates a tiny model; at width
-# 32 a whole FreqMedCLIP-tiny checkpoint stays under 25 MB in fp16.
-register_clip_config("textsegment-vit-ti16-text32", _tiny_clip(text_width=32, text_heads=2, context_length=77))
 
 
 # --------------------------------------------------------------------------------------- loading
