@@ -536,12 +536,27 @@ def add_saliency_volumes(
         else:
             _place_beside(node, reference_node, context)
         nodes[layer] = node
-    for key, node in existing.items() if drop_other_layers else ():
-        if key.rsplit("|", 1)[0] == prompt and key.rsplit("|", 1)[1] not in maps:
+    if drop_other_layers:
+        remove_saliency_volumes(reference_node=reference_node, prompt=prompt, keep=maps, context=context)
+    return nodes
+
+
+def remove_saliency_volumes(*, reference_node: Any, prompt: str, keep: Sequence[str] = (),
+                            context: Optional[SlicerContext] = None) -> list[str]:
+    """Remove ``prompt``'s saliency volumes over ``reference_node``, except the layers in ``keep``.
+
+    Maps that explain a mask a newer run replaced would look current; returns the layers removed.
+    """
+    context = _context(context)
+    removed = []
+    for key, node in _saliency_nodes(context, reference_node).items():
+        owner, layer = key.rsplit("|", 1)
+        if owner == prompt and layer not in keep:
             for i in reversed(range(node.GetNumberOfDisplayNodes())):  # the scene would keep them, orphaned
                 context.scene.RemoveNode(node.GetNthDisplayNode(i))
             context.scene.RemoveNode(node)
-    return nodes
+            removed.append(layer)
+    return removed
 
 
 def _saliency_nodes(context: SlicerContext, reference_node: Any) -> dict[str, Any]:

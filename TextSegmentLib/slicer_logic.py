@@ -200,7 +200,9 @@ class SegmentationLogic:
                      source: Any = None) -> SegmentOutcome:
         """Main thread only: the one place a run changes the scene. ``source`` is the copy of the input
         the run segmented: an input changed since (a filter writing into it, its spacing edited) gets nothing."""
-        from .slicer_bridge import add_saliency_volumes, add_segmentation, check_colormap, node_holds
+        from .slicer_bridge import (
+            add_saliency_volumes, add_segmentation, check_colormap, node_holds, remove_saliency_volumes,
+        )
 
         context = self.context
         if context.scene.GetNodeByID(input_node.GetID()) is not input_node:
@@ -216,10 +218,16 @@ class SegmentationLogic:
             check_colormap(colormap, context=context)  # an unknown colour map fails before anything is added
         node = add_segmentation(run.results, reference_node=input_node, context=context, segmentation_node=segmentation_node)
         saliency_nodes = {}
-        if run.features is not None:
-            for item in run.features.prompts:
-                saliency_nodes[item.prompt] = add_saliency_volumes(item, reference_node=input_node, context=context,
-                                                                   colormap=colormap, drop_other_layers=True)
+        explained = {item.prompt: item for item in run.features.prompts} if run.features is not None else {}
+        for result in run.results:
+            if result.prompt in explained:
+                saliency_nodes[result.prompt] = add_saliency_volumes(
+                    explained[result.prompt], reference_node=input_node, context=context, colormap=colormap,
+                    drop_other_layers=True)
+            elif remove_saliency_volumes(reference_node=input_node, prompt=result.prompt, context=context):
+                # an earlier run's maps explain the mask this one replaced: they would look current
+                run.warnings.append(f"removed the saliency maps of {result.prompt!r} from an earlier run: they "
+                                    "explained the mask this run replaced (run with saliency on to get new ones)")
         for warning in run.warnings:
             log.warning("%s", warning)
         return SegmentOutcome(input_node=input_node, segmentation_node=node, run=run, saliency_nodes=saliency_nodes)

@@ -293,6 +293,23 @@ def test_a_rerun_explaining_fewer_layers_leaves_no_map_of_the_older_run(logic, c
     assert sorted(k for k in keys if k) == ["bone|combined", "bone|pixels"]
 
 
+def test_a_rerun_without_saliency_removes_the_maps_that_explained_the_replaced_mask(logic, context, ct_node):
+    # they were left in the scene, looking like the explanation of the new mask
+    first = logic.segment(volume=ct_node, prompts=["bone", "soft tissue"], model=TwoLayerModel(), device="cpu",
+                          saliency=True)
+    old = list(first.saliency_nodes["bone"].values())
+    kept = list(first.saliency_nodes["soft tissue"].values())
+    again = logic.segment(volume=ct_node, prompts=["bone"], model=TwoLayerModel(), device="cpu",
+                          segmentation_node=first.segmentation_node)
+    assert again.saliency_nodes == {}
+    assert all(node.GetScene() is None for node in old)
+    assert all(node.GetScene() is context.scene for node in kept)  # another prompt's maps still explain its mask
+    assert any("removed the saliency maps of 'bone'" in warning for warning in again.warnings)
+    quiet = logic.segment(volume=ct_node, prompts=["bone"], model=TwoLayerModel(), device="cpu",
+                          segmentation_node=first.segmentation_node)
+    assert not any("saliency" in warning for warning in quiet.warnings)  # nothing left to remove, nothing said
+
+
 def test_async_job_runs_on_one_persistent_worker_and_changes_the_scene_only_in_poll(logic, context, ct_node):
     gate = threading.Event()
     model = BoneModel(gate)
