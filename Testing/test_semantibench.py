@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from TextSegmentLib.errors import InputError
 from TextSegmentLib.models.base import ModelOutput, TextFeatures, TextSegmentationModel
 from TextSegmentLib.semantibench import (
     FINDING_ML, BenchReport, PromptResult, compare, dice, evaluate_case, pss, slice_dices, wilcoxon, write_report,
@@ -20,7 +21,7 @@ def test_dice_edge_cases():
     half = some.copy()
     half[1] = False
     assert dice(half, some) == pytest.approx(2 * 2 / (2 + 4))
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match=r"one shape, got \(4, 4\) and \(3, 3\)"):
         dice(empty, np.zeros((3, 3), bool))
 
 
@@ -258,6 +259,17 @@ def test_dice_of_volumes_scores_their_voxels():
     assert dice(Volume(top), Volume(bottom)) == 0.0
     assert dice(Volume(top), top) == 1.0
     assert slice_dices(Volume(top), Volume(bottom)) == [0.0]
+
+
+def test_dice_of_volumes_on_different_grids_is_refused():
+    """Voxel by voxel, a mask in another orientation scored a meaningless Dice (here 0 for the same region)."""
+    from TextSegmentLib.volume import Volume
+
+    top = np.zeros((2, 4, 4), np.uint8)
+    top[0] = 1
+    flipped = Volume(top[::-1].copy(), origin=(0.0, 0.0, 1.0), direction=np.diag([1.0, 1.0, -1.0]))
+    with pytest.raises(InputError, match=r"masks on one grid.*direction \[\[1.0, 0.0, 0.0\], \[0.0, 1.0, 0.0\], \[0.0, 0.0, -1.0\]\]"):
+        dice(Volume(top), flipped)
 
 
 def test_run_bench_takes_phantoms_and_names_what_ran():

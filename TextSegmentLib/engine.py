@@ -126,6 +126,7 @@ def segment(
     from .weights import weights_record
 
     prompt_list = validate_prompts(prompts)
+    check_distinct_prompts(prompt_list)  # two identical labels otherwise, and maps named apart
     aux_list = _validate_aux(aux_prompts, len(prompt_list))
     check_aux_prompts(model, aux_list)
     windows = _validate_windows(windows)
@@ -495,6 +496,11 @@ def validate_prompts(prompts: Union[str, Sequence[str]]) -> list[str]:
     return cleaned
 
 
+def prompt_key(prompt: str) -> str:
+    """What makes two prompts the same one: their words, whatever the case and spacing."""
+    return " ".join(str(prompt).split()).casefold()
+
+
 def check_distinct_prompts(prompts: Sequence[str], *, option: str = "prompt") -> None:
     """A prompt given twice would make two identical labels and a second file named apart: refuse it.
 
@@ -502,7 +508,7 @@ def check_distinct_prompts(prompts: Sequence[str], *, option: str = "prompt") ->
     """
     first: dict[str, int] = {}
     for number, prompt in enumerate(prompts or (), start=1):
-        key = " ".join(str(prompt).split()).casefold()
+        key = prompt_key(prompt)
         if key in first:
             raise InputError(f"{option} {prompt!r} is given twice (prompts {first[key]} and {number}); "
                              "each prompt makes one label: give it once")

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from .errors import InputError
 from .prompts import LEVELS, build_prompt_pyramid, ground_truth
 
 log = logging.getLogger(__name__)
@@ -50,14 +51,27 @@ def _mask_array(mask: Any) -> np.ndarray:
 
 
 def dice(prediction: Any, truth: Any) -> float:
-    """Dice of two boolean masks (arrays or ``Volume`` s); 1 when both are empty, 0 when exactly one is."""
+    """Dice of two boolean masks (arrays or ``Volume`` s); 1 when both are empty, 0 when exactly one is.
+
+    Two ``Volume`` s must lie on one grid: voxel by voxel, a mask read in another orientation or
+    spacing would score a number that means nothing.
+    """
     pred, gt = _mask_array(prediction), _mask_array(truth)
     if pred.shape != gt.shape:
-        raise ValueError(f"dice needs masks of one shape, got {pred.shape} and {gt.shape}")
+        raise InputError(f"dice needs masks of one shape, got {pred.shape} and {gt.shape}")
+    if hasattr(prediction, "same_geometry") and hasattr(truth, "same_geometry") and not prediction.same_geometry(truth):
+        raise InputError("dice needs masks on one grid: the two volumes differ in spacing, origin or direction "
+                         f"({_grid(prediction)} and {_grid(truth)}); resample one onto the other first")
     total = int(pred.sum()) + int(gt.sum())
     if total == 0:
         return 1.0
     return 2.0 * int(np.logical_and(pred, gt).sum()) / total
+
+
+def _grid(volume: Any) -> str:
+    spacing = ", ".join(f"{v:g}" for v in volume.spacing)
+    origin = ", ".join(f"{v:g}" for v in volume.origin)
+    return f"spacing ({spacing}), origin ({origin}), direction {np.round(volume.direction, 3).tolist()}"
 
 
 def slice_dices(prediction: Any, truth: Any) -> list[float]:
@@ -297,7 +311,9 @@ def case_prompts(
     if prompts is None:
         prompts = build_prompt_pyramid(case.labels, case.label_names, seed=seed, max_l2_per_target=max_l2_per_target,
                                        min_voxels=20)
-    return list({p.text: p for p in prompts}.values())
+    from .engine import prompt_key
+
+    return list({prompt_key(p.text): p for p in prompts}.values())
 
 
 def evaluate_case(

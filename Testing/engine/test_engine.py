@@ -242,6 +242,13 @@ def test_empty_prompts_are_refused(prompts):
         segment(volume, prompts, model=WindowModel(), device="cpu")
 
 
+def test_a_prompt_given_twice_is_refused_whatever_its_case_and_spacing():
+    # it used to make two identical labels, as the CLI and the study batch already refused
+    volume, _ = cube_volume()
+    with pytest.raises(InputError, match=r"'Bright' is given twice \(prompts 1 and 3\)"):
+        segment(volume, ["bright", "dark", "Bright "], model=WindowModel(), device="cpu")
+
+
 def test_a_negative_min_component_ml_is_named_as_the_cli_user_typed_it_too():
     volume, _ = cube_volume()
     with pytest.raises(InputError, match=r"min_component_ml \(CLI: --min-component-ml\) must be 0 or more"):
