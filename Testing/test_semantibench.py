@@ -161,7 +161,7 @@ def test_a_speck_on_a_negative_is_a_false_positive_but_not_a_false_finding():
     blob = PromptResult("c", "heart", "negative", "heart", 0, 900, None, largest_component_ml=FINDING_ML)
     report = BenchReport("m", "w", "toy", [speck, blob])
     assert report.false_positive_rate() == 1.0 and report.false_finding_rate() == 0.5
-    assert "0.500 (a region of 1 mL or more)" in report.to_markdown()
+    assert "1.000 (any voxel: 2 of 2); 0.500 (a region of 1 mL or more: 1 of 2)" in report.to_markdown()
 
 
 def test_bench_command_writes_json_markdown_and_plot(tmp_path, capsys):
@@ -213,9 +213,9 @@ def test_target_cells_with_pipes_or_line_breaks_keep_the_markdown_table_whole():
     report = BenchReport("m", "w", "toy", [PromptResult("c", "p", "L1", "a|b\nc", 1, 1, 0.5),
                                            PromptResult("c", "q", "L3", "肝臓", 1, 1, 0.25)])
     lines = report.to_markdown().splitlines()
-    header = lines.index("| target | level | n | mean Dice / FP rate |")
+    header = lines.index("| target | level | n | mean Dice | FP rate |")
     rows = lines[header + 2:header + 4]
-    assert rows == ["| a\\|b c | L1 | 1 | 0.500 |", "| 肝臓 | L3 | 1 | 0.250 |"]
+    assert rows == ["| a\\|b c | L1 | 1 | 0.500 | – |", "| 肝臓 | L3 | 1 | 0.250 | – |"]
 
 
 def test_plot_without_negatives_or_l3_draws_no_false_positive_bar(tmp_path, monkeypatch):

@@ -15,8 +15,9 @@ The edge cases of the maths, defined once here and tested:
   more: what a reader would actually see, rather than a few stray voxels.
 * ``PSS = 1 − mean Dice(L3) / mean Dice(L1)``; undefined (None) when there is no L1 or no L3 score or
   mean Dice(L1) = 0; negative when L3 beats L1. The per-case median PSS uses the cases where it is defined.
-* Wilcoxon signed-rank, paired on (case, prompt): None with no pairs; p = 1 when all differences are 0;
-  otherwise scipy's default, which leaves zero differences out of the ranking (``n`` counts all pairs).
+* Wilcoxon signed-rank, paired on (case, prompt) and on per-case means (a case is matched by its source
+  file): None with no pairs; p = 1 when all differences are 0; otherwise scipy's default, which leaves
+  zero differences out of the ranking (``n`` counts all pairs).
 """
 
 from __future__ import annotations
@@ -30,13 +31,19 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from .errors import Cancelled, InputError
 from .prompts import LEVELS, build_prompt_pyramid, ground_truth
 
 log = logging.getLogger(__name__)
 
 SCORED_LEVELS = ("L1", "L2", "L3")
 FINDING_ML = 1.0  # a region this large on a negative control is a false finding, not a speck
+LEVEL_TABLE_LEGEND = (
+    "*prompts*, *mean / median Dice*: over every (case, prompt) pair of the level; *case mean*: the mean of "
+    "each case's mean Dice, so every case weighs the same; *slices*, *slice mean / median*: over the axial "
+    "slices whose ground truth is non-empty, pooled over all prompts and cases, so long targets weigh more. "
+    "Dice is 1 when truth and mask are both empty, 0 when exactly one is."
+)
 
 
 # --------------------------------------------------------------------------------------- maths
@@ -146,6 +153,7 @@ class BenchReport:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)  # case name → the file or folder it was read from
+    failed: list[dict[str, str]] = field(default_factory=list)  # cases that raised: case, source, error; not scored
 
     # ---- aggregates
 
@@ -213,6 +221,7 @@ class BenchReport:
             "weights": self.weights,
             "dataset": self.dataset,
             "cases": len(self.cases),
+            "failed_cases": len(self.failed),
             "levels": self.level_table(),
             "pss": self.pss(),
             "pss_case_median": float(np.median(per_case)) if per_case else None,
@@ -226,25 +235,36 @@ class BenchReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"summary": self.summary(), "cases": [{"case": c, "source": self.sources.get(c)} for c in self.cases],
-                "targets": self.target_table(), "results": [asdict(r) for r in self.results]}
+                "failed": self.failed, "targets": self.target_table(), "results": [asdict(r) for r in self.results]}
 
     def to_markdown(self) -> str:
         s = self.summary()
         lines = [f"# SemantiBench: {self.model} on {self.dataset}", "",
-                 f"weights: `{self.weights}`; {s['cases']} case(s); {self.seconds:.0f} s", "",
-                 "| level | prompts | mean Dice | median Dice | case mean | slice mean | slice median |",
-                 "|---|---|---|---|---|---|---|"]
+                 f"weights: `{self.weights}`; {s['cases']} case(s); {self.seconds:.0f} s", ""]
+        if self.failed:  # a reader must not take these numbers for the whole data set
+            lines += [f"**{len(self.failed)} case(s) failed and are not in any number below:**", ""] + [
+                f"- {_cell(f['case'])}" + (f" (`{f['source']}`)" if f.get("source") else "") + f": {_cell(f['error'])}"
+                for f in self.failed] + [""]
+        lines += ["| level | prompts | mean Dice | median Dice | case mean | slices | slice mean | slice median |",
+                  "|---|---|---|---|---|---|---|---|"]
         for level, t in s["levels"].items():
             lines.append(f"| {level} | {t['prompts']['n']} | {_f(t['prompts']['mean'])} | {_f(t['prompts']['median'])} | "
-                         f"{_f(t['cases']['mean'])} | {_f(t['slices']['mean'])} | {_f(t['slices']['median'])} |")
-        lines += ["", f"**PSS** = 1 − mean Dice(L3) / mean Dice(L1) = {_f(s['pss'])} "
-                      f"(per-case median {_f(s['pss_case_median'])})",
-                  f"**False-positive rate on negative controls**: {_f(s['false_positive_rate'])} (any voxel); "
-                  f"{_f(s['false_finding_rate'])} (a region of {FINDING_ML:g} mL or more)", "",
-                  "| target | level | n | mean Dice / FP rate |", "|---|---|---|---|"]
+                         f"{_f(t['cases']['mean'])} | {t['slices']['n']} | {_f(t['slices']['mean'])} | "
+                         f"{_f(t['slices']['median'])} |")
+        negatives = [r for r in self.results if r.level == "negative"]
+        lines += ["", LEVEL_TABLE_LEGEND, "",
+                  f"**PSS** = 1 − mean Dice(L3) / mean Dice(L1) = {_f(s['pss'])} "
+                  f"(per-case median {_f(s['pss_case_median'])}); below 0 when L3 prompts score higher than L1 ones, "
+                  "which can come from easier L3 targets as well as from the prompts.",
+                  f"**False-positive rate on negative controls** (prompts for structures absent from the case, and "
+                  f"nonsense): {_f(s['false_positive_rate'])} (any voxel: {sum(r.false_positive for r in negatives)} "
+                  f"of {len(negatives)}); {_f(s['false_finding_rate'])} (a region of {FINDING_ML:g} mL or more: "
+                  f"{sum(r.false_finding for r in negatives)} of {len(negatives)})", "",
+                  "| target | level | n | mean Dice | FP rate |", "|---|---|---|---|---|"]
         for row in self.target_table():
-            value = row.get("mean_dice", row.get("false_positive_rate"))
-            lines.append(f"| {_cell(row['target'])} | {row['level']} | {row['n']} | {_f(value)} |")
+            lines.append(f"| {_cell(row['target'])} | {row['level']} | {row['n']} | "
+                         f"{_f(row['mean_dice']) if 'mean_dice' in row else '–'} | "
+                         f"{_f(row['false_positive_rate']) if 'false_positive_rate' in row else '–'} |")
         lines += [""] + [f"- {n}" for n in self.notes]
         read_from = [f"{_cell(c)}: `{self.sources[c]}`" for c in self.cases if self.sources.get(c) not in (None, "", c)]
         if read_from:  # "ct.nii.gz #2" alone does not say which patient's CT it was
@@ -288,17 +308,36 @@ def _cell(text: Any) -> str:
 
 
 def compare(a: BenchReport, b: BenchReport) -> dict[str, Any]:
-    """Paired Wilcoxon per level on the (case, prompt) pairs both reports scored."""
+    """Paired Wilcoxon per level on the (case, prompt) pairs both reports scored, and on per-case means.
+
+    A case is matched by the file it was read from where the reports know it, not by its name
+    alone: "ct.nii.gz #1" is whichever file came first in that run's list. Prompts of one case
+    are not independent samples, so the per-case test (n = cases) is the one to trust for a claim.
+    """
     out: dict[str, Any] = {"a": a.model, "b": b.model, "a_weights": a.weights, "b_weights": b.weights}
-    dropped = {}
+    keys_a, keys_b = _case_keys(a), _case_keys(b)
+    dropped, per_case = {}, {}
     for level in SCORED_LEVELS:
-        da = {(r.case, r.prompt): r.dice for r in a.results if r.level == level and r.dice is not None}
-        db = {(r.case, r.prompt): r.dice for r in b.results if r.level == level and r.dice is not None}
-        keys = sorted(set(da) & set(db))
+        da = {(keys_a[r.case], r.prompt): r.dice for r in a.results if r.level == level and r.dice is not None}
+        db = {(keys_b[r.case], r.prompt): r.dice for r in b.results if r.level == level and r.dice is not None}
+        keys = sorted(set(da) & set(db), key=repr)
         out[level] = wilcoxon([da[k] for k in keys], [db[k] for k in keys])
         dropped[level] = {"only_a": len(da) - len(keys), "only_b": len(db) - len(keys)}
+        cases = list(dict.fromkeys(case for case, _ in keys))
+        per_case[level] = wilcoxon([float(np.mean([da[k] for k in keys if k[0] == c])) for c in cases],
+                                   [float(np.mean([db[k] for k in keys if k[0] == c])) for c in cases])
+    out["per_case"] = per_case  # each case's mean Dice over its paired prompts: n = cases
     out["dropped"] = dropped  # (case, prompt) pairs scored by one report only: left out of the test
     return out
+
+
+def _case_keys(report: BenchReport) -> dict[str, tuple]:
+    """Case name → what identifies the case across runs: its source file, with the name where cases share one."""
+    from collections import Counter
+
+    sources = {case: report.sources.get(case) for case in report.cases}
+    shared = Counter(sources.values())
+    return {case: (source, "" if source and shared[source] == 1 else case) for case, source in sources.items()}
 
 
 # --------------------------------------------------------------------------------------- running
@@ -358,7 +397,9 @@ def run_bench(
 
     Case ``i`` gets the prompt pyramid of seed ``seed + i``; ``options`` go to ``evaluate_case``
     (device, batch_size, clean-up). ``model_name``, ``weights`` and ``dataset`` default to the
-    model's preset, the weights it carries and the cases' names.
+    model's preset, the weights it carries and the cases' names. A case that raises is listed in
+    the report's ``failed`` and the others still run (a long batch is not lost to one bad case);
+    when every case fails, the first error is raised.
     """
     import time
 
@@ -372,18 +413,36 @@ def run_bench(
     dataset = dataset or ", ".join(names)
     started = time.perf_counter()
     results: list[PromptResult] = []
+    failed: list[dict[str, str]] = []
+    first_error: Optional[Exception] = None
     for i, (case, name) in enumerate(zip(cases, names)):
-        scored = evaluate_case(model, case, seed=seed + i, **options)
-        for r in scored:  # per-case statistics and the Wilcoxon pairs are keyed by the case's name
-            r.case = name
-        results += scored
+        try:
+            scored = evaluate_case(model, case, seed=seed + i, **options)
+        except Cancelled:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad case must not cost the other cases' scores
+            log.warning("bench %s: case %s failed: %s", model_name, name, exc)
+            failed.append({"case": name, "source": _source(case) or "", "error": f"{type(exc).__name__}: {exc}"})
+            first_error = first_error or exc
+        else:
+            for r in scored:  # per-case statistics and the Wilcoxon pairs are keyed by the case's name
+                r.case = name
+            results += scored
+            log.info("bench %s: case %s done", model_name, name)
         if progress is not None:
             progress((i + 1) / len(cases), f"case {i + 1}/{len(cases)}")
-        log.info("bench %s: case %s done", model_name, name)
-    sources = {name: str(case.ct.source) for case, name in zip(cases, names)  # files only: a phantom is its seed
-               if not getattr(case, "synthetic", True) and getattr(case.ct, "source", None)}
+    if first_error is not None and len(failed) == len(cases):  # nothing to report: the error is the answer
+        raise first_error
+    sources = {name: _source(case) for case, name in zip(cases, names) if _source(case)}
     return BenchReport(model=model_name, weights=weights, dataset=dataset, results=results,
-                       seconds=time.perf_counter() - started, sources=sources)
+                       seconds=time.perf_counter() - started, sources=sources, failed=failed)
+
+
+def _source(case: Any) -> Optional[str]:
+    """The file or folder a case's CT was read from; None for a phantom (its name is its seed)."""
+    if getattr(case, "synthetic", True) or not getattr(case.ct, "source", None):
+        return None
+    return str(case.ct.source)
 
 
 def _distinct_names(names: Sequence[str]) -> list[str]:
@@ -442,11 +501,15 @@ def write_report(
         names = [f"{comparison.get(k)}" + (f" ({comparison[k + '_weights']})" if comparison.get(k + "_weights") else "")
                  for k in ("a", "b")]
         markdown += (f"\n## Paired Wilcoxon signed-rank test\n\nMean difference = a − b, with a = {names[0]} and "
-                     f"b = {names[1]}.\n\n| level | n | mean difference | p |\n|---|---|---|---|\n")
+                     f"b = {names[1]}. *pairs*: the (case, prompt) pairs both scored, tested as if independent; "
+                     "*cases*: each case's mean Dice over its paired prompts, one pair per case. Prompts of one "
+                     "case share its image, so the per-case p is the one to quote.\n\n"
+                     "| level | pairs | mean difference | p (pairs) | cases | p (cases) |\n|---|---|---|---|---|---|\n")
         for level in SCORED_LEVELS:
-            w = comparison.get(level)
-            markdown += (f"| {level} | 0 | n/a | n/a |\n" if w is None else
-                         f"| {level} | {w['n']} | {w['mean_difference']:+.3f} | {w['p_value']:.3g} |\n")
+            w, c = comparison.get(level), comparison.get("per_case", {}).get(level)
+            pairs = "0 | n/a | n/a" if w is None else f"{w['n']} | {w['mean_difference']:+.3f} | {w['p_value']:.3g}"
+            cases = "0 | n/a" if c is None else f"{c['n']} | {c['p_value']:.3g}"
+            markdown += f"| {level} | {pairs} | {cases} |\n"
         dropped = {lv: d for lv, d in comparison.get("dropped", {}).items() if d["only_a"] or d["only_b"]}
         if dropped:
             markdown += ("\nLeft out (scored by one report only): " + "; ".join(

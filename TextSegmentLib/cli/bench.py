@@ -7,6 +7,7 @@ second model runs on the same cases and a paired Wilcoxon test per level joins t
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .segment import add_model_arguments
@@ -96,19 +97,47 @@ def run(args: argparse.Namespace) -> int:
         reports[-1].notes += notes
     comparison = compare(reports[0], reports[1]) if len(reports) == 2 else None
     paths = write_report(reports[0], out, comparison=comparison, overwrite=args.overwrite)
+    written = [paths["json"], paths["markdown"], paths["plot"]]
     if len(reports) == 2:
-        write_report(reports[1], out / "compare", comparison=comparison, overwrite=args.overwrite)
-    summary = reports[0].summary()
+        written += write_report(reports[1], out / "compare", comparison=comparison, overwrite=args.overwrite).values()
+    elif args.overwrite and (out / "compare").is_dir():  # else an earlier run's second model reads as this run's
+        for name in REPORT_FILES:
+            (out / "compare" / name).unlink(missing_ok=True)
+    for report in reports:
+        _print_summary(report, dataset)
+    if comparison is not None:
+        print(f"Wilcoxon, a = {reports[0].model} ({reports[0].weights}) − b = {reports[1].model} "
+              f"({reports[1].weights}): " + "; ".join(_wilcoxon_text(comparison, lv) for lv in ("L1", "L2", "L3")))
+    print(f"wrote {', '.join(map(str, written))}")
+    failed = [(report.model, f) for report in reports for f in report.failed]
+    for model_name, f in failed:
+        print(f"{model_name}: case {f['case']} failed ({f['source'] or 'no file'}): {f['error']}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} failed case run(s) are left out of the scores (listed in bench.md); "
+              "the other cases were scored", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _print_summary(report, dataset: str) -> None:
+    """One model's headline numbers, so a comparison run shows both models, not only the first."""
+    summary = report.summary()
     levels = summary["levels"]
-    print(f"{args.model} on {dataset}: " + ", ".join(
+    print(f"{report.model} ({report.weights}) on {dataset}: " + ", ".join(
         f"{lv} Dice {levels[lv]['prompts']['mean']:.3f}" if levels[lv]["prompts"]["mean"] is not None else f"{lv} n/a"
         for lv in levels))
     pss = summary["pss"]
     fp, ff = summary["false_positive_rate"], summary["false_finding_rate"]
     print(f"PSS {'n/a' if pss is None else f'{pss:.3f}'}; on negatives: false-positive rate "
           f"{'n/a' if fp is None else f'{fp:.3f}'} (any voxel), {'n/a' if ff is None else f'{ff:.3f}'} (a region ≥ 1 mL)")
-    print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
-    return 0
+
+
+def _wilcoxon_text(comparison: dict, level: str) -> str:
+    """A level's test on pairs and on per-case means: the pairs' p alone overstates a few cases."""
+    pairs, cases = comparison.get(level), comparison.get("per_case", {}).get(level)
+    if pairs is None:
+        return f"{level} no pairs"
+    return (f"{level} {pairs['mean_difference']:+.3f}, p {pairs['p_value']:.3g} ({pairs['n']} pairs), "
+            f"p {cases['p_value']:.3g} ({cases['n']} cases)")
 
 
 def _check_amounts(args: argparse.Namespace) -> None:
