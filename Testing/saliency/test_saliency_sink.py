@@ -295,7 +295,7 @@ def test_bad_rois_layers_and_stages_are_clear_errors(model, phantom):
 
 
 @pytest.mark.parametrize("shape, spacing, differs", [
-    ((8, 32, 32), (2.0, 1.0, 2.0), "; spacing differ"),
+    ((8, 32, 32), (2.0, 1.0, 2.0), "; spacing differs"),
     ((6, 16, 16), None, ""),
 ])
 def test_a_target_mask_on_another_grid_names_both_files_and_shapes(shape, spacing, differs):

@@ -33,26 +33,33 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--roi",
         default=None,
         metavar="I0,I1,J0,J1,K0,K1",
-        help="explain this voxel box (inclusive index ranges) instead of the predicted mask",
+        help="explain this voxel box instead of the predicted mask: 0-based inclusive index ranges along the "
+             "file's x (I), y (J) and z (K) axes; a negative value needs --roi=-5,...",
     )
     target.add_argument(
         "--target-mask",
         default=None,
         metavar="FILE",
-        help="explain this mask (same grid as the CT) instead of the predicted mask",
+        help="explain this mask (voxels above 0; on the CT's voxel grid, or the same voxels stored flipped "
+             "or transposed) instead of the predicted mask",
     )
     p.add_argument(
         "--encoding", choices=("uint8", "float16"), default="uint8", help="how maps are stored (default uint8)"
     )
     p.add_argument("--grid", choices=("compact", "source"), default="compact", help=GRID_HELP)
     p.add_argument(
-        "--slice", type=int, default=None, help="montage slice (canonical index along --axis; default: largest target)"
+        "--slice", type=int, default=None,
+        help="montage slice, counted along --axis inferior→superior (axial), anterior→posterior (coronal) or "
+             "right→left (sagittal), whatever the file's order; the CT panel also gives the file's voxel index "
+             "(default: the slice with the largest target)"
     )
-    p.add_argument("--no-contrast", action="store_true", help="montage without percentile stretch + CLAHE")
+    p.add_argument("--no-contrast", action="store_true",
+                   help="montage CT without CLAHE: only a 0.5-99.5 percentile stretch of the slice (default: both)")
     add_model_arguments(p)
     p.add_argument("--axis", choices=("axial", "coronal", "sagittal"), default="axial",
                    help="slice direction; the shipped models were trained on axial slices only")
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="probability from which a voxel is in the predicted mask, the target explained (default 0.5)")
     p.add_argument("--allow-non-ct", action="store_true", help="run on a series that is not CT (results unreliable)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -77,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
     from ..export import refuse_file_as_folder, slug
     from ..io import read_label_map, read_volume
     from ..saliency import SaliencyConfig, explain, save_montage, write_saliency
-    from ..saliency.export import LEGEND
-    from ..saliency.sink import fit_roi, roi_mask
+    from ..saliency.export import LEGEND, check_out_folder
+    from ..saliency.sink import fit_roi, mask_labels_warning, roi_mask
     from ..weights import load_model, weights_record
     from .progressbar import progress_bar
     from .segment import check_distinct_prompts
@@ -86,10 +93,21 @@ def run(args: argparse.Namespace) -> int:
     check_distinct_prompts(args.prompt)
     out_dir = Path(args.out)
     refuse_file_as_folder(out_dir)
+    check_out_folder(out_dir)  # a file on the way, or no permission: refused now, not after the run
     if (out_dir / LEGEND).exists() and not args.overwrite:
         raise OutputExistsError(
             f"{out_dir}: holds saliency results already; choose another --out folder or pass --overwrite"
         )
+    # every montage is checked now, with the legend: one found after the maps were written used to stop the
+    # run halfway, with this run's maps and legend beside a montage from another run
+    montages = [out_dir / f"{i + 1:02d}_{slug(prompt)}_montage.png" for i, prompt in enumerate(args.prompt)]
+    if not args.overwrite:
+        for png in montages:
+            if png.exists():
+                raise OutputExistsError(
+                    f"{png}: exists already; choose another --out folder or pass --overwrite; nothing was written"
+                )
+    before = _explain_outputs(out_dir)
     volume = read_volume(args.input, allow_non_ct=args.allow_non_ct, series_uid=args.series)
     if args.slice is not None:  # checked before the run: the montage is written after the saliency maps
         from ..preprocess import slice_plan
@@ -99,7 +117,13 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--slice {args.slice} is outside the {slices} {args.axis} slices of this volume (0..{slices - 1})")
     roi = read_label_map(args.target_mask) if args.target_mask else None
     if roi is not None:
-        roi_mask(roi, volume, what="--target-mask")  # before the model loads: a mask on another grid is refused now
+        # before the model loads: a mask on another grid, or an empty one, is refused now; from here on it
+        # is 0/1 on the CT's grid (a mask stored the other way round, y-flipped say, is reordered)
+        inside = roi_mask(roi, volume, what="--target-mask")
+        warning = mask_labels_warning(roi, what="--target-mask")
+        if warning:
+            print(f"warning: {warning}")
+        roi = volume.with_array(inside, source=roi.source)
     if args.roi:
         roi, warning = fit_roi(parse_roi(args.roi), volume.shape, what="--roi")
         if warning:
@@ -125,13 +149,19 @@ def run(args: argparse.Namespace) -> int:
         result,
         out_dir=out_dir,
         overwrite=args.overwrite,
-        extra_legend={"model": args.model, **weights_record(model, args.weights)},  # what ran, not the option
+        # what ran (the model, not the option) on what, and the montages that come with the maps
+        extra_legend={
+            "input": str(Path(args.input).absolute()),
+            "model": args.model,
+            **weights_record(model, args.weights),
+            "montages": [png.name for png in montages],
+        },
     )
+    label = "mask outline" if roi is None else ("ROI box outline" if isinstance(roi, tuple) else "target mask outline")
     if isinstance(roi, tuple):  # the montage shows (and picks its slice from) the box explained, not the mask
         roi = volume.with_array(roi_mask(roi, volume))
-    for i, (item, segmentation) in enumerate(zip(result.prompts, run_.results)):
+    for item, segmentation, png in zip(result.prompts, run_.results, montages):
         outline = roi if roi is not None else segmentation.mask
-        png = out_dir / f"{i + 1:02d}_{slug(item.prompt)}_montage.png"
         written.append(
             save_montage(
                 item,
@@ -142,13 +172,28 @@ def run(args: argparse.Namespace) -> int:
                 axis=args.axis,
                 contrast=not args.no_contrast,
                 overwrite=args.overwrite,
+                outline_label=label,
             )
         )
         print(f"{item.prompt!r}: {len(item.maps)} maps, {item.target_slices} slice(s) with a target -> {png.name}")
     for warning in run_.warnings:
         print(f"warning: {warning}")
+    stale = sorted(before - {path.resolve() for path in written})
+    if stale:  # --overwrite replaces files by name: an earlier run's other layers or prompts would pass for this run's
+        shown = ", ".join(str(path.relative_to(out_dir.resolve())) for path in stale[:4])
+        print(f"warning: {len(stale)} file(s) in {out_dir} are from an earlier run, not this one "
+              f"({shown}{', ...' if len(stale) > 4 else ''}); {LEGEND} lists this run's; "
+              "delete them or use an empty --out folder")
     print(
         f"wrote {len(written)} files to {out_dir}; "
         f"saliency took {result.seconds:.2f} s of {run_.seconds:.1f} s on {run_.device}"
     )
     return 0
+
+
+def _explain_outputs(out_dir: Path) -> set[Path]:
+    """The maps and montages of an explain run in ``out_dir``: NN_<prompt>/*.nii.gz and NN_<prompt>_montage.png."""
+    if not out_dir.is_dir():
+        return set()
+    found = list(out_dir.glob("[0-9][0-9]*_montage.png")) + list(out_dir.glob("[0-9][0-9]_*/*.nii.gz"))
+    return {path.resolve() for path in found}

@@ -13,13 +13,14 @@ because no image format here has half floats. Writes are atomic and never overwr
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
 from .. import __version__
-from ..errors import OutputExistsError
+from ..errors import InputError, OutputExistsError
 from .sink import SaliencyResult
 
 LEGEND = "saliency_legend.json"
@@ -31,6 +32,23 @@ NOTICE = (
 
 def layer_file_name(layer: str, suffix: str = ".nii.gz") -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", layer).strip("_") + suffix
+
+
+def check_out_folder(out_dir: Path | str, *, option: str = "--out") -> None:
+    """Refuse a folder that cannot be made or written, before any work: a file on its path, or no permission.
+
+    Found when writing, after the whole run, it used to end in a traceback (NotADirectoryError).
+    """
+    out_dir = Path(out_dir)
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{out_dir}: cannot be a folder: {existing} is a file; choose another {option} folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(
+            f"{out_dir}: cannot be written: no write permission in {existing}; choose another {option} folder"
+        )
 
 
 def write_saliency(
@@ -46,6 +64,7 @@ def write_saliency(
     from ..io.writers import write_float_map, write_json, write_volume
 
     out_dir = Path(out_dir)
+    check_out_folder(out_dir, option="out_dir (CLI: --out)")
     plan: list[tuple[Any, Path]] = []  # (map volume, destination), all decided before anything is written
     prompts = []
     for i, item in enumerate(result.prompts):
@@ -67,7 +86,9 @@ def write_saliency(
         "stage": result.stage,
         "layers": list(result.layers),
         "seconds": round(result.seconds, 3),
+        "axis": result.axis,  # slices and slices_with_target count slices along it
         "slices": result.slices,
+        "on_slices_without_target": "every map is 0 there: nothing to explain on that slice, not low saliency",
         "config": dataclasses.asdict(result.config),
         "prompts": prompts,
         "textsegment_version": __version__,

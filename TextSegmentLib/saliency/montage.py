@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import InputError, OutputExistsError
 from ..volume import Volume
-from .sink import COMBINED, PromptSaliency
+from .sink import COMBINED, PromptSaliency, mask_on_grid
 
 NOTICE = (
     "Saliency shows which image regions resemble the target in each layer, not whether the mask is right. "
@@ -34,14 +34,18 @@ def choose_slice(saliency: PromptSaliency, *, plan: Any, mask: Optional[Volume] 
     """The canonical slice with the largest target (the mask if given), else the one with the most saliency.
 
     An empty mask (a prompt not found) marks no slice: argmax of its all-zero areas would be slice 0.
+    Maps that are 0 everywhere (no slice had a target) give the middle slice, not the first one.
     """
     if mask is not None:
         area = plan.extract(np.asarray(mask.array) > 0).reshape(plan.num_slices, -1).sum(axis=1)
         if area.any():
             return int(np.argmax(area))
-    layer = COMBINED if COMBINED in saliency.maps else saliency.layers[-1]
-    area = plan.extract(saliency.values(layer)).reshape(plan.num_slices, -1).sum(axis=1)
-    return int(np.argmax(area))
+    area = plan.extract(saliency.values(_reference_layer(saliency))).reshape(plan.num_slices, -1).sum(axis=1)
+    return int(np.argmax(area)) if area.any() else plan.num_slices // 2
+
+
+def _reference_layer(saliency: PromptSaliency) -> str:
+    return COMBINED if COMBINED in saliency.maps else saliency.layers[-1]
 
 
 def save_montage(
@@ -56,12 +60,37 @@ def save_montage(
     contrast: bool = True,
     overwrite: bool = False,
     dpi: int = 110,
+    outline_label: str = "mask outline",
 ) -> Path:
     """Render ``saliency`` over ``volume`` on one slice and write it as a PNG (atomically); returns the path.
 
     ``slice_index`` counts canonical slices along ``axis`` (inferior → superior for axial); by
-    default the slice with the largest target. ``mask`` is outlined (e.g. the segmentation).
+    default the slice with the largest target. ``mask`` is outlined (e.g. the segmentation) and
+    ``outline_label`` titles its panel (say "ROI box outline" when the mask is not the segmentation).
+    A slice without a target has maps of 0 (nothing to explain): its panels say so instead of
+    showing a dark overlay that would read as low saliency.
     """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path}: exists already; choose another folder (CLI: --out) or pass overwrite=True (CLI: --overwrite)")
+    figure = render_montage(saliency, volume=volume, mask=mask, slice_index=slice_index, axis=axis, layers=layers,
+                            contrast=contrast, dpi=dpi, outline_label=outline_label)
+    return _save_atomically(figure, path, overwrite=overwrite)
+
+
+def render_montage(
+    saliency: PromptSaliency,
+    *,
+    volume: Volume,
+    mask: Optional[Volume] = None,
+    slice_index: Optional[int] = None,
+    axis: str = "axial",
+    layers: Optional[Sequence[str]] = None,
+    contrast: bool = True,
+    dpi: int = 110,
+    outline_label: str = "mask outline",
+) -> Any:
+    """The montage of ``save_montage`` as a matplotlib ``Figure``, not yet written (so it can be inspected)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -69,10 +98,13 @@ def save_montage(
 
     from ..preprocess import enhance_contrast, percentile_stretch, slice_plan
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path}: exists already; choose another folder (CLI: --out) or pass overwrite=True (CLI: --overwrite)")
+    explained = tuple(saliency.source_shape or next(iter(saliency.maps.values())).shape)
+    if explained != tuple(volume.shape):  # another volume's slices under these maps would mislead
+        raise InputError(f"these saliency maps explain a volume of shape {explained}, not this one of shape "
+                         f"{tuple(volume.shape)}; pass the volume they were computed on")
     plan = slice_plan(volume, axis=axis)
+    if mask is not None:  # outlined voxel for voxel: on the CT's grid, or reordered onto it, or refused
+        mask = mask_on_grid(mask, volume, what="montage mask")
     if slice_index is None:
         slice_index = choose_slice(saliency, plan=plan, mask=mask)
     if not 0 <= slice_index < plan.num_slices:
@@ -86,6 +118,9 @@ def save_montage(
     ct = enhance_contrast(ct) if contrast else percentile_stretch(ct)
     outline = None if mask is None else plan.extract(np.asarray(mask.array) > 0)[slice_index]
     aspect = plan.pixel_spacing[0] / plan.pixel_spacing[1]
+    heats = {name: plan.extract(saliency.values(name))[slice_index] for name in saliency.layers}  # each once
+    # every map is 0 on a slice without a target; one flat layer alone is 0 too, so all of them are asked
+    untargeted = not any(heat.any() for heat in heats.values())
 
     panels = ["CT", "target"] + names
     rows = math.ceil(len(panels) / COLUMNS)
@@ -101,22 +136,48 @@ def save_montage(
             target = outline if outline is not None else _hot_region(saliency, plan, slice_index)
             if target is not None and target.any():
                 _outline(ax, target, linewidth=1.0, aspect=aspect)
-            title = "mask outline" if outline is not None else "combined map ≥ 0.5"
+            title = outline_label if outline is not None else "combined map ≥ 0.5"
+            if outline is not None and not outline.any():
+                title += " (none on this slice)"
+        elif panel != "CT" and untargeted:
+            ax.text(0.5, 0.5, "no target:\nnothing to explain", transform=ax.transAxes, ha="center",
+                    va="center", fontsize=8, color="white", bbox={"facecolor": "black", "alpha": 0.6})
+            title = _panel_title(saliency, panel)
         elif panel != "CT":
-            heat = plan.extract(saliency.values(panel))[slice_index]
-            ax.imshow(heat, cmap=COLORMAP, norm=norm, alpha=0.55, aspect=aspect, interpolation="bilinear")
+            ax.imshow(heats[panel], cmap=COLORMAP, norm=norm, alpha=0.55, aspect=aspect, interpolation="bilinear")
             if outline is not None and outline.any():
                 _outline(ax, outline, linewidth=0.6, aspect=aspect)
             title = _panel_title(saliency, panel)
         else:
-            title = f"CT ({axis} slice {slice_index})"
+            title = _ct_title(plan, slice_index)
         ax.set_title(title, fontsize=8)
         ax.set_axis_off()
     bar_ax = figure.add_subplot(grid[:, columns])
-    figure.colorbar(ScalarMappable(norm=norm, cmap=COLORMAP), cax=bar_ax, label="saliency (0–1)")
-    figure.suptitle(f"“{saliency.prompt}”: layer-wise saliency", fontsize=11)
+    # each layer has its own bounds (legend), so a colour compares places within a layer, not across layers
+    figure.colorbar(ScalarMappable(norm=norm, cmap=COLORMAP), cax=bar_ax,
+                    label="saliency (0–1, each layer rescaled on its own)")
+    figure.suptitle(f"“{displayable(saliency.prompt)}”: layer-wise saliency", fontsize=11)
+    if untargeted:
+        why = ("nothing found for this prompt: no slice has a target" if saliency.target_slices == 0 else
+               f"this slice has no target ({saliency.target_slices} other slice(s) have one)")
+        figure.text(0.5, 0.93, f"{why}, so its maps are 0: nothing to explain, not low saliency",
+                    ha="center", va="top", fontsize=9, color="#b00020")
     figure.text(0.5, 0.005, NOTICE, ha="center", va="bottom", fontsize=6.5, color="#555555")
-    return _save_atomically(figure, path, overwrite=overwrite)
+    return figure
+
+
+def displayable(text: str) -> str:
+    """``text`` with the characters the montage's font lacks written as \\uXXXX escapes.
+
+    Missing glyphs were drawn as empty boxes (a CJK prompt became "□□") with a warning per glyph on
+    stderr; an escape can at least be read back. The legend JSON keeps the prompt as typed.
+    """
+    from matplotlib.font_manager import FontProperties, findfont, get_font
+
+    font = get_font(findfont(FontProperties()))
+    return "".join(
+        c if c.isascii() or font.get_char_index(ord(c)) else c.encode("unicode_escape").decode() for c in text
+    )
 
 
 def _outline(ax: Any, region: np.ndarray, *, linewidth: float, aspect: float) -> None:
@@ -130,12 +191,25 @@ def _outline(ax: Any, region: np.ndarray, *, linewidth: float, aspect: float) ->
     ax.imshow(shown, cmap=ListedColormap(["#39ff14"]), alpha=0.6, aspect=aspect, interpolation="nearest")
 
 
+def _ct_title(plan: Any, slice_index: int) -> str:
+    """The slice as the montage counts it and as the file does: a --roi K range or a viewer uses the latter."""
+    n = plan.num_slices
+    stored = n - 1 - slice_index if plan.flips[0] else slice_index
+    return f"CT: {plan.view} slice {slice_index}/{n} (voxel {'kji'[plan.axes[0]]} = {stored})"
+
+
 def _panel_title(saliency: PromptSaliency, layer: str) -> str:
     entry = saliency.legend.get(layer, {})
     if layer == COMBINED:
         return "combined (mean)"
     stage = entry.get("stage")
-    return f"{layer} · stage {stage}" if stage is not None else layer
+    if stage is None:
+        return layer
+    if entry.get("stage_requested") not in (None, stage):  # the layer could not take the stage asked for
+        return f"{layer} · stage {stage} (fallback)"
+    if entry.get("note"):  # stage 3 without its prompt term
+        return f"{layer} · stage {stage}, no prompt"
+    return f"{layer} · stage {stage}"
 
 
 def _hot_region(saliency: PromptSaliency, plan: Any, slice_index: int) -> Optional[np.ndarray]:

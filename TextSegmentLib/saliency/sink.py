@@ -72,6 +72,7 @@ class SaliencyResult:
     seconds: float  # spent on saliency alone (per-batch maps + finishing), not on the forward pass
     slices: int
     config: SaliencyConfig = field(default_factory=SaliencyConfig)
+    axis: str = "axial"  # the slice direction: slice counts in the legend are along it
 
     def __getitem__(self, key: Union[int, str]) -> PromptSaliency:
         if isinstance(key, int):
@@ -120,9 +121,15 @@ def build_saliency_sink(
     if layers is not True:  # names stripped, blanks dropped, repeats kept once (first place wins)
         parts = layers.split(",") if isinstance(layers, str) else layers
         layers = list(dict.fromkeys(str(name).strip() for name in parts if str(name).strip()))
+        if not layers:  # asked for none at all: say what could be asked for, and how to get the default
+            default = ", ".join(getattr(model, "saliency_layers", ()) or ()) or "every tap"
+            raise InputError(
+                f"no saliency layers given (--layers / layers is empty); name some among "
+                f"{', '.join(getattr(model, 'tap_names', ()))}, or leave the option out for the default ({default})"
+            )
     names = model.resolve_taps(layers)  # unknown names: ModelError listing the model's taps
     if not names:
-        raise InputError("no saliency layers: this model exposes no feature taps, or --layers was empty")
+        raise InputError("no saliency layers: this model exposes no feature taps")
     if COMBINED in names:  # its map would overwrite (or be overwritten by) the combined map
         others = [name for name in getattr(model, "tap_names", ()) if name != COMBINED]
         raise InputError(
@@ -175,7 +182,17 @@ class SaliencySink:
         self._size = int(model.image_size)
         self._device = model.device
         self._model = model
-        self._target_slices = None if self.roi is None else plan.extract(roi_mask(self.roi, volume))
+        self._box = None  # a box as explained, clipped to this volume: the legend names that, not the one asked
+        if self.roi is not None and not isinstance(self.roi, Volume):
+            self._box, warning = fit_roi(self.roi, volume.shape)
+            if warning:
+                log.warning("%s", warning)
+        elif isinstance(self.roi, Volume):
+            warning = mask_labels_warning(self.roi)
+            if warning:
+                log.warning("%s", warning)
+        roi = self._box if self._box is not None else self.roi
+        self._target_slices = None if roi is None else plan.extract(roi_mask(roi, volume))
         self._kept: dict[tuple[int, Any], _Kept] = {}  # (prompt index, fit) -> maps of slices with a target
         self._layer_info: dict[str, dict[str, Any]] = {}
         self._seconds = 0.0
@@ -223,6 +240,7 @@ class SaliencySink:
             seconds=self._seconds,
             slices=self._plan.num_slices,
             config=self.config,
+            axis=self._plan.view,
         )
 
     # internals --------------------------------------------------------------------------------
@@ -332,7 +350,7 @@ class SaliencySink:
         entry: dict[str, Any] = {
             "layer": name,
             "encoding": encoding,
-            "target": _describe_target(self.roi, config.threshold),
+            "target": _describe_target(self._box if self._box is not None else self.roi, config.threshold),
             "slices_with_target": target_slices,
             "stage_requested": config.stage,
             "grid": "the input's voxel grid" if config.grid == "source" else (
@@ -348,7 +366,9 @@ class SaliencySink:
             space=info["space"],
             feature_shape=info.get("feature_shape"),
             bounds=None if bounds is None else [round(bounds[0], 6), round(bounds[1], 6)],
-            rescale=f"{config.low_percentile}th–{config.high_percentile}th percentile over the volume → 0–1",
+            # the percentiles are taken where maps are computed, the slices with a target, not the whole volume
+            rescale=(f"bounds are percentiles {config.low_percentile:g} and {config.high_percentile:g} of this layer's "
+                     "raw similarities over the slices with a target; they map to 0 and 1, values beyond are clipped"),
         )
         if info.get("note"):
             entry["note"] = info["note"]
@@ -434,19 +454,48 @@ def _store(stack: Any, chunk: Any, scaled: Any) -> None:
 
 
 def roi_mask(roi: Union[Volume, Box], volume: Volume, *, what: str = "saliency target mask") -> np.ndarray:
-    """The ROI as a (z, y, x) 0/1 array on the input grid; ``what`` names a mask in messages (CLI: --target-mask)."""
+    """The ROI as a (z, y, x) 0/1 array on the input grid; ``what`` names a mask in messages (CLI: --target-mask).
+
+    A mask on the same voxels stored another way round (a y-flipped NIfTI beside a DICOM series) is
+    transposed and flipped onto the input grid, voxel for voxel; any other grid is refused.
+    """
     if isinstance(roi, Volume):
-        _check_same_grid(roi, volume, what=what)
-        mask = np.asarray(roi.array) > 0
+        mask = np.asarray(mask_on_grid(roi, volume, what=what).array) > 0
     else:
         ((i0, i1), (j0, j1), (k0, k1)), warning = fit_roi(roi, volume.shape)
         if warning:
             log.warning("%s", warning)
         mask = np.zeros(volume.shape, dtype=bool)
         mask[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1] = True
-    if not mask.any():
-        raise InputError("the saliency ROI is empty or lies outside the image")
+    if not mask.any():  # fit_roi refuses a box outside the image, so this is a mask of zeros
+        source = roi.source if isinstance(roi, Volume) else None
+        raise InputError(f"{what} {source or '(in memory)'} marks no voxel (every value is 0): "
+                         "nothing to explain; give a mask whose target voxels are 1 or more")
     return mask.astype(np.uint8)
+
+
+def mask_labels_warning(mask: Volume, *, what: str = "saliency target mask") -> Optional[str]:
+    """A warning when a target mask holds several labels: every non-zero voxel is the target, their union."""
+    labels = np.unique(np.asarray(mask.array))
+    labels = labels[labels != 0]
+    if len(labels) < 2:
+        return None
+    shown = ", ".join(str(int(v)) for v in labels[:8]) + (", ..." if len(labels) > 8 else "")
+    return (f"{what} {mask.source or '(in memory)'} holds {len(labels)} labels ({shown}); the target is every "
+            "non-zero voxel, their union; to explain one structure, give a mask of that label alone")
+
+
+def mask_on_grid(mask: Volume, volume: Volume, *, what: str = "saliency target mask") -> Volume:
+    """``mask`` on ``volume``'s voxel grid: as it is, or reordered when both grids hold the same voxel centres."""
+    from ..volume import reorient_to
+
+    if mask.same_geometry(volume):
+        return mask
+    try:
+        return reorient_to(mask, volume)
+    except InputError:
+        _check_same_grid(mask, volume, what=what)  # names both files and what differs
+        raise
 
 
 def _check_same_grid(mask: Volume, volume: Volume, *, what: str) -> None:
@@ -455,7 +504,7 @@ def _check_same_grid(mask: Volume, volume: Volume, *, what: str) -> None:
         return
     differs = [name for name in ("spacing", "origin", "direction")
                if not np.allclose(getattr(mask, name), getattr(volume, name), atol=1e-4)]
-    also = f"; {', '.join(differs)} differ" if differs else ""
+    also = f"; {', '.join(differs)} {'differ' if len(differs) > 1 else 'differs'}" if differs else ""
     raise InputError(f"{what} {mask.source or '(in memory)'} is not on the same voxel grid as the CT "
                      f"{volume.source or '(in memory)'} (shape {mask.shape} vs {volume.shape}{also}); "
                      "resample the mask onto the CT's grid first")
@@ -493,5 +542,5 @@ def _describe_target(roi: Roi, threshold: float) -> str:
     if roi is None:
         return f"per slice, the model's predicted mask (probability >= {threshold})"
     if isinstance(roi, Volume):
-        return "per slice, the given target mask"
+        return f"per slice, the given target mask {roi.source or '(in memory)'} (every voxel above 0)"
     return f"per slice, the given voxel box (i, j, k ranges) {[list(map(int, r)) for r in roi]}"
