@@ -8,6 +8,7 @@ probability maps keep the full, overlapping answer.
 from __future__ import annotations
 
 import re
+import unicodedata
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -46,8 +47,10 @@ def check_outputs_free(out_dir: Path, *, overwrite: bool = False) -> None:
 
 
 def slug(text: str, *, max_length: int = 48) -> str:
-    """A file-name-safe form of a prompt."""
-    s = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+    """A file-name-safe (ASCII) form of a prompt; accents are dropped, not the letters they sit on
+    ("lésion hépatique" → lesion_hepatique, where it was l_sion_h_patique)."""
+    plain = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    s = re.sub(r"[^a-z0-9]+", "_", plain.lower()).strip("_")
     return (s[:max_length].rstrip("_") or "prompt")
 
 

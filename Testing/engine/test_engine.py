@@ -524,3 +524,12 @@ def test_a_run_prints_in_a_few_lines():
     text = repr(run)
     assert "Volume(shape=(10, 32, 32), dtype=uint8, spacing=(1, 1, 2)" in text
     assert len(text) < 1500 and "array(" not in text
+
+
+def test_file_names_keep_the_letters_of_accented_prompts():
+    # "lésion hépatique" was written as l_sion_h_patique
+    from TextSegmentLib.export import slug
+
+    assert slug("Lésion hépatique") == "lesion_hepatique"
+    assert slug("Schädel-Ödem, ç") == "schadel_odem_c"
+    assert slug("肝臓") == "prompt"  # no ASCII letter to keep: the file's number tells prompts apart
