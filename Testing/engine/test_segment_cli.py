@@ -308,11 +308,13 @@ def test_bench_missing_data_files_are_one_line_not_a_traceback(source, tmp_path,
 def test_legend_counts_what_the_label_map_holds_and_records_the_settings(phantom_file, tmp_path, monkeypatch):
     # "voxels" is each prompt's own mask; with overlapping prompts the label map holds fewer of a
     # label than that, and the legend used to give no way to tell (nor the threshold/axis/cleanup used).
-    # The same prompt twice overlaps wholly whatever the (random) weights; the CLI refuses a repeated
-    # prompt, so that check is lifted here to reach the writer with two identical masks.
+    # The same prompt twice overlaps wholly whatever the (random) weights; the CLI and the engine refuse
+    # a repeated prompt, so that check is lifted here to reach the writer with two identical masks.
     import TextSegmentLib.cli.segment as segment_cli
+    from TextSegmentLib import engine
 
-    monkeypatch.setattr(segment_cli, "check_distinct_prompts", lambda prompts: None)
+    for module in (segment_cli, engine):
+        monkeypatch.setattr(module, "check_distinct_prompts", lambda prompts: None)
     out = tmp_path / "seg"
     assert main(["segment", str(phantom_file), "-p", "liver", "-p", "liver", "--out", str(out), "--weights", "random",
                  "--quiet", "--threshold", "0.3", "--min-component-ml", "0.01"]) == 0
