@@ -312,3 +312,23 @@ def test_the_tiny_presets_build_the_shipped_weights_architecture():
         preset = checkpoint.config_from_dict(entry.model, {})
         trained = checkpoint.config_from_dict(entry.model, {k: v for k, v in stored.items() if not k.startswith("train_")})
         assert trained == preset, entry.id
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy-pickle"])
+def test_a_pytorch_pickle_file_is_named_one_and_how_to_convert_it_is_said(tiny_family, tmp_path, zipped):
+    path = tmp_path / "model.pt"
+    torch.save(_trained().state_dict(), path, _use_new_zipfile_serialization=zipped)
+    with pytest.raises(WeightsError) as caught:
+        load_checkpoint(path)
+    message = str(caught.value)
+    assert "PyTorch pickle file" in message and "never loads pickle files" in message
+    assert "torch.load(FILE, weights_only=True)" in message and "save_checkpoint(model" in message
+
+
+@pytest.mark.parametrize("keep", [0, 4, 100, -40], ids=["empty", "cut-in-length", "cut-in-header", "cut-in-data"])
+def test_a_cut_off_checkpoint_says_to_get_a_whole_copy(tiny_family, tmp_path, keep):
+    path = tmp_path / "tiny.safetensors"
+    save_checkpoint(_trained(), path, model_name="ckpt-tiny")
+    path.write_bytes(path.read_bytes()[:keep])
+    with pytest.raises(WeightsError, match="copy or download it again in full, or re-export it"):
+        read_checkpoint_info(path)

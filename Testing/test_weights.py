@@ -732,3 +732,104 @@ def test_import_under_another_id_of_a_known_file_says_it_was_imported_as_the_kno
         assert import_weights(file_path, weights_id="wee-v1").id == "wee-v1"  # the known id itself: nothing to say
         assert import_weights(file_path).id == "wee-v1"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+# --------------------------------------------------------------------------- a user's walk through the weights
+
+
+def _break_registry(home) -> None:
+    registry_path = home / "weights" / "imported.json"
+    registry_path.parent.mkdir(parents=True, exist_ok=True)
+    registry_path.write_text('{"weights": [')  # a hand edit cut short
+
+
+def test_a_broken_imported_registry_does_not_stop_shipped_weights_or_a_path(tmp_path, published, home, no_network):
+    _, file_path = published
+    manifest = _manifest(tmp_path, _entry(file_path))
+    _place_in_cache(file_path, manifest)
+    _break_registry(home)
+
+    assert resolve_weights(None, model_name="wee", manifest=manifest).entry.id == "wee-v1"
+    assert resolve_weights("wee-v1", model_name="wee", manifest=manifest).origin == "cache"
+    assert resolve_weights(str(file_path), model_name="wee", manifest=manifest).path == file_path
+    with pytest.raises(WeightsError, match=r"cannot be read .*deleting it forgets the imported ids, not their files"):
+        resolve_weights("mine", model_name="wee", manifest=manifest)
+
+
+@pytest.mark.parametrize("spec", ["", "  "])
+def test_an_empty_weights_option_is_called_empty_not_a_folder(tmp_path, published, spec, no_network):
+    with pytest.raises(WeightsError, match="the weights option is empty; leave it out for the model's default"):
+        resolve_weights(spec, model_name="wee", manifest=_manifest(tmp_path, _entry(published[1])))
+
+
+def test_an_import_records_the_whole_path_it_came_from(tmp_path, monkeypatch, no_network):
+    (tmp_path / "in").mkdir()
+    _checkpoint(tmp_path / "in" / "mine.safetensors")
+    monkeypatch.chdir(tmp_path)
+    entry = import_weights("in/mine.safetensors", manifest=_manifest(tmp_path))
+    assert entry.description == f"imported from {(tmp_path / 'in' / 'mine.safetensors').resolve()}"
+
+
+def test_verify_says_how_to_get_a_missing_backbone(tmp_path, monkeypatch, no_network):
+    backbone = {"id": "clip", "kind": "backbone", "model": "hf-hub:org/clip", "file": "open_clip_model.safetensors",
+                "urls": ["hf-hub:org/clip"], "licence": "MIT"}
+    monkeypatch.setattr(weights, "_hub_cached_file", lambda entry: None)
+    [result] = verify_weights(manifest=_manifest(tmp_path, backbone))
+    assert result.status == "missing"
+    assert "not in the Hugging Face cache" in result.message and "'local-dir:FOLDER'" in result.message
+
+
+def test_an_id_imported_before_with_other_contents_is_replaced_only_when_asked(tmp_path, monkeypatch, capsys, no_network):
+    first, second = tmp_path / "a" / "mine.safetensors", tmp_path / "b" / "mine.safetensors"
+    first.parent.mkdir(), second.parent.mkdir()
+    _checkpoint(first, seed=1)
+    _checkpoint(second, seed=2)
+    entry = import_weights(first)
+    cached = cache_path(entry)
+
+    assert _cli(monkeypatch, "weights", "import", str(second)) == 2
+    err = capsys.readouterr().err
+    assert f"imported from {first}" in err and _sha(first) in err and "pass --replace to replace them" in err
+    assert _sha(cached) == _sha(first)  # nothing was overwritten by the refused import
+
+    assert _cli(monkeypatch, "weights", "import", str(second), "--replace") == 0
+    assert _sha(cached) == _sha(second) and _sha(first) == entry.sha256  # the user's own file is untouched
+    [replaced] = weights.known_weights(manifest=_manifest(tmp_path), home=None)
+    assert (replaced.id, replaced.sha256, replaced.file) == ("mine", _sha(second), entry.file)
+    assert resolve_weights("mine", model_name="wee", manifest=_manifest(tmp_path)).path == cached
+
+
+def test_an_import_never_takes_the_id_random_which_names_a_random_model(tmp_path, home, no_network):
+    _checkpoint(tmp_path / "random.safetensors")
+    for weights_id in (None, "random"):
+        with pytest.raises(InputError, match="the weights id 'random' is reserved for a meaningless random model"):
+            import_weights(tmp_path / "random.safetensors", weights_id=weights_id, manifest=_manifest(tmp_path))
+    assert not (home / "weights").exists()
+    assert import_weights(tmp_path / "random.safetensors", weights_id="random-v1", manifest=_manifest(tmp_path)).id == "random-v1"
+
+
+def test_an_imported_id_shadowed_by_the_manifest_says_how_to_use_it_again(tmp_path, published, caplog, no_network):
+    source = tmp_path / "mine.safetensors"
+    _checkpoint(source, seed=5)
+    imported = import_weights(source, weights_id="wee-v1", manifest=_manifest(tmp_path))  # before the manifest knew it
+    manifest = _manifest(tmp_path, _entry(published[1]))
+    with caplog.at_level(logging.WARNING, logger="TextSegmentLib.weights"):
+        assert [e.origin for e in weights.known_weights(manifest=manifest)] == ["manifest"]
+    assert str(cache_path(imported)) in caplog.text and "textsegment weights import FILE --id NEW" in caplog.text
+
+
+def test_weights_missing_offline_name_only_the_weights_that_are_here(tmp_path, published, monkeypatch, no_network):
+    _, file_path = published
+    other = tmp_path / "other.safetensors"
+    _checkpoint(other, seed=4)
+    manifest = _manifest(tmp_path, _entry(file_path, urls=["http://127.0.0.1:9/wee-v1.safetensors"]),
+                         _entry(other, id="wee-v2", file="wee-v2.safetensors", default=False, urls=["http://127.0.0.1:9/v2"]))
+    monkeypatch.setenv("TEXTSEGMENT_OFFLINE", "1")
+    with pytest.raises(WeightsError) as err:
+        resolve_weights("wee-v1", model_name="wee", manifest=manifest)
+    assert str(err.value).endswith(". No weights for wee are on this machine")
+
+    import_weights(other, manifest=manifest)  # now wee-v2 is in the cache
+    with pytest.raises(WeightsError) as err:
+        resolve_weights("wee-v1", model_name="wee", manifest=manifest)
+    assert str(err.value).endswith(". Weights for wee on this machine: wee-v2")

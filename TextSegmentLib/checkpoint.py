@@ -346,6 +346,22 @@ def unreadable_error(path: Path, exc: OSError) -> WeightsError:
     return WeightsError(f"{path}: cannot read this weights file ({exc.strerror or exc}); check its permissions or copy it anew")
 
 
+# What a PyTorch ``torch.save`` file starts with: a zip archive (since torch 1.6) or a bare pickle
+_PICKLE_STARTS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+_GET_A_GOOD_COPY = "copy or download it again in full, or re-export it with save_checkpoint"
+
+
+def _pickle_message(path: Path) -> str:
+    """Why a ``.pt``/``.pth`` file is refused and how to convert it: pickles can run code, so we never open them."""
+    return (
+        f"{path} is a PyTorch pickle file (torch.save, .pt/.pth), not a TextSegment checkpoint; TextSegment never "
+        "loads pickle files, which can run code when opened. If you trust it, convert it once in Python "
+        "(create_model from TextSegmentLib.models.registry, save_checkpoint from TextSegmentLib.checkpoint): "
+        "model = create_model(NAME); model.load_state_dict(torch.load(FILE, weights_only=True)); "
+        "save_checkpoint(model, 'out.safetensors', model_name=NAME)"
+    )
+
+
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:
     """The header dict and the offset where tensor data starts; any damage is a ``WeightsError``."""
     if not path.is_file():
@@ -356,7 +372,12 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
             prefix = stream.read(8)
             size = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
             if size <= 1 or size > min(_MAX_HEADER, total - 8):
-                raise WeightsError(f"{path} is not a safetensors checkpoint (bad header length); the file is corrupt or of another kind")
+                if prefix.startswith(_PICKLE_STARTS):
+                    raise WeightsError(_pickle_message(path))
+                raise WeightsError(
+                    f"{path} is not a safetensors checkpoint (bad header length): the file is cut off, corrupt or of "
+                    f"another kind; {_GET_A_GOOD_COPY}"
+                )
             raw = stream.read(size)
     except OSError as exc:
         raise unreadable_error(path, exc) from None
@@ -375,5 +396,8 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
             isinstance(o, int) and not isinstance(o, bool) for o in offsets
         )
         if not (whole and 0 <= offsets[0] <= offsets[1] <= data_size):
-            raise WeightsError(f"{path}: the header entry for tensor {name!r} is corrupt or the file is truncated")
+            raise WeightsError(
+                f"{path}: the header entry for tensor {name!r} is corrupt or the file is truncated "
+                f"({data_size} bytes of tensor data); {_GET_A_GOOD_COPY}"
+            )
     return header, 8 + size

@@ -18,7 +18,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Optional, Union
 
 from .errors import WeightsError
 from .progress import ProgressCallback
@@ -57,7 +57,11 @@ def known_weights(*, manifest: Union[Manifest, PathLike, None] = None, home: Opt
     ids = {e.id for e in entries}
     for entry in read_imported(home):
         if entry.id in ids:
-            log.warning("imported weights %r are shadowed by the manifest entry of the same id", entry.id)
+            log.warning(
+                "imported weights %r are shadowed by the manifest entry of the same id and cannot be used by it; "
+                "import their file (in the cache: %s) again under another id: `textsegment weights import FILE --id NEW`",
+                entry.id, cache_path(entry, home=home),
+            )
             continue
         entries.append(entry)
     return entries
@@ -143,7 +147,10 @@ def verify_weights(
         entry = state.entry
         if state.path is None:
             note = "not on this machine"
-            if entry.origin == "imported":  # nothing can download it: only importing the file again brings it back
+            if entry.kind == "backbone":  # nothing to import: open_clip reads it from the Hugging Face cache
+                note = ("not in the Hugging Face cache; only models built on it need it: loading one online downloads "
+                        "it, offline copy its files into a folder and point the model's clip_source at 'local-dir:FOLDER'")
+            elif entry.origin == "imported":  # nothing can download it: only importing the file again brings it back
                 note = (f"imported before, but its file is gone from the cache ({cache_path(entry, home=home)}); "
                         f"import it again with `textsegment weights import FILE --id {entry.id}`")
             results.append(VerifyResult(entry, "missing", None, note))
@@ -221,24 +228,31 @@ def resolve_weights(
     """
     if spec == RANDOM:
         return WeightsSource(kind=RANDOM, origin=RANDOM)
-    known = known_weights(manifest=manifest, home=home)
+    if isinstance(spec, str) and not spec.strip():  # `--weights "$UNSET"`: Path("") is the current folder
+        raise WeightsError(
+            f"weights for {model_name}: the weights option is empty; leave it out for the model's default weights, "
+            "or give an id (see `textsegment weights list`), a checkpoint file, or 'random'"
+        )
+    manifest = as_manifest(manifest)
+    # the imported-weights registry is read only when the manifest does not answer: a broken one must not
+    # stop a run on shipped weights
     if spec is None:
-        entry = as_manifest(manifest).default_for(model_name)
+        entry = manifest.default_for(model_name)
         if entry is None:
             raise WeightsError(
                 f"no trained weights are known for {model_name}; pass --weights PATH (a TextSegment checkpoint) "
                 "or an imported id, or --weights random for a meaningless random model (tests/benchmarks)"
-                + _known_ids_hint(known, model_name)
+                + _known_ids_hint(manifest, home, model_name)
             )
-        return _resolve_entry(entry, home=home, offline=offline, known=known, progress=progress, cancel=cancel)
+        return _resolve_entry(entry, home=home, offline=offline, manifest=manifest, progress=progress, cancel=cancel)
     if not isinstance(spec, os.PathLike):
-        entry = next((e for e in known if e.id == spec), None)
+        entry = manifest.get(spec) or _imported_entry(str(spec), manifest=manifest, home=home)
         if entry is not None:
             if entry.kind != "checkpoint":
                 raise WeightsError(f"{entry.id!r} is a {entry.kind}, not weights for {model_name}; pass a TextSegment checkpoint")
             if entry.model != model_name:
                 raise WeightsError(f"weights {entry.id!r} are for model {entry.model!r}, not {model_name!r}; choose weights for {model_name!r}")
-            return _resolve_entry(entry, home=home, offline=offline, known=known, progress=progress, cancel=cancel)
+            return _resolve_entry(entry, home=home, offline=offline, manifest=manifest, progress=progress, cancel=cancel)
     path = Path(spec).expanduser()
     if path.is_file():
         return WeightsSource(kind="file", path=path, origin="path")
@@ -248,7 +262,7 @@ def resolve_weights(
         )
     raise WeightsError(
         f"weights {str(spec)!r} for {model_name}: no such file, and not a known weights id; check the path, "
-        "or see `textsegment weights list`" + _known_ids_hint(known, model_name)
+        "or see `textsegment weights list`" + _known_ids_hint(manifest, home, model_name)
     )
 
 
@@ -257,7 +271,7 @@ def _resolve_entry(
     *,
     home: Optional[PathLike],
     offline: Optional[bool],
-    known: list[WeightsEntry],
+    manifest: Manifest,
     progress: Optional[ProgressCallback],
     cancel: CancelLike,
 ) -> WeightsSource:
@@ -284,7 +298,7 @@ def _resolve_entry(
             todo += f", or unset {' / '.join(OFFLINE_VARIABLES)} to download them"
         raise WeightsError(
             f"weights {entry.id!r} for {entry.model} are not on this machine (looked in {where}) and {why}; "
-            f"{todo}" + _known_ids_hint(known, entry.model)
+            f"{todo}" + _known_ids_hint(manifest, home, entry.model, here_only=True)
         )
     return WeightsSource(
         kind="file", path=download_entry(entry, where, progress=progress, cancel=cancel), entry=entry, origin="download", verified=True
@@ -312,8 +326,31 @@ def _how_to_restore(path: Path, entry: WeightsEntry) -> str:
     return good_copy[0].upper() + good_copy[1:]
 
 
-def _known_ids_hint(known: Iterable[WeightsEntry], model_name: str) -> str:
-    ids = [e.id for e in known if e.kind == "checkpoint" and e.model == model_name]
+def _imported_entry(spec: str, *, manifest: Manifest, home: Optional[PathLike]) -> Optional[WeightsEntry]:
+    """The imported entry of that id; a broken registry does not stop a checkpoint given by its path."""
+    try:
+        known = known_weights(manifest=manifest, home=home)
+    except WeightsError as exc:
+        if not Path(spec).expanduser().is_file():
+            raise
+        log.warning("%s", exc)
+        return None
+    return next((e for e in known if e.id == spec), None)
+
+
+def _known_ids_hint(manifest: Manifest, home: Optional[PathLike], model_name: str, *, here_only: bool = False) -> str:
+    """The ids to try instead; ``here_only``: those usable without a download (offline, naming others does not help)."""
+    try:
+        known = known_weights(manifest=manifest, home=home)
+    except WeightsError as exc:  # only a hint: the error being raised matters more than a broken registry
+        log.warning("%s", exc)
+        known = list(manifest.entries)
+    ids = [
+        e.id for e in known
+        if e.kind == "checkpoint" and e.model == model_name and (not here_only or _status(e, home=home).path is not None)
+    ]
+    if here_only:
+        return f". Weights for {model_name} on this machine: {', '.join(ids)}" if ids else f". No weights for {model_name} are on this machine"
     return f". Known weights for {model_name}: {', '.join(ids)}" if ids else ""
 
 

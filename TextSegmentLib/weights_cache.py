@@ -137,8 +137,12 @@ def import_weights(
     weights_id: Optional[str] = None,
     manifest: Union[Manifest, PathLike, None] = None,
     home: Optional[PathLike] = None,
+    replace: bool = False,
 ) -> WeightsEntry:
     """Copy a checkpoint into the cache (the user's file is only read) and make it resolvable by id.
+
+    ``replace``: an id imported before with other contents is refused unless asked, as the cache's copy
+    of those weights is then overwritten (a manifest id is never replaced).
 
     A file that is a known manifest entry (same sha256) fills that entry's cache slot, so the
     offline route is: download once elsewhere, ``textsegment weights import FILE`` here. Without
@@ -178,12 +182,17 @@ def import_weights(
     weights_id = weights_id or (re.sub(r"[^A-Za-z0-9._-]+", "-", source.stem).strip("-._") or "weights")
     if not PLAIN_NAME.match(weights_id):
         raise InputError(f"weights id {weights_id!r} must be letters, digits, '.', '_' or '-'")
+    if weights_id == "random":  # `--weights random` builds a meaningless random model: this id could never be used
+        raise InputError("the weights id 'random' is reserved for a meaningless random model; choose another id (--id NAME)")
     if known_manifest.get(weights_id) is not None:
         raise InputError(f"the id {weights_id!r} belongs to known weights with other contents; choose another id (--id NAME)")
     previous = next((e for e in imported if e.id == weights_id), None)
-    if previous is not None and previous.sha256 != digest:
+    replacing = previous is not None and previous.sha256 != digest
+    if replacing and not replace:
         raise InputError(
-            f"weights with id {weights_id!r} were imported before with other contents; choose another id (--id NAME)"
+            f"weights with id {weights_id!r} were imported before with other contents ({previous.description}, "
+            f"sha256 {previous.sha256}); choose another id (--id NAME), or pass --replace to replace them "
+            "(their copy in the cache is overwritten; your own files are never touched)"
         )
     entry = WeightsEntry(
         id=weights_id,
@@ -193,12 +202,15 @@ def import_weights(
         sha256=digest,
         size=source.stat().st_size,
         licence=str(info.metadata.get("licence", "unknown")),
-        description=str(info.metadata.get("description", f"imported from {source}")),
+        description=str(info.metadata.get("description", f"imported from {source.resolve()}")),
         origin="imported",
     )
     _copy_verified(source, cache_path(entry, home=home), digest)
     if previous is None:
         _write_imported(home, imported + [entry])
+    elif replacing:
+        _write_imported(home, [entry if e.id == weights_id else e for e in imported])
+        log.warning("replaced the weights imported before as %s (sha256 %s)", weights_id, previous.sha256)
     log.info("imported %s as %s", source, entry.id)
     return entry
 
@@ -268,7 +280,13 @@ def read_imported(home: Optional[PathLike]) -> list[WeightsEntry]:
     path = imported_registry_path(home=home)
     if not path.is_file():
         return []
-    return read_entries(path, origin="imported", kind_of_file="imported-weights registry")
+    try:
+        return read_entries(path, origin="imported", kind_of_file="imported-weights registry")
+    except WeightsError as exc:  # "delete it" alone would not say what deleting it costs
+        raise WeightsError(
+            f"{exc} (deleting it forgets the imported ids, not their files in {path.parent}: "
+            "`textsegment weights import FILE --id ID` brings each back)"
+        ) from None
 
 
 def _write_imported(home: Optional[PathLike], entries: list[WeightsEntry]) -> None:

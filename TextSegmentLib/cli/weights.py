@@ -30,6 +30,8 @@ def register(subparsers: Any) -> None:
     importing = actions.add_parser("import", help="copy a checkpoint file into the cache (the file is left as it is)")
     importing.add_argument("path", metavar="PATH", help="a TextSegment checkpoint (.safetensors)")
     importing.add_argument("--id", dest="weights_id", help="id to use with --weights (default: the file name)")
+    importing.add_argument("--replace", action="store_true",
+                           help="replace weights imported before under the same id with other contents")
     importing.set_defaults(func=run)
 
     verify = actions.add_parser("verify", help="re-hash the weights on this machine; exit 1 if any is tampered or unreadable")
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     if args.weights_action == "import":
-        entry = weights.import_weights(args.path, weights_id=args.weights_id)
+        entry = weights.import_weights(args.path, weights_id=args.weights_id, replace=args.replace)
         print(f"imported {args.path} as {entry.id} (model {entry.model}, sha256 {entry.sha256}); use --weights {entry.id}")
         return 0
 
