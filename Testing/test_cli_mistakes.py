@@ -299,3 +299,17 @@ def test_info_counts_one_file_in_the_singular(shared_data, tmp_path, capsys):
     assert main(["info", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "1 file " in out and "DICOM        1 file," in out and "1 files" not in out
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
+    """`textsegment weights list | head -0` ended in a BrokenPipeError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-m", "TextSegmentLib", "weights", "list"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env={**os.environ, "TEXTSEGMENT_OFFLINE": "1"})
+    child.stdout.close()  # the reader leaves before the first line is written (the import alone takes a second)
+    error = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 1
+    assert "Traceback" not in error and "BrokenPipeError" not in error, error

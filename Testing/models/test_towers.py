@@ -250,6 +250,11 @@ def test_bad_sources_are_clear_errors(tmp_path):
         load_clip("random:no-such-clip")
     with pytest.raises(WeightsError, match="does not exist"):
         load_clip(f"local-dir:{tmp_path / 'missing'}")
+    weights_file = tmp_path / "download" / "weights.bin"  # the weights file, not its folder: it "did not exist"
+    weights_file.parent.mkdir()
+    weights_file.write_bytes(b"0")
+    with pytest.raises(WeightsError, match="weights.bin is a file, not a folder; 'local-dir:' takes the folder"):
+        load_clip(f"local-dir:{weights_file}")
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": SMALL_BIOMEDCLIP}))
     with pytest.raises(WeightsError, match="no CLIP weights"):
         load_clip(f"local-dir:{tmp_path}")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -50,6 +52,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"textsegment {args.command}: interrupted; files finished before the interruption were kept{hint}",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `textsegment weights list | head`: the reader has gone, nothing more to say
+        _drop_stdout()
+        return 1
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so flushing it at exit does not print a second BrokenPipeError."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # not a real file (a test's capture)
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -188,7 +188,9 @@ def load_clip(source: str, *, image_size: Optional[int] = None, cache_dir: Optio
     elif scheme == "local-dir":
         folder = Path(identifier).expanduser()
         if not folder.is_dir():
-            raise WeightsError(f"CLIP folder {folder} does not exist; check the 'local-dir:' path")
+            what = "is a file, not a folder" if folder.exists() else "does not exist"
+            raise WeightsError(f"CLIP folder {folder} {what}; 'local-dir:' takes the folder holding the "
+                               "model's open_clip_config.json and weights")
         model = _load_folder(folder, image_size=image_size, cache_dir=cache_dir)
         model.clip_source = source
     else:
