@@ -26,7 +26,7 @@ import logging
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -51,6 +51,7 @@ def write_dicom_seg(
     series_description: str = "TextSegment",
     series_number: Optional[int] = None,
     model_name: str = "TextSegment",
+    parameters: Optional[Mapping[str, Any]] = None,
 ) -> Path:
     """Write the masks of ``results`` (engine ``SegmentationResult`` s on ``source``'s grid) as DICOM SEG.
 
@@ -60,7 +61,7 @@ def write_dicom_seg(
     from .io.writers import atomic_write
 
     seg = build_dicom_seg(results, source=source, series_description=series_description,
-                          series_number=series_number, model_name=model_name)
+                          series_number=series_number, model_name=model_name, parameters=parameters)
     path = Path(path)
 
     def write(tmp: Path) -> None:
@@ -76,8 +77,14 @@ def build_dicom_seg(
     series_description: str = "TextSegment",
     series_number: Optional[int] = None,
     model_name: str = "TextSegment",
+    parameters: Optional[Mapping[str, Any]] = None,
 ) -> Any:
-    """The highdicom ``Segmentation`` dataset ``write_dicom_seg`` writes (in memory, for callers that send it)."""
+    """The highdicom ``Segmentation`` dataset ``write_dicom_seg`` writes (in memory, for callers that send it).
+
+    ``parameters`` (e.g. the weights and threshold that made the masks) join ``model`` in each segment's
+    AlgorithmParameters, so a SEG that travels without its legend (to a PACS) still says what made it;
+    None values are left out.
+    """
     import highdicom as hd
 
     from . import __version__
@@ -100,7 +107,7 @@ def build_dicom_seg(
         name=ALGORITHM_NAME,
         family=_concept(Code("123110", "DCM", "Artificial Intelligence")),
         version=__version__,
-        parameters={"model": model_name},
+        parameters={"model": model_name, **{k: str(v) for k, v in (parameters or {}).items() if v is not None}},
     )
     descriptions = [_description(n + 1, r.prompt, algorithm) for n, r in enumerate(results)]
     if series_number is None:

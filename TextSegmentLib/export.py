@@ -46,12 +46,12 @@ def check_outputs_free(out_dir: Path, *, overwrite: bool = False) -> None:
         )
 
 
-def slug(text: str, *, max_length: int = 48) -> str:
+def slug(text: str, *, max_length: int = 48, fallback: str = "prompt") -> str:
     """A file-name-safe (ASCII) form of a prompt; accents are dropped, not the letters they sit on
-    ("lésion hépatique" → lesion_hepatique, where it was l_sion_h_patique)."""
+    ("lésion hépatique" → lesion_hepatique, where it was l_sion_h_patique); ``fallback`` when nothing is left."""
     plain = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
     s = re.sub(r"[^a-z0-9]+", "_", plain.lower()).strip("_")
-    return (s[:max_length].rstrip("_") or "prompt")
+    return s[:max_length].rstrip("_") or fallback
 
 
 def label_map(run: Any) -> np.ndarray:

@@ -8,7 +8,10 @@ Headless and MRML-free, so the shell (``textsegment batch``), scripts and the Sl
 Per CT series, ``OUT/NN_<description>/`` holds what ``export.write_segmentation`` writes
 (``segmentation.nii.gz``, its legend and the probability maps), ``seg.dcm`` (DICOM SEG referencing
 the source images) and, when asked, ``saliency/``; ``OUT/batch_report.json`` lists every series with
-its status, and every DICOM file skipped because its header is unreadable (``corrupt_files``).
+its status and where its files lie (``source``), every DICOM file skipped because its header is
+unreadable or cut short (``corrupt_files``), and the series folders of an earlier run that this run did
+not write (``earlier_folders``). ``overwrite`` replaces only an earlier batch's series folders: never a
+folder holding the study's own images (``--out`` = the study folder) or one without a legend.
 *Why per-series folders appear whole or not at all:* each is written under a hidden name and
 renamed when complete, so a series that fails half-way never leaves outputs that look finished.
 Only a finished series names a ``folder`` in the report: with ``overwrite`` an earlier run's folder
@@ -39,6 +42,7 @@ REPORT = "batch_report.json"
 SEG_FILE = "seg.dcm"
 SALIENCY_DIR = "saliency"
 OK, FAILED, SKIPPED, CANCELLED = "ok", "failed", "skipped", "cancelled"
+CUT_SHORT = "corrupt DICOM file (an image header without Rows/Columns: cut short?)"
 
 
 @dataclass
@@ -51,6 +55,7 @@ class SeriesOutcome:
     files: int
     patient_id: str
     study_instance_uid: str
+    source: str = ""  # where its files lie (their common folder, or the one file): a "nouid-…" key says nothing
     status: str = SKIPPED
     folder: Optional[str] = None  # this run's output, relative to the output folder; None when the series has none
     error: Optional[str] = None
@@ -71,6 +76,7 @@ class StudyReport:
     weights: Optional[str]  # what ran (``weights.weights_record``), not the option given
     series: list[SeriesOutcome]
     corrupt_files: list[dict[str, str]] = field(default_factory=list)  # DICOM files skipped: unreadable headers
+    earlier_folders: list[str] = field(default_factory=list)  # series folders in the output folder this run did not write
     cancelled: bool = False
     seconds: float = 0.0
     weights_file: Optional[str] = None
@@ -146,13 +152,20 @@ def segment_study(
                    probability_grid=probability_grid)
     corrupt_files: list[dict[str, str]] = []
     found = list_series(dicom_dir, corrupt_files=corrupt_files)
-    outcomes = [_outcome(s) for s in found]  # skipped, with the reason, unless a CT candidate
+    cut: dict[str, list[str]] = {}  # series key -> its files cut inside the header
+    found = [_drop_cut_files(s, cut) for s in found]
+    corrupt_files += [{"file": f, "error": CUT_SHORT} for files in cut.values() for f in files]
+    outcomes = [_outcome(s, cut=cut.get(s.key, [])) for s in found]  # skipped, with the reason, unless a CT candidate
     todo = [(s, o) for s, o in zip(found, outcomes) if o.error is None]
     if not todo:
         listing = ", ".join(f"{o.modality or 'no modality'} ({o.error})" for o in outcomes)
         raise NotCTError(f"{dicom_dir}: no CT series to segment; found {listing}")
     _name_folders([o for _, o in todo])
-    _check_free(output_dir, [o.folder for _, o in todo], overwrite=overwrite)
+    # the study's images (not its SEG/RTSTRUCT objects: an earlier batch's seg.dcm when --out lies inside the study)
+    sources = [Path(f) for s in found if s.is_image or _cut_short(s) for f in (*s.files, *s.localizer_files)]
+    sources += [Path(c["file"]) for c in corrupt_files]
+    _check_free(output_dir, [o.folder for _, o in todo], overwrite=overwrite, sources=sources)
+    earlier = _earlier_folders(output_dir, [o.folder for _, o in todo])
 
     from .engine import model_label
     from .weights import load_model, weights_record
@@ -166,7 +179,7 @@ def segment_study(
     ran = weights_record(model, weights)
     reader = reader or (lambda series: _read(series, source=dicom_dir))
     report = StudyReport(str(dicom_dir), str(output_dir), prompt_list, model_name, series=outcomes,
-                         corrupt_files=corrupt_files, **ran)
+                         corrupt_files=corrupt_files, earlier_folders=earlier, **ran)
     overall = MonotonicProgress(progress)
     try:
         for i, (series, outcome) in enumerate(todo):
@@ -184,11 +197,12 @@ def segment_study(
                 overwrite=overwrite,
                 progress=step, cancel=cancel,
             )
-    except Cancelled:
+    except (Cancelled, KeyboardInterrupt) as exc:  # Ctrl-C in a shell is a cancel too: the report must say so
         report.cancelled = True
+        how = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else "cancelled by the user"
         for _, outcome in todo:
             if outcome.status == SKIPPED and outcome.error is None:
-                outcome.status, outcome.error = CANCELLED, "cancelled by the user before this series was finished"
+                outcome.status, outcome.error = CANCELLED, f"{how} before this series was finished"
                 _no_output(outcome, output_dir)
         raise
     finally:
@@ -200,15 +214,55 @@ def segment_study(
 
 
 # series ----------------------------------------------------------------------------------------
-def _outcome(series: Any) -> SeriesOutcome:
-    return SeriesOutcome(
+def _outcome(series: Any, *, cut: Sequence[str] = ()) -> SeriesOutcome:
+    outcome = SeriesOutcome(
         key=series.key, description=series.description, modality=series.modality, files=series.n_files,
         patient_id=series.patient_id, study_instance_uid=series.study_instance_uid, error=_skip_reason(series),
+        source=os.path.commonpath(series.files) if series.files else "",
     )
+    if cut and not _cut_short(series):  # a first or last slice lost leaves no gap for the reader to warn about
+        outcome.warnings.append(f"left out {len(cut)} file(s) of this series cut short (see corrupt_files): {', '.join(cut)}")
+    return outcome
+
+
+def _drop_cut_files(series: Any, cut: dict[str, list[str]]) -> Any:
+    """The series without its files cut inside the header (recorded in ``cut``), as a file pydicom cannot read is skipped.
+
+    ``list_series`` judges a series by its first file, so one such file sorted first would skip the whole series.
+    """
+    import pydicom
+
+    from .io.dicom_series import series_from_files
+
+    if not _cut_short(series):
+        return series
+    good = []
+    for file in series.files:
+        try:
+            ds = pydicom.dcmread(file, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - read once already; whatever fails now is damaged too
+            ds = {}
+        if "Rows" in ds and "Columns" in ds:
+            good.append(file)
+        else:
+            cut.setdefault(series.key, []).append(file)
+    return series_from_files(good, source=series.key) if good else series
+
+
+def _cut_short(series: Any) -> bool:
+    """An image's SOP class but no Rows/Columns: a header cut short (interrupted copy) that pydicom read without error."""
+    from pydicom.uid import UID
+
+    from .io.dicom_series import NON_IMAGE_MODALITIES
+
+    return (not series.is_image and series.modality not in NON_IMAGE_MODALITIES
+            and "Image Storage" in UID(series.sop_class_uid).name)
 
 
 def _skip_reason(series: Any) -> Optional[str]:
     """Why a series is not segmented (None: it is a CT candidate)."""
+    if _cut_short(series):
+        return f"{CUT_SHORT}: {', '.join(series.files)}; copy the file(s) again from the source"
     if not series.is_image:
         return f"a {series.modality or 'non-image'} object, not an image series"
     if series.modality not in ("CT", ""):
@@ -222,13 +276,32 @@ def _name_folders(outcomes: list[SeriesOutcome]) -> None:
     from .export import slug
 
     for n, outcome in enumerate(outcomes, start=1):
-        outcome.folder = f"{n:02d}_{slug(outcome.description or outcome.modality or 'series', max_length=32)}"
+        # a description without Latin letters ("胸部") names the folder by its modality
+        kind = slug(outcome.modality or "", max_length=32, fallback="series")
+        outcome.folder = f"{n:02d}_{slug(outcome.description or '', max_length=32, fallback=kind)}"
 
 
-def _check_free(output_dir: Path, folders: list[str], *, overwrite: bool) -> None:
-    from .export import refuse_file_as_folder
+def _check_free(output_dir: Path, folders: list[str], *, overwrite: bool, sources: Sequence[Path] = ()) -> None:
+    """Refuse, before any work, outputs in the way; ``overwrite`` replaces only an earlier batch's series folders.
+
+    A folder holding the study's own DICOM files (``--out`` = the study folder) or no legend is the user's,
+    not an earlier result: replacing it whole would delete it, so it is refused even with ``overwrite``.
+    """
+    from .export import LEGEND, refuse_file_as_folder
 
     refuse_file_as_folder(output_dir)  # else every series runs first and the report's write fails with a traceback
+    real_sources = [p.resolve() for p in sources]
+    for folder in (output_dir / f for f in folders):
+        if not folder.exists():
+            continue
+        real = folder.resolve()
+        inside = next((p for p in real_sources if p.is_relative_to(real)), None)
+        if inside is not None:
+            raise OutputExistsError(f"{folder}: holds DICOM files of the study being read (e.g. {inside}), where this "
+                                    "series' results would go; choose an --out folder outside the study's series folders")
+        if not (folder / LEGEND).is_file():  # --overwrite could not help: say so now, not after the user adds it
+            raise OutputExistsError(f"{folder}: is in the way of this series' results and is not an earlier batch's "
+                                    f"series folder (no {LEGEND}); move it or choose another --out folder")
     if overwrite:
         return
     taken = [p for p in [output_dir / REPORT, *(output_dir / f for f in folders)] if p.exists()]
@@ -237,6 +310,17 @@ def _check_free(output_dir: Path, folders: list[str], *, overwrite: bool) -> Non
             f"{output_dir}: holds batch results already ({', '.join(p.name for p in taken)}); "
             "choose another output folder or pass overwrite=True (CLI: --overwrite)"
         )
+
+
+def _earlier_folders(output_dir: Path, folders: list[str]) -> list[str]:
+    """Series folders an earlier run left that this run will not replace (another study, a series since removed):
+    named in the report so that they are not taken for this run's results (they are the user's: never deleted)."""
+    from .export import LEGEND
+
+    if not output_dir.is_dir():
+        return []
+    return sorted(d.name for d in output_dir.iterdir()
+                  if d.is_dir() and not d.name.startswith(".") and d.name not in folders and (d / LEGEND).is_file())
 
 
 def _read(series: Any, *, source: Path) -> Any:
@@ -281,7 +365,7 @@ def _run_series(series: Any, outcome: SeriesOutcome, *, reader: Callable[[Any], 
         outcome.status = OK
         outcome.outputs = sorted(str(p.relative_to(staging)) for p in written)
         outcome.prompts = [{"prompt": r.prompt, "voxels": r.voxels, "volume_ml": round(r.volume_ml, 3)} for r in run.results]
-        outcome.warnings = [*_reading_warnings(series, volume), *run.warnings]
+        outcome.warnings += [*_reading_warnings(series, volume), *run.warnings]
     except Cancelled:
         raise
     except NotCTError as exc:  # e.g. no Modality tag and values that are not HU: not ours to segment
@@ -340,8 +424,10 @@ def _write_series(run: Any, *, volume: Any, series: Any, folder: Path, model_nam
     if dicom_seg:
         from .dicom_seg import write_dicom_seg
 
+        parameters = {"weights": weights.get("weights"), "weights_data_sha256": weights.get("weights_data_sha256"),
+                      "threshold": run.settings.get("threshold")}
         written.append(write_dicom_seg(run.results, source=volume, path=folder / SEG_FILE, model_name=model_name,
-                                       series_description=f"TextSegment {model_name}"))
+                                       series_description=f"TextSegment {model_name}", parameters=parameters))
     if run.features is not None:
         from .saliency import write_saliency
 
@@ -365,5 +451,6 @@ def _publish(staging: Path, final: Path, *, overwrite: bool) -> None:
 
 
 def exit_code(report: StudyReport) -> int:
-    """0 when every CT series was segmented, 1 when some failed (the others still ran)."""
-    return 1 if report.failed else 0
+    """0 when every CT series was segmented, 1 when some failed (the others still ran) or none was segmented
+    (each candidate proved not CT when read): a script must not go on as if there were results."""
+    return 1 if report.failed or not report.ok else 0

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             probability_grid=args.probability_grid, overwrite=args.overwrite, progress=bar,
         )
     for series in report.series:
-        name = series.folder or series.description or series.key
+        name = f"{series.folder or series.description or series.key} ({series.source})"  # which files, for a nouid key
         if series.status == "ok":
             volumes = ", ".join(f"{p['prompt']!r} {p['volume_ml']:.1f} ml" for p in series.prompts)
             print(f"ok      {name}: {volumes}")
@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{series.status:<7} {name}: {series.error}")
         for warning in series.warnings:
             print(f"        warning: {warning}")
+    if report.earlier_folders:
+        print(f"warning: {', '.join(report.earlier_folders)}: series folder(s) of an earlier run, not results of this run")
     for item in report.corrupt_files:
         print(f"corrupt {item['file']}: {item['error']}")
     skipped = f", {len(report.corrupt_files)} unreadable file(s) skipped" if report.corrupt_files else ""
