@@ -70,6 +70,13 @@ def write_dicom_seg(
     return atomic_write(path, write, overwrite=overwrite, protected=source.dicom.files)
 
 
+def run_parameters(run: Any) -> dict[str, Any]:
+    """What made a run's masks, for a SEG's AlgorithmParameters: the weights (id and data checksum) and threshold."""
+    record = getattr(run, "weights_record", None) or {}
+    return {"weights": record.get("weights"), "weights_data_sha256": record.get("weights_data_sha256"),
+            "threshold": (getattr(run, "settings", None) or {}).get("threshold")}
+
+
 def build_dicom_seg(
     results: Sequence[Any],
     *,

@@ -269,7 +269,7 @@ class SegmentationLogic:
         import dataclasses
         import os
 
-        from .dicom_seg import write_dicom_seg
+        from .dicom_seg import run_parameters, write_dicom_seg
         from .io.dicom_series import series_from_files
         from .io.dicom_volume import read_series
         from .slicer_bridge import dicom_source_files
@@ -303,7 +303,8 @@ class SegmentationLogic:
             ) from exc
         model_name = outcome.model_name or "TextSegment"
         return write_dicom_seg(moved, source=source, path=path, overwrite=overwrite, model_name=model_name,
-                               series_description=" ".join(dict.fromkeys(["TextSegment", model_name])))
+                               series_description=" ".join(dict.fromkeys(["TextSegment", model_name])),
+                               parameters=run_parameters(outcome.run))
 
     # whole-study batch -----------------------------------------------------------------------
     def segment_dicom_study(

@@ -422,12 +422,10 @@ def _write_series(run: Any, *, volume: Any, series: Any, folder: Path, model_nam
     written = write_segmentation(run, out_dir=folder, model_name=model_name,  # with run.weights_record
                                  extra_legend={"dicom_series": series.to_dict()})
     if dicom_seg:
-        from .dicom_seg import write_dicom_seg
+        from .dicom_seg import run_parameters, write_dicom_seg
 
-        parameters = {"weights": weights.get("weights"), "weights_data_sha256": weights.get("weights_data_sha256"),
-                      "threshold": run.settings.get("threshold")}
         written.append(write_dicom_seg(run.results, source=volume, path=folder / SEG_FILE, model_name=model_name,
-                                       series_description=f"TextSegment {model_name}", parameters=parameters))
+                                       series_description=f"TextSegment {model_name}", parameters=run_parameters(run)))
     if run.features is not None:
         from .saliency import write_saliency
 

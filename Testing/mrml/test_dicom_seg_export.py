@@ -147,6 +147,8 @@ def test_seg_references_the_source_images_and_lands_on_the_engine_mask(context, 
     parsed = hd.seg.segread(written)
     assert {uid for _, _, uid in parsed.get_source_image_uids()} == set(database)  # every source image, nothing else
     assert parsed.SeriesDescription == "TextSegment BoneModel"
+    (algorithm,) = parsed.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence
+    assert "threshold=0.5" in algorithm.AlgorithmParameters.split(",")  # what made the masks travels with them
     voxels = _seg_in_physical_space(written, masks, files)
     assert voxels == {prompt: int((mask.array > 0).sum()) for prompt, mask in masks.items()}  # no slice left out
 
