@@ -247,6 +247,18 @@ def test_truncated_pixel_data_names_the_file(shared_data, tmp_path):
     assert str(broken) in str(info.value)
 
 
+def test_a_file_cut_just_before_its_pixels_says_what_to_do(shared_data, tmp_path):
+    # it said only "holds no pixel data"
+    for file in (shared_data / "dicom/rtutils_mock_ct_rtstruct").glob("ct_*.dcm"):
+        shutil.copy(file, tmp_path / file.name)
+    broken = tmp_path / "ct_2.dcm"
+    data = broken.read_bytes()
+    broken.write_bytes(data[: data.rindex(b"\xe0\x7f\x10\x00")])  # up to the (7FE0,0010) Pixel Data tag
+    with pytest.raises(InputError, match="holds no pixel data .*cut short.*copy the file again") as info:
+        read_volume(tmp_path)
+    assert str(broken) in str(info.value)
+
+
 def test_uncompressed_pixels_pydicom_cannot_read_are_not_handed_to_simpleitk(shared_data, monkeypatch):
     def unreadable(*args, **kwargs):
         raise ValueError("pixel data too short")

@@ -190,7 +190,8 @@ def _read_slices(file: Path) -> list[_Slice]:
     except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
         raise InputError(f"{file}: corrupt DICOM file ({exc})") from exc
     if "PixelData" not in ds:
-        raise InputError(f"{file}: holds no pixel data")
+        raise InputError(f"{file}: holds no pixel data (a copy cut short before its image?); copy the file again "
+                         "from its source, or move it out of the folder")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise InputError(f"{file}: a colour image ({ds.get('PhotometricInterpretation')}); a grey-level CT slice is needed")
     if is_enhanced(ds):
