@@ -433,7 +433,7 @@ def run_bench(
             progress((i + 1) / len(cases), f"case {i + 1}/{len(cases)}")
     if first_error is not None and len(failed) == len(cases):  # nothing to report: the error is the answer
         raise first_error
-    sources = {name: _source(case) for case, name in zip(cases, names) if _source(case)}
+    sources = {name: source for case, name in zip(cases, names) if (source := _source(case))}
     return BenchReport(model=model_name, weights=weights, dataset=dataset, results=results,
                        seconds=time.perf_counter() - started, sources=sources, failed=failed)
 

@@ -182,17 +182,15 @@ class SaliencySink:
         self._size = int(model.image_size)
         self._device = model.device
         self._model = model
-        self._box = None  # a box as explained, clipped to this volume: the legend names that, not the one asked
-        if self.roi is not None and not isinstance(self.roi, Volume):
-            self._box, warning = fit_roi(self.roi, volume.shape)
-            if warning:
-                log.warning("%s", warning)
-        elif isinstance(self.roi, Volume):
+        # the target as explained: a box clipped to this volume (the legend names that, not the one asked)
+        self._explained, warning = self.roi, None
+        if isinstance(self.roi, Volume):
             warning = mask_labels_warning(self.roi)
-            if warning:
-                log.warning("%s", warning)
-        roi = self._box if self._box is not None else self.roi
-        self._target_slices = None if roi is None else plan.extract(roi_mask(roi, volume))
+        elif self.roi is not None:
+            self._explained, warning = fit_roi(self.roi, volume.shape)
+        if warning:
+            log.warning("%s", warning)
+        self._target_slices = None if self._explained is None else plan.extract(roi_mask(self._explained, volume))
         self._kept: dict[tuple[int, Any], _Kept] = {}  # (prompt index, fit) -> maps of slices with a target
         self._layer_info: dict[str, dict[str, Any]] = {}
         self._seconds = 0.0
@@ -350,7 +348,7 @@ class SaliencySink:
         entry: dict[str, Any] = {
             "layer": name,
             "encoding": encoding,
-            "target": _describe_target(self._box if self._box is not None else self.roi, config.threshold),
+            "target": _describe_target(self._explained, config.threshold),
             "slices_with_target": target_slices,
             "stage_requested": config.stage,
             "grid": "the input's voxel grid" if config.grid == "source" else (
