@@ -259,3 +259,70 @@ def test_montage_of_a_one_slice_volume_across_its_thin_axis(model, tmp_path, axi
     mask = volume.with_array(ball.astype(np.uint8))
     assert save_montage(run.features[0], volume=volume, mask=mask, path=tmp_path / "m.png", axis=axis).exists()
     assert save_montage(run.features[0], volume=volume, path=tmp_path / "n.png", axis=axis).exists()
+
+
+def test_zoom_window_centres_a_small_target_with_context_and_stays_on_the_slice():
+    from TextSegmentLib.saliency.montage import zoom_window
+
+    region = np.zeros((512, 512), bool)
+    region[100:110, 200:210] = True
+    rows, cols = zoom_window(region, spacing=(1.0, 1.0))
+    assert (rows.stop - rows.start, cols.stop - cols.start) == (128, 128)  # magnified 4 times at most
+    assert rows.start <= 100 and rows.stop >= 110 and cols.start <= 200 and cols.stop >= 210
+    assert abs((rows.start + rows.stop) / 2 - 105) <= 1 and abs((cols.start + cols.stop) / 2 - 205) <= 1
+    region[:] = False
+    region[0:60, 500:512] = True  # at a corner: shifted onto the slice, not shrunk
+    rows, cols = zoom_window(region, spacing=(1.0, 1.0))
+    assert rows.start == 0 and cols.stop == 512 and rows.stop - rows.start == cols.stop - cols.start == 180
+    rows, cols = zoom_window(region, spacing=(2.0, 1.0), zoom="on")  # square in millimetres, not in pixels
+    assert 2 * (rows.stop - rows.start) == cols.stop - cols.start
+
+
+def test_zoom_window_auto_leaves_large_or_absent_targets_whole():
+    from TextSegmentLib.saliency.montage import zoom_window
+
+    region = np.zeros((100, 100), bool)
+    assert zoom_window(region, spacing=(1.0, 1.0), zoom="on") is None  # nothing to zoom on
+    region[10:40, 40:45] = True  # its window (30 mm each side of it) would magnify less than 2 times
+    assert zoom_window(region, spacing=(1.0, 1.0)) is None
+    assert zoom_window(region, spacing=(1.0, 1.0), zoom="on") is not None
+    region[:] = False
+    region[50:52, 50:52] = True
+    assert zoom_window(region, spacing=(1.0, 1.0), zoom="off") is None
+
+
+def test_montage_zooms_the_overlays_on_a_small_target_and_frames_it_on_the_ct(explained):
+    from TextSegmentLib.saliency.montage import render_montage
+
+    volume, ball, run = explained
+    small = np.zeros(ball.shape, np.uint8)
+    k, j, i = (int(round(c.mean())) for c in np.nonzero(ball))
+    small[k, j - 1:j + 2, i - 1:i + 2] = 1  # 3 of 32 pixels across: a lesion-sized target
+    mask = volume.with_array(small)
+    figure = render_montage(run.features[0], volume=volume, mask=mask)
+    ct_axes, target_axes, layer_axes = figure.axes[0], figure.axes[1], figure.axes[2]
+    whole = ct_axes.images[0].get_array().shape
+    zoomed = layer_axes.images[1].get_array().shape  # [0] is the CT under the heat map
+    assert zoomed[0] < whole[0] and zoomed[1] < whole[1]
+    assert "zoom ×" in target_axes.get_title() and len(ct_axes.patches) == 1
+    flat = render_montage(run.features[0], volume=volume, mask=mask, zoom="off")
+    assert flat.axes[2].images[1].get_array().shape == whole and not flat.axes[0].patches
+    with pytest.raises(InputError, match="zoom"):
+        render_montage(run.features[0], volume=volume, mask=mask, zoom="yes")
+
+
+def test_explain_zoom_option_reaches_every_montage(tmp_path, monkeypatch):
+    from TextSegmentLib import saliency, weights
+    from TextSegmentLib.cli import explain as command
+
+    ct = write_volume(sphere_phantom()[0], tmp_path / "ct.nii.gz")
+    monkeypatch.setattr(weights, "load_model", lambda name, weights=None, device="auto": PlantedModel())
+    asked = []
+    monkeypatch.setattr(saliency, "save_montage", lambda item, **options: asked.append(options["zoom"]) or options["path"])
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers())
+    base = ["explain", str(ct), "--prompt", "bright", "--prompt", "dark", "--weights", "random", "--device", "cpu", "--quiet"]
+    for zoom, out in (([], "a"), (["--zoom", "off"], "b")):
+        args = parser.parse_args(base + zoom + ["--out", str(tmp_path / out)])
+        assert args.func(args) == 0
+    assert asked == ["auto", "auto", "off", "off"]

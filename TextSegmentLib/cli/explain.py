@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-contrast", action="store_true",
                    help="montage CT without CLAHE: only a 0.5-99.5 percentile stretch of the slice (default: both)")
+    p.add_argument("--zoom", choices=("auto", "on", "off"), default="auto",
+                   help="montage: crop the overlay panels around the target (the CT panel frames the crop); auto "
+                        "(default) when that magnifies 2-4 times, i.e. for a small target such as a lesion")
     add_model_arguments(p)
     p.add_argument("--axis", choices=("axial", "coronal", "sagittal"), default="axial",
                    help="slice direction; the shipped models were trained on axial slices only")
@@ -173,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
                 contrast=not args.no_contrast,
                 overwrite=args.overwrite,
                 outline_label=label,
+                zoom=args.zoom,
             )
         )
         print(f"{item.prompt!r}: {len(item.maps)} maps, {item.target_slices} slice(s) with a target -> {png.name}")

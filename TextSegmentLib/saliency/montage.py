@@ -28,6 +28,9 @@ NOTICE = (
 )
 COLUMNS = 5
 COLORMAP = "inferno"
+ZOOM_AT_LEAST = 2.0  # "auto" zooms only when the window is this many times smaller than the slice
+ZOOM_AT_MOST = 4.0  # more shows the network's patch grid and the CT's pixels, not more detail
+ZOOM_MARGIN = 1.0  # the zoomed window shows this many target sizes of context on each side
 
 
 def choose_slice(saliency: PromptSaliency, *, plan: Any, mask: Optional[Volume] = None) -> int:
@@ -61,6 +64,7 @@ def save_montage(
     overwrite: bool = False,
     dpi: int = 110,
     outline_label: str = "mask outline",
+    zoom: str = "auto",
 ) -> Path:
     """Render ``saliency`` over ``volume`` on one slice and write it as a PNG (atomically); returns the path.
 
@@ -68,13 +72,15 @@ def save_montage(
     default the slice with the largest target. ``mask`` is outlined (e.g. the segmentation) and
     ``outline_label`` titles its panel (say "ROI box outline" when the mask is not the segmentation).
     A slice without a target has maps of 0 (nothing to explain): its panels say so instead of
-    showing a dark overlay that would read as low saliency.
+    showing a dark overlay that would read as low saliency. ``zoom="auto"`` crops the overlay panels
+    to the target when it is small on the slice (a lesion is a few pixels of a 512² panel), the CT
+    panel keeping the whole slice with the window drawn on it; ``"off"`` never crops, ``"on"`` always.
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path}: exists already; choose another folder (CLI: --out) or pass overwrite=True (CLI: --overwrite)")
     figure = render_montage(saliency, volume=volume, mask=mask, slice_index=slice_index, axis=axis, layers=layers,
-                            contrast=contrast, dpi=dpi, outline_label=outline_label)
+                            contrast=contrast, dpi=dpi, outline_label=outline_label, zoom=zoom)
     return _save_atomically(figure, path, overwrite=overwrite)
 
 
@@ -89,6 +95,7 @@ def render_montage(
     contrast: bool = True,
     dpi: int = 110,
     outline_label: str = "mask outline",
+    zoom: str = "auto",
 ) -> Any:
     """The montage of ``save_montage`` as a matplotlib ``Figure``, not yet written (so it can be inspected)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -113,6 +120,8 @@ def render_montage(
     unknown = [n for n in names if n not in saliency.maps]
     if unknown:
         raise InputError(f"no saliency map for layer(s) {unknown}; there are {saliency.layers}")
+    if zoom not in ZOOMS:
+        raise InputError(f"zoom must be one of {', '.join(ZOOMS)}, got {zoom!r}")
 
     ct = plan.extract(np.asarray(volume.array, dtype=np.float32))[slice_index]
     ct = enhance_contrast(ct) if contrast else percentile_stretch(ct)
@@ -121,6 +130,9 @@ def render_montage(
     heats = {name: plan.extract(saliency.values(name))[slice_index] for name in saliency.layers}  # each once
     # every map is 0 on a slice without a target; one flat layer alone is 0 too, so all of them are asked
     untargeted = not any(heat.any() for heat in heats.values())
+    target = outline if outline is not None else _hot_region(saliency, plan, slice_index)
+    window = None if untargeted else zoom_window(target, spacing=plan.pixel_spacing, zoom=zoom)
+    crop = (slice(None), slice(None)) if window is None else window
 
     panels = ["CT", "target"] + names
     rows = math.ceil(len(panels) / COLUMNS)
@@ -131,25 +143,29 @@ def render_montage(
     norm = Normalize(vmin=0.0, vmax=1.0)
     for n, panel in enumerate(panels):
         ax = figure.add_subplot(grid[n // COLUMNS, n % COLUMNS])
-        ax.imshow(ct, cmap="gray", vmin=0.0, vmax=1.0, aspect=aspect, interpolation="nearest")
+        shown = slice(None) if panel == "CT" else crop  # the CT panel keeps the whole slice for context
+        ax.imshow(ct[shown], cmap="gray", vmin=0.0, vmax=1.0, aspect=aspect, interpolation="nearest")
         if panel == "target":
-            target = outline if outline is not None else _hot_region(saliency, plan, slice_index)
             if target is not None and target.any():
-                _outline(ax, target, linewidth=1.0, aspect=aspect)
+                _outline(ax, target[crop], linewidth=1.0, aspect=aspect)
             title = outline_label if outline is not None else "combined map ≥ 0.5"
             if outline is not None and not outline.any():
                 title += " (none on this slice)"
+            if window is not None:
+                title += f", zoom ×{ct.shape[0] / (window[0].stop - window[0].start):.1f}"
         elif panel != "CT" and untargeted:
             ax.text(0.5, 0.5, "no target:\nnothing to explain", transform=ax.transAxes, ha="center",
                     va="center", fontsize=8, color="white", bbox={"facecolor": "black", "alpha": 0.6})
             title = _panel_title(saliency, panel)
         elif panel != "CT":
-            ax.imshow(heats[panel], cmap=COLORMAP, norm=norm, alpha=0.55, aspect=aspect, interpolation="bilinear")
-            if outline is not None and outline.any():
-                _outline(ax, outline, linewidth=0.6, aspect=aspect)
+            ax.imshow(heats[panel][crop], cmap=COLORMAP, norm=norm, alpha=0.55, aspect=aspect, interpolation="bilinear")
+            if outline is not None and outline[crop].any():
+                _outline(ax, outline[crop], linewidth=0.6, aspect=aspect)
             title = _panel_title(saliency, panel)
         else:
             title = _ct_title(plan, slice_index)
+            if window is not None:
+                _frame(ax, window)
         ax.set_title(title, fontsize=8)
         ax.set_axis_off()
     bar_ax = figure.add_subplot(grid[:, columns])
@@ -164,6 +180,44 @@ def render_montage(
                     ha="center", va="top", fontsize=9, color="#b00020")
     figure.text(0.5, 0.005, NOTICE, ha="center", va="bottom", fontsize=6.5, color="#555555")
     return figure
+
+
+ZOOMS = ("auto", "on", "off")
+
+
+def zoom_window(region: Optional[np.ndarray], *, spacing: Sequence[float], zoom: str = "auto") -> Optional[tuple[slice, slice]]:
+    """Rows and columns of the slice to show around ``region``, or None for the whole slice.
+
+    Why: a 2 cm lesion is a dozen pixels of a 512² slice; at panel size its outline and the maps
+    around it cannot be told apart. The window is square in millimetres, centred on the target's
+    box with ``ZOOM_MARGIN`` box sizes of context each side, at least ``1 / ZOOM_AT_MOST`` of the slice, and
+    shifted (not shrunk) where the target lies near an edge. ``"auto"`` zooms only when that
+    magnifies ``ZOOM_AT_LEAST`` times or more, ``"on"`` whenever the window is smaller than the
+    slice; an empty region is never zoomed.
+    """
+    if zoom == "off" or region is None or not region.any():
+        return None
+    shape = np.asarray(region.shape)
+    rows, cols = np.nonzero(region)
+    low, high = np.array([rows.min(), cols.min()]), np.array([rows.max(), cols.max()]) + 1
+    spacing = np.asarray(spacing, dtype=float)
+    half_mm = max(float(np.max((high - low) * spacing)) * (0.5 + ZOOM_MARGIN), float(np.min(shape * spacing)) / (2 * ZOOM_AT_MOST))
+    half = np.minimum(np.ceil(half_mm / spacing), shape / 2).astype(int)  # pixels each side, per axis
+    centre = (low + high) // 2
+    start = np.clip(centre - half, 0, shape - 2 * half)
+    stop = start + 2 * half
+    if np.all(start == 0) and np.all(stop == shape) or zoom == "auto" and np.any(shape < ZOOM_AT_LEAST * 2 * half):
+        return None
+    return slice(int(start[0]), int(stop[0])), slice(int(start[1]), int(stop[1]))
+
+
+def _frame(ax: Any, window: tuple[slice, slice]) -> None:
+    """The zoomed window drawn on the whole-slice CT panel, so the crop is placed in its context."""
+    from matplotlib.patches import Rectangle
+
+    rows, cols = window
+    ax.add_patch(Rectangle((cols.start - 0.5, rows.start - 0.5), cols.stop - cols.start, rows.stop - rows.start,
+                           fill=False, edgecolor="#39ff14", linewidth=0.8, linestyle="--"))
 
 
 def displayable(text: str) -> str:
