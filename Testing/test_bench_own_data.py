@@ -133,3 +133,58 @@ def test_overwrite_without_compare_removes_the_earlier_runs_compare_files(tmp_pa
     assert not any((out / "compare" / name).exists() for name in ("bench.json", "bench.md", "bench.png"))
     assert (out / "compare" / "notes.txt").read_text() == "mine"  # only the bench's own files go
     assert "comparison" not in json.loads((out / "bench.json").read_text())
+
+
+def _msd_task(folder, *, cases=2):
+    """An MSD task folder of ``cases`` small phantoms (liver labelled), as a user's download is laid out."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from TextSegmentLib.phantom import make_phantom
+
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    entries = []
+    for n in range(1, cases + 1):
+        ph = make_phantom(seed=2100 + n, shape=(3, 48, 48))
+        name = f"case_{n:03d}.nii.gz"
+        for array, kind in ((ph.ct.array, "imagesTr"), ((ph.labels.array == 11).astype(np.uint8), "labelsTr")):
+            image = sitk.GetImageFromArray(array)
+            image.SetSpacing(ph.ct.spacing)
+            sitk.WriteImage(image, str(folder / kind / name))
+        entries.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    (folder / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "liver"}, "training": entries}))
+    return folder
+
+
+def test_an_msd_entry_that_cannot_be_read_is_recorded_when_asked_and_raised_otherwise(tmp_path):
+    """One cut-off image of a forty-case task refused the whole task, in bench as in training."""
+    from TextSegmentLib.errors import InputError
+    from TextSegmentLib.training.data import load_msd_task
+
+    task = _msd_task(tmp_path / "Task03_Liver")
+    (task / "imagesTr" / "case_001.nii.gz").write_bytes(b"not a nifti")
+    with pytest.raises(InputError, match="case_001"):
+        load_msd_task(task)  # training: refused, naming the file
+    failed = []
+    (case,) = load_msd_task(task, failed=failed)
+    assert case.name == "case_002.nii.gz"
+    assert [f["case"] for f in failed] == ["case_001.nii.gz"] and failed[0]["source"].endswith("case_001.nii.gz")
+    (task / "imagesTr" / "case_002.nii.gz").unlink()
+    with pytest.raises(InputError, match="no training entry could be read"):
+        load_msd_task(task, failed=[])
+
+
+def test_bench_command_scores_the_cases_it_can_read_and_lists_those_it_cannot(tmp_path, capsys):
+    from TextSegmentLib.cli import main
+
+    task = _msd_task(tmp_path / "Task03_Liver")
+    (task / "labelsTr" / "case_002.nii.gz").unlink()
+    out = tmp_path / "bench"
+    code = main(_bench_args(out) + ["--data", f"msd:{task}", "--data", f"msd:{tmp_path / 'no-such-task'}"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "case case_002.nii.gz could not be read and is left out" in err and "no-such-task" in err
+    data = json.loads((out / "bench.json").read_text())
+    assert [c["case"] for c in data["cases"]] == ["phantom-2000", "case_001.nii.gz"]
+    assert [f["case"] for f in data["failed"]] == ["case_002.nii.gz", f"msd:{tmp_path / 'no-such-task'}"]

@@ -235,7 +235,7 @@ def test_bench_negative_min_component_ml_is_refused_before_the_phantoms_are_made
     from TextSegmentLib.training import data
 
     made = []
-    monkeypatch.setattr(data, "load_source", lambda spec: made.append(spec) or [])
+    monkeypatch.setattr(data, "load_source", lambda spec, **_: made.append(spec) or [])
     assert main(BENCH + ["--min-component-ml", "-1", "--out", str(tmp_path / "bench")]) == 2
     assert "--min-component-ml must be 0 or more" in _one_line_error(capsys, "bench")
     assert made == [] and not (tmp_path / "bench").exists()

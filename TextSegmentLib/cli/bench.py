@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     _check_free(out, compare=bool(args.compare_model), overwrite=args.overwrite)  # before the (long) run
     models = _load_models(args)  # both before any run: a typo in the second must not cost the first one's run
     cases = []
+    unread: list[dict[str, str]] = []  # cases that could not be read: reported as failed, the others still run
     for spec in specs:
         real = args.real and spec == REAL_HELD_OUT.format(data=Path(args.shared_data))
         missing = [p for p in spec.partition(":")[2].split(",") if real and not Path(p).exists()]
@@ -79,9 +80,16 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--real: {missing[0]} not found; point --shared-data at the shared data folder "
                              f"(now {args.shared_data!r}, relative to the current folder)")
         try:
-            cases += load_source(spec)
+            cases += load_source(spec, failed=unread)
         except FileNotFoundError as exc:  # a missing data file is a usage error, not a traceback
-            raise InputError(f"--data {spec}: {exc.filename or 'a file'}: no such file") from None
+            unread.append({"case": spec, "source": exc.filename or "",
+                           "error": f"--data {spec}: {exc.filename or 'a file'}: no such file"})
+        except (InputError, OSError) as exc:
+            unread.append({"case": spec, "source": "", "error": f"{type(exc).__name__}: {exc}"})
+    for f in unread:  # now, not only after the (long) run
+        print(f"warning: case {f['case']} could not be read and is left out: {f['error']}", file=sys.stderr)
+    if not cases:
+        raise InputError(f"no case could be read: {unread[0]['error']}" if unread else "no cases to benchmark")
     dataset = "; ".join(names)
 
     cleanup = {"largest_component": args.cleanup, "fill_holes": args.cleanup, "min_component_ml": args.min_component_ml}
@@ -95,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
             reports.append(run_bench(model, cases, model_name=model_name, weights=label, dataset=dataset,
                                      progress=bar, batch_size=args.batch_size, device=args.device, **cleanup))
         reports[-1].notes += notes
+        reports[-1].failed[:0] = [dict(f) for f in unread]
     comparison = compare(reports[0], reports[1]) if len(reports) == 2 else None
     paths = write_report(reports[0], out, comparison=comparison, overwrite=args.overwrite)
     written = [paths["json"], paths["markdown"], paths["plot"]]

@@ -91,10 +91,16 @@ def load_totalsegmentator_case(
     return case
 
 
-def load_msd_task(folder: Union[str, Path], *, limit: Optional[int] = None, licence: str = "CC-BY-SA-4.0") -> list[LabelledCase]:
-    """The training cases of a Medical Segmentation Decathlon task folder (``dataset.json`` + images/labels)."""
-    from ..io import read_label_map, read_volume
+def load_msd_task(
+    folder: Union[str, Path], *, limit: Optional[int] = None, licence: str = "CC-BY-SA-4.0",
+    failed: Optional[list[dict[str, str]]] = None,
+) -> list[LabelledCase]:
+    """The training cases of a Medical Segmentation Decathlon task folder (``dataset.json`` + images/labels).
 
+    A bad entry (a file missing, unreadable or mislabelled) raises, naming it: training on the rest
+    would hide it. Given a ``failed`` list (a benchmark), it is recorded there (case, source, error)
+    and the other entries are read, so one bad case of forty does not cost the other scores.
+    """
     folder = Path(folder)
     spec_path = folder / "dataset.json"
     if not spec_path.is_file():
@@ -108,19 +114,38 @@ def load_msd_task(folder: Union[str, Path], *, limit: Optional[int] = None, lice
                          f"{', '.join(modality) or 'empty'} ({len(modality)} channel(s)); use a CT task")
     names = msd_label_names(spec, folder)
     cases = []
+    already = len(failed or [])  # another source's failures, not this task's
     for n, entry in enumerate(spec.get("training", [])[:limit], start=1):
-        if not (isinstance(entry, Mapping) and isinstance(entry.get("image"), str) and isinstance(entry.get("label"), str)):
-            raise InputError(f"{spec_path}: training entry {n} is {json.dumps(entry)[:80]}, not "
-                             f'{{"image": "./imagesTr/NAME.nii.gz", "label": "./labelsTr/NAME.nii.gz"}}')
-        image, label = folder / entry["image"], folder / entry["label"]
-        for path, listed in ((image, entry["image"]), (label, entry["label"])):
-            if not path.exists():
-                raise InputError(f"{spec_path}: training entry {n} lists {listed}, which is missing ({path})")
-        cases.append(LabelledCase(image.name, read_volume(image), read_label_map(label), names, licence=licence))
-        check_named(cases[-1], label, f"the labels of {spec_path}")
+        try:
+            cases.append(_msd_case(entry, n, folder=folder, spec_path=spec_path, names=names, licence=licence))
+        except (InputError, OSError, RuntimeError) as exc:  # RuntimeError: SimpleITK's unreadable file
+            if failed is None:
+                raise
+            image = entry.get("image") if isinstance(entry, Mapping) else None
+            failed.append({"case": Path(image).name if isinstance(image, str) else f"{folder.name} entry {n}",
+                           "source": str(folder / image) if isinstance(image, str) else str(spec_path),
+                           "error": f"{type(exc).__name__}: {exc}"})
+    if not cases and len(failed or []) > already:  # every entry bad: the task itself is the problem
+        raise InputError(f"{spec_path}: no training entry could be read; the last: {failed[-1]['error']}")
     if not cases:
         raise InputError(f"{spec_path} lists no training cases")
     return cases
+
+
+def _msd_case(entry: Any, n: int, *, folder: Path, spec_path: Path, names: dict[int, str], licence: str) -> LabelledCase:
+    """Training entry ``n`` of an MSD ``dataset.json``, checked and read."""
+    from ..io import read_label_map, read_volume
+
+    if not (isinstance(entry, Mapping) and isinstance(entry.get("image"), str) and isinstance(entry.get("label"), str)):
+        raise InputError(f"{spec_path}: training entry {n} is {json.dumps(entry)[:80]}, not "
+                         f'{{"image": "./imagesTr/NAME.nii.gz", "label": "./labelsTr/NAME.nii.gz"}}')
+    image, label = folder / entry["image"], folder / entry["label"]
+    for path, listed in ((image, entry["image"]), (label, entry["label"])):
+        if not path.exists():
+            raise InputError(f"{spec_path}: training entry {n} lists {listed}, which is missing ({path})")
+    case = LabelledCase(image.name, read_volume(image), read_label_map(label), names, licence=licence)
+    check_named(case, label, f"the labels of {spec_path}")
+    return case
 
 
 GENERIC_LABEL_WORDS = {"tumor", "vessel", "cyst", "nodule", "metastasis", "primary"}
@@ -281,11 +306,12 @@ def _uidless_series(ds: Any, series: Union[str, Path], listing: Sequence[Any]) -
     return None
 
 
-def load_source(spec: str) -> list[LabelledCase]:
+def load_source(spec: str, *, failed: Optional[list[dict[str, str]]] = None) -> list[LabelledCase]:
     """Cases from one source spec, the form the CLI and recipes use:
 
     ``phantoms:0-47`` (seeds, ``a-b`` inclusive or ``a,b,c``; ``@32x128x128`` sets the grid),
-    ``totalseg:CT,SEG,CLASSMAP``, ``msd:FOLDER``, ``dicomseg:SERIES,SEG``.
+    ``totalseg:CT,SEG,CLASSMAP``, ``msd:FOLDER``, ``dicomseg:SERIES,SEG``. ``failed`` collects the
+    bad entries of an MSD task instead of raising (see ``load_msd_task``).
     """
     kind, _, rest = spec.partition(":")
     if kind == "phantoms":
@@ -295,7 +321,7 @@ def load_source(spec: str) -> list[LabelledCase]:
     if kind == "totalseg" and len(parts) == 3:
         return [load_totalsegmentator_case(*parts)]
     if kind == "msd" and rest:
-        return load_msd_task(rest)
+        return load_msd_task(rest, failed=failed)
     if kind == "dicomseg" and len(parts) == 2:
         return [load_dicom_seg_case(*parts)]
     raise InputError(f"unknown data source {spec!r}; use phantoms:0-47, totalseg:CT,SEG,CLASSMAP, msd:FOLDER or dicomseg:SERIES,SEG")
