@@ -83,6 +83,44 @@ def test_report_aggregates(tmp_path):
     assert "PSS" in paths["markdown"].read_text() and paths["plot"].stat().st_size > 1000
 
 
+def test_matched_pss_compares_each_l3_prompt_with_the_l1_prompts_of_the_targets_it_builds_on(tmp_path):
+    """Easy L3 organs against hard L1 ribs gave the real CT a PSS of −2.10: target mix, not prompts."""
+    rows = [
+        PromptResult("c1", "liver", "L1", "liver", 300, 90, 0.9),
+        PromptResult("c1", "the liver", "L1", "liver", 300, 90, 0.8),  # two L1 prompts of one target: their mean
+        PromptResult("c1", "spleen", "L1", "spleen", 100, 90, 0.7),
+        PromptResult("c1", "rib 3", "L1", "rib_left_3", 10, 1, 0.1),  # no L3 prompt builds on it: left out
+        PromptResult("c1", "liver without the tumour", "L3", "liver − liver_tumor", 80, 70, 0.6),
+        PromptResult("c1", "liver or spleen", "L3", "liver ∪ spleen", 200, 180, 0.8),
+        PromptResult("c1", "aorta", "L3", "aorta − aortic_wall", 50, 50, 0.5),  # no L1 aorta: left out
+        PromptResult("c2", "liver", "L1", "liver", 100, 90, 0.5),
+        PromptResult("c2", "liver", "L3", "liver − liver_tumor", 80, 70, 0.25),
+    ]
+    report = BenchReport("m", "w", "toy", rows)
+    matched, n = report.pss_matched()
+    assert n == 3
+    liver = (0.9 + 0.8) / 2
+    union = (300 * liver + 100 * 0.7) / 400  # a union's Dice weighs its parts by their volumes
+    assert matched == pytest.approx(1 - (0.6 + 0.8 + 0.25) / (liver + union + 0.5))
+    assert report.pss() == pytest.approx(1 - np.mean([0.6, 0.8, 0.5, 0.25]) / np.mean([0.9, 0.8, 0.7, 0.1, 0.5]))
+    summary = json.loads(write_report(report, tmp_path)["json"].read_text())["summary"]
+    assert summary["pss_matched"] == pytest.approx(matched) and summary["pss_matched_prompts"] == 3
+    assert BenchReport("m", "w", "toy", rows[6:7]).pss_matched() == (None, 0)
+
+
+def test_a_written_report_reads_back_with_every_number_recomputed(tmp_path):
+    from TextSegmentLib.semantibench import read_report
+
+    report = _report(l3_scale=0.5)
+    report.sources = {"c1": "/d/c1.nii.gz"}
+    back = read_report(write_report(report, tmp_path)["json"])
+    assert back.results == report.results and back.sources == report.sources
+    assert back.summary() == report.summary()
+    (tmp_path / "other.json").write_text('{"summary": {}}')
+    with pytest.raises(InputError, match="not a bench.json"):
+        read_report(tmp_path / "other.json")
+
+
 def test_report_without_l1_has_undefined_pss():
     report = BenchReport("m", "w", "toy", [PromptResult("c", "x", "L3", "x", 5, 5, 1.0)])
     assert report.pss() is None and report.false_positive_rate() is None

@@ -134,9 +134,10 @@ def _print_summary(report, dataset: str) -> None:
     print(f"{report.model} ({report.weights}) on {dataset}: " + ", ".join(
         f"{lv} Dice {levels[lv]['prompts']['mean']:.3f}" if levels[lv]["prompts"]["mean"] is not None else f"{lv} n/a"
         for lv in levels))
-    pss = summary["pss"]
+    pss, matched = summary["pss"], summary["pss_matched"]
     fp, ff = summary["false_positive_rate"], summary["false_finding_rate"]
-    print(f"PSS {'n/a' if pss is None else f'{pss:.3f}'}; on negatives: false-positive rate "
+    print(f"PSS {'n/a' if pss is None else f'{pss:.3f}'} (matched: {'n/a' if matched is None else f'{matched:.3f}'} "
+          f"over {summary['pss_matched_prompts']} L3 prompts); on negatives: false-positive rate "
           f"{'n/a' if fp is None else f'{fp:.3f}'} (any voxel), {'n/a' if ff is None else f'{ff:.3f}'} (a region ≥ 1 mL)")
 
 
