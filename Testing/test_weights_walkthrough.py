@@ -84,3 +84,13 @@ def test_a_broken_registry_leaves_the_shipped_default_usable(made, home, capsys)
     assert model.weights_source.origin == "bundled" and model.weights_source.verified
     assert cli.main(["weights", "list"]) == 2
     assert "deleting it forgets the imported ids" in capsys.readouterr().err
+
+
+def test_cli_list_names_the_presets_that_load_a_backbone_not_its_hub_id(capsys):
+    """The backbone row's MODEL was its 64-character hub id: every row of the table grew that wide."""
+    assert cli.main(["weights", "list"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("biomedclip-vit-b16-224"))
+    assert "freqmedclip-base, tgcnet-base (backbone)" in row and "hf-hub:" not in row
+    assert cli.main(["weights", "list", "--json"]) == 0  # the machine-readable list keeps the id
+    listed = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert listed["biomedclip-vit-b16-224"]["model"].startswith("hf-hub:")

@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps([s.to_dict() for s in states], indent=2))
             return 0
         rows = [
-            (s.entry.id, s.entry.model, "yes" if s.default else "-", s.entry.version or "-", s.entry.kind, s.status,
-             _size(s.entry.size), s.entry.licence)
+            (s.entry.id, _model_column(s.entry), "yes" if s.default else "-", s.entry.version or "-", s.entry.kind,
+             s.status, _size(s.entry.size), s.entry.licence)
             for s in states
         ]
         _table(("ID", "MODEL", "DEFAULT", "VERSION", "KIND", "STATUS", "SIZE", "LICENCE"), rows)
@@ -74,6 +74,17 @@ def _note(result: Any) -> str:
     if result.status in ("tampered", "unreadable", "leftover"):
         return result.message
     return str(result.path) if result.path else result.message
+
+
+def _model_column(entry: Any) -> str:
+    """The presets weights are for: a backbone's 64-character hub id made every row of the table wide,
+    and did not say that freqmedclip-base and tgcnet-base are the models that load it (``--json`` keeps the id)."""
+    if entry.kind != "backbone":
+        return entry.model
+    from ..models import get_model_config, list_models
+
+    users = [name for name in list_models() if getattr(get_model_config(name), "clip_source", None) == entry.model]
+    return f"{', '.join(users)} (backbone)" if users else entry.model
 
 
 def _size(size: Optional[int]) -> str:
