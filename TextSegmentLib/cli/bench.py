@@ -86,10 +86,11 @@ def run(args: argparse.Namespace) -> int:
                            "error": f"--data {spec}: {exc.filename or 'a file'}: no such file"})
         except (InputError, OSError) as exc:
             unread.append({"case": spec, "source": "", "error": f"{type(exc).__name__}: {exc}"})
+    if not cases:  # one error line, not warnings before it
+        more = f" (and {len(unread) - 1} other source(s))" if len(unread) > 1 else ""
+        raise InputError(f"no case could be read: {unread[0]['error']}{more}" if unread else "no cases to benchmark")
     for f in unread:  # now, not only after the (long) run
         print(f"warning: case {f['case']} could not be read and is left out: {f['error']}", file=sys.stderr)
-    if not cases:
-        raise InputError(f"no case could be read: {unread[0]['error']}" if unread else "no cases to benchmark")
     dataset = "; ".join(names)
 
     cleanup = {"largest_component": args.cleanup, "fill_holes": args.cleanup, "min_component_ml": args.min_component_ml}
