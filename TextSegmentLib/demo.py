@@ -88,17 +88,23 @@ def run_demo(
     progress: Any = None,
 ) -> DemoReport:
     """Segment and explain the demo case into ``out_dir``; returns what was measured and written."""
-    from .export import write_segmentation
-    from .export import refuse_file_as_folder
+    from .export import LEGEND, refuse_file_as_folder, write_segmentation
     from .io import read_volume
+    from .io.writers import staged_folder
     from .report import write_html_report
     from .saliency import explain, save_montage, write_saliency
     from .weights import load_model, weights_label
 
     out_dir = Path(out_dir)
     refuse_file_as_folder(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{out_dir}: is not empty; choose another folder (CLI: --out) or pass overwrite=True (CLI: --overwrite)")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(f"{out_dir}: is not empty; choose another folder (CLI: --out) or pass overwrite=True (CLI: --overwrite)")
+        if not _is_demo_folder(out_dir, legend=LEGEND):
+            # --overwrite replaces an earlier demo, not the files of a folder that was never one (a case folder)
+            raise OutputExistsError(f"{out_dir}: is not empty and holds no earlier demo (no segmentation/{LEGEND}); "
+                                    "overwrite=True (CLI: --overwrite) replaces an earlier demo only: choose another "
+                                    "folder (CLI: --out)")
 
     if isinstance(prompts, str):  # one prompt, not one per character
         prompts = [prompts]
@@ -113,16 +119,36 @@ def run_demo(
     model = load_model(model_name, weights=weights, device=device)
     run = explain(volume, [text for _, text, _ in cases], model=model, stage=stage, device=device, progress=progress)
     label = weights_label(model, weights)
-    write_segmentation(run, out_dir=out_dir / "segmentation", model_name=model_name, weights=label,
-                       overwrite=overwrite)
-    write_saliency(run.features, out_dir=out_dir / "saliency", overwrite=overwrite)
-
-    report = DemoReport(out_dir=out_dir, model=model_name, weights=label, device=run.device,
-                       seconds=run.seconds)
-    for i, ((level, text, truth), result) in enumerate(zip(cases, run.results)):
-        montage = save_montage(run.features[i], volume=volume, mask=result.mask,
-                               path=out_dir / f"montage_{i + 1:02d}.png", overwrite=overwrite)
-        score = None if truth is None else dice(result.mask.array, truth)
-        report.cases.append(DemoCase(prompt=text, level=level, voxels=result.voxels, dice=score, montage=montage))
-    report.report = write_html_report(report, path=out_dir / "index.html", overwrite=overwrite)
+    inputs = [volume.source, *(volume.dicom.files if volume.dicom is not None else ())]
+    # written to a hidden folder, moved into out_dir once complete: Ctrl-C half-way leaves no half demo
+    with staged_folder(out_dir, overwrite=overwrite, protected=[p for p in inputs if p]) as staging:
+        write_segmentation(run, out_dir=staging / "segmentation", model_name=model_name, weights=label)
+        write_saliency(run.features, out_dir=staging / "saliency")
+        report = DemoReport(out_dir=out_dir, model=model_name, weights=label, device=run.device,
+                            seconds=run.seconds)
+        for i, ((level, text, truth), result) in enumerate(zip(cases, run.results)):
+            montage = save_montage(run.features[i], volume=volume, mask=result.mask,
+                                   path=staging / f"montage_{i + 1:02d}.png")
+            score = None if truth is None else dice(result.mask.array, truth)
+            report.cases.append(DemoCase(prompt=text, level=level, voxels=result.voxels, dice=score, montage=montage))
+        write_html_report(report, path=staging / "index.html")
+        ours = {out_dir / p.relative_to(staging) for p in staging.rglob("*") if p.is_file()}
+    for case in report.cases:  # where they lie now
+        case.montage = out_dir / case.montage.relative_to(staging)
+    report.report = out_dir / "index.html"
+    stale = sorted(p for p in out_dir.rglob("*") if p.is_file() and p not in ours)
+    if stale:
+        log.warning("%s: %d file(s) of an earlier demo were not replaced by this one and stay, e.g. %s",
+                    out_dir, len(stale), stale[0])
     return report
+
+
+def _is_demo_folder(folder: Path, *, legend: str) -> bool:
+    """Does ``folder`` hold an earlier demo (its segmentation legend, as only TextSegment writes it)?"""
+    import json
+
+    try:
+        data = json.loads((folder / "segmentation" / legend).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "textsegment_version" in data

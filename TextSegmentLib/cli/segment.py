@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 SERIES_HELP = "DICOM: the series to use when the folder holds several (UID or key; `textsegment info` lists them)"
@@ -22,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     p.add_argument("--axis", choices=("axial", "coronal", "sagittal"), default="axial",
                    help="slice direction; the shipped models were trained on axial slices only")
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="probability at or above which a voxel is in a prompt's mask (default 0.5)")
     p.add_argument("--cleanup", action="store_true", help="keep the largest 3D component and fill holes (not for paired targets: 'lungs' would keep one lung)")
     p.add_argument("--min-component-ml", type=float, default=0.0,
                    help="drop islands smaller than this volume in mL (e.g. 0.5); an empty result is reported")
@@ -54,10 +56,21 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        # the results are moved into --out only once all are written, so an interrupted run left nothing there
+        print(f"textsegment segment: interrupted; nothing of this run was written to {args.out}", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..engine import check_settings, segment, validate_prompts
     from ..io import read_volume
+    from ..io.writers import staged_folder
     from ..weights import load_model
     from ..export import SALIENCY_DIR, check_outputs_free, write_segmentation
+    from ..saliency.export import check_out_folder
     from .progressbar import progress_bar
 
     out_dir = Path(args.out)
@@ -68,8 +81,12 @@ def run(args: argparse.Namespace) -> int:
     check_settings(prompts=len(prompts), aux_prompts=args.aux_prompt, threshold=args.threshold,
                    batch_size=args.batch_size, min_component_ml=args.min_component_ml,
                    probability_grid=args.probability_grid)
-    volume = read_volume(args.input, allow_non_ct=args.allow_non_ct, series_uid=args.series)
+    # so is an --out that cannot take the results (a file in the way, no permission, earlier results)
     check_outputs_free(out_dir, overwrite=args.overwrite)
+    check_out_folder(out_dir)
+    if args.overwrite:
+        check_earlier_run(out_dir)
+    volume = read_volume(args.input, allow_non_ct=args.allow_non_ct, series_uid=args.series)
     model = load_model(args.model, weights=args.weights, device=args.device)
     sink = None
     if args.saliency:
@@ -87,20 +104,88 @@ def run(args: argparse.Namespace) -> int:
         )
     settings = {"axis": args.axis, "threshold": args.threshold, "cleanup": args.cleanup,
                 "min_component_ml": args.min_component_ml, "keep_empty_slices": args.keep_empty_slices}
-    # the legend names the weights that ran (run_.weights_record), not the option (None for the default)
-    written = write_segmentation(run_, out_dir=out_dir, model_name=args.model, overwrite=args.overwrite,
-                                 extra_legend={"settings": settings})
-    if sink is not None:
-        from ..saliency import write_saliency
+    inputs = [volume.source, *(volume.dicom.files if volume.dicom is not None else ())]
+    # every file goes to a hidden folder first and into --out only once all are written: Ctrl-C or a full
+    # disk half-way leaves no label map without its legend (and, with --overwrite, the earlier run intact)
+    with staged_folder(out_dir, overwrite=args.overwrite, protected=[p for p in inputs if p]) as staging:
+        # the legend names the weights that ran (run_.weights_record), not the option (None for the default)
+        # the CT as an absolute path: "ct.nii.gz" names nothing once the folder is opened from elsewhere
+        source = {"source": str(Path(volume.source).resolve())} if volume.source else {}
+        written = write_segmentation(run_, out_dir=staging, model_name=args.model,
+                                     extra_legend={"settings": settings, **source})
+        if sink is not None:
+            from ..saliency import write_saliency
 
-        written += write_saliency(run_.features, out_dir=out_dir / SALIENCY_DIR, overwrite=args.overwrite,
-                                  extra_legend={"model": args.model, **run_.weights_record})
-    for warning in run_.warnings:
+            written += write_saliency(run_.features, out_dir=staging / SALIENCY_DIR,
+                                      extra_legend={"model": args.model, **run_.weights_record})
+    written = [out_dir / path.relative_to(staging) for path in written]
+    for warning in run_.warnings + earlier_files(out_dir, written=written):
         print(f"warning: {warning}")
-    for result in run_.results:
-        print(f"{result.prompt!r}: {result.voxels} voxels, {result.volume_ml:.1f} ml")
-    print(f"wrote {len(written)} files to {out_dir} in {run_.seconds:.1f} s on {run_.device}")
+    print_summary(run_, out_dir=out_dir, files=len(written), saliency=sink is not None)
     return 0
+
+
+def earlier_files(out_dir: Path, *, written: list[Path]) -> list[str]:
+    """After --overwrite, maps of an earlier run that this one did not replace (a prompt since dropped) would
+    sit beside the new ones as if they were this run's: name them, as `explain` and `demo` do."""
+    from ..export import PROBABILITY_DIR, SALIENCY_DIR
+
+    ours = set(written)
+    left = sorted(p for folder in (PROBABILITY_DIR, SALIENCY_DIR) for p in (out_dir / folder).rglob("*")
+                  if p.is_file() and p not in ours)
+    if not left:
+        return []
+    shown = ", ".join(str(p.relative_to(out_dir)) for p in left[:3]) + (", ..." if len(left) > 3 else "")
+    return [f"{len(left)} file(s) of an earlier run in {out_dir} were not replaced by this one and are not in its "
+            f"legend: {shown}"]
+
+
+def print_summary(run_: object, *, out_dir: Path, files: int, saliency: bool) -> None:
+    """Say which label value is which prompt and what each file is: the label map holds numbers only.
+
+    Where prompts overlap, the label map gives a voxel to one of them: say so where a label holds less there
+    than its own mask, or a viewer shows a smaller "liver tumor" than the volume printed here. A few voxels
+    print their volume, not "0.0 ml" beside a count that is not 0."""
+    import json
+
+    from ..export import LABEL_MAP, LEGEND, PROBABILITY_DIR, SALIENCY_DIR
+
+    entries = json.loads((out_dir / LEGEND).read_text(encoding="utf-8"))["labels"]
+    for entry, result in zip(entries, run_.results):
+        shown = entry["label_map_voxels"]
+        overlap = (f" ({shown} in the label map, the rest given to an overlapping prompt)"
+                   if shown < result.voxels else "")
+        ml = f"{result.volume_ml:.1f}" if result.volume_ml >= 0.1 or not result.voxels else f"{result.volume_ml:.2g}"
+        print(f"label {entry['label']} {result.prompt!r}: {result.voxels} voxels, {ml} ml{overlap}")
+    print(f"wrote {files} files to {out_dir} in {run_.seconds:.1f} s on {run_.device}:")
+    print(f"  {out_dir / LABEL_MAP}  label map (0 background, label values as above)")
+    print(f"  {out_dir / LEGEND}  legend: label values, prompts, volumes, model and weights")
+    print(f"  {out_dir / PROBABILITY_DIR}/  one probability map per prompt (0 to 1)")
+    if saliency:
+        print(f"  {out_dir / SALIENCY_DIR}/  saliency maps, one folder per prompt")
+
+
+def check_earlier_run(out_dir: Path) -> None:
+    """--overwrite replaces an earlier TextSegment run, never a user's own files that happen to share its names
+    (TotalSegmentator, for one, also writes segmentation.nii.gz): without our legend beside them, refuse."""
+    import json
+
+    from ..errors import OutputExistsError
+    from ..export import LABEL_MAP, LEGEND, PROBABILITY_DIR, SALIENCY_DIR
+
+    taken = [name for name in (LABEL_MAP, LEGEND, PROBABILITY_DIR, SALIENCY_DIR) if (out_dir / name).exists()]
+    if not taken:
+        return
+    try:
+        legend = json.loads((out_dir / LEGEND).read_text(encoding="utf-8"))
+        ours = isinstance(legend, dict) and "textsegment_version" in legend
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise OutputExistsError(
+            f"{out_dir}: holds {', '.join(taken)} that no TextSegment run wrote (there is no TextSegment {LEGEND} "
+            "there); --overwrite replaces only an earlier run's results: choose another folder for --out"
+        )
 
 
 def check_distinct_prompts(prompts: list[str]) -> None:

@@ -63,6 +63,8 @@ def read_volume(
         series = dicom_series.choose_series(found, source=path, series_uid=series_uid, allow_non_ct=allow_non_ct)
         volume = dicom_volume.read_series(series, source=path)
         _check_values(volume, path)
+        if path.is_file() and volume.shape[0] == 1:
+            _warn_lone_slice(path)
     else:
         if series_uid:
             raise InputError(f"{path}: series_uid (CLI: --series) applies to DICOM input only, and this is an "
@@ -97,6 +99,11 @@ def read_image_file(path: Path | str) -> Volume:
     except RuntimeError as exc:
         if any(marker in str(exc) for marker in _ITK_SHORT_READ):
             raise InputError(f"{path}: truncated or corrupt: {_itk_reason(exc)}") from exc
+        misnamed = _content_format(path)
+        if misnamed is not None:
+            fmt, suffix = misnamed
+            raise InputError(f"{path}: holds {fmt} data, but its name does not end in {suffix}, so it cannot be "
+                             f"read; rename it (e.g. {_without_image_suffix(path.name)}{suffix})") from exc
         raise InputError(f"{path}: cannot read this image ({_itk_reason(exc)}); use NIfTI, NRRD, MHA or DICOM") from exc
     components = image.GetNumberOfComponentsPerPixel()
     if components != 1:
@@ -159,6 +166,17 @@ def _apply_ct_policy(volume: Volume, *, path: Path, allow_non_ct: bool) -> Volum
     )
 
 
+def _warn_lone_slice(path: Path) -> None:
+    """One file of a series, dragged in alone, gives a one-slice "volume" that segments without a word:
+    say when its folder holds more DICOM files (by their signature only, so a large folder costs little)."""
+    if dicom_series.is_dicomdir(path):
+        return
+    others = sum(1 for p in path.parent.iterdir() if p != path and p.is_file() and dicom_series.is_dicom_file(p))
+    if others:
+        log.warning("%s: one DICOM file read alone, as a single slice; its folder holds %d more DICOM file(s): "
+                    "point at the folder (%s) to segment the whole series", path, others, path.parent)
+
+
 def _check_values(volume: Volume, path: Path) -> None:
     array = volume.array
     if array.size == 0:
@@ -186,6 +204,34 @@ def _nifti_non_finite(path: Path) -> int:
         return 0
     voxels = np.frombuffer(data, f"{header.endian}{dtype}", count, offset)
     return int(np.count_nonzero(~np.isfinite(voxels)))
+
+
+def _content_format(path: Path) -> Optional[tuple[str, str]]:
+    """(format, suffix) when the bytes are a single-file NIfTI or a NRRD that ITK refused for its name: a
+    ``.nii.gz`` saved as ``.nii`` or with no extension is NIfTI, and "use NIfTI" would only puzzle its owner."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(544)
+        packed = head[:2] == b"\x1f\x8b"
+        if packed:
+            with gzip.open(path, "rb") as handle:
+                head = handle.read(544)
+        header = nifti_header(head)
+    except (OSError, EOFError, zlib.error):
+        return None
+    if header is not None and header.magic in (b"n+1\0", b"n+2\0"):  # header and data in one file
+        return ("gzip-compressed NIfTI", ".nii.gz") if packed else ("NIfTI", ".nii")
+    if head.startswith(b"NRRD000"):
+        return "NRRD", ".nrrd"
+    return None
+
+
+def _without_image_suffix(name: str) -> str:
+    lower = name.lower()
+    for suffix in (*FILE_FORMATS, ".gz"):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def _format_name(path: Path) -> str:

@@ -18,8 +18,12 @@ import json
 import logging
 import os
 import secrets
+import shutil
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -182,6 +186,73 @@ def atomic_write(
     return path
 
 
+@contextmanager
+def staged_folder(out_dir: PathLike, *, overwrite: bool = False, protected: Iterable[PathLike] = ()) -> Iterator[Path]:
+    """Yield a hidden folder inside ``out_dir`` to write a whole set of outputs into; they are moved into
+    ``out_dir`` only when the block ends normally.
+
+    Each file is atomic on its own, but a set is not: Ctrl-C between two files used to leave a label map
+    without its legend, and the next run refused the folder. Now an error or Ctrl-C leaves ``out_dir`` as it
+    was (an earlier run's files included) and removes a folder this created; Ctrl-C while the finished files
+    are moved in (milliseconds) waits until they all are.
+    """
+    out_dir = Path(out_dir)
+    created = out_dir
+    while not created.parent.exists() and created.parent != created:
+        created = created.parent  # the topmost folder this makes, removed again if nothing is published
+    created = created if not created.exists() else None
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = out_dir / f".textsegment-partial-{secrets.token_hex(4)}"
+        staging.mkdir()
+    except OSError as exc:
+        raise InputError(f"{out_dir}: cannot write there ({exc.strerror or exc}); nothing was written") from None
+    published = False
+    try:
+        yield staging
+        if _publish_folder(staging, out_dir, overwrite=overwrite, protected=protected):
+            log.warning("%s: Ctrl-C came as the finished files were moved in; they are all in place", out_dir)
+        published = True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created is not None and not published:
+            shutil.rmtree(created, ignore_errors=True)  # made by this call and holding nothing of anyone's
+
+
+def _publish_folder(staging: Path, out_dir: Path, *, overwrite: bool, protected: Iterable[PathLike]) -> bool:
+    """Move every file of ``staging`` to the same place under ``out_dir``: all checked first, legends last.
+
+    Returns whether Ctrl-C came while the files were moved (held back until they all were)."""
+    files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: (p.suffix == ".json", str(p)))
+    moves = [(file, out_dir / file.relative_to(staging)) for file in files]
+    for _, target in moves:
+        _refuse_inputs(target, protected)
+        if target.is_dir():
+            raise InputError(f"{target}: is a folder; move it away or choose another output folder")
+        if target.exists() and not overwrite:
+            raise exists_error(target)
+
+    def move() -> None:
+        for file, target in moves:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(file, target)
+
+    return _without_interruption(move)
+
+
+def _without_interruption(action: Callable[[], None]) -> bool:
+    """Run ``action`` with Ctrl-C held back until it is done (main thread only; elsewhere it just runs);
+    returns whether Ctrl-C was pressed meanwhile."""
+    if threading.current_thread() is not threading.main_thread():
+        action()
+        return False
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        action()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return bool(held)
 
 
 def _publish(tmp: Path, path: Path, *, overwrite: bool) -> None:
