@@ -1,5 +1,9 @@
 """Writers for a segmentation run: one label map, its JSON legend and one probability map per prompt.
 
+The label map is also written as Slicer's segmentation file (``segmentation.seg.nrrd``: the same
+voxels, one segment per prompt named after it, in its colour), which opens in Slicer by drag and
+drop with the prompts as segment names.
+
 Overlapping prompts ("liver" and "liver tumour") cannot share one label map, so each voxel takes
 the label of the prompt with the highest probability among those whose mask covers it; the
 probability maps keep the full, overlapping answer.
@@ -20,6 +24,7 @@ from .errors import InputError, OutputExistsError
 
 LABEL_MAP = "segmentation.nii.gz"
 LEGEND = "segmentation.json"
+SLICER_SEGMENTATION = "segmentation.seg.nrrd"
 PROBABILITY_DIR = "probabilities"
 SALIENCY_DIR = "saliency"
 
@@ -37,7 +42,7 @@ def check_outputs_free(out_dir: Path, *, overwrite: bool = False) -> None:
     refuse_file_as_folder(out_dir)
     if overwrite or not out_dir.exists():
         return
-    names = (LABEL_MAP, LEGEND, PROBABILITY_DIR, SALIENCY_DIR)
+    names = (LABEL_MAP, SLICER_SEGMENTATION, LEGEND, PROBABILITY_DIR, SALIENCY_DIR)
     taken = [out_dir / name for name in names if (out_dir / name).exists()]
     if taken:
         raise OutputExistsError(
@@ -86,7 +91,8 @@ def write_segmentation(
     legend records the weights' file and checksums and the run's ``settings``, as ``textsegment segment``
     does; ``extra_legend`` adds to or replaces legend entries.
     """
-    from .io.writers import write_float_map, write_json, write_label_map
+    from .colors import lookup
+    from .io.writers import write_float_map, write_json, write_label_map, write_slicer_segmentation
 
     out_dir = Path(out_dir)
     check_outputs_free(out_dir, overwrite=overwrite)
@@ -95,6 +101,9 @@ def write_segmentation(
     labels = label_map(run)
     in_label_map = np.bincount(labels.ravel(), minlength=len(run.results) + 1)
     written = [write_label_map(reference.with_array(labels), out_dir / LABEL_MAP, overwrite=overwrite)]
+    segments = [(i, r.prompt, lookup(r.prompt).rgb_float) for i, r in enumerate(run.results, start=1)]
+    written.append(write_slicer_segmentation(reference.with_array(labels), segments, out_dir / SLICER_SEGMENTATION,
+                                             overwrite=overwrite))
     entries = []
     used: set[str] = set()
     for i, result in enumerate(run.results):
@@ -119,6 +128,7 @@ def write_segmentation(
     legend = {
         "labels": entries,
         "label_map": LABEL_MAP,
+        "slicer_segmentation": SLICER_SEGMENTATION,  # the same voxels, segments named after the prompts
         "overlaps": "each voxel takes the label of the most probable prompt among those covering it; "
                     "voxels/volume_ml count each prompt's own mask, label_map_voxels what the label map holds",
         "probability_grid": "source" if all(r.probability.shape == r.mask.shape for r in run.results) else "compact",

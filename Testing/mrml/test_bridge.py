@@ -163,6 +163,32 @@ def test_segments_land_exactly_where_the_masks_are(context, geometry):
     assert np.array_equal(_node_array(node), before_array) and np.array_equal(_ijk_to_ras(node), before_matrix)
 
 
+@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
+def test_written_seg_nrrd_opens_in_slicer_with_the_prompts_as_segments_where_the_masks_are(context, geometry, tmp_path):
+    """A NIfTI label map opened in Slicer as Segment_1, Segment_2: the prompts were in the JSON legend only."""
+    from TextSegmentLib.export import LABEL_MAP, SLICER_SEGMENTATION, write_segmentation
+    from TextSegmentLib.io import read_image_file
+
+    ct = _ct(geometry)
+    liver = _box_mask(ct, (1, 2, 3), (4, 6, 9))
+    kidney = _box_mask(ct, (0, 0, 0), (2, 3, 2))
+    kidney[5, 8, 10] = 1  # the far corner: catches any flipped axis
+    run = SegmentationRun([_result(ct, "liver", liver), _result(ct, "left kidney", kidney)], "cpu", 1, 0.0, ct.shape[0], 0)
+    written = write_segmentation(run, out_dir=tmp_path)
+    assert tmp_path / SLICER_SEGMENTATION in written
+
+    seg = load_segmentation(tmp_path / SLICER_SEGMENTATION, context=context)
+    segmentation = seg.GetSegmentation()
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    assert names == ["liver", "left kidney"]
+    kidney_segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("left kidney"))
+    assert np.allclose(kidney_segment.GetColor(), lookup("left kidney").rgb_float, atol=1e-4)
+    # the voxels of the label map, placed by Slicer's own matrices where the masks are
+    labels = np.asarray(read_image_file(tmp_path / LABEL_MAP).array)
+    assert np.array_equal(_ras_points_of_segment(seg, "liver"), _ras_points_of_mask(ct, labels == 1))
+    assert np.array_equal(_ras_points_of_segment(seg, "left kidney"), _ras_points_of_mask(ct, kidney))
+
+
 def test_segments_carry_prompt_names_colours_and_terminology(context):
     ct = _ct("identity")
     node = node_from_volume(ct, context=context, name="CT")

@@ -148,7 +148,7 @@ def print_summary(run_: object, *, out_dir: Path, files: int, saliency: bool) ->
     print their volume, not "0.0 ml" beside a count that is not 0."""
     import json
 
-    from ..export import LABEL_MAP, LEGEND, PROBABILITY_DIR, SALIENCY_DIR
+    from ..export import LABEL_MAP, LEGEND, PROBABILITY_DIR, SALIENCY_DIR, SLICER_SEGMENTATION
 
     entries = json.loads((out_dir / LEGEND).read_text(encoding="utf-8"))["labels"]
     for entry, result in zip(entries, run_.results):
@@ -159,6 +159,7 @@ def print_summary(run_: object, *, out_dir: Path, files: int, saliency: bool) ->
         print(f"label {entry['label']} {result.prompt!r}: {result.voxels} voxels, {ml} ml{overlap}")
     print(f"wrote {files} files to {out_dir} in {run_.seconds:.1f} s on {run_.device}:")
     print(f"  {out_dir / LABEL_MAP}  label map (0 background, label values as above)")
+    print(f"  {out_dir / SLICER_SEGMENTATION}  the same for 3D Slicer: one segment per prompt, named after it")
     print(f"  {out_dir / LEGEND}  legend: label values, prompts, volumes, model and weights")
     print(f"  {out_dir / PROBABILITY_DIR}/  one probability map per prompt (0 to 1)")
     if saliency:
@@ -171,9 +172,10 @@ def check_earlier_run(out_dir: Path) -> None:
     import json
 
     from ..errors import OutputExistsError
-    from ..export import LABEL_MAP, LEGEND, PROBABILITY_DIR, SALIENCY_DIR
+    from ..export import LABEL_MAP, LEGEND, PROBABILITY_DIR, SALIENCY_DIR, SLICER_SEGMENTATION
 
-    taken = [name for name in (LABEL_MAP, LEGEND, PROBABILITY_DIR, SALIENCY_DIR) if (out_dir / name).exists()]
+    taken = [name for name in (LABEL_MAP, SLICER_SEGMENTATION, LEGEND, PROBABILITY_DIR, SALIENCY_DIR)
+             if (out_dir / name).exists()]
     if not taken:
         return
     try:
