@@ -313,3 +313,17 @@ def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
     error = child.stderr.read().decode()
     assert child.wait(timeout=120) == 1
     assert "Traceback" not in error and "BrokenPipeError" not in error, error
+
+
+@pytest.mark.parametrize(("words", "hint"), [(["liver", "spleen"], "-p liver -p spleen"),
+                                             (["left", "kidney"], '-p "left kidney"')])
+def test_words_left_after_a_prompt_say_how_to_give_prompts(words, hint, phantom_file, tmp_path, capsys):
+    # `-p left kidney` ended in argparse's bare "unrecognized arguments: kidney"
+    with pytest.raises(SystemExit) as exit_:
+        main(["segment", str(phantom_file), "-p", *words, "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"unrecognized arguments: {words[1]}" in err and hint in err
+    with pytest.raises(SystemExit):  # an unknown option is a typo, not a prompt: no hint
+        main(["segment", str(phantom_file), "-p", "liver", "--bogus", "--out", str(tmp_path / "out")])
+    assert "--prompt" not in capsys.readouterr().err

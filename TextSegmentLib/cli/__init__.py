@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{_prompt_hint(args, extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
@@ -55,6 +57,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:  # `textsegment weights list | head`: the reader has gone, nothing more to say
         _drop_stdout()
         return 1
+
+
+def _prompt_hint(args: argparse.Namespace, extra: Sequence[str]) -> str:
+    """`-p liver spleen` or `-p left kidney`: words left over after a prompt are a prompt's words, not a typo."""
+    if not getattr(args, "prompt", None) or any(word.startswith("-") for word in extra):
+        return ""
+    return (f"; each prompt needs its own --prompt/-p, and a prompt of several words needs quotes: "
+            f"-p {args.prompt[-1]} -p {extra[0]}, or -p \"{args.prompt[-1]} {' '.join(extra)}\"")
 
 
 def _drop_stdout() -> None:
