@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from .errors import Cancelled, NotCTError, OutputExistsError, TextSegmentError
+from .io.dicom_series import cut_short
 from .progress import CancelToken, MonotonicProgress, ProgressCallback, check_cancel
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ def segment_study(
         raise NotCTError(f"{dicom_dir}: no CT series to segment; found {listing}")
     _name_folders([o for _, o in todo])
     # the study's images (not its SEG/RTSTRUCT objects: an earlier batch's seg.dcm when --out lies inside the study)
-    sources = [Path(f) for s in found if s.is_image or _cut_short(s) for f in (*s.files, *s.localizer_files)]
+    sources = [Path(f) for s in found if s.is_image or cut_short(s) for f in (*s.files, *s.localizer_files)]
     sources += [Path(c["file"]) for c in corrupt_files]
     _check_free(output_dir, [o.folder for _, o in todo], overwrite=overwrite, sources=sources)
     earlier = _earlier_folders(output_dir, [o.folder for _, o in todo])
@@ -220,7 +221,7 @@ def _outcome(series: Any, *, cut: Sequence[str] = ()) -> SeriesOutcome:
         patient_id=series.patient_id, study_instance_uid=series.study_instance_uid, error=_skip_reason(series),
         source=os.path.commonpath(series.files) if series.files else "",
     )
-    if cut and not _cut_short(series):  # a first or last slice lost leaves no gap for the reader to warn about
+    if cut and not cut_short(series):  # a first or last slice lost leaves no gap for the reader to warn about
         outcome.warnings.append(f"left out {len(cut)} file(s) of this series cut short (see corrupt_files): {', '.join(cut)}")
     return outcome
 
@@ -234,7 +235,7 @@ def _drop_cut_files(series: Any, cut: dict[str, list[str]]) -> Any:
 
     from .io.dicom_series import series_from_files
 
-    if not _cut_short(series):
+    if not cut_short(series):
         return series
     good = []
     for file in series.files:
@@ -249,19 +250,9 @@ def _drop_cut_files(series: Any, cut: dict[str, list[str]]) -> Any:
     return series_from_files(good, source=series.key) if good else series
 
 
-def _cut_short(series: Any) -> bool:
-    """An image's SOP class but no Rows/Columns: a header cut short (interrupted copy) that pydicom read without error."""
-    from pydicom.uid import UID
-
-    from .io.dicom_series import NON_IMAGE_MODALITIES
-
-    return (not series.is_image and series.modality not in NON_IMAGE_MODALITIES
-            and "Image Storage" in UID(series.sop_class_uid).name)
-
-
 def _skip_reason(series: Any) -> Optional[str]:
     """Why a series is not segmented (None: it is a CT candidate)."""
-    if _cut_short(series):
+    if cut_short(series):
         return f"{CUT_SHORT}: {', '.join(series.files)}; copy the file(s) again from the source"
     if not series.is_image:
         return f"a {series.modality or 'non-image'} object, not an image series"

@@ -336,6 +336,17 @@ def test_a_truncated_header_is_skipped_not_a_crash(shared_data, tmp_path, length
     assert str(partial) in str(info.value)
 
 
+def test_a_lone_file_cut_inside_its_header_says_cut_short_not_no_images(shared_data, tmp_path):
+    # pydicom reads the part before the cut without error: the file then has an image's SOP class but no
+    # Rows/Columns, and the message was "no image series to read ...: no modality (1 file)"
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes((shared_data / "dicom/dcmqi_ct3slice/series/01.dcm").read_bytes()[:300])
+    for source in (cut, tmp_path):
+        with pytest.raises(InputError, match=r"hold no images: 1 file of an image type without an image size .*cut short\? If so, copy again") as info:
+            read_volume(source)
+        assert str(cut) in str(info.value)
+
+
 @pytest.mark.parametrize("keyword", ["ImagePositionPatient", "ImageOrientationPatient"])
 @pytest.mark.parametrize("value", ["", "1.0"])
 def test_empty_or_short_position_tags_name_the_problem(shared_data, tmp_path, keyword, value):

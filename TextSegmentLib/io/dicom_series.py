@@ -414,6 +414,12 @@ def _orientation_key(header: Any) -> Optional[tuple[float, ...]]:
 
 
 # choosing -------------------------------------------------------------------------------------
+def cut_short(series: Any) -> bool:
+    """An image's SOP class but no Rows/Columns: a header cut short (interrupted copy) that pydicom read without error."""
+    return (not series.is_image and series.modality not in NON_IMAGE_MODALITIES
+            and "Image Storage" in _uid.UID(series.sop_class_uid or "").name)
+
+
 def choose_series(
     series: Sequence[SeriesInfo], *, source: Path | str, series_uid: Optional[str] = None, allow_non_ct: bool = False
 ) -> SeriesInfo:
@@ -434,6 +440,12 @@ def choose_series(
         return matches[0]
     images = [s for s in series if s.is_image]
     if not images:
+        cut = [f for s in series if cut_short(s) for f in s.files]
+        if cut:  # "no image series ... no modality" told nothing of a copy cut short
+            shown = ", ".join(cut[:3]) + (", ..." if len(cut) > 3 else "")
+            raise InputError(f"{source}: no image series to read; the DICOM objects here hold no images: "
+                             f"{counted(len(cut), 'file')} of an image type without an image size (Rows/Columns): "
+                             f"cut short? If so, copy again from the source ({shown})")
         found = ", ".join(f"{s.modality or 'no modality'} ({counted(s.n_files, 'file')})" for s in series)
         raise InputError(f"{source}: no image series to read; the DICOM objects here hold no images: {found}")
     ct_like = [s for s in images if s.modality in ("CT", "")]
