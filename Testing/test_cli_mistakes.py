@@ -327,3 +327,36 @@ def test_words_left_after_a_prompt_say_how_to_give_prompts(words, hint, phantom_
     with pytest.raises(SystemExit):  # an unknown option is a typo, not a prompt: no hint
         main(["segment", str(phantom_file), "-p", "liver", "--bogus", "--out", str(tmp_path / "out")])
     assert "--prompt" not in capsys.readouterr().err
+
+
+def test_progress_line_shows_the_message_of_its_own_step(capsys):
+    # the bar drew each line before taking its message: "100% ... step 1/2"
+    import time
+
+    from TextSegmentLib.cli.progressbar import progress_bar
+
+    with progress_bar() as update:
+        update(0.5, "step 1/2")
+        time.sleep(0.15)  # past tqdm's minimum interval, so the next update draws a line
+        update(1.0, "step 2/2")
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert any("100%" in line for line in lines)
+    assert not any("100%" in line and "step 1/2" in line for line in lines)
+
+
+def test_progress_bar_times_a_resumed_run_from_where_it_starts(capsys, monkeypatch):
+    # a run resumed at 90 % jumped there in its first second, and the bar promised the rest in no time
+    import tqdm.std
+
+    from TextSegmentLib.cli.progressbar import progress_bar
+
+    clock = [1000.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: clock[0])  # each bar takes its clock from here
+    with progress_bar() as update:
+        update(0.90, "step 900/1000")  # where the resumed run starts
+        clock[0] += 60.0
+        update(0.91, "step 910/1000")  # 1 % a minute from here on: 9 minutes left
+        clock[0] += 0.2
+        update(0.91, "step 911/1000")
+    last = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "91%" in line][-1]
+    assert "<08:5" in last or "<09:0" in last, last

@@ -14,10 +14,21 @@ def progress_bar(*, disable: bool = False) -> Iterator:
 
     bar = tqdm(total=100, unit="%", file=sys.stderr, disable=disable, bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
 
+    started = [False]
+
     def update(fraction: float, message: str = "") -> None:
-        bar.update(round(fraction * 100, 1) - bar.n)
-        if message:
+        if message:  # before the update draws the line, or it shows the previous step's message
             bar.set_postfix_str(message, refresh=False)
+        percent = round(fraction * 100, 1)
+        if not started[0] or percent < bar.n:
+            # a resumed run starts at 90 %, a reproduce phase starts again at 0: time the rest from here,
+            # or the first jump reads as speed and the time left is wrong for hours
+            bar.reset()
+            bar.n = bar.last_print_n = bar.initial = percent
+            bar.refresh()
+            started[0] = True
+            return
+        bar.update(percent - bar.n)
 
     try:
         yield update
