@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,18 +23,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..export import refuse_file_as_folder
     from ..training import recipe_chain, reproduce
+    from ..training.recipes import phase_state
     from .progressbar import progress_bar
 
     chain = recipe_chain(args.weights, recipes_dir=args.recipes)
-    if args.dry_run:
+    if args.dry_run:  # the steps the run would train (--steps's, not the recipe's) and what --out holds already
         for number, phase in enumerate(chain, start=1):
             start = f"from {phase.starts_from}" if phase.starts_from else "from random weights"
-            print(f"{number}. {phase.weights_id}: {phase.recipe}, {phase.config.steps} steps {start}")
+            steps = args.steps if args.steps is not None else phase.config.steps
+            print(f"{number}. {phase.weights_id}: {phase.recipe}, {phase_state(phase, out_dir=args.out)}, "
+                  f"{steps} steps {start}")
         return 0
     refuse_file_as_folder(args.out)  # else the first phase loads its data, then fails with a traceback
-    with progress_bar(disable=args.quiet) as bar:
-        made = reproduce(args.weights, out_dir=args.out, recipes_dir=args.recipes, threads=args.threads,
-                         device=args.device, steps=args.steps, progress=bar)
+    from tqdm import tqdm
+
+    try:
+        with progress_bar(disable=args.quiet) as bar:
+            # tqdm.write: a print ran on after the bar's text, "...loss 1.646phase 2/8: ..."
+            made = reproduce(args.weights, out_dir=args.out, recipes_dir=args.recipes, threads=args.threads,
+                             device=args.device, steps=args.steps, progress=bar, report=tqdm.write)
+    except KeyboardInterrupt:  # the generic message named no way to continue
+        print("textsegment reproduce: interrupted; finished phases were kept; run the same command again to continue "
+              "(an unfinished phase resumes from its last checkpoint)", file=sys.stderr)
+        return 130
     if made is None:
         return 1
     if args.steps is not None:

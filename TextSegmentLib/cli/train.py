@@ -6,6 +6,7 @@ Multi-process: ``torchrun --nproc-per-node N -m TextSegmentLib train --config ..
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 
@@ -19,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", help="fine-tune: start from these weights (a weights id, e.g. freqmedclip-tiny-v5, or a file)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--max-minutes", type=float, help="wall-clock budget: save and stop cleanly after it")
+    p.add_argument("--max-minutes", type=float, help="wall-clock budget of this command, loading included: save "
+                   "and stop cleanly after it (a --resume does not inherit it)")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int)
@@ -48,9 +50,17 @@ def build_config(args: argparse.Namespace):
         values["val_sources"] = tuple(args.val)
     if args.config:
         return load_recipe(args.config, **values)
-    saved = Path(values.get("out_dir", TrainConfig.out_dir)) / "config.json"
+    out = Path(values.get("out_dir", TrainConfig.out_dir))
+    saved = out / "config.json"
     if args.resume and saved.is_file():  # the run's own settings: resuming with others is refused
-        return load_recipe(saved, **values)
+        # the time and step budgets were the earlier session's (``max_minutes``: "of this run"): a resume
+        # without --max-minutes stopped again after the old budget, unasked
+        return dataclasses.replace(load_recipe(saved, **values), max_minutes=values.get("max_minutes"), stop_after=None)
+    if args.resume:  # a mistyped --out trained the default model from step 0, for hours, with only a warning
+        from ..errors import InputError
+
+        raise InputError(f"--resume: {out} holds no run (no config.json); check the --out folder, or give "
+                         "--config to start a run there")
     return TrainConfig(**values)
 
 
@@ -62,11 +72,18 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(config, args)
     with progress_bar(disable=args.quiet) as bar:
         result = train(config, resume=args.resume, progress=bar)
-    state = "finished" if result.finished else "stopped (resume with --resume)"
+    if not result.is_main:  # torchrun: rank 0 reports and exports; a second export of the same file failed the job
+        return 0
+    budget = f" after its --max-minutes {config.max_minutes:g}" if config.max_minutes is not None else ""
+    state = "finished" if result.finished else f"stopped{budget} (continue with --resume --out {result.out_dir})"
     print(f"{config.model}: {state} at step {result.step}/{config.steps}; run folder {result.out_dir}")
     if result.history["val"]:
-        print(f"last validation: {result.history['val'][-1]}")
-    if args.export and result.best_path is not None:
+        print(f"last validation (step {result.history['val_step'][-1]}): {result.history['val'][-1]}")
+    if args.export and not result.finished:
+        # an export of a stopped run put half-trained weights on the --export path (the recipes': the shipped
+        # file), and the resume with the same command was then refused because that file existed
+        print(f"not exported: the run has not finished; resume it with --export {args.export} to export it when it does")
+    elif args.export and result.best_path is not None:
         info = export_weights(result.best_path, Path(args.export), overwrite=args.overwrite,
                               metadata={"recipe": str(args.config or "")},
                               mix_with=config.init_weights, mix=config.export_mix)
@@ -90,6 +107,12 @@ def check_outputs(config, args: argparse.Namespace) -> None:
         # a finished run whose last.pt was deleted to save space: its first validation would replace the weights
         raise OutputExistsError(f"{out}: holds an earlier run's best.safetensors (and no last.pt to resume); "
                                 "choose another --out folder, or pass --overwrite to replace it")
+    mine = [name for name in ("config.json", "curves.png") if (out / name).exists()]
+    if not args.resume and not args.overwrite and not (out / "last.pt").exists() and mine:
+        # a folder of the user's own (notes, a plot): the run replaced these files without a word
+        raise OutputExistsError(f"{out}: holds {' and '.join(mine)}, which a run writes (an earlier run that saved no "
+                                "checkpoint, or files of yours); continue it with --resume, replace them with "
+                                "--overwrite, or choose another --out folder")
     export = Path(args.export) if args.export else None
     if export is not None and export.is_dir():
         raise InputError(f"--export {export}: is a folder; give the file to write, e.g. {export / 'model.safetensors'}")

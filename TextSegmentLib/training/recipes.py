@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -111,6 +112,10 @@ def reproduce(
 
     if steps is not None and steps < 1:
         raise InputError(f"steps per phase must be at least 1, got {steps}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every rank exported the same file after phase 1 and the job failed; a phase's ranks cannot wait for it
+        raise InputError("reproduce runs in one process, not under torchrun; to spread a phase over processes, run "
+                         "`torchrun ... -m TextSegmentLib train --config RECIPE --init PREVIOUS_EXPORT` per phase")
     out_dir = Path(out_dir)
     chain = recipe_chain(weights_id, recipes_dir=recipes_dir)
     previous: Optional[Path] = None
@@ -131,12 +136,20 @@ def reproduce(
             device=device if device is not None else phase.config.device,
             steps=steps if steps is not None else phase.config.steps,
         )
-        ran = json.loads((run_dir / "config.json").read_text()).get("steps") if (run_dir / "config.json").is_file() else None
+        saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+        started_from = saved.get("init_weights")
+        if previous is not None and started_from and Path(started_from).is_file() and previous.samefile(started_from):
+            # the same export named another way (--out given as an absolute path this time): resuming was refused
+            config = dataclasses.replace(config, init_weights=started_from)
+        ran = saved.get("steps")
         if ran is not None and ran != config.steps:
             raise InputError(f"{run_dir} holds a run of {ran} steps, not {config.steps}: give another --out folder")
         resume = (run_dir / "last.pt").is_file()
         report(f"{label}: {'resuming' if resume else 'training'} {config.steps} steps into {run_dir}")
-        result = train(config, resume=resume, progress=progress)
+        # the bar restarts at every phase: its line says which phase it is
+        phase_progress = None if progress is None else (
+            lambda fraction, message, label=f"{number}/{len(chain)} {phase.weights_id}": progress(fraction, f"{label}: {message}"))
+        result = train(config, resume=resume, progress=phase_progress)
         if not result.finished:
             report(f"{label}: stopped at step {result.step}; run the same command again to continue")
             return None
@@ -153,6 +166,17 @@ def reproduce(
         report(f"{label}: exported {export}")
         previous = export
     return previous
+
+
+def phase_state(phase: Phase, *, out_dir: PathLike) -> str:
+    """What ``reproduce`` would do with ``phase`` in ``out_dir`` now: keep its export, resume its run, or train it."""
+    out_dir = Path(out_dir)
+    export, state = out_dir / f"{phase.weights_id}.safetensors", out_dir / phase.weights_id / "last.pt"
+    if export.is_file():
+        return f"kept ({export})"
+    if state.is_file():
+        return f"resumes {state}"
+    return "to train"
 
 
 def _check_same_steps(made: Path, made_with: Optional[int], asked: Optional[int]) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError, WeightsError
+from ..errors import InputError, TextSegmentError, WeightsError
 from ..semantibench import dice
 from . import distributed
 from .data import (
@@ -92,6 +92,7 @@ class TrainResult:
     best_path: Optional[Path]
     out_dir: Path
     model: Any = None  # the trained model, in memory (last step, not necessarily the best)
+    is_main: bool = True  # rank 0 of a torchrun job (or a plain run): the one process that reports and exports
 
 
 class _Step(nn.Module):
@@ -133,6 +134,7 @@ def train(
     """Run (or continue) training; returns where it stopped. ``pools`` (train, val) skip loading sources."""
     from ..devices import select_device
 
+    began = time.monotonic()  # --max-minutes counts the loading too: a job's time limit does
     check_config(config)
     if pools is None and not config.sources:  # torch.cat of no slices, a traceback, at the start of the run
         raise InputError("no training data: sources is empty; give a source (CLI: --data), e.g. phantoms:0-47")
@@ -154,13 +156,15 @@ def train(
     rng = np.random.default_rng([config.seed, info.rank])
 
     model = _initial_model(config)
+    state = _read_resume_state(state_path, model, config, processes=info.world_size) if resume and state_path.is_file() else None
     train_pool, val_pool = pools or (None, None)
     if train_pool is None:
         train_pool = build_pool([c for s in config.sources for c in load_source(s)], size=model.image_size,
                                 real_fraction=config.real_fraction)
     if val_pool is None and info.is_main and config.val_sources:
         val_pool = build_pool([c for s in config.val_sources for c in load_source(s)], size=model.image_size)
-    if hasattr(model, "set_band_statistics") and not config.init_weights:  # fine-tuning keeps the model's own
+    # fine-tuning keeps the model's own, and a resumed run its saved ones
+    if hasattr(model, "set_band_statistics") and not config.init_weights and state is None:
         from ..models.layers import band_statistics
 
         model.set_band_statistics(*band_statistics(train_pool.images[::4].float()))
@@ -173,9 +177,7 @@ def train(
     step, history, best = 0, {"step": [], "loss": [], "lr": [], "val_step": [], "val": []}, -1.0
     train_pool.difficulty = {}  # a run's own: a pool handed in may have been used by another run
     scaler_state: dict = {}
-    if resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
+    if state is not None:  # the model's weights are in already (_read_resume_state)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         step, history, best = int(state["step"]), json.loads(state["history"]), float(state["best"])
@@ -209,7 +211,7 @@ def train(
     started, run_steps, finished = time.monotonic(), 0, step >= config.steps  # a resumed run may be done already
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
+        _write_text(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=1) + "\n")
     while step < config.steps:
         picks = train_pool.sample(rng, config.batch_size, level_weights=config.level_weights,
                                   present_fraction=config.present_fraction, hard_mining=config.hard_mining)
@@ -244,7 +246,7 @@ def train(
         history["lr"].append(lr)
 
         finished = step >= config.steps
-        out_of_time = config.max_minutes is not None and time.monotonic() - started > 60 * config.max_minutes
+        out_of_time = config.max_minutes is not None and time.monotonic() - began > 60 * config.max_minutes
         if config.max_minutes is not None:  # every rank stops at the same step, or the others wait forever
             out_of_time = distributed.any_across(out_of_time, info)
         stopping = finished or out_of_time or (config.stop_after is not None and run_steps >= config.stop_after)
@@ -255,7 +257,9 @@ def train(
                 info,
             )
         if info.is_main:
-            if val_pairs is not None and (step % config.val_every == 0 or stopping):
+            # not at a stop (--max-minutes, Ctrl-C's last checkpoint): a validation there could become the
+            # best checkpoint, so a run stopped and resumed would export other weights than one run straight through
+            if val_pairs is not None and (step % config.val_every == 0 or finished):
                 scores = validate(model, val_pool, val_pairs, device=device)
                 model.train()
                 history["val_step"].append(step)
@@ -266,9 +270,10 @@ def train(
                     _save_weights(model, out_dir / "best.safetensors", config, step=step, scores=scores)
             if saving:
                 _save_state(state_path, model, optimizer, schedule, step, history, best, ranks, scaler=scaler)
-                plot_curves(history, out_dir / "curves.png")
+                _written(out_dir / "curves.png", lambda: plot_curves(history, out_dir / "curves.png"))
             if progress is not None:
-                progress(step / config.steps, f"step {step}/{config.steps} loss {loss_value:.3f}")
+                left = _time_left((time.monotonic() - started) / run_steps * (config.steps - step))
+                progress(step / config.steps, f"step {step}/{config.steps} loss {loss_value:.3f}{left}")
         if stopping:
             break
     distributed.barrier(info)
@@ -276,12 +281,12 @@ def train(
     best_path = out_dir / "best.safetensors"
     # a run that never validated has no best of its own: one there is an earlier run's
     best_path = best_path if best_path.is_file() and history["val"] else None
-    return TrainResult(step, finished, history, best_path, out_dir, model)
+    return TrainResult(step, finished, history, best_path, out_dir, model, is_main=info.is_main)
 
 
 _KINDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a text",
           "tuple[str, ...]": "a list of texts", "dict[str, float]": "an object of numbers", "dict[str, Any]": "an object"}
-AT_LEAST_ONE = ("steps", "batch_size", "val_every", "val_pairs_per_level", "checkpoint_every", "stop_after")
+AT_LEAST_ONE = ("steps", "batch_size", "val_every", "val_pairs_per_level", "checkpoint_every", "stop_after", "threads")
 
 
 def _is_kind(value: Any, kind: str) -> bool:
@@ -300,8 +305,8 @@ def _is_kind(value: Any, kind: str) -> bool:
 def check_config(config: TrainConfig) -> None:
     """Refuse a field of the wrong type (a recipe's ``"augment": "false"`` is true) or a count below 1.
 
-    Why: they failed deep in the run with a traceback (``steps: "2"``, ``val_every: 0``) or, worse,
-    ran with something else than written (``steps: 2.5`` ran 3 steps).
+    Why: they failed deep in the run with a traceback (``steps: "2"``, ``val_every: 0``, ``threads: -1``) or,
+    worse, ran with something else than written (``steps: 2.5`` ran 3 steps, ``threads: 0`` on every core).
     """
     for f in dataclasses.fields(TrainConfig):
         check_field_type(f.name, getattr(config, f.name))
@@ -310,6 +315,8 @@ def check_config(config: TrainConfig) -> None:
             raise InputError(f"{name} must be at least 1, got {getattr(config, name)}")
     if config.warmup_steps < 0:
         raise InputError(f"warmup_steps must be 0 or more, got {config.warmup_steps}")
+    if config.max_minutes is not None and config.max_minutes <= 0:  # it stopped after one step, as if out of time
+        raise InputError(f"max_minutes must be more than 0, got {config.max_minutes}")
 
 
 def check_field_type(name: str, value: Any) -> None:
@@ -399,9 +406,80 @@ def validate(model: nn.Module, pool: SlicePool, pairs: list, *, device: torch.de
     return scores
 
 
+def _time_left(seconds: float) -> str:
+    """``, 12 min left``: from this session's own pace, since a progress bar that saw a resumed run jump to
+    90 % in its first second promised the remaining hours in no time."""
+    if seconds < 1:
+        return ""
+    if seconds < 90:
+        return f", {seconds:.0f} s left"
+    return f", {seconds / 60:.0f} min left" if seconds < 5400 else f", {seconds / 3600:.1f} h left"
+
+
 def _torch_rng_state() -> dict:
     """torch's generator states on this process: the CPU's and, where there is CUDA, every device's."""
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _read_resume_state(path: Path, model: nn.Module, config: TrainConfig, *, processes: int) -> dict:
+    """``last.pt`` with its weights loaded into ``model``, before any data is read.
+
+    Why: a damaged file or another network's checkpoint failed with torch's traceback (a page of
+    missing tensor names), after minutes of loading data; and a run of two torchrun processes resumed
+    in one went on at half its batch, with one process's sampler, as if it were the same run.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for a damaged file
+        raise InputError(f"cannot resume from {path}: not a training checkpoint this run can read "
+                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if not isinstance(state, dict) or "model" not in state or "optimizer" not in state:
+        raise InputError(f"cannot resume from {path}: not a training checkpoint (a last.pt that train wrote)")
+    saved = len(json.loads(state["rank_rng"])) if "rank_rng" in state else None  # older checkpoints: not recorded
+    if saved is not None and saved != processes:
+        def run_by(n: int) -> str:
+            return "one process" if n == 1 else f"{n} torchrun processes (--nproc-per-node {n})"
+
+        raise InputError(f"cannot resume {path.parent} in {run_by(processes)}: it was trained by {run_by(saved)}, and "
+                         "each process samples its own batches; resume it as it ran, or train into another out_dir")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError:
+        theirs, ours = set(state["model"]), set(model.state_dict())
+        raise InputError(f"cannot resume from {path}: it holds another network than {config.model} with these "
+                         f"settings ({len(ours - theirs)} tensors missing, {len(theirs - ours)} unexpected, or of "
+                         "other shapes); train into another out_dir (CLI: --out)") from None
+    return state
+
+
+def _written(path: Path, write: Callable[[], Any]) -> None:
+    """Run ``write`` (an atomic save of ``path``); a failure (disk full, read-only folder) is one line.
+
+    Why: it was torch's traceback (``unexpected pos 31943168``), and its half-written temporary file
+    was left behind on the full disk.
+    """
+    try:
+        write()
+    except (OSError, RuntimeError) as exc:
+        kept = f"; the previous {path.name} is kept intact" if path.is_file() else ""
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TextSegmentError(f"could not write {path} (disk full or folder not writable? {reason}){kept}; "
+                               "make room and continue with --resume") from None
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all. Why: a resume on a full disk left its config.json empty, and the
+    run, its settings lost, could no longer be resumed at all."""
+    tmp = path.with_name(f".{path.name}.tmp")
+
+    def write() -> None:
+        try:
+            tmp.write_text(text)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    _written(path, write)
 
 
 def _save_state(path, model, optimizer, schedule, step, history, best, ranks, *, scaler) -> None:
@@ -415,15 +493,22 @@ def _save_state(path, model, optimizer, schedule, step, history, best, ranks, *,
         "rank_torch_rng": [r["torch_rng"] for r in ranks], "scaler": scaler.state_dict(),
     }
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+
+    def write() -> None:
+        try:
+            torch.save(state, tmp)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a half-written one, on a disk that is full already
+
+    _written(path, write)
 
 
 def _save_weights(model, path: Path, config: TrainConfig, *, step: int, scores: dict) -> None:
     from ..checkpoint import save_checkpoint
 
     metadata = {"training": {"step": step, "validation": scores, "config": dataclasses.asdict(config)}}
-    save_checkpoint(model, path, model_name=config.model, metadata=metadata, overwrite=True)
+    _written(path, lambda: save_checkpoint(model, path, model_name=config.model, metadata=metadata, overwrite=True))
 
 
 def export_weights(
@@ -493,6 +578,9 @@ def plot_curves(history: dict, path: Path) -> None:
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, dpi=100)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
