@@ -90,14 +90,14 @@ def run_demo(
     """Segment and explain the demo case into ``out_dir``; returns what was measured and written."""
     from .export import LEGEND, refuse_file_as_folder, write_segmentation
     from .io import read_volume
-    from .io.writers import staged_folder
+    from .io.writers import STAGING_PREFIX, staged_folder
     from .report import write_html_report
     from .saliency import explain, save_montage, write_saliency
     from .weights import load_model, weights_label
 
     out_dir = Path(out_dir)
     refuse_file_as_folder(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if out_dir.exists() and any(not p.name.startswith(STAGING_PREFIX) for p in out_dir.iterdir()):
         if not overwrite:
             raise OutputExistsError(f"{out_dir}: is not empty; choose another folder (CLI: --out) or pass overwrite=True (CLI: --overwrite)")
         if not _is_demo_folder(out_dir, legend=LEGEND):

@@ -290,3 +290,16 @@ def test_staged_outputs_still_never_replace_the_input(ct, tmp_path, capsys):
     assert "is an input of this run" in capsys.readouterr().err
     assert (out / "segmentation.nii.gz").read_bytes() == before and (out / "segmentation.json").read_bytes() == legend
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_demo_into_a_folder_holding_only_a_killed_runs_staging_folder_runs(ct, tmp_path, monkeypatch):
+    """A demo killed outright (no Ctrl-C to clean up) leaves its hidden staging folder: the folder is not the
+    user's, so the next demo there was refused as 'not empty' and, with --overwrite, as 'holds no earlier demo'."""
+    from TextSegmentLib.io.writers import STAGING_PREFIX
+
+    monkeypatch.setenv("TEXTSEGMENT_OFFLINE", "1")
+    out = tmp_path / "demo"
+    (out / f"{STAGING_PREFIX}dead").mkdir(parents=True)
+    code = main(["demo", "--input", str(ct), "--out", str(out), "--quiet", "--weights", "random", "--device", "cpu",
+                 "-p", "liver"])
+    assert code == 0 and (out / "index.html").is_file()

@@ -230,6 +230,9 @@ def atomic_write(
     return path
 
 
+STAGING_PREFIX = ".textsegment-partial-"  # a run killed outright (no Ctrl-C) leaves one: not the user's files
+
+
 @contextmanager
 def staged_folder(out_dir: PathLike, *, overwrite: bool = False, protected: Iterable[PathLike] = ()) -> Iterator[Path]:
     """Yield a hidden folder inside ``out_dir`` to write a whole set of outputs into; they are moved into
@@ -247,7 +250,7 @@ def staged_folder(out_dir: PathLike, *, overwrite: bool = False, protected: Iter
     created = created if not created.exists() else None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        staging = out_dir / f".textsegment-partial-{secrets.token_hex(4)}"
+        staging = out_dir / f"{STAGING_PREFIX}{secrets.token_hex(4)}"
         staging.mkdir()
     except OSError as exc:
         raise InputError(f"{out_dir}: cannot write there ({exc.strerror or exc}); nothing was written") from None
