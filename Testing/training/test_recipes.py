@@ -158,3 +158,31 @@ def test_a_recipe_value_of_the_wrong_type_is_named_with_the_recipe(tmp_path, fie
     recipe.write_text(json.dumps({"model": "freqmedclip-tiny", field: value}))
     with pytest.raises(InputError, match=f"recipe {recipe}: {message}"):
         _config("--config", str(recipe))
+
+
+def test_a_misspelt_recipe_field_names_the_field_it_resembles(tmp_path):
+    # the error listed the unknown field alone: which of TrainConfig's thirty fields was meant?
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"model": "freqmedclip-tiny", "step": 10, "qqq": 1}))
+    with pytest.raises(InputError) as info:
+        load_recipe(recipe)
+    message = str(info.value)
+    assert "unknown field(s) ['qqq', 'step']" in message and "'step': did you mean 'steps'?" in message
+    assert "'qqq': did you mean" not in message and "val_every" in message  # the fields there are
+
+
+def test_a_recipe_from_a_pipe_is_read_not_called_a_folder(tmp_path):
+    # `train --config <(jq ... recipe.json)`: the pipe is no regular file, and was refused as "is a folder"
+    import os
+    import threading
+
+    fifo = tmp_path / "recipe.fifo"
+    os.mkfifo(fifo)
+    recipe = json.dumps({"model": "tgcnet-tiny", "steps": 7})
+    writer = threading.Thread(target=lambda: fifo.write_text(recipe), daemon=True)
+    writer.start()
+    config = load_recipe(fifo)
+    writer.join()
+    assert (config.model, config.steps) == ("tgcnet-tiny", 7)
+    with pytest.raises(InputError, match="is a folder"):
+        load_recipe(tmp_path)

@@ -175,7 +175,7 @@ def msd_label_names(spec: Mapping[str, Any], folder: Path) -> dict[int, str]:
 def read_json(path: Union[str, Path], what: str) -> Any:
     """A JSON file's content; a missing or broken file is an error naming it, not a traceback."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir() or not path.exists():  # a pipe (bash's <(...)) is neither and reads as a file
         raise InputError(f"{what} {path}: " + ("no such file" if not path.exists() else "is a folder, not a JSON file"))
     try:
         return json.loads(path.read_text())

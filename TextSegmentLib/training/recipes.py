@@ -37,7 +37,12 @@ def load_recipe(path: PathLike, **overrides: Any) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise InputError(f"recipe {path} has unknown field(s) {unknown}")
+        from difflib import get_close_matches
+
+        meant = {u: get_close_matches(u, names, n=1) for u in unknown}  # "learning_rate" for "lr", "step" for "steps"
+        hints = "; ".join(f"{u!r}: did you mean {m[0]!r}?" for u, m in meant.items() if m)
+        raise InputError(f"recipe {path} has unknown field(s) {unknown}" + (f" ({hints})" if hints else "")
+                         + f"; the fields are those of TrainConfig: {', '.join(sorted(names))}")
     for key, value in values.items():  # the file's own values: a wrong type is the recipe's mistake
         try:
             check_field_type(key, value)
