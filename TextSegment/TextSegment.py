@@ -181,7 +181,7 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for keys in ("Ctrl+Return", "Ctrl+Enter"):
             shortcut = qt.QShortcut(qt.QKeySequence(keys), self.ui.promptsEdit)
             shortcut.setContext(qt.Qt.WidgetWithChildrenShortcut)
-            shortcut.connect("activated()", self.onApplyButton)
+            shortcut.connect("activated()", self.onApplyShortcut)
             self._shortcuts.append(shortcut)
         self.ui.promptHistoryComboBox.connect("activated(int)", self.onHistoryChosen)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChosen)
@@ -220,7 +220,7 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event):
-        if self._job is not None:
+        if self._job is not None and self._jobKind == "segment":  # a download, an import or an export outlives the scene
             self.logic.cancel(self._job)
         self.ui.exportDicomSegButton.enabled = False  # its input node goes with the scene
         self._outcome = None  # its nodes go with the scene too: no recolouring or overlays of them in the next one
@@ -257,18 +257,25 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
-        index = self.ui.modelComboBox.findData(p.model)
-        if index >= 0 and index != self.ui.modelComboBox.currentIndex:
-            self.ui.modelComboBox.currentIndex = index
+        combo = self.ui.modelComboBox
+        index = combo.findData(p.model)
+        if index < 0:  # a model the presets lack (a newer scene, the console): shown as it is, not as another one
+            wasBlocked = combo.blockSignals(True)
+            combo.addItem(p.model, p.model)
+            combo.blockSignals(wasBlocked)
+            index = combo.count - 1
+        if index != combo.currentIndex:
+            combo.currentIndex = index
         if p.model != self._weightsModel:  # the weights list reads the disk: only when the model changes
             self._fillWeights(p.model, p.weights)
         else:
             self._selectWeights(p.weights)
-        previousInput, self._inputVolume = self._inputVolume, p.inputVolume
+        previousInput = self._inputVolume
+        if p.inputVolume is not None:  # "None" on the way from one volume to another (A removed, then B) is no change
+            self._inputVolume = p.inputVolume
         output = p.outputSegmentation
-        if previousInput is not None and p.inputVolume is not previousInput and output is not None:
-            geometry = output.GetNodeReferenceID(output.GetReferenceImageGeometryReferenceRole())
-            if geometry and p.inputVolume is not None and geometry != p.inputVolume.GetID():
+        if previousInput is not None and p.inputVolume is not None and p.inputVolume is not previousInput and output is not None:
+            if not slicer_logic.output_fits_input(output, input_node=p.inputVolume):
                 # the last run's output belongs to the other volume: a new run must not replace its segments
                 p.outputSegmentation = None
         if self._outcome is not None and p.colormap != self._outcomeColormap:
@@ -354,10 +361,18 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return _("{id} (not listed for this model)").format(id=text)
 
     # segment -------------------------------------------------------------------------------------
+    def onApplyShortcut(self):
+        """Ctrl+Enter starts a run; it never cancels one (typing the next prompts must not stop this run)."""
+        if self._job is None:
+            self.onApplyButton()
+
     def onApplyButton(self):
         if self._job is not None:
             self.logic.cancel(self._job)
-            self.ui.statusLabel.text = _("Cancelling after the current slice…")
+            self.ui.applyButton.text = _("Cancelling…")
+            self.ui.applyButton.enabled = False  # until _finish: the job stops at its next check
+            self.ui.statusLabel.text = (_("Cancelling after the current slice…") if self._jobKind == "segment"
+                                        else _("Cancelling…"))
             return
         if not self.ui.applyButton.enabled or not self._ensureDependencies():
             return
@@ -381,7 +396,8 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job, self._jobKind = job, kind
         self.ui.applyButton.text = _("Cancel")
         self.ui.applyButton.enabled = True
-        for button in (self.ui.installDependenciesButton, self.ui.importWeightsButton, self.ui.downloadWeightsButton):
+        for button in (self.ui.installDependenciesButton, self.ui.importWeightsButton, self.ui.downloadWeightsButton,
+                       self.ui.exportDicomSegButton):  # one job at a time: a second would hide the first one's end
             button.enabled = False
         self.ui.progressBar.value = 0
         self.ui.statusLabel.text = job.title
@@ -393,32 +409,46 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if job is not self._job:
                 continue
             self.ui.progressBar.value = int(round(job.fraction * 100))
-            self.ui.statusLabel.text = job.message
+            if not job.cancel_token.cancelled:  # keep "Cancelling…" in view: progress already queued would hide it
+                self.ui.statusLabel.text = job.message
             if job.finished:
                 self._finish(job)
 
     def _finish(self, job):
         self._pollTimer.stop()
         self._job = None
+        if self._jobKind == "weights":  # a checkpoint added: the list is read again, now or with the next parameter node
+            self._weightsModel = None
         self.ui.applyButton.text = _("Apply")
         for button in (self.ui.installDependenciesButton, self.ui.importWeightsButton, self.ui.downloadWeightsButton):
             button.enabled = True
+        self.ui.exportDicomSegButton.enabled = self._outcome is not None
         self._onParameterNodeModified()
         if job.state == "cancelled":
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = _("Cancelled; nothing was changed.")
             return
         if job.state == "failed":
+            self.ui.progressBar.value = 0  # not left at the fraction it failed at, as if still running
             self._showError(job.title, job.error)
+            return
+        if self._jobKind == "export":
+            self.ui.statusLabel.text = _("DICOM SEG written to {path}").format(path=job.result)
             return
         if self._parameterNode is None:  # the scene was closed meanwhile
             return
         if self._jobKind == "segment":
             self._showOutcome(job.result)
-        else:
-            self._fillWeights(self._parameterNode.model, self._parameterNode.weights)
+        else:  # the weights list was read again above (_onParameterNodeModified)
             self._showDependencies()
             self.ui.statusLabel.text = _("{title}: done.").format(title=job.title)
+            entry = job.result  # an import's WeightsEntry: imported to be used, so the next run loads it, not the default
+            if getattr(entry, "kind", None) == "checkpoint" and getattr(entry, "id", None):
+                if entry.model == self._parameterNode.model:
+                    self._parameterNode.weights = entry.id
+                else:
+                    self.ui.statusLabel.text = _("{title}: done. These weights are for {model}: choose that model to use "
+                                                 "them.").format(title=job.title, model=entry.model)
 
     def _showOutcome(self, outcome):
         # keep the nodes, the masks (DICOM SEG export) and the saliency maps (recolouring); let the probability maps go
@@ -454,13 +484,12 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         path = qt.QFileDialog.getSaveFileName(None, _("Export DICOM SEG"), "", "DICOM (*.dcm)")
         if not path:
             return
-        try:  # the save dialog has asked before replacing a file
-            with slicer.util.WaitCursor():
-                written = self.logic.export_dicom_seg(self._outcome, path=path, overwrite=True)
+        try:  # the save dialog has asked before replacing a file; reading the series and writing run on the worker
+            job = self.logic.export_dicom_seg(self._outcome, path=path, overwrite=True, wait=False)
         except Exception as exc:
             self._showError(_("Cannot export DICOM SEG"), exc)
             return
-        self.ui.statusLabel.text = _("DICOM SEG written to {path}").format(path=written)
+        self._start(job, "export")
 
     # saliency panel ------------------------------------------------------------------------------
     def _layers(self):
@@ -545,11 +574,16 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else _("Missing: {packages}").format(packages=", ".join(missing)))
 
     def _ensureDependencies(self):
-        if not missingDependencies():
+        try:
+            missing = missingDependencies()
+        except Exception as exc:  # the check itself broke (requirements.txt unreadable): the run says what is missing
+            logging.warning("TextSegment cannot check its dependencies: %s", exc)
+            return True
+        if not missing:
             return True
         if not slicer.util.confirmOkCancelDisplay(
                 _("TextSegment needs PyTorch and a few Python packages that are not installed yet. Install them now?"),
-                detailedText="\n".join(missingDependencies())):
+                detailedText="\n".join(missing)):
             return False
         return self.onInstallDependencies()
 

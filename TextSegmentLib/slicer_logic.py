@@ -255,7 +255,8 @@ class SegmentationLogic:
         return layers[layer]
 
     def export_dicom_seg(self, outcome: SegmentOutcome, *, path: Union[str, Path], overwrite: bool = False,
-                         file_for_instance: Union[Callable[[str], Any], Mapping[str, Any], None] = None) -> Path:
+                         file_for_instance: Union[Callable[[str], Any], Mapping[str, Any], None] = None,
+                         wait: bool = True) -> Union[Path, Job]:
         """Write ``outcome``'s masks as one DICOM SEG that references the DICOM images its input was loaded from.
 
         A SEG frame must point at the very file its slice came from, so the source series is re-read
@@ -265,6 +266,9 @@ class SegmentationLogic:
         without interpolation; a node whose voxels are not the series' own (resampled, cropped) is
         refused. It writes the masks the run computed, not later edits made in the Segment Editor.
         Refuses to overwrite an existing file unless ``overwrite=True``, and never a source image.
+        ``wait=False`` (the GUI) checks and finds the files here, then reads the series and writes the SEG
+        on the worker (seconds to minutes for a large CT: Slicer must not freeze) and returns a ``Job``
+        whose ``result`` is the path; a job cancelled before writing writes nothing.
         """
         import dataclasses
         import os
@@ -290,21 +294,31 @@ class SegmentationLogic:
                                     "overwrites its inputs, choose another output path")
         if path.exists() and not overwrite:
             raise OutputExistsError(f"{path}: exists already; pass overwrite=True to replace it")
-        name = f"Slicer volume {node.GetName()!r}"
-        source = read_series(series_from_files(files, source=name), source=name)
-        try:
-            moved = [dataclasses.replace(r, mask=reorient_to(r.mask, source)) for r in results]
-        except InputError as exc:  # reorient_to would name the node twice: both volumes carry its name
-            raise InputError(
-                f"volume {node.GetName()!r} as segmented (shape {results[0].mask.shape}) does not lie on the voxel grid "
-                f"of the DICOM series it was loaded from (shape {source.shape}, {len(set(files))} file(s)); it was "
-                "cropped, resampled or moved (e.g. a hardened transform) after loading, so no SEG frame could reference "
-                "its source image. Segment the volume as loaded from DICOM to export a DICOM SEG"
-            ) from exc
+        node_name = node.GetName()  # read here: the worker never touches the node
         model_name = outcome.model_name or "TextSegment"
-        return write_dicom_seg(moved, source=source, path=path, overwrite=overwrite, model_name=model_name,
-                               series_description=" ".join(dict.fromkeys(["TextSegment", model_name])),
-                               parameters=run_parameters(outcome.run))
+        parameters = run_parameters(outcome.run)
+
+        def compute(report: ProgressCallback, token: Optional[CancelToken]) -> Path:
+            name = f"Slicer volume {node_name!r}"
+            source = read_series(series_from_files(files, source=name), source=name)
+            try:
+                moved = [dataclasses.replace(r, mask=reorient_to(r.mask, source)) for r in results]
+            except InputError as exc:  # reorient_to would name the node twice: both volumes carry its name
+                raise InputError(
+                    f"volume {node_name!r} as segmented (shape {results[0].mask.shape}) does not lie on the voxel grid "
+                    f"of the DICOM series it was loaded from (shape {source.shape}, {len(set(files))} file(s)); it was "
+                    "cropped, resampled or moved (e.g. a hardened transform) after loading, so no SEG frame could "
+                    "reference its source image. Segment the volume as loaded from DICOM to export a DICOM SEG"
+                ) from exc
+            if token is not None and token.cancelled:
+                raise Cancelled(f"DICOM SEG export to {path}: cancelled; nothing was written")
+            return write_dicom_seg(moved, source=source, path=path, overwrite=overwrite, model_name=model_name,
+                                   series_description=" ".join(dict.fromkeys(["TextSegment", model_name])),
+                                   parameters=parameters)
+
+        if wait:
+            return compute(_ignore, None)
+        return self.submit(f"Exporting DICOM SEG to {path.name}", compute)
 
     # whole-study batch -----------------------------------------------------------------------
     def segment_dicom_study(
@@ -533,6 +547,15 @@ def _file_state(weights: Optional[str]) -> Optional[tuple[int, int]]:
     except (OSError, ValueError):
         return None  # an id, "random", a hub id: immutable once resolved
     return stat.st_mtime_ns, stat.st_size
+
+
+def output_fits_input(segmentation_node: Any, *, input_node: Any) -> bool:
+    """Whether a run on ``input_node`` may keep ``segmentation_node`` as its output when the user picks that input.
+
+    Only a segmentation on that volume's geometry: one made for another volume (or for one since removed,
+    which leaves no reference) would get its segments replaced by another image's masks."""
+    role = segmentation_node.GetReferenceImageGeometryReferenceRole()
+    return bool(input_node.GetID()) and segmentation_node.GetNodeReferenceID(role) == input_node.GetID()
 
 
 # robustness ------------------------------------------------------------------------------------
