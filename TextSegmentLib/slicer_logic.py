@@ -145,7 +145,7 @@ class SegmentationLogic:
 
         self._check_nodes(volume, segmentation_node)
         prompt_list = parse_prompts(prompts)
-        aux = parse_aux_prompts(aux_prompts, count=len(prompt_list))
+        aux = parse_aux_prompts(aux_prompts, count=len(prompt_list), prompts=prompts)
         if saliency:
             check_colormap(colormap, context=self.context)  # now, not once the run is over
         source = volume_from_node(volume)  # a copy, taken on this (main) thread: the worker never sees the node
@@ -354,7 +354,7 @@ class SegmentationLogic:
         from .study_batch import segment_study
 
         prompt_list = parse_prompts(prompts)
-        aux = parse_aux_prompts(aux_prompts, count=len(prompt_list))
+        aux = parse_aux_prompts(aux_prompts, count=len(prompt_list), prompts=prompts)
         if not Path(dicom_dir).exists():
             raise InputError(f"{dicom_dir}: no such folder or DICOMDIR")
         if add_to_dicom_database and self.dicom_indexer is None:

@@ -170,23 +170,40 @@ def parse_prompts(text: Union[str, Sequence[str]]) -> list[str]:
     if isinstance(text, (bytes, bytearray)) or not all(isinstance(line, str) for line in lines):
         # bytes would become one prompt per byte value ("98", "111", ...), None a segment named "None"
         raise InputError(f"prompts must be text: one string with a prompt per line, or a list of strings, not {text!r}")
-    unique: dict[str, str] = {}
-    for line in lines:
-        prompt = " ".join(str(line).split())
-        unique.setdefault(prompt.casefold(), prompt)
-    prompts = [p for p in unique.values() if p]
+    prompts = [" ".join(lines[i].split()) for i in _kept_lines(lines)]
     if not prompts:
         raise InputError("no prompt given: type what to segment, one per line (e.g. 'liver')")
     return prompts
 
 
-def parse_aux_prompts(text: Union[str, Sequence[str], None], *, count: int) -> Optional[list[Optional[str]]]:
-    """Auxiliary descriptions (TGC-Net), one line per prompt, or none at all."""
+def _kept_lines(lines: Sequence[str]) -> list[int]:
+    """Indices of the lines ``parse_prompts`` keeps: not blank, not a repeat (case and spacing aside)."""
+    seen: set[str] = set()
+    kept = []
+    for i, line in enumerate(lines):
+        key = " ".join(str(line).split()).casefold()
+        if key and key not in seen:
+            seen.add(key)
+            kept.append(i)
+    return kept
+
+
+def parse_aux_prompts(text: Union[str, Sequence[str], None], *, count: int,
+                      prompts: Union[str, Sequence[str], None] = None) -> Optional[list[Optional[str]]]:
+    """Auxiliary descriptions (TGC-Net), one line per prompt, or none at all.
+
+    Given the ``prompts`` as typed, descriptions written line for line beside them (blank and repeated
+    prompt lines included) are paired by line: the prompts' blank lines are dropped, so the
+    descriptions' count no longer matched and the run was refused.
+    """
     if text is None:
         return None
     lines = [" ".join(str(line).split()) for line in (text.splitlines() if isinstance(text, str) else text)]
     if not any(lines):
         return None
+    typed = (prompts.splitlines() if isinstance(prompts, str) else list(prompts)) if prompts is not None else []
+    if len(lines) != count and len(lines) == len(typed):
+        lines = [lines[i] for i in _kept_lines(typed)]
     if len(lines) != count:
         raise InputError(f"{len(lines)} auxiliary description line(s) for {count} prompt(s): give one line per prompt, or none")
     return [line or None for line in lines]

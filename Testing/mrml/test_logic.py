@@ -568,6 +568,10 @@ def test_prompt_and_aux_parsing():
     assert parse_aux_prompts("large organ\n\n", count=2) == ["large organ", None]
     with pytest.raises(InputError, match="one line per prompt"):
         parse_aux_prompts("a\nb\nc", count=2)
+    # descriptions typed line for line beside prompts with a blank and a repeated line: paired by line
+    typed = "liver\n\nspleen\nLiver"
+    assert parse_aux_prompts("big organ\n\nsmall organ\nagain", count=2, prompts=typed) == ["big organ", "small organ"]
+    assert parse_aux_prompts("big organ\nsmall organ", count=2, prompts=typed) == ["big organ", "small organ"]
 
 
 def test_gpu_probe_reads_nvidia_smi_and_survives_its_absence():
