@@ -34,6 +34,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from TextSegmentLib import slicer_logic, slicer_parameters, slicer_setup
+from TextSegmentLib.errors import TextSegmentError
 from TextSegmentLib.slicer_logic import SegmentationLogic
 from TextSegmentLib.slicer_parameters import PARAMETERS
 
@@ -121,7 +122,9 @@ def installDependencies():
         visionSpecifier = slicer_setup.TORCHVISION_REQUIREMENT[len("torchvision"):]
         if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=specifier,
                                    torchvisionVersionRequirement=visionSpecifier) is None:
-            raise RuntimeError(_("PyTorch was not installed"))
+            # the user's own "No" (or a failed install): a message, not an error box with a traceback
+            raise TextSegmentError(_("PyTorch was not installed; TextSegment needs it to segment. Install it from "
+                                     "the Setup section (or the PyTorch extension) when you are ready"))
     requirementsPath = _resourcePath("requirements.txt")
     try:  # a submodule: not an attribute of ``slicer`` until something imports it
         import slicer.pydeps as pydeps
@@ -638,8 +641,6 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._start(self.logic.download_weights(entry.id, model_name=entry.model, wait=False), "weights")
 
     def _showError(self, title, error):
-        from TextSegmentLib.errors import TextSegmentError
-
         if isinstance(error, TextSegmentError):
             slicer.util.errorDisplay(f"{title}: {error}")
         else:

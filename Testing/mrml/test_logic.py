@@ -615,13 +615,12 @@ def test_missing_requirements_skips_requirements_whose_marker_does_not_apply():
     assert missing_requirements(['numpy[extra]>=1.0; python_version >= "3"']) == []
 
 
-def test_install_dependencies_uses_slicer_pydeps_even_when_not_imported_yet(monkeypatch):
-    """``slicer.pydeps`` (Slicer >= 5.11) is a submodule: it is no attribute of ``slicer`` until imported."""
+def _module_on_stand_ins(monkeypatch, calls: list, *, torch_installed: bool = True):
+    """TextSegment.py imported on stand-ins for Slicer, its pydeps and the PyTorch extension (records calls)."""
     import importlib.util
     import sys
     import types
 
-    calls = []
     fake = types.ModuleType("slicer")
     fake.vtkMRMLScalarVolumeNode = fake.vtkMRMLSegmentationNode = object
     fake.util = types.SimpleNamespace(pip_install=lambda *a, **k: calls.append(("pip_install", a, k)))
@@ -640,7 +639,7 @@ def test_install_dependencies_uses_slicer_pydeps_even_when_not_imported_yet(monk
     util.VTKObservationMixin = type("M", (), {})
     torch_utils = types.ModuleType("PyTorchUtils")
     torch_utils.PyTorchUtilsLogic = lambda: types.SimpleNamespace(
-        installTorch=lambda **k: calls.append(("installTorch", k)) or object())
+        installTorch=lambda **k: calls.append(("installTorch", k)) or (object() if torch_installed else None))
     for name, module in {"qt": types.ModuleType("qt"), "vtk": types.ModuleType("vtk"), "slicer": fake,
                          "slicer.pydeps": pydeps, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": wrapper,
                          "slicer.ScriptedLoadableModule": scripted, "slicer.util": util,
@@ -649,10 +648,28 @@ def test_install_dependencies_uses_slicer_pydeps_even_when_not_imported_yet(monk
     spec = importlib.util.spec_from_file_location("TextSegment_setup_under_test", REPO / "TextSegment" / "TextSegment.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
 
+
+def test_install_dependencies_uses_slicer_pydeps_even_when_not_imported_yet(monkeypatch):
+    """``slicer.pydeps`` (Slicer >= 5.11) is a submodule: it is no attribute of ``slicer`` until imported."""
+    calls = []
+    module = _module_on_stand_ins(monkeypatch, calls)
     module.installDependencies()
     assert [c for c in calls if c[0] != "installTorch"] == [
         ("pip_ensure", ["loaded requirements.txt"], {"requester": "TextSegment", "skip_packages": ["torch", "torchvision"]})]
+
+
+def test_declining_the_pytorch_install_is_a_message_not_a_traceback(monkeypatch):
+    """A RuntimeError made the module show an error box with a traceback for the user's own 'No'."""
+    from TextSegmentLib.errors import TextSegmentError
+
+    calls = []
+    module = _module_on_stand_ins(monkeypatch, calls, torch_installed=False)
+    monkeypatch.setattr(module.slicer_setup, "missing_requirements", lambda requirements: list(requirements))
+    with pytest.raises(TextSegmentError, match="PyTorch was not installed"):
+        module.installDependencies()
+    assert [c[0] for c in calls] == ["installTorch"]  # and no pip install after it
 
 
 def test_robustness_note_uses_the_figures_the_weights_carry():
