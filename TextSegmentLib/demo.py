@@ -88,7 +88,7 @@ def run_demo(
     progress: Any = None,
 ) -> DemoReport:
     """Segment and explain the demo case into ``out_dir``; returns what was measured and written."""
-    from .export import LEGEND, refuse_file_as_folder, write_segmentation
+    from .export import LEGEND, holds_earlier_run, refuse_file_as_folder, write_segmentation
     from .io import read_volume
     from .io.writers import STAGING_PREFIX, staged_folder
     from .report import write_html_report
@@ -100,7 +100,7 @@ def run_demo(
     if out_dir.exists() and any(not p.name.startswith(STAGING_PREFIX) for p in out_dir.iterdir()):
         if not overwrite:
             raise OutputExistsError(f"{out_dir}: is not empty; choose another folder (CLI: --out) or pass overwrite=True (CLI: --overwrite)")
-        if not _is_demo_folder(out_dir, legend=LEGEND):
+        if not holds_earlier_run(out_dir / "segmentation"):
             # --overwrite replaces an earlier demo, not the files of a folder that was never one (a case folder)
             raise OutputExistsError(f"{out_dir}: is not empty and holds no earlier demo (no segmentation/{LEGEND}); "
                                     "overwrite=True (CLI: --overwrite) replaces an earlier demo only: choose another "
@@ -141,14 +141,3 @@ def run_demo(
         log.warning("%s: %d file(s) of an earlier demo were not replaced by this one and stay, e.g. %s",
                     out_dir, len(stale), stale[0])
     return report
-
-
-def _is_demo_folder(folder: Path, *, legend: str) -> bool:
-    """Does ``folder`` hold an earlier demo (its segmentation legend, as only TextSegment writes it)?"""
-    import json
-
-    try:
-        data = json.loads((folder / "segmentation" / legend).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "textsegment_version" in data

@@ -51,6 +51,21 @@ def check_outputs_free(out_dir: Path, *, overwrite: bool = False) -> None:
         )
 
 
+def holds_earlier_run(folder: Path) -> bool:
+    """Does ``folder`` hold a legend that TextSegment wrote (``segmentation.json`` with our version stamp)?
+
+    Why: ``--overwrite`` may replace an earlier run's files, never another tool's that share their names
+    (TotalSegmentator also writes segmentation.nii.gz) or a folder of the user's.
+    """
+    import json
+
+    try:
+        legend = json.loads((Path(folder) / LEGEND).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(legend, dict) and "textsegment_version" in legend
+
+
 def slug(text: str, *, max_length: int = 48, fallback: str = "prompt") -> str:
     """A file-name-safe (ASCII) form of a prompt; accents are dropped, not the letters they sit on
     ("lésion hépatique" → lesion_hepatique, where it was l_sion_h_patique); ``fallback`` when nothing is left."""

@@ -87,13 +87,19 @@ def test_closing_the_scene_cancels_a_run_but_not_a_download(widget, monkeypatch)
     widget.onSceneEndClose(None, None)
 
 
-def test_weights_downloaded_while_the_module_was_hidden_are_listed_when_it_shows(widget, monkeypatch):
+def _download_listing(widget, monkeypatch) -> tuple[Job, list]:
+    """A weights download started, and the models whose weights list the widget reads from then on."""
     listed = []
     choices = widget.module.SegmentationLogic.weights_choices
     monkeypatch.setattr(widget.module.SegmentationLogic, "weights_choices",
                         lambda self, model: listed.append(model) or choices(self, model))
     download = _job("Downloading fmc-v8")
     widget._start(download, "weights")
+    return download, listed
+
+
+def test_weights_downloaded_while_the_module_was_hidden_are_listed_when_it_shows(widget, monkeypatch):
+    download, listed = _download_listing(widget, monkeypatch)
     widget.parent.isEntered = False
     widget.exit()
     widget.onSceneStartClose(None, None)  # another scene loaded meanwhile, the module not shown
@@ -270,12 +276,7 @@ def test_imported_weights_are_the_ones_the_next_run_loads(widget, monkeypatch):
 
 
 def test_a_finished_download_refreshes_the_weights_list_once(widget, monkeypatch):
-    listed = []
-    choices = widget.module.SegmentationLogic.weights_choices
-    monkeypatch.setattr(widget.module.SegmentationLogic, "weights_choices",
-                        lambda self, model: listed.append(model) or choices(self, model))
-    download = _job("Downloading fmc-v8")
-    widget._start(download, "weights")
+    download, listed = _download_listing(widget, monkeypatch)
     _poll(widget, download, "computed", "/cache/fmc-v8.safetensors")
     assert listed == [widget._parameterNode.model]  # "remote" becomes "cached"
     assert widget.ui.statusLabel.text == "Downloading fmc-v8: done."

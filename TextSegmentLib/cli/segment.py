@@ -169,21 +169,12 @@ def print_summary(run_: object, *, out_dir: Path, files: int, saliency: bool) ->
 def check_earlier_run(out_dir: Path) -> None:
     """--overwrite replaces an earlier TextSegment run, never a user's own files that happen to share its names
     (TotalSegmentator, for one, also writes segmentation.nii.gz): without our legend beside them, refuse."""
-    import json
-
     from ..errors import OutputExistsError
-    from ..export import LABEL_MAP, LEGEND, PROBABILITY_DIR, SALIENCY_DIR, SLICER_SEGMENTATION
+    from ..export import LABEL_MAP, LEGEND, PROBABILITY_DIR, SALIENCY_DIR, SLICER_SEGMENTATION, holds_earlier_run
 
     taken = [name for name in (LABEL_MAP, SLICER_SEGMENTATION, LEGEND, PROBABILITY_DIR, SALIENCY_DIR)
              if (out_dir / name).exists()]
-    if not taken:
-        return
-    try:
-        legend = json.loads((out_dir / LEGEND).read_text(encoding="utf-8"))
-        ours = isinstance(legend, dict) and "textsegment_version" in legend
-    except (OSError, ValueError):
-        ours = False
-    if not ours:
+    if taken and not holds_earlier_run(out_dir):
         raise OutputExistsError(
             f"{out_dir}: holds {', '.join(taken)} that no TextSegment run wrote (there is no TextSegment {LEGEND} "
             "there); --overwrite replaces only an earlier run's results: choose another folder for --out"
