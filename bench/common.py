@@ -8,11 +8,15 @@ model was built. Where that is not possible (not Linux), the whole-process peak 
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import platform
 import re
 import resource
+import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -141,19 +145,108 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> 
     return "\n".join(lines)
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a whole number ≥ 1 (a count of slices, repeats, runs, threads)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse ``type``: a whole number ≥ 0 (a count that may be left out, such as phantoms)."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+    return value
+
+
+def check_outputs(
+    parser: argparse.ArgumentParser, *, json_path: str | os.PathLike | None = None,
+    doc: str | os.PathLike | None = None, block: str | None = None,
+) -> None:
+    """Refuse, before any measuring, a ``--json`` that cannot be written and a ``--doc`` without its block.
+
+    A benchmark runs for minutes; finding out at the end that its results have nowhere to go loses them.
+    """
+    if json_path is not None:
+        path = Path(json_path)
+        if path.is_dir():
+            parser.error(f"--json {path}: is a folder; give a file name")
+        folder = next((p for p in path.parents if p.exists()), Path("."))
+        if not folder.is_dir():
+            parser.error(f"--json {path}: {folder} is a file, not a folder")
+    if doc is not None:
+        path = Path(doc)
+        if not path.is_file():
+            parser.error(f"--doc {path}: no such file (the Markdown file whose bench:{block} block gets the tables)")
+        text = path.read_text(encoding="utf-8")
+        start, end = f"<!-- bench:{block}:start -->", f"<!-- bench:{block}:end -->"
+        if start not in text or end not in text or text.index(start) > text.index(end):
+            parser.error(f"--doc {path}: no {start} … {end} block to replace")
+
+
+def command_line(script: str, argv: Sequence[str] | None) -> str:
+    """How the run was started, quoted so that it can be pasted into a shell as it is."""
+    return shlex.join([script, *(sys.argv[1:] if argv is None else argv)])
+
+
+def run_info(script: str, argv: Sequence[str] | None) -> dict[str, Any]:
+    """What every benchmark's JSON records about its run: when, the command line, the machine."""
+    return {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": command_line(script, argv), "machine": machine_info()}
+
+
+@contextlib.contextmanager
+def user_errors():
+    """A ``TextSegmentError`` (unknown model, missing weights or data) as one line and exit status 2, not a traceback."""
+    from TextSegmentLib.errors import TextSegmentError
+
+    try:
+        yield
+    except TextSegmentError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary file beside it: an interrupted write leaves the old file as it was.
+
+    A link is followed (the file it points at is rewritten, the link stays) and the file keeps its permissions.
+    """
+    path = Path(os.path.realpath(path))
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        if path.exists():
+            shutil.copymode(path, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    _write_whole(path, json.dumps(data, indent=2, default=float) + "\n")
     return path
 
 
 def replace_doc_block(path: str | os.PathLike, name: str, text: str) -> None:
-    """Replace what lies between ``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->`` in ``path``."""
+    """Replace what lies between ``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->`` in ``path``.
+
+    The rest of the file is kept byte for byte (its line endings included).
+    """
     start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
     path = Path(path)
-    doc = path.read_text()
-    if start not in doc or end not in doc:
+    with open(path, encoding="utf-8", newline="") as f:
+        doc = f.read()
+    if start not in doc or end not in doc or doc.index(start) > doc.index(end):
         raise SystemExit(f"{path}: no {start} … {end} block to replace")
+    newline = "\r\n" if "\r\n" in doc else "\n"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    path.write_text(pattern.sub(lambda _: f"{start}\n{text}\n{end}", doc))
+    block = f"{start}\n{text}\n{end}".replace("\r\n", "\n").replace("\n", newline)
+    _write_whole(path, pattern.sub(lambda _: block, doc))

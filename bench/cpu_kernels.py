@@ -46,7 +46,15 @@ from typing import Any, Callable, Optional, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import machine_info, markdown_table, replace_doc_block, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    check_outputs,
+    markdown_table,
+    positive_int,
+    replace_doc_block,
+    run_info,
+    user_errors,
+    write_json,
+)
 
 PRESETS = (("freqmedclip-tiny", "freqmedclip-tiny-v8"), ("tgcnet-tiny", "tgcnet-tiny-v9"))
 
@@ -323,15 +331,31 @@ def _best_ms(fn: Callable[[], Any], repeats: int, calls: int = 10) -> float:
     return 1e3 * best
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--json", default=str(REPO / "out" / "bench_cpu_kernels.json"))
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timings: best of this many (default: %(default)s)")
+    parser.add_argument(
+        "--data-root", default=str(REPO.parent / "shared" / "data"),
+        help="folder holding ct/totalseg_example_ct_sm (default: ../shared/data beside the repository)",
+    )
+    parser.add_argument(
+        "--json", default=str(REPO / "out" / "bench_cpu_kernels.json"),
+        help="where the results go (default: out/bench_cpu_kernels.json in the repository)",
+    )
     parser.add_argument("--doc", default=None, help="Markdown file whose bench:cpu-kernels block gets the tables")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_outputs(parser, json_path=args.json, doc=args.doc, block="cpu-kernels")
+    with user_errors():
+        return _run(args, argv)
+
+
+def _run(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
     import torch
 
     if args.threads:
@@ -346,13 +370,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     training = training_rows(repeats=args.repeats)
     tables = format_tables(calls, segments, training)
     print(tables)
-    machine = machine_info()
-    path = write_json(args.json, {"machine": machine, "calls": calls, "segment": segments, "training": training})
+    info = run_info("bench/cpu_kernels.py", argv)
+    machine = info["machine"]
+    path = write_json(
+        args.json,
+        {**info, "settings": dict(vars(args)), "calls": calls, "segment": segments, "training": training},
+    )
     print(f"wrote {path}")
     if args.doc:
         note = (
-            f"`.venv/bin/python bench/cpu_kernels.py{' --threads ' + str(args.threads) if args.threads else ''} "
-            f"--doc {args.doc}` on {machine['cpu']}, {machine['torch_threads']} thread(s), torch {machine['torch']}."
+            f"`.venv/bin/python {info['command']}` on {machine['cpu']}, {machine['torch_threads']} thread(s), "
+            f"torch {machine['torch']}."
         )
         replace_doc_block(args.doc, "cpu-kernels", note + "\n\n" + tables)
         print(f"updated {args.doc}")

@@ -61,10 +61,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import (  # noqa: E402
+    check_outputs,
+    command_line,
     machine_info,
     markdown_table,
     median,
     peak_rss_mb,
+    positive_int,
     process_peak_rss_mb,
     replace_doc_block,
     reset_peak_rss,
@@ -556,23 +559,35 @@ def run_benchmark(
     return records
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets")
+    parser.add_argument("--presets", default=None, help=f"comma-separated presets (default: {','.join(PRESETS)}; "
+                                                        f"with --quick: {','.join(QUICK['presets'])})")
     parser.add_argument("--devices", default=None, help="comma-separated; default: cpu, plus cuda when present")
-    parser.add_argument("--prompts", default="liver", help="comma-separated prompts")
-    parser.add_argument("--size", type=int, default=512, help="in-plane size of the phantom's slices")
-    parser.add_argument("--slices", type=int, default=None, help="N for every preset (default: 32 tiny, 4 base)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default: 3 tiny, 2 base)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--batch-size", type=int, default=None, help="engine batch = sw_batch_size (default: the engine's)")
+    parser.add_argument("--prompts", default="liver", help="comma-separated prompts (default: %(default)s)")
+    parser.add_argument("--size", type=positive_int, default=None,
+                        help="in-plane size of the phantom's slices (default: 512; 256 with --quick)")
+    parser.add_argument("--slices", type=positive_int, default=None, help="N for every preset (default: 32 tiny, 4 base)")
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timed repeats (default: 3 tiny, 2 base)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="engine batch = sw_batch_size (default: the engine's)")
     parser.add_argument("--probability-grid", choices=("source", "compact"), default="source",
-                        help="the engine's probability maps: on the CT's grid, or compact (grid.py; the others: source)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny presets, 4 slices of 256², 1 repeat")
-    parser.add_argument("--json", default=str(REPO / "out" / "bench_inference.json"))
+                        help="the engine's probability maps: on the CT's grid, or compact (grid.py; the others: source; "
+                             "default: %(default)s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: tiny presets, 4 slices of 256², 1 repeat (options given beside it win)")
+    parser.add_argument("--json", default=str(REPO / "out" / "bench_inference.json"),
+                        help="where the results go (default: out/bench_inference.json in the repository)")
     parser.add_argument("--doc", default=None, help="Markdown file whose bench:BLOCK block gets the tables")
-    parser.add_argument("--doc-block", default="inference", help="BLOCK for --doc (one per prompt count, say)")
+    parser.add_argument("--doc-block", default="inference",
+                        help="BLOCK for --doc (one per prompt count, say; default: %(default)s)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.worker:
@@ -583,16 +598,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    named = args.presets if args.presets is not None else ",".join(PRESETS)
+    presets = [p.strip() for p in named.split(",") if p.strip()]
     unknown = sorted(set(presets) - set(PRESETS))
     if unknown:
         parser.error(f"unknown preset(s) {unknown}; known: {list(PRESETS)}")
-    slices, repeats, size = args.slices, args.repeats, args.size
+    if not presets:
+        parser.error(f"--presets names no preset; known: {list(PRESETS)}")
+    slices, repeats, size = args.slices, args.repeats, args.size or 512
     if args.quick:
-        presets = [p for p in presets if p in QUICK["presets"]] or list(QUICK["presets"])
-        slices, repeats, size = slices or QUICK["slices"], repeats or QUICK["repeats"], QUICK["size"]
-    devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        presets = presets if args.presets is not None else list(QUICK["presets"])
+        slices, repeats, size = slices or QUICK["slices"], repeats or QUICK["repeats"], args.size or QUICK["size"]
+    here = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else here
     prompts = [p.strip() for p in args.prompts.split(",") if p.strip()]
+    if not prompts:
+        parser.error("--prompts names no prompt")
+    for device in devices or [""]:
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            kind = None
+        if kind not in here:
+            parser.error(f"--devices: {device!r} is not a device of this machine ({', '.join(here)})")
+    check_outputs(parser, json_path=args.json, doc=args.doc, block=args.doc_block)
 
     before = machine_info()
     started = time.perf_counter()
@@ -602,7 +631,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     summary = summarise(records)
     after = machine_info()
-    command = "bench/inference.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:]))
+    command = command_line("bench/inference.py", argv)
     title = (
         f"`.venv/bin/python {command.strip()}` — {time.strftime('%Y-%m-%d')}, {before['cpu']}, "
         f"{before['cpu_count']} CPU(s), torch {before['torch']} ({records[0]['threads']} thread(s)), "
@@ -618,7 +647,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "command": command.strip(),
         "machine_before": before,
         "machine_after": after,
-        "settings": {"presets": presets, "devices": devices, "prompts": prompts, "size": size},
+        "settings": {
+            "presets": presets, "devices": devices, "prompts": prompts, "size": size, "slices": slices,
+            "repeats": repeats, "threads": args.threads, "batch_size": args.batch_size,
+            "probability_grid": args.probability_grid, "quick": args.quick, "doc": args.doc,
+            "doc_block": args.doc_block if args.doc else None,
+        },
         "targets": {
             "floor_ratio_max": FLOOR_TARGET, "speedup_vs_sliceinferer_min": SPEEDUP_TARGET,
             "memory_vs_sliceinferer_max": MEMORY_TARGET, "scaling_range": list(SCALING_RANGE),

@@ -34,7 +34,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import markdown_table, write_json  # noqa: E402
+from bench.common import check_outputs, markdown_table, positive_int, run_info, user_errors, write_json  # noqa: E402
 
 LEVELS = ("L1", "L2", "L3")
 
@@ -113,23 +113,72 @@ def rows_of(scores: dict[str, dict], kind: str) -> list[dict]:
 
 
 def _weights(text: str) -> list[float]:
-    return [float(Fraction(part.strip())) for part in text.split(",")]
+    try:
+        return [float(Fraction(part.strip())) for part in text.split(",")]
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r}: write slice weights such as 0.25,0.5,0.25 or 1/6,2/3,1/6") from None
+
+
+def _smoothing(text: str) -> str:
+    """An argparse ``type``: the weights as written (they name the variant), checked to read as numbers."""
+    weights = _weights(text)
+    if len(weights) % 2 == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give an odd number of weights, centred on the slice itself")
+    return text
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is no probability threshold; give one in (0, 1]")
+    return value
+
+
+def _shift(text: str) -> tuple[int, int]:
+    try:
+        rows, columns = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write a shift as ROWS,COLUMNS in whole voxels, e.g. 2,-2") from None
+    return rows, columns
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tgcnet-tiny", help="model preset (default: %(default)s)")
+    parser.add_argument("--weights", default=None, help="weights for --smoothing/--thresholds/--shifts (default: the model's)")
+    parser.add_argument(
+        "--phantoms", default="1000-1003", help="phantom seeds FIRST-LAST or A,B,C (default: %(default)s, validation)"
+    )
+    parser.add_argument("--shape", default="32x128x128", help="phantom grid SLICESxROWSxCOLUMNS (default: %(default)s)")
+    parser.add_argument("--soups", nargs="*", default=[], help="weight averages, members joined by '+'")
+    parser.add_argument(
+        "--smoothing", nargs="*", type=_smoothing, default=[],
+        help="slice weights, e.g. '0.25,0.5,0.25' or '1/6,2/3,1/6'",
+    )
+    parser.add_argument("--thresholds", nargs="*", type=_threshold, default=[], help="mask thresholds in (0, 1]")
+    parser.add_argument(
+        "--shifts", nargs="*", type=_shift, default=[],
+        help="test-time shifts 'ROWS,COLUMNS' averaged with the unshifted run",
+    )
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument("--json", default=None, help="write the numbers here (default: none written)")
+    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tgcnet-tiny")
-    parser.add_argument("--weights", default=None, help="weights for --smoothing/--thresholds (default: the model's)")
-    parser.add_argument("--phantoms", default="1000-1003", help="phantom seeds FIRST-LAST (default: validation)")
-    parser.add_argument("--shape", default="32x128x128")
-    parser.add_argument("--soups", nargs="*", default=[], help="weight averages, members joined by '+'")
-    parser.add_argument("--smoothing", nargs="*", default=[], help="slice weights, e.g. '0.25,0.5,0.25' or '1/6,2/3,1/6'")
-    parser.add_argument("--thresholds", nargs="*", type=float, default=[])
-    parser.add_argument("--shifts", nargs="*", default=[], help="test-time shifts 'ROWS,COLUMNS' averaged with the unshifted run")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", default=None)
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if not (args.soups or args.smoothing or args.thresholds or args.shifts):
+        parser.error("nothing to score: give --soups, --smoothing, --thresholds or --shifts")
+    check_outputs(parser, json_path=args.json)
+    with user_errors():
+        return _run(args, argv)
 
+
+def _run(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
     import torch
 
     from TextSegmentLib.training.data import load_source
@@ -145,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         variants.update({f"threshold {t:g}": (lambda p, t=t: p >= t) for t in args.thresholds})
         rows += rows_of(score(shipped, cases, variants), "post-processing")
     if args.shifts:
-        shifts = [(0, 0)] + [tuple(int(v) for v in shift.split(",")) for shift in args.shifts]
+        shifts = [(0, 0)] + list(args.shifts)
         name = "mean over shifts " + " ".join(f"({r},{c})" for r, c in shifts)
         rows += rows_of(score(shipped, cases, {name: lambda p: p >= 0.5}, shifts=shifts), "test-time shifts")
     for soup in args.soups:
@@ -155,7 +204,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{args.model}, phantoms {args.phantoms} ({args.shape}), {torch.get_num_threads()} thread(s)\n")
     print(markdown_table(rows, columns))
     if args.json:
-        write_json(args.json, {"model": args.model, "phantoms": args.phantoms, "rows": rows})
+        write_json(args.json, {**run_info("bench/post_hoc.py", argv), "settings": dict(vars(args)),
+                               "threads": torch.get_num_threads(), "model": args.model,
+                               "weights": shipped.weights_source.label if shipped is not None else None,
+                               "phantoms": args.phantoms, "shape": args.shape, "rows": rows})
     return 0
 
 

@@ -1,7 +1,7 @@
 """Saliency benchmark: gradient-free layer-wise maps against Grad-CAM on the same model, layers and targets.
 
     .venv/bin/python bench/saliency.py --model freqmedclip-tiny --weights random --real
-    .venv/bin/python bench/saliency.py --model freqmedclip-tiny --weights <trained id> --real --doc docs/explainability.md
+    .venv/bin/python bench/saliency.py --model freqmedclip-tiny --weights TRAINED_ID --real --doc docs/explainability.md
 
 Cases: held-out phantoms (seeds from ``HELD_OUT_SEED`` on; training never uses them; 96×96 in-plane,
 and with ``--large-phantoms`` 512×512 as in clinical CT) and, with ``--real``, the real CT in
@@ -42,7 +42,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import replace_doc_block  # noqa: E402
+from bench.common import (  # noqa: E402
+    check_outputs,
+    non_negative_int,
+    positive_int,
+    replace_doc_block,
+    run_info,
+    user_errors,
+    write_json,
+)
 from TextSegmentLib.volume import Volume  # noqa: E402
 
 log = logging.getLogger("bench.saliency")
@@ -459,35 +467,75 @@ def run_benchmark(
     }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="freqmedclip-tiny")
-    parser.add_argument("--weights", default="random", help="weights id or checkpoint; 'random' = plumbing check only")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="freqmedclip-tiny", help="model preset (default: %(default)s)")
+    parser.add_argument(
+        "--weights", default="random", help="weights id or checkpoint; 'random' = plumbing check only (default: %(default)s)"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     parser.add_argument(
         "--clip-source", default=None, help="model override, e.g. random:ViT-B-16 (a base-sized tower offline)"
     )
-    parser.add_argument("--phantoms", type=int, default=2, help="held-out phantom cases")
     parser.add_argument(
-        "--large-phantoms", type=int, default=0, help="held-out phantoms at 24×512×512 (a clinical in-plane size)"
+        "--phantoms", type=non_negative_int, default=2, help="held-out phantom cases, 24×96×96 (default: %(default)s)"
     )
-    parser.add_argument("--real", action="store_true", help="also the real CT in ../shared/data")
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--stages", default="1,2,3")
+    parser.add_argument(
+        "--large-phantoms", type=non_negative_int, default=0,
+        help="held-out phantoms at 24×512×512, a clinical in-plane size (default: %(default)s)",
+    )
+    parser.add_argument("--real", action="store_true", help="also the real CT in --data")
+    parser.add_argument(
+        "--data", default=str(REPO.parent / "shared" / "data"),
+        help="folder holding ct/totalseg_example_ct_sm (default: ../shared/data beside the repository)",
+    )
+    parser.add_argument("--stages", default="1,2,3", help="comma-separated saliency stages, 1 to 3 (default: %(default)s)")
     parser.add_argument("--layers", default=None, help="comma-separated taps (default: all)")
     parser.add_argument(
-        "--grids", default="compact,source", help="where the overhead runs store the maps (comma-separated; compact is the default of the tool)"
+        "--grids", default="compact,source",
+        help="where the overhead runs store the maps (comma-separated; compact is the default of the tool; "
+             "default: %(default)s)",
     )
-    parser.add_argument("--target", choices=("gt", "predicted"), default="gt")
-    parser.add_argument("--slices-per-prompt", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--json", default=str(REPO / "out" / "bench_saliency.json"))
+    parser.add_argument(
+        "--target", choices=("gt", "predicted"), default="gt",
+        help="what both methods explain: the ground-truth mask or the model's own (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--slices-per-prompt", type=positive_int, default=4,
+        help="slices scored per prompt, those where its mask is largest (default: %(default)s)",
+    )
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timings: best of this many (default: %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--json", default=str(REPO / "out" / "bench_saliency.json"),
+        help="where the results go (default: out/bench_saliency.json in the repository)",
+    )
     parser.add_argument("--doc", default=None, help="Markdown file whose bench:BLOCK block gets the table")
-    parser.add_argument("--doc-block", default=DOC_BLOCK, help="BLOCK for --doc (one per model, say)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser.add_argument("--doc-block", default=DOC_BLOCK, help="BLOCK for --doc (one per model, say; default: %(default)s)")
+    return parser
 
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        stages = [int(s) for s in args.stages.split(",")]
+    except ValueError:
+        parser.error(f"--stages {args.stages!r}: give stages 1, 2 or 3, comma-separated")
+    if not stages or not set(stages) <= {1, 2, 3}:
+        parser.error(f"--stages {args.stages!r}: give stages 1, 2 or 3, comma-separated")
+    grids = [g.strip() for g in args.grids.split(",") if g.strip()]
+    if not grids or not set(grids) <= {"compact", "source"}:
+        parser.error(f"--grids {args.grids!r}: give compact and/or source, comma-separated")
+    if not (args.phantoms or args.large_phantoms or args.real):
+        parser.error("no case to measure: give --phantoms or --large-phantoms above 0, or --real")
+    check_outputs(parser, json_path=args.json, doc=args.doc, block=args.doc_block)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    with user_errors():
+        return _run(args, argv)
+
+
+def _run(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
     import torch
 
     from TextSegmentLib.weights import load_model
@@ -512,6 +560,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         repeats=args.repeats,
         grids=[g.strip() for g in args.grids.split(",") if g.strip()],
     )
+    info = run_info("bench/saliency.py", argv)
     result.update(
         model=args.model,
         overrides=overrides,
@@ -519,7 +568,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device=args.device,
         torch_threads=torch.get_num_threads(),
         cases=[c.name for c in cases],
-        created=time.strftime("%Y-%m-%d"),
+        created=info["created"],
+        command=info["command"],
+        machine=info["machine"],
+        settings=dict(vars(args)),
     )
     title = (
         f"{args.model}{' ' + str(overrides) if overrides else ''}, weights={args.weights}, target={args.target}, "
@@ -531,9 +583,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     table = format_tables(result["summary"], result["overhead"], title=title) + "\n\n" + format_targets(result["targets"])
     print(table)
     print(json.dumps(result["targets"], indent=2))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
-    print(f"wrote {args.json}")
+    print(f"wrote {write_json(args.json, result)}")
     if args.doc:
         replace_doc_block(args.doc, args.doc_block, table)
         print(f"updated {args.doc}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,9 @@ from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.common import check_outputs, positive_int, run_info, user_errors, write_json  # noqa: E402
+
 SINK_MODULES = ("maths", "layer_maps", "sink")  # in import order: sink uses the other two
 
 
@@ -71,18 +73,36 @@ def compare(sinks: dict, *, model, volume, prompts, stage: int, runs: int) -> di
     return times
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--before", required=True, help="git revision whose sink to compare with the working tree's")
-    parser.add_argument("--stage", type=int, choices=(1, 2, 3), default=3)
-    parser.add_argument("--model", default="freqmedclip-tiny")
-    parser.add_argument("--weights", default=None, help="default: the model's shipped default")
-    parser.add_argument("--runs", type=int, default=12)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--json", help="write the timings here")
-    args = parser.parse_args(argv)
+    parser.add_argument("--stage", type=int, choices=(1, 2, 3), default=3, help="saliency stage (default: %(default)s)")
+    parser.add_argument("--model", default="freqmedclip-tiny", help="model preset (default: %(default)s)")
+    parser.add_argument("--weights", default=None, help="weights id or checkpoint (default: the model's shipped default)")
+    parser.add_argument("--runs", type=positive_int, default=12, help="whole-volume runs per sink (default: %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument(
+        "--data", default=str(REPO.parent / "shared" / "data"),
+        help="folder holding ct/totalseg_example_ct_sm (default: ../shared/data beside the repository)",
+    )
+    parser.add_argument("--json", help="write the timings here (default: none written)")
+    return parser
 
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    known = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{args.before}^{{commit}}"], cwd=REPO,
+                           capture_output=True, text=True)
+    if known.returncode != 0:
+        parser.error(f"--before {args.before!r}: no such git revision in {REPO}")
+    args.before_commit = known.stdout.strip()  # recorded: a branch name or HEAD~1 moves on
+    check_outputs(parser, json_path=args.json)
+    with user_errors():
+        return _run(args, argv)
+
+
+def _run(args: argparse.Namespace, argv) -> int:
     import torch
 
     sys.path.insert(0, str(REPO / "bench"))
@@ -102,9 +122,10 @@ def main(argv=None) -> int:
         print(f"| {label} | {min(t['sink_ms']):.1f} | {statistics.median(t['sink_ms']):.1f} | "
               f"{100 * min(t['share']):.1f} % | {100 * statistics.median(t['share']):.1f} % |")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"case": case.name, "model": args.model, "stage": args.stage, "times": times},
-                                              indent=1))
+        write_json(args.json, {**run_info("bench/saliency_ab.py", argv), "settings": dict(vars(args)),
+                               "threads": torch.get_num_threads(), "case": case.name, "model": args.model,
+                               "weights": model.weights_source.label,
+                               "stage": args.stage, "times": times})
     return 0
 
 
