@@ -129,3 +129,25 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, monkeypatch, text
 def test_an_unknown_series_is_an_error_not_a_note(shared_data, textsegment):
     code, out, err = textsegment(shared_data / "dicom/pydicom_CT_small", "--series", "1.2.3")
     assert code == 2 and out == "" and "no series '1.2.3'" in err
+
+
+def test_a_results_folder_says_which_label_is_which_prompt(tmp_path, textsegment):
+    # `info OUT` said "no readable DICOM files in this folder": the prompts were in a JSON file only
+    from TextSegmentLib.engine import SegmentationResult, SegmentationRun
+    from TextSegmentLib.export import write_segmentation
+    from TextSegmentLib.volume import Volume
+
+    ct = Volume(np.zeros((2, 8, 8), np.int16), spacing=(1.0, 1.0, 2.0), source=str(tmp_path / "ct.nii.gz"))
+    masks = [np.zeros((2, 8, 8), np.uint8) for _ in range(2)]
+    masks[0][:, :4] = 1
+    masks[1][1, 6:, 6:] = 1
+    results = [SegmentationResult(prompt, ct.with_array(m.astype(np.float32)), ct.with_array(m))
+               for prompt, m in zip(["liver", "left kidney"], masks)]
+    write_segmentation(SegmentationRun(results, "cpu", 1, 0.0, 2, 0), out_dir=tmp_path / "out", model_name="wee")
+    code, out, err = textsegment(tmp_path / "out")
+    assert code == 0 and err == ""
+    assert "TextSegment results (wee" in out and str(tmp_path / "ct.nii.gz") in out
+    assert "label 1      'liver': 64 voxels" in out and "label 2      'left kidney': 4 voxels" in out
+    assert "segmentation.seg.nrrd" in out
+    code, out, _ = textsegment(tmp_path / "out", "--json")
+    assert [e["prompt"] for e in json.loads(out)["results"]["labels"]] == ["liver", "left kidney"]

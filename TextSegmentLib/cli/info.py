@@ -1,4 +1,5 @@
-"""``textsegment info PATH [--json]``: what a CT file or DICOM folder holds, before anything is run on it."""
+"""``textsegment info PATH [--json]``: what a CT file or DICOM folder holds, before anything is run on it,
+and what a results folder of ``segment`` (or ``demo``) holds after: which label value is which prompt."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from ..errors import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="describe a CT volume or DICOM folder: series, geometry, modality, values")
-    p.add_argument("path", help="image file (NIfTI, NRRD, MHA), DICOM folder, DICOMDIR or DICOM file")
+    p = sub.add_parser("info", help="describe a CT volume or DICOM folder (series, geometry, modality, values), "
+                                    "or a results folder (which label is which prompt)")
+    p.add_argument("path", help="image file (NIfTI, NRRD, MHA), DICOM folder, DICOMDIR or DICOM file, or the --out "
+                                "folder of segment or demo")
     p.add_argument("--series", metavar="UID", default=None, help="DICOM: describe this series (UID or key from the list)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=run)
@@ -31,6 +34,10 @@ def gather(path: Path, *, series_uid: str | None = None) -> dict[str, Any]:
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     report: dict[str, Any] = {"path": str(path)}
+    results = _results_folder(path)
+    if results is not None:  # "no readable DICOM files in this folder" said nothing of what the folder is
+        report["results"] = results
+        return report
     if is_dicom_input(path):
         report["series"] = [s.to_dict() for s in list_series(path)]
     try:
@@ -44,10 +51,38 @@ def gather(path: Path, *, series_uid: str | None = None) -> dict[str, Any]:
     return report
 
 
+def _results_folder(path: Path) -> dict[str, Any] | None:
+    """The legend of a TextSegment results folder (``segment``'s --out, or ``demo``'s ``segmentation/``), if it is one."""
+    from ..export import LEGEND, holds_earlier_run
+
+    folder = next((f for f in (path, path / "segmentation") if f.is_dir() and holds_earlier_run(f)), None)
+    if folder is None:
+        return None
+    legend = json.loads((folder / LEGEND).read_text(encoding="utf-8"))
+    return {"folder": str(folder), **legend}
+
+
+def _format_results(results: dict[str, Any]) -> list[str]:
+    folder = Path(results["folder"])
+    lines = [f"TextSegment results ({results.get('model') or 'model ?'}, weights {results.get('weights') or '?'}; "
+             f"textsegment {results.get('textsegment_version')}, {results.get('created', '?')})",
+             f"  CT           {results.get('source') or '?'}"]
+    for entry in results.get("labels", []):
+        shown = entry.get("label_map_voxels", entry.get("voxels"))
+        overlap = f" ({shown} in the label map)" if shown is not None and shown != entry.get("voxels") else ""
+        lines.append(f"  label {entry['label']:<6} {entry['prompt']!r}: {entry['voxels']} voxels, "
+                     f"{entry['volume_ml']:g} ml{overlap}")
+    files = [results.get("label_map"), results.get("slicer_segmentation")]
+    lines.append("  files        " + ", ".join(str(folder / f) for f in files if f and (folder / f).exists()))
+    return lines
+
+
 def format_text(report: dict[str, Any]) -> str:
     from ..io.dicom_series import counted
 
     lines = [report["path"]]
+    if "results" in report:
+        return "\n".join(lines + _format_results(report["results"]))
     series = report.get("series")
     if series is not None:
         lines.append(f"DICOM: {len(series)} series")
