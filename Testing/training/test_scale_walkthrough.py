@@ -307,3 +307,45 @@ def test_a_run_of_two_processes_resumed_in_one_is_refused(tiny_pool, tmp_path):
     with pytest.raises(InputError, match=r"in one process: it was trained by 2 torchrun processes \(--nproc-per-node 2\)"):
         train(_config(run), resume=True, pools=(tiny_pool, None))
     assert torch.load(run / "last.pt", weights_only=True)["step"] == 1  # nothing trained, nothing replaced
+
+
+# two runs in one folder --------------------------------------------------------------------------
+def test_a_second_run_into_a_folder_another_live_run_writes_is_refused(tiny_pool, tmp_path):
+    """A command started twice put two runs into one --out: both wrote its last.pt and best weights."""
+    import os
+    import socket
+
+    from TextSegmentLib.training.run_lock import LOCK_NAME
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_NAME).write_text(f"{socket.gethostname()} {os.getppid()}")  # a live process: pytest's parent
+    with pytest.raises(InputError, match=r"another training run \(process \d+ on .*\) is writing there"):
+        train(_config(run, stop_after=1), pools=(tiny_pool, None))
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]  # nothing of the refused run, the lock not taken
+
+
+def test_the_lock_of_a_run_killed_outright_is_taken_over_and_released_at_the_end(tiny_pool, tmp_path, caplog):
+    import socket
+    import subprocess
+    import sys
+
+    from TextSegmentLib.training.run_lock import LOCK_NAME
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_NAME).write_text(f"{socket.gethostname()} {gone.stdout.strip()}")
+    result = train(_config(run, stop_after=1), pools=(tiny_pool, None))
+    assert result.step == 1 and not (run / LOCK_NAME).exists()
+    assert "no longer runs" in caplog.text
+
+
+def test_a_run_refused_before_it_wrote_anything_leaves_no_new_folder(tmp_path):
+    from TextSegmentLib.training.run_lock import run_lock
+
+    out = tmp_path / "new" / "run"
+    with pytest.raises(RuntimeError):
+        with run_lock(out):
+            raise RuntimeError("refused while loading its data")
+    assert not (tmp_path / "new").exists()

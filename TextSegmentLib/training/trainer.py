@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from .data import (
     LEVEL_WEIGHTS, SlicePool, augment, build_pool, check_level_weights, check_real_fraction, check_sources, load_source,
 )
 from .losses import per_image_dice_loss, segmentation_loss, swap_term
+from .run_lock import run_lock
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +133,19 @@ def train(
     config: TrainConfig, *, resume: bool = False, pools: Optional[tuple[SlicePool, SlicePool]] = None,
     progress: Optional[Progress] = None,
 ) -> TrainResult:
-    """Run (or continue) training; returns where it stopped. ``pools`` (train, val) skip loading sources."""
+    """Run (or continue) training; returns where it stopped. ``pools`` (train, val) skip loading sources.
+
+    One run at a time per ``out_dir`` (``run_lock``): under torchrun, rank 0 holds the lock for all.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _train(config, resume=resume, pools=pools, progress=progress)
+    with run_lock(Path(config.out_dir)):
+        return _train(config, resume=resume, pools=pools, progress=progress)
+
+
+def _train(
+    config: TrainConfig, *, resume: bool, pools: Optional[tuple[SlicePool, SlicePool]], progress: Optional[Progress],
+) -> TrainResult:
     from ..devices import select_device
 
     began = time.monotonic()  # --max-minutes counts the loading too: a job's time limit does
