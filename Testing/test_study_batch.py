@@ -442,3 +442,21 @@ def test_batch_options_from_python_are_checked_once_and_saliency_follows_the_thr
     assert json.loads((out / series.folder / "segmentation.json").read_text())["model"] == "hu-threshold-v1"
     legend = json.loads((out / series.folder / "saliency" / "saliency_legend.json").read_text())
     assert legend["config"]["threshold"] == 0.3
+
+
+def test_info_on_the_batch_folder_lists_each_series_and_its_outcome(batch):
+    # `info OUT` said "no readable DICOM files in this folder" on a batch's own output
+    import contextlib
+    import io
+
+    from TextSegmentLib.cli import main
+
+    report, out, _ = batch
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["info", str(out)]) == 0
+    text = printed.getvalue()
+    assert "TextSegment batch of" in text and "hu-threshold" in text and "'bone', 'enhancing tissue'" in text
+    ok = next(s for s in report.series if s.status == "ok")
+    assert any(line.split()[:2] == ["ok", ok.folder] for line in text.splitlines())
+    assert "failed" in text and "pixel data" in text

@@ -1,5 +1,6 @@
 """``textsegment info PATH [--json]``: what a CT file or DICOM folder holds, before anything is run on it,
-and what a results folder of ``segment`` (or ``demo``) holds after: which label value is which prompt."""
+and what a results folder of ``segment``, ``demo`` or ``batch`` holds after: which label is which prompt, which
+series was segmented."""
 
 from __future__ import annotations
 
@@ -38,6 +39,10 @@ def gather(path: Path, *, series_uid: str | None = None) -> dict[str, Any]:
     if results is not None:  # "no readable DICOM files in this folder" said nothing of what the folder is
         report["results"] = results
         return report
+    batch = _batch_folder(path)
+    if batch is not None:
+        report["batch"] = batch
+        return report
     if is_dicom_input(path):
         report["series"] = [s.to_dict() for s in list_series(path)]
     try:
@@ -62,6 +67,29 @@ def _results_folder(path: Path) -> dict[str, Any] | None:
     return {"folder": str(folder), **legend}
 
 
+def _batch_folder(path: Path) -> dict[str, Any] | None:
+    """The report of a ``textsegment batch`` output folder, if ``path`` is one."""
+    from ..study_batch import REPORT
+
+    try:
+        report = json.loads((path / REPORT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) and "textsegment_version" in report else None
+
+
+def _format_batch(batch: dict[str, Any]) -> list[str]:
+    summary = ", ".join(f"{n} {state}" for state, n in (batch.get("summary") or {}).items() if n)
+    lines = [f"TextSegment batch of {batch.get('dicom_dir', '?')} ({batch.get('model') or 'model ?'}, weights "
+             f"{batch.get('weights') or '?'}): {summary or 'no series'}",
+             f"  prompts      {', '.join(repr(p) for p in batch.get('prompts', []))}"]
+    for series in batch.get("series", []):
+        why = f": {series['error']}" if series.get("error") else ""
+        lines.append(f"  {series.get('status', '?'):<9}{series.get('folder') or '-':<32} "
+                     f"{series.get('description') or '(no description)'}{why}")
+    return lines
+
+
 def _format_results(results: dict[str, Any]) -> list[str]:
     folder = Path(results["folder"])
     lines = [f"TextSegment results ({results.get('model') or 'model ?'}, weights {results.get('weights') or '?'}; "
@@ -83,6 +111,8 @@ def format_text(report: dict[str, Any]) -> str:
     lines = [report["path"]]
     if "results" in report:
         return "\n".join(lines + _format_results(report["results"]))
+    if "batch" in report:
+        return "\n".join(lines + _format_batch(report["batch"]))
     series = report.get("series")
     if series is not None:
         lines.append(f"DICOM: {len(series)} series")
