@@ -39,6 +39,6 @@ def run(args: argparse.Namespace) -> int:
         dice = "" if case.dice is None else f"  Dice {case.dice:.3f}"
         print(f"  {case.level:5s} {case.prompt!r}: {case.voxels} voxels{dice}")
     print(f"report: {report.report}")
-    print(f"files: {report.out_dir / 'segmentation'} (label map, legend, probability maps), "
+    print(f"files: {report.out_dir / 'segmentation'} (label map, Slicer segmentation, legend, probability maps), "
           f"{report.out_dir / 'saliency'} (saliency maps)")
     return 0
