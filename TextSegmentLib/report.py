@@ -48,7 +48,8 @@ device {html.escape(report.device)}, {report.seconds:.1f} s (segmentation and sa
 <table><tr><th>level</th><th>prompt</th><th>voxels</th><th>Dice vs ground truth</th></tr>
 {''.join(rows)}
 </table>
-<p>Files: <code>segmentation/</code> (label map, the same as a Slicer segmentation <code>segmentation.seg.nrrd</code>, legend, probability maps),
+<p>Files: <code>segmentation/</code> (label map, the same as a Slicer segmentation
+<code>segmentation.seg.nrrd</code>, legend, probability maps),
 <code>saliency/</code> (one map per layer and prompt, legend). Montages show the CT slice with the
 predicted outline, one panel per layer and the combined map.</p>
 {''.join(figures)}
