@@ -51,8 +51,8 @@ def check_outputs_free(out_dir: Path, *, overwrite: bool = False) -> None:
         )
 
 
-def holds_earlier_run(folder: Path) -> bool:
-    """Does ``folder`` hold a legend that TextSegment wrote (``segmentation.json`` with our version stamp)?
+def earlier_legend(folder: Path) -> Optional[dict]:
+    """The legend TextSegment wrote in ``folder`` (``segmentation.json`` with our version stamp), else None.
 
     Why: ``--overwrite`` may replace an earlier run's files, never another tool's that share their names
     (TotalSegmentator also writes segmentation.nii.gz) or a folder of the user's.
@@ -62,8 +62,13 @@ def holds_earlier_run(folder: Path) -> bool:
     try:
         legend = json.loads((Path(folder) / LEGEND).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(legend, dict) and "textsegment_version" in legend
+        return None
+    return legend if isinstance(legend, dict) and "textsegment_version" in legend else None
+
+
+def holds_earlier_run(folder: Path) -> bool:
+    """Does ``folder`` hold a legend that TextSegment wrote (``earlier_legend``)?"""
+    return earlier_legend(folder) is not None
 
 
 def slug(text: str, *, max_length: int = 48, fallback: str = "prompt") -> str:

@@ -58,13 +58,13 @@ def gather(path: Path, *, series_uid: str | None = None) -> dict[str, Any]:
 
 def _results_folder(path: Path) -> dict[str, Any] | None:
     """The legend of a TextSegment results folder (``segment``'s --out, or ``demo``'s ``segmentation/``), if it is one."""
-    from ..export import LEGEND, holds_earlier_run
+    from ..export import earlier_legend
 
-    folder = next((f for f in (path, path / "segmentation") if f.is_dir() and holds_earlier_run(f)), None)
-    if folder is None:
-        return None
-    legend = json.loads((folder / LEGEND).read_text(encoding="utf-8"))
-    return {"folder": str(folder), **legend}
+    for folder in (path, path / "segmentation"):
+        legend = earlier_legend(folder) if folder.is_dir() else None
+        if legend is not None:  # read once: the check is the read
+            return {"folder": str(folder), **legend}
+    return None
 
 
 def _batch_folder(path: Path) -> dict[str, Any] | None:
