@@ -237,16 +237,19 @@ def test_progress_of_a_resumed_run_says_the_time_left_at_this_sessions_pace(tiny
 def test_reproduce_continues_when_out_is_named_another_way(tmp_path, monkeypatch):
     """Run again with --out as an absolute path (a job script's $PWD/...), resuming was refused: init_weights differed."""
     from TextSegmentLib.training import reproduce
+    from TextSegmentLib.training.recipes import phase_state, recipe_chain
 
     recipes = _chain(tmp_path / "recipes")
     monkeypatch.chdir(tmp_path)
     made = reproduce("freqmedclip-tiny-v2", out_dir="made", recipes_dir=recipes, threads=1, report=lambda _: None)
     made.unlink()  # the last phase's run is there, its export is not: the next call resumes that run
+    last_phase = recipe_chain("freqmedclip-tiny-v2", recipes_dir=recipes)[-1]
+    assert phase_state(last_phase, out_dir="made").endswith("last.pt at step 1")  # what --dry-run prints
     said = []
     again = reproduce("freqmedclip-tiny-v2", out_dir=tmp_path / "made", recipes_dir=recipes, threads=1,
                       report=said.append)
     assert again == tmp_path / "made" / "freqmedclip-tiny-v2.safetensors" and again.is_file()
-    assert "resuming" in said[1]
+    assert "resuming at step 1 of 1 into" in said[1]  # the step it stood at, not only the phase's length
 
 
 def test_a_resume_on_a_full_disk_keeps_the_runs_config_json(tiny_pool, tmp_path, monkeypatch):

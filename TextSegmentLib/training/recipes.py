@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Union
 
 from ..errors import InputError
 from .data import read_json
-from .trainer import TrainConfig, check_field_type
+from .trainer import TrainConfig, check_field_type, saved_step
 
 PathLike = Union[str, Path]
 
@@ -150,7 +150,8 @@ def reproduce(
         if ran is not None and ran != config.steps:
             raise InputError(f"{run_dir} holds a run of {ran} steps, not {config.steps}: give another --out folder")
         resume = (run_dir / "last.pt").is_file()
-        report(f"{label}: {'resuming' if resume else 'training'} {config.steps} steps into {run_dir}")
+        report(f"{label}: {_resuming(run_dir / 'last.pt', config.steps) if resume else f'training {config.steps} steps'} "
+               f"into {run_dir}")
         # the bar restarts at every phase: its line says which phase it is
         phase_progress = None if progress is None else (
             lambda fraction, message, label=f"{number}/{len(chain)} {phase.weights_id}": progress(fraction, f"{label}: {message}"))
@@ -180,8 +181,15 @@ def phase_state(phase: Phase, *, out_dir: PathLike) -> str:
     if export.is_file():
         return f"kept ({export})"
     if state.is_file():
-        return f"resumes {state}"
+        step = saved_step(state)
+        return f"resumes {state}" + ("" if step is None else f" at step {step:,}")
     return "to train"
+
+
+def _resuming(state: Path, steps: int) -> str:
+    """``resuming at step 2,100 of 3,000``: how much of the phase is left, not only its length."""
+    step = saved_step(state)
+    return f"resuming {steps:,} steps" if step is None else f"resuming at step {step:,} of {steps:,}"
 
 
 def _check_same_steps(made: Path, made_with: Optional[int], asked: Optional[int]) -> None:

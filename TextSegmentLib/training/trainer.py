@@ -466,6 +466,17 @@ def _read_resume_state(path: Path, model: nn.Module, config: TrainConfig, *, pro
     return state
 
 
+def saved_step(path: "str | os.PathLike") -> Optional[int]:
+    """The step a ``last.pt`` was saved at, or None when it cannot be read (then resuming says why).
+
+    Why: ``reproduce`` said "resuming 3000 steps" whether the run stood at step 100 or 2,900.
+    """
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:  # a damaged or foreign file: _read_resume_state names the problem when the run starts
+        return None
+
+
 def _written(path: Path, write: Callable[[], Any]) -> None:
     """Run ``write`` (an atomic save of ``path``); a failure (disk full, read-only folder) is one line.
 
