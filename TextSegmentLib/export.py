@@ -109,21 +109,32 @@ def write_segmentation(
 
     ``model_name`` and ``weights`` default to what ran (``run.model_name``, ``run.weights_record``), and the
     legend records the weights' file and checksums and the run's ``settings``, as ``textsegment segment``
-    does; ``extra_legend`` adds to or replaces legend entries.
+    does; ``extra_legend`` adds to or replaces legend entries. All files are written or none: an error
+    or Ctrl-C half-way leaves ``out_dir`` as it was (with ``overwrite``, the earlier run's files intact).
     """
-    from .colors import lookup
-    from .io.writers import write_float_map, write_json, write_label_map, write_slicer_segmentation
+    from .io.writers import staged_folder
 
     out_dir = Path(out_dir)
     check_outputs_free(out_dir, overwrite=overwrite)
+    source = run.results[0].mask.source
+    with staged_folder(out_dir, overwrite=overwrite, protected=[source] if source else []) as staging:
+        written = _write_run(run, out_dir=staging, model_name=model_name, weights=weights, extra_legend=extra_legend)
+    return [out_dir / path.relative_to(staging) for path in written]
+
+
+def _write_run(run: Any, *, out_dir: Path, model_name: Optional[str], weights: Optional[str],
+               extra_legend: Optional[dict]) -> list[Path]:
+    """``write_segmentation``'s files, into an empty (staging) folder."""
+    from .colors import lookup
+    from .io.writers import write_float_map, write_json, write_label_map, write_slicer_segmentation
+
     reference = run.results[0].mask
     ran = getattr(run, "weights_record", None) or {}  # a run built by hand has none
     labels = label_map(run)
     in_label_map = np.bincount(labels.ravel(), minlength=len(run.results) + 1)
-    written = [write_label_map(reference.with_array(labels), out_dir / LABEL_MAP, overwrite=overwrite)]
+    written = [write_label_map(reference.with_array(labels), out_dir / LABEL_MAP)]
     segments = [(i, r.prompt, lookup(r.prompt).rgb_float) for i, r in enumerate(run.results, start=1)]
-    written.append(write_slicer_segmentation(reference.with_array(labels), segments, out_dir / SLICER_SEGMENTATION,
-                                             overwrite=overwrite))
+    written.append(write_slicer_segmentation(reference.with_array(labels), segments, out_dir / SLICER_SEGMENTATION))
     entries = []
     used: set[str] = set()
     for i, result in enumerate(run.results):
@@ -132,7 +143,7 @@ def write_segmentation(
             name += "_"
         used.add(name)
         prob_path = out_dir / PROBABILITY_DIR / f"{i + 1:02d}_{name}.nii.gz"
-        written.append(write_float_map(result.probability, prob_path, overwrite=overwrite))
+        written.append(write_float_map(result.probability, prob_path))
         entries.append(
             {
                 "label": i + 1,
@@ -165,5 +176,5 @@ def write_segmentation(
     if getattr(run, "settings", None):
         legend["settings"] = run.settings
     legend.update(extra_legend or {})
-    written.append(write_json(legend, out_dir / LEGEND, overwrite=overwrite))
+    written.append(write_json(legend, out_dir / LEGEND))
     return written

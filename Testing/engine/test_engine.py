@@ -517,6 +517,32 @@ def test_a_run_written_from_python_records_what_ran_as_the_cli_does(tmp_path):
     assert legend["settings"]["windows"] == ["abdomen", "lung", "bone"]
 
 
+def test_a_write_from_python_that_fails_half_way_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    """``write_segmentation`` wrote file by file: a failure after the label map left it without its legend, and
+    with ``overwrite=True`` the earlier run's label map replaced beside its old legend (the CLI staged; Python did not)."""
+    from TextSegmentLib.export import write_segmentation
+    from TextSegmentLib.io import writers
+
+    volume, _ = cube_volume()
+    run = segment(volume, ["bright"], model=WindowModel(), device="cpu")
+    out = tmp_path / "out"
+    write_segmentation(run, out_dir=out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writers, "write_float_map", full_disk)  # after the label map, before the legend
+    other = segment(volume, ["bright", "dark"], model=WindowModel(), device="cpu")  # another label map
+    with pytest.raises(OSError, match="No space left"):
+        write_segmentation(other, out_dir=out, overwrite=True)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not [p for p in out.iterdir() if p.name.startswith(writers.STAGING_PREFIX)]
+    with pytest.raises(OSError, match="No space left"):
+        write_segmentation(run, out_dir=tmp_path / "new" / "folder")
+    assert not (tmp_path / "new").exists()  # the folders it made are gone again
+
+
 def test_a_run_prints_in_a_few_lines():
     """In a notebook ``run`` printed every Volume's voxels (numpy's summary of each array): pages per prompt."""
     volume, _ = cube_volume()
