@@ -158,7 +158,8 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._job = None
         self._jobKind = None
-        self._outcome = None
+        self._outcome = None  # the last run's: DICOM SEG export and recolouring use it
+        self._shown = None  # the outcome whose maps the saliency panel shows: the last run's, or a reopened scene's
         self._features = None
         self._weightsModel = None
         self._listedWeights = 0  # items of the weights list from logic.weights_choices; one more holds an unlisted value
@@ -179,6 +180,7 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         for keys in ("Ctrl+Return", "Ctrl+Enter"):
@@ -227,6 +229,7 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.cancel(self._job)
         self.ui.exportDicomSegButton.enabled = False  # its input node goes with the scene
         self._outcome = None  # its nodes go with the scene too: no recolouring or overlays of them in the next one
+        self._shown = None
         self._features = None
         self.ui.saliencyPromptComboBox.clear()
         self.setParameterNode(None)
@@ -234,6 +237,12 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
             self.initializeParameterNode()
+
+    def onSceneEndImport(self, caller, event):
+        """A saved scene was opened: its saliency maps of the input volume are shown as a run's are."""
+        p = self._parameterNode
+        if p is not None and p.inputVolume is not None:
+            self._followInput(p.inputVolume)
 
     # parameter node ------------------------------------------------------------------------------
     def initializeParameterNode(self):
@@ -276,6 +285,8 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         previousInput = self._inputVolume
         if p.inputVolume is not None:  # "None" on the way from one volume to another (A removed, then B) is no change
             self._inputVolume = p.inputVolume
+            if p.inputVolume is not previousInput:
+                self._followInput(p.inputVolume)
         output = p.outputSegmentation
         if previousInput is not None and p.inputVolume is not None and p.inputVolume is not previousInput and output is not None:
             if not slicer_logic.output_fits_input(output, input_node=p.inputVolume):
@@ -475,13 +486,7 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         lines = [_("Done in {seconds:.1f} s on {device}. {volumes}").format(seconds=run.seconds, device=run.device, volumes=volumes)]
         lines += run.warnings
         self.ui.statusLabel.text = "\n".join(lines)
-        combo = self.ui.saliencyPromptComboBox
-        wasBlocked = combo.blockSignals(True)
-        combo.clear()
-        for prompt in outcome.saliency_nodes:
-            combo.addItem(prompt)
-        combo.blockSignals(wasBlocked)
-        self.updateOverlay()
+        self._showSaliencyOf(self._outcome)
 
     def onExportDicomSeg(self):
         path = qt.QFileDialog.getSaveFileName(None, _("Export DICOM SEG"), "", "DICOM (*.dcm)")
@@ -495,11 +500,40 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._start(job, "export")
 
     # saliency panel ------------------------------------------------------------------------------
+    def _followInput(self, inputNode):
+        """The maps shown follow the input: the last run's if it segmented this volume, else those the scene
+        holds for it (a saved scene opened again); another volume without maps leaves the panel as it is."""
+        if self._outcome is not None and self._outcome.input_node.GetID() == inputNode.GetID():
+            if self._shown is not self._outcome:
+                self._showSaliencyOf(self._outcome)
+            return
+        saved = self.logic.outcome_in_scene(inputNode)
+        if saved is not None:
+            self._showSaliencyOf(saved)
+
+    def _showSaliencyOf(self, outcome):
+        """List ``outcome``'s prompts, at the layer the parameter node names (a reopened scene's, the last one seen)."""
+        self._shown = outcome
+        wanted = self._parameterNode.saliencyLayer if self._parameterNode is not None else ""
+        combo = self.ui.saliencyPromptComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for prompt in outcome.saliency_nodes:
+            combo.addItem(prompt)
+        combo.blockSignals(wasBlocked)
+        layers = self._layers()
+        if wanted in layers:
+            slider = self.ui.saliencyLayerSlider
+            wasBlocked = slider.blockSignals(True)
+            slider.maximum, slider.value = len(layers) - 1, layers.index(wanted)
+            slider.blockSignals(wasBlocked)
+        self.updateOverlay()
+
     def _layers(self):
-        if self._outcome is None or not self._outcome.saliency_nodes:
+        if self._shown is None or not self._shown.saliency_nodes:
             return []
         prompt = self.ui.saliencyPromptComboBox.currentText
-        return [name for name in self._outcome.saliency_nodes.get(prompt, {}) if name != COMBINED]
+        return [name for name in self._shown.saliency_nodes.get(prompt, {}) if name != COMBINED]
 
     def updateOverlay(self, *args):
         prompt = self.ui.saliencyPromptComboBox.currentText
@@ -518,7 +552,7 @@ class TextSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.saliencyLayerLabel.text = layer
         self._parameterNode.saliencyLayer = "" if combined else layer
         try:
-            self.logic.show_saliency(self._outcome, prompt=prompt, layer=layer,
+            self.logic.show_saliency(self._shown, prompt=prompt, layer=layer,
                                      opacity=self.ui.saliencyOpacitySlider.value)
         except Exception as exc:
             self._showError(_("Cannot show the saliency map"), exc)

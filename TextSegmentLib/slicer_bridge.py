@@ -559,6 +559,19 @@ def remove_saliency_volumes(*, reference_node: Any, prompt: str, keep: Sequence[
     return removed
 
 
+def saliency_volumes(reference_node: Any, *, context: Optional[SlicerContext] = None) -> dict[str, dict[str, Any]]:
+    """The saliency volumes over ``reference_node`` in the scene: ``{prompt: {layer: node}}``, in the order added.
+
+    Why: each volume keeps its prompt and layer (an attribute) and its CT (a node reference) in a saved
+    scene, so the maps of a scene opened again can be browsed as those of a run just made.
+    """
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, node in _saliency_nodes(_context(context), reference_node).items():
+        prompt, layer = key.rsplit("|", 1)
+        grouped.setdefault(prompt, {})[layer] = node
+    return grouped
+
+
 def _saliency_nodes(context: SlicerContext, reference_node: Any) -> dict[str, Any]:
     """Our saliency volumes over ``reference_node``, by "<prompt>|<layer>"."""
     scene = context.scene

@@ -58,13 +58,13 @@ class SegmentOutcome:
 
     input_node: Any
     segmentation_node: Any
-    run: Any  # the engine's SegmentationRun
+    run: Any  # the engine's SegmentationRun; None for maps read back from the scene (outcome_in_scene)
     saliency_nodes: dict[str, dict[str, Any]] = field(default_factory=dict)  # prompt -> layer -> volume node
     model_name: str = ""  # the preset (or model class) that ran: DICOM SEG records it as the algorithm
 
     @property
     def warnings(self) -> list[str]:
-        return list(self.run.warnings)
+        return list(self.run.warnings) if self.run is not None else []
 
 
 # the logic -------------------------------------------------------------------------------------
@@ -254,6 +254,20 @@ class SegmentationLogic:
         show_overlay(outcome.input_node, layers[layer], context=self.context, opacity=opacity)
         return layers[layer]
 
+    def outcome_in_scene(self, input_node: Any) -> Optional[SegmentOutcome]:
+        """The saliency maps earlier runs left over ``input_node`` in the scene (a saved scene opened again), as
+        an outcome ``show_saliency`` shows; None when there are none.
+
+        Its ``run`` is None: the masks are in the segmentation node, but a scene does not keep the run's
+        arrays, so it cannot be exported as DICOM SEG.
+        """
+        from .slicer_bridge import saliency_volumes
+
+        if input_node is None:
+            return None
+        maps = saliency_volumes(input_node, context=self.context)
+        return SegmentOutcome(input_node=input_node, segmentation_node=None, run=None, saliency_nodes=maps) if maps else None
+
     def export_dicom_seg(self, outcome: SegmentOutcome, *, path: Union[str, Path], overwrite: bool = False,
                          file_for_instance: Union[Callable[[str], Any], Mapping[str, Any], None] = None,
                          wait: bool = True) -> Union[Path, Job]:
@@ -280,6 +294,9 @@ class SegmentationLogic:
         from .volume import reorient_to
 
         results = list(getattr(getattr(outcome, "run", None), "results", None) or [])
+        if not results and getattr(outcome, "run", None) is None and getattr(outcome, "saliency_nodes", None):
+            raise InputError("these maps were read back from the scene, without the run's masks; segment the volume "
+                             "again to export a DICOM SEG (or save the segmentation node as it is)")
         if not results:
             raise InputError("nothing to export: segment a volume first")
         path = Path(path)

@@ -143,6 +143,44 @@ def test_parameters_survive_save_and_reload(context, ct_node, tmp_path, suffix):
         reloaded.scene.Clear(True)
 
 
+def test_saliency_maps_of_a_saved_scene_are_found_again_when_it_is_reopened(context, ct_node, tmp_path):
+    """A scene saved with a run's saliency maps reopened with an empty saliency panel: the maps were in the
+    scene, but the widget knew only the maps of a run made in this session."""
+    from TextSegmentLib.slicer_bridge import add_saliency_volumes, headless_context
+
+    ct = _ct()[0]
+    ramp = ct.with_array(np.linspace(0, 1, ct.array.size, dtype=np.float32).reshape(ct.shape))
+    for prompt in ("liver", "left kidney"):
+        add_saliency_volumes({"vit.3": ramp, "vit.11": ramp, "combined": ramp}, reference_node=ct_node,
+                             context=context, prompt=prompt)
+    other = node_from_volume(ct, context=context, name="another CT")
+    add_saliency_volumes({"vit.3": ramp}, reference_node=other, context=context, prompt="spleen")
+    bundle, path = tmp_path / "bundle", tmp_path / "scene.mrb"
+    bundle.mkdir()
+    assert context.app_logic.SaveSceneToSlicerDataBundleDirectory(str(bundle), None)
+    assert context.app_logic.Zip(str(path), str(bundle))
+    reloaded = headless_context()
+    (tmp_path / "unpacked").mkdir()
+    assert reloaded.app_logic.OpenSlicerDataBundle(str(path), str(tmp_path / "unpacked"))
+    logic = SegmentationLogic(context=reloaded)
+    try:
+        ct_again = reloaded.scene.GetFirstNodeByName(ct_node.GetName())
+        outcome = logic.outcome_in_scene(ct_again)
+        assert {prompt: list(layers) for prompt, layers in outcome.saliency_nodes.items()} == {
+            "liver": ["vit.3", "vit.11", "combined"], "left kidney": ["vit.3", "vit.11", "combined"]}
+        assert outcome.run is None and outcome.warnings == []
+        shown = logic.show_saliency(outcome, prompt="left kidney", layer="vit.11")
+        assert shown.GetScene() is reloaded.scene and shown.GetName() == "left kidney saliency vit.11"
+        assert shown.GetImageData().GetDimensions() == (32, 32, 6)  # the voxels came back with the bundle
+        assert list(logic.outcome_in_scene(reloaded.scene.GetFirstNodeByName("another CT")).saliency_nodes) == ["spleen"]
+        assert logic.outcome_in_scene(node_from_volume(ct, context=reloaded, name="CT without maps")) is None
+        with pytest.raises(InputError, match="read back from the scene"):  # the run's masks are not in a scene
+            logic.export_dicom_seg(outcome, path=tmp_path / "seg.dcm")
+    finally:
+        logic.shutdown()
+        reloaded.scene.Clear(True)
+
+
 def test_bad_parameter_values_are_refused(context, ct_node):
     node = find_parameter_node(context.scene)
     for values, message in (

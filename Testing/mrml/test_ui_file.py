@@ -428,7 +428,8 @@ def widget(monkeypatch):
     qt.QSettings = lambda: types.SimpleNamespace(value=settings.get, setValue=settings.__setitem__)
     slicer = types.ModuleType("slicer")
     slicer.vtkMRMLScalarVolumeNode = slicer.vtkMRMLSegmentationNode = object
-    slicer.mrmlScene = types.SimpleNamespace(StartCloseEvent=1, EndCloseEvent=2, GetNodeByID=lambda node_id: None)
+    slicer.mrmlScene = types.SimpleNamespace(StartCloseEvent=1, EndCloseEvent=2, EndImportEvent=3,
+                                             GetNodeByID=lambda node_id: None)
     slicer.app = types.SimpleNamespace(applicationLogic=lambda: types.SimpleNamespace(
         GetSelectionNode=lambda: types.SimpleNamespace(GetActiveVolumeID=lambda: None)))
     slicer.util = types.SimpleNamespace(
@@ -456,6 +457,7 @@ def widget(monkeypatch):
     monkeypatch.setattr(module, "missingDependencies", lambda: [])
     weights = {"freqmedclip-tiny": [("", "default weights"), ("fmc-v8", "fmc-v8")],
                "tgcnet-tiny": [("", "default weights"), ("tgc-v9", "tgc-v9")]}
+    monkeypatch.setattr(module.SegmentationLogic, "outcome_in_scene", lambda self, node: None)  # an empty scene
     monkeypatch.setattr(module.SegmentationLogic, "weights_choices", lambda self, model: weights.get(model, weights["tgcnet-tiny"][:1]))
 
     w = module.TextSegmentWidget()

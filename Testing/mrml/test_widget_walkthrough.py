@@ -129,7 +129,7 @@ def test_dicom_seg_export_runs_as_a_job_and_gives_the_buttons_back(widget, monke
                         lambda self, outcome, *, path, overwrite, wait=True: asked.append((path, overwrite, wait)) or export)
     monkeypatch.setattr(widget.module.qt, "QFileDialog",
                         types.SimpleNamespace(getSaveFileName=lambda *args: "/out/seg.dcm"), raising=False)
-    widget._outcome = object()
+    widget._outcome = types.SimpleNamespace(input_node=_Node("CT"), saliency_nodes={})
     ui.exportDicomSegButton.enabled = True
     widget.onExportDicomSeg()
     assert asked == [("/out/seg.dcm", True, False)], "the export ran on the main thread"
@@ -141,7 +141,7 @@ def test_dicom_seg_export_runs_as_a_job_and_gives_the_buttons_back(widget, monke
 
 def test_a_run_disables_export_until_it_ends(widget, monkeypatch):
     ui = widget.ui
-    widget._outcome = object()
+    widget._outcome = types.SimpleNamespace(input_node=_Node("earlier CT"), saliency_nodes={})
     ui.exportDicomSegButton.enabled = True
     run = _job()
     _apply(widget, monkeypatch, run)
@@ -280,3 +280,46 @@ def test_a_finished_download_refreshes_the_weights_list_once(widget, monkeypatch
     _poll(widget, download, "computed", "/cache/fmc-v8.safetensors")
     assert listed == [widget._parameterNode.model]  # "remote" becomes "cached"
     assert widget.ui.statusLabel.text == "Downloading fmc-v8: done."
+
+
+# a saved scene opened again ----------------------------------------------------------------------
+def test_a_reopened_scene_shows_its_saliency_maps_at_the_layer_it_was_saved_at(widget, monkeypatch):
+    """The saliency panel said "Run with Explain on" over a scene that held the maps: it knew only this session's
+    runs, and the layer the scene's parameter node named (saliencyLayer) was never read back."""
+    logic_class = widget.module.SegmentationLogic
+    maps = {"liver": {"vit.3": _Node("m1"), "vit.11": _Node("m2"), "combined": _Node("m3")},
+            "left kidney": {"vit.3": _Node("m4"), "vit.11": _Node("m5"), "combined": _Node("m6")}}
+    in_scene = {}  # input id -> maps, as the scene holds them (filled once the scene is imported)
+
+    def outcome_in_scene(self, node):
+        found = in_scene.get(node.GetID())
+        return widget.module.slicer_logic.SegmentOutcome(input_node=node, segmentation_node=None, run=None,
+                                                         saliency_nodes=found) if found else None
+
+    shown = []
+    monkeypatch.setattr(logic_class, "outcome_in_scene", outcome_in_scene)
+    monkeypatch.setattr(logic_class, "show_saliency", lambda self, outcome, **kw: shown.append((outcome.input_node.GetID(), kw)))
+    ui, p = widget.ui, widget._parameterNode
+    ui.combinedMapCheckBox.checked = False  # as the reopened scene's parameter node binds it
+    p.saliencyLayer = "vit.11"
+    p.inputVolume = _Node("CT")  # the scene's parameter node is read before its volumes are all in
+    assert ui.saliencyPromptComboBox.items == [] and shown == []
+    in_scene["CT"] = maps
+    widget.onSceneEndImport(None, None)
+    assert [text for text, _ in ui.saliencyPromptComboBox.items] == ["liver", "left kidney"]
+    assert shown[-1] == ("CT", {"prompt": "liver", "layer": "vit.11", "opacity": ui.saliencyOpacitySlider.value})
+    assert (ui.saliencyLayerSlider.value, ui.saliencyLayerSlider.maximum, ui.saliencyLayerLabel.text) == (1, 1, "vit.11")
+    assert p.saliencyLayer == "vit.11" and widget.errors == []
+
+    p.inputVolume = _Node("CT without maps")  # another volume with no maps leaves the panel as it was
+    assert [text for text, _ in ui.saliencyPromptComboBox.items] == ["liver", "left kidney"]
+    in_scene["CT 2"] = {"spleen": {"vit.3": _Node("m7")}}
+    p.inputVolume = _Node("CT 2")  # one with maps of its own shows them
+    assert [text for text, _ in ui.saliencyPromptComboBox.items] == ["spleen"] and shown[-1][0] == "CT 2"
+
+    _, finish = test_ui_file._finished_run(widget, monkeypatch, input_id="CT 3")  # this session's run wins over the scene's maps
+    in_scene["CT 3"] = {"liver": {"vit.3": _Node("old")}}
+    finish()
+    p.inputVolume = _Node("CT 2")
+    p.inputVolume = _Node("CT 3")
+    assert widget._shown is widget._outcome and ui.saliencyPromptComboBox.items == []  # the run had no maps
