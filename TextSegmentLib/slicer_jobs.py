@@ -43,6 +43,9 @@ class Job:
     apply: Optional[Callable[[Any], Any]] = field(default=None, repr=False)
     cancel_token: CancelToken = field(default_factory=CancelToken, repr=False)
     progress: Optional[ProgressCallback] = field(default=None, repr=False)  # the caller's; called by poll()
+    # compute writes files (an export, an import, a study's folders): a cancel that comes after it returned
+    # is too late to undo them, so the job is done, not "cancelled; nothing was changed"
+    writes_files: bool = False
     state: str = QUEUED
     fraction: float = 0.0
     message: str = ""

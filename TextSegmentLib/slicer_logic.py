@@ -335,7 +335,7 @@ class SegmentationLogic:
 
         if wait:
             return compute(_ignore, None)
-        return self.submit(f"Exporting DICOM SEG to {path.name}", compute)
+        return self.submit(f"Exporting DICOM SEG to {path.name}", compute, writes_files=True)
 
     # whole-study batch -----------------------------------------------------------------------
     def segment_dicom_study(
@@ -395,7 +395,8 @@ class SegmentationLogic:
 
         if wait:
             return apply(compute(progress or _ignore, cancel))
-        return self.submit(f"Segmenting the study in {dicom_dir}", compute, apply, progress=progress, cancel=cancel)
+        return self.submit(f"Segmenting the study in {dicom_dir}", compute, apply, progress=progress, cancel=cancel,
+                           writes_files=True)
 
     # weights ---------------------------------------------------------------------------------
     def weights_choices(self, model_name: str) -> list[tuple[str, str]]:
@@ -431,14 +432,16 @@ class SegmentationLogic:
     # job control -----------------------------------------------------------------------------
     def submit(self, title: str, compute: Callable[[ProgressCallback, CancelToken], Any],
                apply: Optional[Callable[[Any], Any]] = None, *, progress: Optional[ProgressCallback] = None,
-               cancel: Optional[CancelToken] = None) -> Job:
+               cancel: Optional[CancelToken] = None, writes_files: bool = False) -> Job:
         """Queue ``compute`` on the worker; ``poll()`` later runs ``apply`` on its result on the main thread.
 
         ``cancel`` (the caller's token) cancels the job as ``job.cancel()`` does; ``progress`` is
         called by ``poll()``, on the main thread, never from the worker (it may touch Qt and MRML).
+        A cancel that comes after ``compute`` returned skips ``apply`` (nothing changed in the scene),
+        unless ``writes_files``: then the files are written and the job is done.
         """
         job = Job(id=next(self._ids), title=title, compute=compute, apply=apply, cancel_token=EitherToken(cancel),
-                  progress=progress)
+                  progress=progress, writes_files=writes_files)
         self._jobs.append(job)
         self.worker.submit(job)
         return job
@@ -464,7 +467,7 @@ class SegmentationLogic:
         if kind == RUNNING:
             job.state, job.message = RUNNING, f"{job.title}…"
             return kind
-        if kind == CANCELLED or (kind == "computed" and job.cancel_token.cancelled):
+        if kind == CANCELLED or (kind == "computed" and job.cancel_token.cancelled and not job.writes_files):
             job.state, job.message = CANCELLED, "cancelled; nothing was changed"
             return CANCELLED
         if kind == FAILED:
@@ -509,7 +512,7 @@ class SegmentationLogic:
         self.worker.shutdown(timeout=5.0)
 
     def _run_or_submit(self, title: str, compute: Callable[..., Any], *, wait: bool) -> Any:
-        return compute(_ignore, None) if wait else self.submit(title, compute)
+        return compute(_ignore, None) if wait else self.submit(title, compute, writes_files=True)
 
     # models ----------------------------------------------------------------------------------
     def _model(self, model: Any, *, weights: Optional[str], device: str,

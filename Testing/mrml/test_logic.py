@@ -419,6 +419,29 @@ def test_cancel_after_computing_but_before_poll_still_changes_nothing(logic, con
     assert _scene_ids(context) == before
 
 
+def test_cancel_after_files_were_written_says_the_job_is_done(logic, tmp_path):
+    """A cancel that came after an export, import or download had written its file said "Cancelled; nothing was
+    changed" while the file was there: too late to undo, the job is done."""
+    from TextSegmentLib.slicer_jobs import CANCELLED, DONE
+
+    written = tmp_path / "weights.safetensors"
+    job = logic.submit("Importing weights", lambda progress, cancel: written.write_bytes(b"imported"), writes_files=True)
+    computed = threading.Event()
+    logic.submit("marker", lambda progress, cancel: computed.set())
+    assert computed.wait(20)
+    job.cancel()  # the file is written already
+    while not job.finished:
+        logic.poll()
+    assert (job.state, job.message) == (DONE, "done") and written.read_bytes() == b"imported"
+    scene_only = logic.submit("Adding nodes", lambda progress, cancel: None, apply=lambda value: pytest.fail("applied"))
+    scene_only.cancel()
+    while not scene_only.finished:
+        logic.poll()
+    assert scene_only.state == CANCELLED  # its changes come in apply, which a cancel still skips
+    # the logic's own file-writing jobs say so
+    assert logic.import_weights(path=tmp_path / "missing.safetensors", wait=False).writes_files
+
+
 def test_blocking_cancel_raises_before_anything_is_added(logic, context, ct_node):
     before = _scene_ids(context)
     token = CancelToken()
