@@ -216,16 +216,17 @@ def _write_whole(path: Path, text: str) -> None:
 
     A link is followed (the file it points at is rewritten, the link stays) and the file keeps its permissions.
     """
+    from TextSegmentLib.io.writers import replace_whole
+
     path = Path(os.path.realpath(path))
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+
+    def write(temporary: Path) -> None:
         with open(temporary, "w", encoding="utf-8", newline="") as f:
             f.write(text)
         if path.exists():
             shutil.copymode(path, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+
+    replace_whole(path, write)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:

@@ -233,3 +233,23 @@ def test_an_output_whose_folder_is_a_file_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="cannot create its folder"):
         write_json({"a": 1}, blocker / "legend.json")
     assert blocker.read_text() == "a file where the output folder should be"
+
+
+def test_replace_whole_leaves_the_old_file_or_the_new_one_never_half(tmp_path):
+    """The one temporary-file-and-rename the trainer, montages and bench files share."""
+    from TextSegmentLib.io.writers import replace_whole
+
+    path = tmp_path / "config.json"
+    path.write_text("old")
+
+    def half_then_full_disk(tmp):
+        tmp.write_text("ha")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        replace_whole(path, half_then_full_disk)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["config.json"]
+    seen = []
+    replace_whole(path, lambda tmp: seen.append(tmp.name) or tmp.write_text("new"), suffix=".png")
+    assert path.read_text() == "new" and seen[0].startswith(".config.json.") and seen[0].endswith(".png")
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]

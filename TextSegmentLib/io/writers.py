@@ -193,6 +193,22 @@ def _write_image(
     return atomic_write(path, write, overwrite=overwrite, protected=protected, suffixes=IMAGE_SUFFIXES)
 
 
+def replace_whole(path: PathLike, write: Callable[[Path], None], *, suffix: str = "") -> None:
+    """Run ``write(tmp)`` on a hidden file beside ``path``, then rename it onto ``path``.
+
+    Readers see the old file or the new one, never half of one, and a failed write leaves no temporary
+    file behind (a full disk is full enough). The writer's own errors go to the caller, each with its own
+    contract; ``suffix`` ends ``tmp`` for writers that pick the format by extension.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial{suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write(
     path: PathLike,
     write: Callable[[Path], None],

@@ -273,16 +273,13 @@ def _hot_region(saliency: PromptSaliency, plan: Any, slice_index: int) -> Option
 
 
 def _save_atomically(figure: Any, path: Path, *, overwrite: bool) -> Path:
-    from ..io.writers import exists_error
+    from ..io.writers import exists_error, replace_whole
+
+    def write(tmp: Path) -> None:
+        figure.savefig(tmp, format="png")
+        if path.exists() and not overwrite:  # made while the figure was drawn
+            raise exists_error(path)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    try:
-        figure.savefig(tmp, format="png")
-        if path.exists() and not overwrite:
-            raise exists_error(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    replace_whole(path, write, suffix=".png")
     return path

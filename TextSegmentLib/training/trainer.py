@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, TextSegmentError, WeightsError
+from ..io.writers import replace_whole
 from ..semantibench import dice
 from . import distributed
 from .data import (
@@ -495,16 +496,7 @@ def _written(path: Path, write: Callable[[], Any]) -> None:
 def _write_text(path: Path, text: str) -> None:
     """Write ``path`` whole or not at all. Why: a resume on a full disk left its config.json empty, and the
     run, its settings lost, could no longer be resumed at all."""
-    tmp = path.with_name(f".{path.name}.tmp")
-
-    def write() -> None:
-        try:
-            tmp.write_text(text)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    _written(path, write)
+    _written(path, lambda: replace_whole(path, lambda tmp: tmp.write_text(text)))
 
 
 def _save_state(path, model, optimizer, schedule, step, history, best, ranks, *, scaler) -> None:
@@ -517,16 +509,7 @@ def _save_state(path, model, optimizer, schedule, step, history, best, ranks, *,
         "rank_difficulty": json.dumps([r["difficulty"] for r in ranks]),
         "rank_torch_rng": [r["torch_rng"] for r in ranks], "scaler": scaler.state_dict(),
     }
-    tmp = path.with_suffix(".tmp")
-
-    def write() -> None:
-        try:
-            torch.save(state, tmp)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)  # a half-written one, on a disk that is full already
-
-    _written(path, write)
+    _written(path, lambda: replace_whole(path, lambda tmp: torch.save(state, tmp)))
 
 
 def _save_weights(model, path: Path, config: TrainConfig, *, step: int, scores: dict) -> None:
@@ -601,11 +584,7 @@ def plot_curves(history: dict, path: Path) -> None:
     if history["val"]:
         ax2.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=100)
-        tmp.replace(path)
+        replace_whole(path, lambda tmp: fig.savefig(tmp, dpi=100), suffix=".png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
