@@ -166,7 +166,7 @@ def segment_study(
     sources = [Path(f) for s in found if s.is_image or cut_short(s) for f in (*s.files, *s.localizer_files)]
     sources += [Path(c["file"]) for c in corrupt_files]
     _check_free(output_dir, [o.folder for _, o in todo], overwrite=overwrite, sources=sources)
-    earlier = _earlier_folders(output_dir, [o.folder for _, o in todo])
+    earlier = earlier_folders(output_dir, [o.folder for _, o in todo])
 
     from .engine import model_label
     from .weights import load_model, weights_record
@@ -200,11 +200,7 @@ def segment_study(
             )
     except (Cancelled, KeyboardInterrupt) as exc:  # Ctrl-C in a shell is a cancel too: the report must say so
         report.cancelled = True
-        how = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else "cancelled by the user"
-        for _, outcome in todo:
-            if outcome.status == SKIPPED and outcome.error is None:
-                outcome.status, outcome.error = CANCELLED, f"{how} before this series was finished"
-                _no_output(outcome, output_dir)
+        mark_cancelled([outcome for _, outcome in todo], exc, out_dir=output_dir, unit="series")
         raise
     finally:
         report.seconds = time.perf_counter() - started
@@ -303,9 +299,9 @@ def _check_free(output_dir: Path, folders: list[str], *, overwrite: bool, source
         )
 
 
-def _earlier_folders(output_dir: Path, folders: list[str]) -> list[str]:
-    """Series folders an earlier run left that this run will not replace (another study, a series since removed):
-    named in the report so that they are not taken for this run's results (they are the user's: never deleted)."""
+def earlier_folders(output_dir: Path, folders: list[str]) -> list[str]:
+    """Series (or case) folders an earlier run left that this run will not replace (another study, a series since
+    removed): named in the report so that they are not taken for this run's results (they are the user's: never deleted)."""
     from .export import LEGEND
 
     if not output_dir.is_dir():
@@ -335,6 +331,28 @@ def _run_series(series: Any, outcome: SeriesOutcome, *, reader: Callable[[Any], 
                 progress: ProgressCallback,
                 cancel: Any) -> None:
     """Segment one series into its folder; any failure but a cancel is recorded, never raised."""
+    run_case(
+        outcome, what=f"series {series.key}", read=lambda: reader(series),
+        write=lambda run, volume, folder: _write_series(run, volume=volume, series=series, folder=folder,
+                                                        model_name=model_name, weights=weights, dicom_seg=dicom_seg),
+        warnings=lambda volume: _reading_warnings(series, volume), out_dir=out_dir, prompts=prompts, model=model,
+        aux_prompts=aux_prompts, device=device, batch_size=batch_size, threshold=threshold, saliency=saliency,
+        saliency_stage=saliency_stage, saliency_layers=saliency_layers, probability_grid=probability_grid,
+        overwrite=overwrite, progress=progress, cancel=cancel,
+    )
+
+
+def run_case(outcome: Any, *, what: str, read: Callable[[], Any], write: Callable[[Any, Any, Path], list[Path]],
+             warnings: Callable[[Any], list[str]] = lambda volume: [], out_dir: Path, prompts: list[str], model: Any,
+             aux_prompts: Any, device: str, batch_size: Any, threshold: float, saliency: bool, saliency_stage: int,
+             saliency_layers: Any, probability_grid: str, overwrite: bool, progress: ProgressCallback,
+             cancel: Any) -> None:
+    """One case of a batch (a DICOM series, a volume file) into ``out_dir / outcome.folder``, whole or not at all.
+
+    ``read()`` gives the volume, ``write(run, volume, folder)`` its files (into a hidden folder renamed when
+    complete), ``warnings(volume)`` what the report adds for it. Any failure but a cancel is recorded in
+    ``outcome``, never raised (one bad case must not stop the batch); ``NotCTError`` leaves it skipped.
+    """
     from .engine import segment
 
     started = time.perf_counter()
@@ -342,7 +360,7 @@ def _run_series(series: Any, outcome: SeriesOutcome, *, reader: Callable[[Any], 
     staging = out_dir / f".{outcome.folder}.partial-{os.getpid()}"
     try:
         progress(0.0, "reading")
-        volume = reader(series)
+        volume = read()
         sink = None
         if saliency:
             sink = _saliency_sink(model, layers=saliency_layers, stage=saliency_stage, threshold=threshold)
@@ -350,29 +368,37 @@ def _run_series(series: Any, outcome: SeriesOutcome, *, reader: Callable[[Any], 
                       threshold=threshold, probability_grid=probability_grid, progress=progress, cancel=cancel,
                       features_sink=sink)
         shutil.rmtree(staging, ignore_errors=True)
-        written = _write_series(run, volume=volume, series=series, folder=staging, model_name=model_name,
-                                weights=weights, dicom_seg=dicom_seg)
+        written = write(run, volume, staging)
         _publish(staging, final, overwrite=overwrite)
         outcome.status = OK
         outcome.outputs = sorted(str(p.relative_to(staging)) for p in written)
         outcome.prompts = [{"prompt": r.prompt, "voxels": r.voxels, "volume_ml": round(r.volume_ml, 3)} for r in run.results]
-        outcome.warnings += [*_reading_warnings(series, volume), *run.warnings]
+        outcome.warnings += [*warnings(volume), *run.warnings]
     except Cancelled:
         raise
     except NotCTError as exc:  # e.g. no Modality tag and values that are not HU: not ours to segment
         outcome.error = str(exc)
-        log.info("series %s skipped: %s", series.key, exc)
-    except Exception as exc:  # noqa: BLE001 - one bad series must not stop the study
+        log.info("%s skipped: %s", what, exc)
+    except Exception as exc:  # noqa: BLE001 - one bad case must not stop the batch
         outcome.status = FAILED
         outcome.error = str(exc) if isinstance(exc, TextSegmentError) else f"{type(exc).__name__}: {exc}"
         if isinstance(exc, TextSegmentError):
-            log.warning("series %s failed: %s", series.key, exc)
+            log.warning("%s failed: %s", what, exc)
         else:
-            log.exception("series %s failed unexpectedly", series.key)
+            log.exception("%s failed unexpectedly", what)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         outcome.seconds = round(time.perf_counter() - started, 3)
         if outcome.status != OK:
+            _no_output(outcome, out_dir)
+
+
+def mark_cancelled(outcomes: Sequence[Any], exc: BaseException, *, out_dir: Path, unit: str) -> None:
+    """Every case not finished when ``exc`` (a cancel, Ctrl-C) came is "cancelled", naming no folder."""
+    how = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else "cancelled by the user"
+    for outcome in outcomes:
+        if outcome.status == SKIPPED and outcome.error is None:
+            outcome.status, outcome.error = CANCELLED, f"{how} before this {unit} was finished"
             _no_output(outcome, out_dir)
 
 

@@ -80,13 +80,15 @@ def _batch_folder(path: Path) -> dict[str, Any] | None:
 
 def _format_batch(batch: dict[str, Any]) -> list[str]:
     summary = ", ".join(f"{n} {state}" for state, n in (batch.get("summary") or {}).items() if n)
-    lines = [f"TextSegment batch of {batch.get('dicom_dir', '?')} ({batch.get('model') or 'model ?'}, weights "
-             f"{batch.get('weights') or '?'}): {summary or 'no series'}",
+    files = "cases" in batch  # a batch of volume files (file_batch), not of a DICOM study
+    source = batch.get("common_folder" if files else "dicom_dir", "?")
+    lines = [f"TextSegment batch of {'the files in ' if files else ''}{source} ({batch.get('model') or 'model ?'}, "
+             f"weights {batch.get('weights') or '?'}): {summary or ('no files' if files else 'no series')}",
              f"  prompts      {', '.join(repr(p) for p in batch.get('prompts', []))}"]
-    for series in batch.get("series", []):
-        why = f": {series['error']}" if series.get("error") else ""
-        lines.append(f"  {series.get('status', '?'):<9}{series.get('folder') or '-':<32} "
-                     f"{series.get('description') or '(no description)'}{why}")
+    for item in batch.get("cases" if files else "series", []):
+        why = f": {item['error']}" if item.get("error") else ""
+        what = item.get("source") if files else item.get("description") or "(no description)"
+        lines.append(f"  {item.get('status', '?'):<9}{item.get('folder') or '-':<32} {what}{why}")
     return lines
 
 

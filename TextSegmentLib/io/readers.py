@@ -103,7 +103,7 @@ def read_image_file(path: Path | str) -> Volume:
         if misnamed is not None:
             fmt, suffix = misnamed
             raise InputError(f"{path}: holds {fmt} data, but its name does not end in {suffix}, so it cannot be "
-                             f"read; rename it (e.g. {_without_image_suffix(path.name)}{suffix})") from exc
+                             f"read; rename it (e.g. {without_image_suffix(path.name)}{suffix})") from exc
         raise InputError(f"{path}: cannot read this image ({_itk_reason(exc)}); use NIfTI, NRRD, MHA or DICOM") from exc
     components = image.GetNumberOfComponentsPerPixel()
     if components != 1:
@@ -226,7 +226,7 @@ def _content_format(path: Path) -> Optional[tuple[str, str]]:
     return None
 
 
-def _without_image_suffix(name: str) -> str:
+def without_image_suffix(name: str) -> str:
     lower = name.lower()
     for suffix in (*FILE_FORMATS, ".gz"):
         if lower.endswith(suffix):
