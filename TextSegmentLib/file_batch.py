@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from .errors import Cancelled, InputError, OutputExistsError
 from .progress import CancelToken, MonotonicProgress, ProgressCallback, check_cancel
-from .study_batch import (CANCELLED, FAILED, OK, REPORT, SALIENCY_DIR, SKIPPED, earlier_folders, exit_code,
-                          mark_cancelled, run_case)
+from .study_batch import (REPORT, SALIENCY_DIR, SKIPPED, BatchReportMixin, checked_prompts, earlier_folders, exit_code,
+                          loaded_model, mark_cancelled, run_case)
 
 __all__ = ["CaseOutcome", "FileBatchReport", "case_names", "exit_code", "segment_files"]
 
@@ -47,8 +47,10 @@ class CaseOutcome:
 
 
 @dataclass
-class FileBatchReport:
+class FileBatchReport(BatchReportMixin):
     """What ``segment_files`` did; ``to_dict()`` is what ``batch_report.json`` holds."""
+
+    OUTCOMES = "cases"
 
     common_folder: str  # the case names are the files' paths below it
     output_dir: str
@@ -62,28 +64,6 @@ class FileBatchReport:
     weights_file: Optional[str] = None
     weights_sha256: Optional[str] = None
     weights_data_sha256: Optional[str] = None
-
-    @property
-    def ok(self) -> list[CaseOutcome]:
-        return [c for c in self.cases if c.status == OK]
-
-    @property
-    def failed(self) -> list[CaseOutcome]:
-        return [c for c in self.cases if c.status == FAILED]
-
-    @property
-    def report_path(self) -> Path:
-        return Path(self.output_dir) / REPORT
-
-    def to_dict(self) -> dict[str, Any]:
-        from . import __version__
-
-        return {
-            **asdict(self),
-            "summary": {status: sum(c.status == status for c in self.cases) for status in (OK, FAILED, SKIPPED, CANCELLED)},
-            "textsegment_version": __version__,
-            "notice": "Research use only; not for diagnosis.",
-        }
 
 
 def segment_files(
@@ -114,32 +94,21 @@ def segment_files(
     Raises before any work for a missing path, a folder, a file given twice, a bad option or outputs in the way
     (unless ``overwrite``); raises ``Cancelled`` after writing the report when cancelled.
     """
-    from .engine import check_aux_prompts, check_distinct_prompts, check_settings, model_label, validate_prompts
     from .io.writers import write_json
 
     started = time.perf_counter()
     output_dir = Path(output_dir)
     files = _check_paths(paths)
-    prompt_list = validate_prompts(prompts)
-    check_distinct_prompts(prompt_list)
-    check_settings(prompts=len(prompt_list), aux_prompts=aux_prompts, threshold=threshold, batch_size=batch_size,
-                   probability_grid=probability_grid)
+    prompt_list = checked_prompts(prompts, aux_prompts=aux_prompts, threshold=threshold, batch_size=batch_size,
+                                  probability_grid=probability_grid)
     cases = [CaseOutcome(name=name, source=str(path), folder=name) for name, path in zip(case_names(files), files)]
     names = [c.name for c in cases]
     _check_free(output_dir, names, overwrite=overwrite, inputs=files)
     earlier = earlier_folders(output_dir, names)
 
-    from .weights import load_model, weights_record
-
-    if isinstance(model, str):
-        model = load_model(model, weights=weights, device=device)
-    model_name = model_name or model_label(model)
-    check_aux_prompts(model, aux_prompts)  # once, here: each case would fail on it alike
-    if saliency:  # a bad stage or layer name, once, here
-        from .saliency import build_saliency_sink
-
-        build_saliency_sink(model=model, layers=saliency_layers, stage=saliency_stage, threshold=threshold)
-    ran = weights_record(model, weights)
+    model, model_name, ran = loaded_model(model, weights=weights, device=device, model_name=model_name,
+                                          aux_prompts=aux_prompts, saliency=saliency, saliency_stage=saliency_stage,
+                                          saliency_layers=saliency_layers, threshold=threshold)
     reader = reader or _read
     report = FileBatchReport(str(_common_folder(files)), str(output_dir), prompt_list, model_name, cases=cases,
                              earlier_folders=earlier, **ran)

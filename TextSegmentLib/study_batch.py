@@ -66,8 +66,40 @@ class SeriesOutcome:
     seconds: float = 0.0
 
 
+class BatchReportMixin:
+    """What a batch's report offers, whatever its cases are (DICOM series, volume files): ``OUTCOMES``
+    names the list of them."""
+
+    OUTCOMES = "series"
+    output_dir: str
+
+    @property
+    def ok(self) -> list[Any]:
+        return [o for o in getattr(self, self.OUTCOMES) if o.status == OK]
+
+    @property
+    def failed(self) -> list[Any]:
+        return [o for o in getattr(self, self.OUTCOMES) if o.status == FAILED]
+
+    @property
+    def report_path(self) -> Path:
+        return Path(self.output_dir) / REPORT
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``batch_report.json`` holds."""
+        from . import __version__
+
+        outcomes = getattr(self, self.OUTCOMES)
+        return {
+            **asdict(self),
+            "summary": {status: sum(o.status == status for o in outcomes) for status in (OK, FAILED, SKIPPED, CANCELLED)},
+            "textsegment_version": __version__,
+            "notice": "Research use only; not for diagnosis.",
+        }
+
+
 @dataclass
-class StudyReport:
+class StudyReport(BatchReportMixin):
     """What ``segment_study`` did; ``to_dict()`` is what ``batch_report.json`` holds."""
 
     dicom_dir: str
@@ -83,28 +115,6 @@ class StudyReport:
     weights_file: Optional[str] = None
     weights_sha256: Optional[str] = None
     weights_data_sha256: Optional[str] = None
-
-    @property
-    def ok(self) -> list[SeriesOutcome]:
-        return [s for s in self.series if s.status == OK]
-
-    @property
-    def failed(self) -> list[SeriesOutcome]:
-        return [s for s in self.series if s.status == FAILED]
-
-    @property
-    def report_path(self) -> Path:
-        return Path(self.output_dir) / REPORT
-
-    def to_dict(self) -> dict[str, Any]:
-        from . import __version__
-
-        return {
-            **asdict(self),
-            "summary": {status: sum(s.status == status for s in self.series) for status in (OK, FAILED, SKIPPED, CANCELLED)},
-            "textsegment_version": __version__,
-            "notice": "Research use only; not for diagnosis.",
-        }
 
 
 def segment_study(
@@ -140,17 +150,13 @@ def segment_study(
     Raises before any work when the folder holds no CT series or outputs exist (unless
     ``overwrite``); raises ``Cancelled`` after writing the report when cancelled.
     """
-    from .engine import check_aux_prompts, check_distinct_prompts, check_settings, validate_prompts
     from .io.dicom_series import list_series
     from .io.writers import write_json
 
     started = time.perf_counter()
     dicom_dir, output_dir = Path(dicom_dir), Path(output_dir)
-    prompt_list = validate_prompts(prompts)
-    check_distinct_prompts(prompt_list)  # two identical labels in every series' outputs otherwise
-    # once, before any series: a bad option would otherwise fail every series with the same message
-    check_settings(prompts=len(prompt_list), aux_prompts=aux_prompts, threshold=threshold, batch_size=batch_size,
-                   probability_grid=probability_grid)
+    prompt_list = checked_prompts(prompts, aux_prompts=aux_prompts, threshold=threshold, batch_size=batch_size,
+                                  probability_grid=probability_grid)
     corrupt_files: list[dict[str, str]] = []
     found = list_series(dicom_dir, corrupt_files=corrupt_files)
     cut: dict[str, list[str]] = {}  # series key -> its files cut inside the header
@@ -168,16 +174,9 @@ def segment_study(
     _check_free(output_dir, [o.folder for _, o in todo], overwrite=overwrite, sources=sources)
     earlier = earlier_folders(output_dir, [o.folder for _, o in todo])
 
-    from .engine import model_label
-    from .weights import load_model, weights_record
-
-    if isinstance(model, str):
-        model = load_model(model, weights=weights, device=device)
-    model_name = model_name or model_label(model)  # the preset, not the class: "freqmedclip-tiny", not "FreqMedCLIP"
-    check_aux_prompts(model, aux_prompts)  # once, here: each series would fail on it alike
-    if saliency:  # a bad stage or layer name, once, here: each series would fail on it alike
-        _saliency_sink(model, layers=saliency_layers, stage=saliency_stage, threshold=threshold)
-    ran = weights_record(model, weights)
+    model, model_name, ran = loaded_model(model, weights=weights, device=device, model_name=model_name,
+                                          aux_prompts=aux_prompts, saliency=saliency, saliency_stage=saliency_stage,
+                                          saliency_layers=saliency_layers, threshold=threshold)
     reader = reader or (lambda series: _read(series, source=dicom_dir))
     report = StudyReport(str(dicom_dir), str(output_dir), prompt_list, model_name, series=outcomes,
                          corrupt_files=corrupt_files, earlier_folders=earlier, **ran)
@@ -208,6 +207,35 @@ def segment_study(
         write_json(report.to_dict(), output_dir / REPORT, overwrite=True)
     overall(1.0, f"{len(report.ok)} series done, {len(report.failed)} failed")
     return report
+
+
+def checked_prompts(prompts: Any, *, aux_prompts: Any, threshold: float, batch_size: Any,
+                    probability_grid: str) -> list[str]:
+    """A batch's prompts and options, checked once before any case: a bad one would fail every case alike,
+    and a prompt given twice would give two identical labels in every case's outputs."""
+    from .engine import check_distinct_prompts, check_settings, validate_prompts
+
+    prompt_list = validate_prompts(prompts)
+    check_distinct_prompts(prompt_list)
+    check_settings(prompts=len(prompt_list), aux_prompts=aux_prompts, threshold=threshold, batch_size=batch_size,
+                   probability_grid=probability_grid)
+    return prompt_list
+
+
+def loaded_model(model: Any, *, weights: Optional[str], device: str, model_name: Optional[str], aux_prompts: Any,
+                 saliency: bool, saliency_stage: int, saliency_layers: Any, threshold: float) -> tuple[Any, str, dict]:
+    """The batch's model (a preset name is loaded once), the name its outputs give it (the preset, not the
+    class: "freqmedclip-tiny", not "FreqMedCLIP") and its ``weights_record``; options that depend on the
+    model (auxiliary prompts, saliency layers) are checked here, once, for the same reason as above."""
+    from .engine import check_aux_prompts, model_label
+    from .weights import load_model, weights_record
+
+    if isinstance(model, str):
+        model = load_model(model, weights=weights, device=device)
+    check_aux_prompts(model, aux_prompts)
+    if saliency:
+        _saliency_sink(model, layers=saliency_layers, stage=saliency_stage, threshold=threshold)
+    return model, model_name or model_label(model), weights_record(model, weights)
 
 
 # series ----------------------------------------------------------------------------------------

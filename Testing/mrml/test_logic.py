@@ -121,13 +121,7 @@ def test_parameters_survive_save_and_reload(context, ct_node, tmp_path, suffix):
         reloaded.scene.SetURL(str(path))
         assert reloaded.scene.Import()
     else:
-        bundle, path = tmp_path / "bundle", tmp_path / "scene.mrb"
-        bundle.mkdir()
-        assert context.app_logic.SaveSceneToSlicerDataBundleDirectory(str(bundle), None)
-        assert context.app_logic.Zip(str(path), str(bundle))
-        reloaded = headless_context()
-        (tmp_path / "unpacked").mkdir()
-        assert reloaded.app_logic.OpenSlicerDataBundle(str(path), str(tmp_path / "unpacked"))
+        reloaded = _saved_and_reopened(context, tmp_path)
     try:
         assert reloaded.scene.GetSingletonNode("TextSegment", "vtkMRMLScriptedModuleNode") is not None
         values = read_parameters(find_parameter_node(reloaded.scene, create=False))
@@ -143,10 +137,24 @@ def test_parameters_survive_save_and_reload(context, ct_node, tmp_path, suffix):
         reloaded.scene.Clear(True)
 
 
+def _saved_and_reopened(context, tmp_path):
+    """The scene saved as a Slicer data bundle (.mrb, voxels included) and opened in a new headless scene."""
+    from TextSegmentLib.slicer_bridge import headless_context
+
+    bundle, path = tmp_path / "bundle", tmp_path / "scene.mrb"
+    bundle.mkdir()
+    assert context.app_logic.SaveSceneToSlicerDataBundleDirectory(str(bundle), None)
+    assert context.app_logic.Zip(str(path), str(bundle))
+    reloaded = headless_context()
+    (tmp_path / "unpacked").mkdir()
+    assert reloaded.app_logic.OpenSlicerDataBundle(str(path), str(tmp_path / "unpacked"))
+    return reloaded
+
+
 def test_saliency_maps_of_a_saved_scene_are_found_again_when_it_is_reopened(context, ct_node, tmp_path):
     """A scene saved with a run's saliency maps reopened with an empty saliency panel: the maps were in the
     scene, but the widget knew only the maps of a run made in this session."""
-    from TextSegmentLib.slicer_bridge import add_saliency_volumes, headless_context
+    from TextSegmentLib.slicer_bridge import add_saliency_volumes
 
     ct = _ct()[0]
     ramp = ct.with_array(np.linspace(0, 1, ct.array.size, dtype=np.float32).reshape(ct.shape))
@@ -155,13 +163,7 @@ def test_saliency_maps_of_a_saved_scene_are_found_again_when_it_is_reopened(cont
                              context=context, prompt=prompt)
     other = node_from_volume(ct, context=context, name="another CT")
     add_saliency_volumes({"vit.3": ramp}, reference_node=other, context=context, prompt="spleen")
-    bundle, path = tmp_path / "bundle", tmp_path / "scene.mrb"
-    bundle.mkdir()
-    assert context.app_logic.SaveSceneToSlicerDataBundleDirectory(str(bundle), None)
-    assert context.app_logic.Zip(str(path), str(bundle))
-    reloaded = headless_context()
-    (tmp_path / "unpacked").mkdir()
-    assert reloaded.app_logic.OpenSlicerDataBundle(str(path), str(tmp_path / "unpacked"))
+    reloaded = _saved_and_reopened(context, tmp_path)
     logic = SegmentationLogic(context=reloaded)
     try:
         ct_again = reloaded.scene.GetFirstNodeByName(ct_node.GetName())
