@@ -59,6 +59,8 @@ class WeightsEntry:
     bundled: bool = False  # shipped in the package at data/weights/<file>
     default: bool = False  # the model's default weights
     revision: Optional[str] = None  # hub revision to pin (backbones)
+    # weights made by running another id's recipe chain again (with newer code): `reproduce` follows that chain
+    recipes_of: Optional[str] = None
     origin: str = "manifest"  # "manifest" or "imported"
 
     @classmethod
@@ -91,6 +93,7 @@ class WeightsEntry:
                 bundled=values.get("bundled", False),
                 default=values.get("default", False),
                 revision=str(values["revision"]) if "revision" in values else None,
+                recipes_of=str(values["recipes_of"]) if "recipes_of" in values else None,
                 origin=origin,
             )
         except KeyError as exc:

@@ -40,8 +40,10 @@ def test_every_shipped_recipe_is_a_valid_config(recipe, caplog):
 
 @pytest.mark.parametrize("entry", SHIPPED, ids=lambda e: e.id)
 def test_every_shipped_model_has_one_chain_of_recipes_back_to_random_weights(entry):
-    chain = recipe_chain(entry.id, recipes_dir=RECIPES_DIR)
-    assert chain[-1].weights_id == entry.id and chain[0].starts_from is None
+    made_by = entry.recipes_of or entry.id  # weights made by running another id's chain again: that chain
+    assert load_manifest().get(made_by).model == entry.model
+    chain = recipe_chain(made_by, recipes_dir=RECIPES_DIR)
+    assert chain[-1].weights_id == made_by and chain[0].starts_from is None
     assert [phase.starts_from for phase in chain[1:]] == [phase.weights_id for phase in chain[:-1]]
     assert {load_recipe(phase.recipe).model for phase in chain} == {entry.model}
 
@@ -186,3 +188,15 @@ def test_a_recipe_from_a_pipe_is_read_not_called_a_folder(tmp_path):
     assert (config.model, config.steps) == ("tgcnet-tiny", 7)
     with pytest.raises(InputError, match="is a folder"):
         load_recipe(tmp_path)
+
+
+def test_weights_made_by_running_another_chain_again_reproduce_that_chain(capsys):
+    """freqmedclip-tiny-v9 is freqmedclip-tiny-v8's recipes rerun from scratch: `reproduce` said "no recipe"."""
+    from TextSegmentLib.cli import main
+
+    rerun = next(entry for entry in SHIPPED if entry.recipes_of)
+    assert main(["reproduce", rerun.id, "--out", "runs/nowhere", "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert f"made by running the recipes of {rerun.recipes_of} again" in captured.err
+    lines = captured.out.splitlines()
+    assert lines[-1].startswith(f"{len(lines)}. {rerun.recipes_of}: ") and "from random weights" in lines[0]

@@ -20,13 +20,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _recipes_id(weights_id: str) -> str:
+    """The id whose recipes make ``weights_id``: its own, or the chain it was made by running again (the
+    manifest's ``recipes_of``: freqmedclip-tiny-v9 is freqmedclip-tiny-v8's recipes rerun from scratch)."""
+    from ..weights import load_manifest
+
+    entry = load_manifest().get(weights_id)
+    if entry is None or not entry.recipes_of:
+        return weights_id
+    print(f"{weights_id} was made by running the recipes of {entry.recipes_of} again from random weights: "
+          f"reproducing those (the last export is named {entry.recipes_of})", file=sys.stderr)
+    return entry.recipes_of
+
+
 def run(args: argparse.Namespace) -> int:
     from ..export import refuse_file_as_folder
     from ..training import recipe_chain, reproduce
     from ..training.recipes import phase_state
     from .progressbar import progress_bar
 
-    chain = recipe_chain(args.weights, recipes_dir=args.recipes)
+    chain = recipe_chain(_recipes_id(args.weights), recipes_dir=args.recipes)
     if args.dry_run:  # the steps the run would train (--steps's, not the recipe's) and what --out holds already
         for number, phase in enumerate(chain, start=1):
             start = f"from {phase.starts_from}" if phase.starts_from else "from random weights"
@@ -40,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with progress_bar(disable=args.quiet) as bar:
             # tqdm.write: a print ran on after the bar's text, "...loss 1.646phase 2/8: ..."
-            made = reproduce(args.weights, out_dir=args.out, recipes_dir=args.recipes, threads=args.threads,
+            made = reproduce(chain[-1].weights_id, out_dir=args.out, recipes_dir=args.recipes, threads=args.threads,
                              device=args.device, steps=args.steps, progress=bar, report=tqdm.write)
     except KeyboardInterrupt:  # the generic message named no way to continue
         print("textsegment reproduce: interrupted; finished phases were kept; run the same command again to continue "
