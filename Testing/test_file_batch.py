@@ -297,3 +297,12 @@ def test_cli_refuses_a_folder_among_files_and_two_studies(shared_data, tmp_path,
     code = main(["batch", str(study), str(study.parent), "-p", "liver", "--out", str(out), "-q"])
     assert code == 2 and "one study at a time" in _error_line(capsys)
     assert not out.exists()
+
+
+def test_cli_names_a_pattern_that_matched_no_file(tmp_path, capsys):
+    """The shell passes an unmatched `data/*/ct.nii.gz` on as it is: it was called "no such file or folder"."""
+    code = main(["batch", str(tmp_path / "data" / "*" / "ct.nii.gz"), "-p", "liver", "--out", str(tmp_path / "out"),
+                 "--weights", "random", "-q"])
+    assert code == 2
+    assert f"{tmp_path / 'data' / '*' / 'ct.nii.gz'}: no file matches this pattern" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

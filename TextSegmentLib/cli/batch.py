@@ -113,6 +113,9 @@ def _study(inputs: list[str]) -> Optional[Path]:
     from ..io.dicom_series import is_dicom_input, is_dicomdir
 
     paths = [Path(p) for p in inputs]
+    unmatched = next((p for p in paths if not p.exists() and any(c in str(p) for c in "*?[")), None)
+    if unmatched is not None:  # the shell hands on a pattern that matched nothing as it is
+        raise InputError(f"{unmatched}: no file matches this pattern; check the folder and the file names")
     studies = [p for p in paths if p.is_dir() or is_dicomdir(p)]
     if len(paths) == 1 and (is_dicom_input(paths[0]) or not paths[0].exists()):
         if paths[0].is_dir():
