@@ -191,9 +191,12 @@ def test_cancel_keeps_finished_cases_and_leaves_no_partial_folder(tmp_path):
         if message.startswith("case 2/3") and not message.endswith("reading"):  # half-way through its slices
             token.cancel()
 
-    with pytest.raises(Cancelled):
+    with pytest.raises(Cancelled) as raised:
         segment_files([files["s0011"], files["s0012"], files["s0013"]], ["bone"], output_dir=out,
                       model=HUThresholdModel(), device="cpu", batch_size=1, progress=progress, cancel=token)
+    # it said "no output was written" (the engine's word for one case): a notebook took the finished case for lost
+    kept = f"cancelled by the user; the 1 case(s) finished before were kept; report: {out / REPORT}"
+    assert str(raised.value) == kept
 
     assert any(m.startswith("case 2/3") and not m.endswith("reading") for m in seen)
     saved = json.loads((out / REPORT).read_text())
@@ -306,3 +309,55 @@ def test_cli_names_a_pattern_that_matched_no_file(tmp_path, capsys):
     assert code == 2
     assert f"{tmp_path / 'data' / '*' / 'ct.nii.gz'}: no file matches this pattern" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_label_map_is_skipped_without_naming_an_option_batch_has_not(tmp_path, capsys):
+    """The skip said "To read it anyway pass ... (CLI: --allow-non-ct)": batch has no --allow-non-ct."""
+    files = _dataset(tmp_path / "data", cases=1)
+    code = main(["batch", str(files["s0011"]), str(files["labels"]), "-p", "liver", "--out", str(tmp_path / "out"),
+                 "--weights", "random", "--device", "cpu", "-q"])
+    assert code == 0
+    skipped = json.loads((tmp_path / "out" / REPORT).read_text())["cases"][1]
+    assert skipped["status"] == "skipped" and "Hounsfield" in skipped["error"]
+    assert "allow" not in skipped["error"] and "allow" not in capsys.readouterr().out
+
+
+def test_a_cancelled_dicom_batch_says_its_finished_series_were_kept(shared_data, tmp_path):
+    """As for files: the DICOM batch's cancel said "no output was written" after a series was written."""
+    import shutil
+
+    from TextSegmentLib.study_batch import segment_study
+
+    root = tmp_path / "study"
+    shutil.copytree(shared_data / "dicom" / "dcmqi_ct3slice" / "series", root / "a")
+    shutil.copytree(shared_data / "dicom" / "monai_CT_DICOM_tiny", root / "b")
+    token = CancelToken()
+    with pytest.raises(Cancelled, match=r"the 1 series finished before were kept; report: .*batch_report\.json"):
+        segment_study(root, ["bone"], output_dir=tmp_path / "out", model=HUThresholdModel(), device="cpu",
+                      progress=lambda f, message: message.startswith("series 2/") and token.cancel(), cancel=token)
+
+
+def test_cli_on_totalsegmentators_layout_names_the_pattern_of_its_cts(tmp_path, capsys):
+    """With each case's segmentations/*.nii.gz below its ct.nii.gz, the error said to pass data/*.nii.gz:
+    a pattern that matches nothing there."""
+    data = tmp_path / "data"
+    for n in (11, 12):
+        save_phantom(make_phantom(seed=n, shape=(4, 32, 32)), data / f"s00{n}", prompts=[])
+        (data / f"s00{n}" / "segmentations").mkdir()
+        (data / f"s00{n}" / "labels.nii.gz").rename(data / f"s00{n}" / "segmentations" / "liver.nii.gz")
+    code = main(["batch", str(data), "-p", "liver", "--out", str(tmp_path / "out"), "--weights", "random", "-q"])
+    err = _error_line(capsys)
+    assert code == 2 and f"textsegment batch {data}/*/ct.nii.gz -p" in err
+
+
+def test_cli_on_a_folder_with_a_space_names_a_pattern_the_shell_can_take(tmp_path, capsys):
+    """`textsegment batch my data/*/ct.nii.gz` as suggested is two arguments: the folder's name must be quoted."""
+    import shlex
+
+    data = tmp_path / "my data"
+    for n in (11, 12):
+        save_phantom(make_phantom(seed=n, shape=(4, 32, 32)), data / f"s00{n}", prompts=[])
+        (data / f"s00{n}" / "labels.nii.gz").unlink()
+    code = main(["batch", str(data), "-p", "liver", "--out", str(tmp_path / "out"), "--weights", "random", "-q"])
+    err = _error_line(capsys)
+    assert code == 2 and f"textsegment batch {shlex.quote(str(data))}/*/ct.nii.gz -p" in err

@@ -25,8 +25,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from .errors import Cancelled, InputError, OutputExistsError
 from .progress import CancelToken, MonotonicProgress, ProgressCallback, check_cancel
-from .study_batch import (REPORT, SALIENCY_DIR, SKIPPED, BatchReportMixin, checked_prompts, earlier_folders, exit_code,
-                          loaded_model, mark_cancelled, run_case)
+from .study_batch import (REPORT, SALIENCY_DIR, SKIPPED, BatchReportMixin, cancelled_error, checked_prompts,
+                          earlier_folders, exit_code, loaded_model, mark_cancelled, run_case)
 
 __all__ = ["CaseOutcome", "FileBatchReport", "case_names", "exit_code", "segment_files"]
 
@@ -133,6 +133,8 @@ def segment_files(
     except (Cancelled, KeyboardInterrupt) as exc:  # Ctrl-C in a shell is a cancel too: the report must say so
         report.cancelled = True
         mark_cancelled(cases, exc, out_dir=output_dir, unit="case")
+        if isinstance(exc, Cancelled):
+            raise cancelled_error(report, units="case(s)") from None
         raise
     finally:
         report.seconds = time.perf_counter() - started
@@ -224,12 +226,17 @@ def _check_free(output_dir: Path, folders: list[str], *, overwrite: bool, inputs
 
 def _read(path: Path) -> Any:
     """The CT in ``path``; a DICOM file is refused: alone it is one slice of its series."""
+    from .errors import NotCTError
     from .io import is_dicom_input, read_volume
+    from .io.readers import NOT_CT_HINT
 
     if is_dicom_input(path):
         raise InputError(f"{path}: a DICOM file, not a volume file; batch the DICOM folder it lies in for the whole "
                          "series (CLI: textsegment batch FOLDER)")
-    return read_volume(path)
+    try:
+        return read_volume(path)
+    except NotCTError as exc:  # its hint names --allow-non-ct, which batch has not: a label map is skipped
+        raise NotCTError(str(exc).replace(f" {NOT_CT_HINT}", "")) from None
 
 
 def _write_case(run: Any, *, path: Path, folder: Path, model_name: str, weights: dict[str, Any]) -> list[Path]:

@@ -200,6 +200,8 @@ def segment_study(
     except (Cancelled, KeyboardInterrupt) as exc:  # Ctrl-C in a shell is a cancel too: the report must say so
         report.cancelled = True
         mark_cancelled([outcome for _, outcome in todo], exc, out_dir=output_dir, unit="series")
+        if isinstance(exc, Cancelled):
+            raise cancelled_error(report, units="series") from None
         raise
     finally:
         report.seconds = time.perf_counter() - started
@@ -428,6 +430,12 @@ def mark_cancelled(outcomes: Sequence[Any], exc: BaseException, *, out_dir: Path
         if outcome.status == SKIPPED and outcome.error is None:
             outcome.status, outcome.error = CANCELLED, f"{how} before this {unit} was finished"
             _no_output(outcome, out_dir)
+
+
+def cancelled_error(report: BatchReportMixin, *, units: str) -> Cancelled:
+    """A batch's cancel: the engine's "no output was written" is one case's; the cases finished before are kept."""
+    return Cancelled(f"cancelled by the user; the {len(report.ok)} {units} finished before were kept; "
+                     f"report: {report.report_path}")
 
 
 def _saliency_sink(model: Any, *, layers: Any, stage: int, threshold: float) -> Any:

@@ -352,3 +352,27 @@ def test_a_run_refused_before_it_wrote_anything_leaves_no_new_folder(tmp_path):
         with run_lock(out):
             raise RuntimeError("refused while loading its data")
     assert not (tmp_path / "new").exists()
+
+
+def test_reproduce_dry_run_says_when_the_run_would_refuse_out(tmp_path, capsys):
+    """After a --steps 1 check, --dry-run without --steps said "kept" for every phase; the run then refused --out."""
+    from TextSegmentLib.training import reproduce
+
+    recipes, out = _chain(tmp_path / "recipes"), tmp_path / "out"
+    reproduce("freqmedclip-tiny-v2", out_dir=out, recipes_dir=recipes, threads=1, steps=1, report=lambda _: None)
+    command = ["reproduce", "freqmedclip-tiny-v2", "--recipes", str(recipes), "--out", str(out), "--dry-run"]
+    assert main(command) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    assert "refused (" in first and "made with 1 steps per phase, not the recipes' steps" in first
+    assert main([*command, "--steps", "1"]) == 0 and "kept (" in capsys.readouterr().out.splitlines()[0]
+
+    (out / "freqmedclip-tiny-v1.safetensors").unlink()  # phase 1's run folder, of 1 step, is left
+    assert main(command) == 0
+    assert "holds a run of 1 steps, not 2: give another --out folder" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_reproduce_dry_run_refuses_steps_the_run_refuses(tmp_path, capsys):
+    """--dry-run --steps 0 listed "0 steps" for every phase and exited 0; the run itself refused --steps 0."""
+    code = main(["reproduce", "freqmedclip-tiny-v2", "--recipes", str(_chain(tmp_path / "recipes")),
+                 "--out", str(tmp_path / "out"), "--steps", "0", "--dry-run"])
+    assert code == 2 and "steps per phase must be at least 1, got 0" in _one_line_error(capsys, "reproduce")

@@ -10,6 +10,7 @@ a usage error, as every command).
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 from typing import Any, Optional
 
@@ -152,14 +153,17 @@ def _pattern(folder: Path, files: list[Path]) -> str:
     """A shell pattern for ``files`` below ``folder`` (``data/*/ct.nii.gz``, ``data/*.nii.gz``)."""
     from ..io.readers import FILE_FORMATS
 
+    # at several depths, the shallowest: TotalSegmentator's s0011/ct.nii.gz lie above s0011/segmentations/*.nii.gz,
+    # and folder/*.nii.gz matched neither
+    depth = min(len(f.relative_to(folder).parts) for f in files)
+    files = [f for f in files if len(f.relative_to(folder).parts) == depth]
     suffixes = {next((s for s in sorted(FILE_FORMATS, key=len, reverse=True) if f.name.lower().endswith(s)), "")
                 for f in files}
     suffix = suffixes.pop() if len(suffixes) == 1 else ""
     below = [f.relative_to(folder).parts for f in files]
-    if len({len(parts) for parts in below}) > 1:  # at several depths: one pattern per depth would be needed
-        return str(folder / f"*{suffix}")
     levels = [set(level) for level in zip(*below)]
     parts = [level.pop() if len(level) == 1 else "*" for level in levels]
     if parts[-1] == "*":
         parts[-1] = f"*{suffix}"
-    return str(folder.joinpath(*parts))
+    # quoted but for the wildcards: `my data/*/ct.nii.gz` as typed is two arguments, neither of them the files
+    return "/".join([shlex.quote(str(folder)), *(p if "*" in p else shlex.quote(p) for p in parts)])

@@ -34,18 +34,21 @@ def _recipes_id(weights_id: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import InputError
     from ..export import refuse_file_as_folder
     from ..training import recipe_chain, reproduce
     from ..training.recipes import phase_state
     from .progressbar import progress_bar
 
+    if args.steps is not None and args.steps < 1:  # --dry-run listed "0 steps" per phase for a run that refuses them
+        raise InputError(f"steps per phase must be at least 1, got {args.steps}")
     chain = recipe_chain(_recipes_id(args.weights), recipes_dir=args.recipes)
     if args.dry_run:  # the steps the run would train (--steps's, not the recipe's) and what --out holds already
         for number, phase in enumerate(chain, start=1):
             start = f"from {phase.starts_from}" if phase.starts_from else "from random weights"
             steps = args.steps if args.steps is not None else phase.config.steps
-            print(f"{number}. {phase.weights_id}: {phase.recipe}, {phase_state(phase, out_dir=args.out)}, "
-                  f"{steps} steps {start}")
+            state = phase_state(phase, out_dir=args.out, steps=args.steps)
+            print(f"{number}. {phase.weights_id}: {phase.recipe}, {state}, {steps} steps {start}")
         return 0
     refuse_file_as_folder(args.out)  # else the first phase loads its data, then fails with a traceback
     from tqdm import tqdm

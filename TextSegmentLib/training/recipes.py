@@ -174,12 +174,29 @@ def reproduce(
     return previous
 
 
-def phase_state(phase: Phase, *, out_dir: PathLike) -> str:
-    """What ``reproduce`` would do with ``phase`` in ``out_dir`` now: keep its export, resume its run, or train it."""
+def phase_state(phase: Phase, *, out_dir: PathLike, steps: Optional[int] = None) -> str:
+    """What ``reproduce`` would do with ``phase`` in ``out_dir`` now: keep its export, resume its run, or train it;
+    or refuse ``out_dir``, as ``reproduce`` does, when its export or run was made with another ``steps``."""
+    from ..checkpoint import read_checkpoint_info
+    from ..errors import TextSegmentError
+
     out_dir = Path(out_dir)
     export, state = out_dir / f"{phase.weights_id}.safetensors", out_dir / phase.weights_id / "last.pt"
     if export.is_file():
+        try:
+            made_with = read_checkpoint_info(export).metadata.get("steps_per_phase")
+        except TextSegmentError:  # not an export: reproduce says so when it gets there
+            return f"kept ({export})"
+        try:
+            _check_same_steps(export, made_with, steps)
+        except InputError as error:  # the run would stop here: "kept" promised what it refuses
+            return f"refused ({error})"
         return f"kept ({export})"
+    saved = state.with_name("config.json")
+    ran = read_json(saved, "run config").get("steps") if saved.is_file() else None
+    wanted = steps if steps is not None else phase.config.steps
+    if ran is not None and ran != wanted:
+        return f"refused ({state.parent} holds a run of {ran} steps, not {wanted}: give another --out folder)"
     if state.is_file():
         step = saved_step(state)
         return f"resumes {state}" + ("" if step is None else f" at step {step:,}")
