@@ -360,3 +360,16 @@ def test_progress_bar_times_a_resumed_run_from_where_it_starts(capsys, monkeypat
         update(0.91, "step 911/1000")
     last = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "91%" in line][-1]
     assert "<08:5" in last or "<09:0" in last, last
+
+
+def test_a_command_refused_before_any_progress_draws_no_bar(tmp_path, capsys):
+    """`batch` on a pattern that matched nothing drew an empty bar ("0%| 00:00<?") above its error line."""
+    from TextSegmentLib.cli.progressbar import progress_bar
+
+    with progress_bar():
+        pass
+    assert capsys.readouterr().err == ""
+    code = main(["batch", str(tmp_path / "missing" / "ct.nii.gz"), str(tmp_path / "also-missing.nii.gz"),
+                 "-p", "liver", "--out", str(tmp_path / "out"), "--weights", "random"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("textsegment batch: error:") and "%|" not in err, err
