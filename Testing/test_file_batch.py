@@ -275,6 +275,7 @@ def test_cli_batches_files_and_exits_1_when_one_failed(tmp_path, capsys):
     assert told[head].startswith(f"TextSegment batch of the files in {tmp_path / 'data'} (freqmedclip-tiny, weights random)")
     assert told[head + 2].split() == ["ok", "s0011_ct", str(files["s0011"])]
     assert told[head + 4].split()[:3] == ["failed", "-", str(files["cut"]) + ":"]  # no folder: nothing written
+    assert told[head + 4].count(str(files["cut"])) == 1  # the error's own copy of the path is not repeated
 
 
 def test_cli_on_a_folder_of_nifti_files_says_to_pass_the_files(tmp_path, capsys):
@@ -361,3 +362,14 @@ def test_cli_on_a_folder_with_a_space_names_a_pattern_the_shell_can_take(tmp_pat
     code = main(["batch", str(data), "-p", "liver", "--out", str(tmp_path / "out"), "--weights", "random", "-q"])
     err = _error_line(capsys)
     assert code == 2 and f"textsegment batch {shlex.quote(str(data))}/*/ct.nii.gz -p" in err
+
+
+def test_info_lists_cancelled_cases_apart_and_the_earlier_folders():
+    """"cancelled" ran into the folder column ("cancelled-") and the earlier run's folders were not named."""
+    from TextSegmentLib.cli.info import _format_batch
+
+    lines = _format_batch({"common_folder": "/data", "cases": [
+        {"status": "cancelled", "folder": None, "source": "/data/s2/ct.nii.gz", "error": "interrupted (Ctrl-C)"}],
+        "earlier_folders": ["s0099_ct"]})
+    assert lines[2].split()[:2] == ["cancelled", "-"]
+    assert lines[3].split()[:2] == ["earlier", "s0099_ct:"]

@@ -86,9 +86,12 @@ def _format_batch(batch: dict[str, Any]) -> list[str]:
              f"weights {batch.get('weights') or '?'}): {summary or ('no files' if files else 'no series')}",
              f"  prompts      {', '.join(repr(p) for p in batch.get('prompts', []))}"]
     for item in batch.get("cases" if files else "series", []):
-        why = f": {item['error']}" if item.get("error") else ""
         what = item.get("source") if files else item.get("description") or "(no description)"
-        lines.append(f"  {item.get('status', '?'):<9}{item.get('folder') or '-':<32} {what}{why}")
+        error = item.get("error") or ""
+        why = f": {error.removeprefix(f'{what}: ')}" if error else ""  # a file's error starts with its path
+        lines.append(f"  {item.get('status', '?'):<10}{item.get('folder') or '-':<32} {what}{why}")
+    if batch.get("earlier_folders"):
+        lines.append(f"  earlier   {', '.join(batch['earlier_folders'])}: folders of an earlier run, not of this one")
     return lines
 
 
