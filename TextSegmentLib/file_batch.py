@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-from .errors import Cancelled, InputError, OutputExistsError
-from .progress import CancelToken, MonotonicProgress, ProgressCallback, check_cancel
-from .study_batch import (REPORT, SALIENCY_DIR, SKIPPED, BatchReportMixin, cancelled_error, checked_prompts,
-                          earlier_folders, exit_code, loaded_model, mark_cancelled, run_case)
+from .errors import InputError, OutputExistsError
+from .progress import CancelToken, ProgressCallback
+from .study_batch import (REPORT, SALIENCY_DIR, SKIPPED, BatchReportMixin, checked_prompts, earlier_folders, exit_code,
+                          loaded_model, run_case, run_cases)
 
 __all__ = ["CaseOutcome", "FileBatchReport", "case_names", "exit_code", "segment_files"]
 
@@ -94,8 +94,6 @@ def segment_files(
     Raises before any work for a missing path, a folder, a file given twice, a bad option or outputs in the way
     (unless ``overwrite``); raises ``Cancelled`` after writing the report when cancelled.
     """
-    from .io.writers import write_json
-
     started = time.perf_counter()
     output_dir = Path(output_dir)
     files = _check_paths(paths)
@@ -112,35 +110,20 @@ def segment_files(
     reader = reader or _read
     report = FileBatchReport(str(_common_folder(files)), str(output_dir), prompt_list, model_name, cases=cases,
                              earlier_folders=earlier, **ran)
-    overall = MonotonicProgress(progress)
-    try:
-        for i, (path, case) in enumerate(zip(files, cases)):
-            check_cancel(cancel)
-            label = f"case {i + 1}/{len(cases)} ({case.name})"
+    def one(path: Path, case: CaseOutcome) -> Callable[[ProgressCallback], None]:
+        return lambda step: run_case(
+            case, what=f"case {case.name} ({path})", read=lambda: reader(path),
+            write=lambda run, volume, folder: _write_case(run, path=path, folder=folder, model_name=model_name,
+                                                          weights=ran),
+            out_dir=output_dir, prompts=prompt_list, model=model, aux_prompts=aux_prompts, device=device,
+            batch_size=batch_size, threshold=threshold, saliency=saliency, saliency_stage=saliency_stage,
+            saliency_layers=saliency_layers, probability_grid=probability_grid, overwrite=overwrite,
+            progress=step, cancel=cancel,
+        )
 
-            def step(fraction: float, message: str = "", i: int = i, label: str = label) -> None:
-                overall((i + fraction) / len(cases), f"{label}: {message}")
-
-            run_case(
-                case, what=f"case {case.name} ({path})", read=lambda path=path: reader(path),
-                write=lambda run, volume, folder, path=path: _write_case(run, path=path, folder=folder,
-                                                                         model_name=model_name, weights=ran),
-                out_dir=output_dir, prompts=prompt_list, model=model, aux_prompts=aux_prompts, device=device,
-                batch_size=batch_size, threshold=threshold, saliency=saliency, saliency_stage=saliency_stage,
-                saliency_layers=saliency_layers, probability_grid=probability_grid, overwrite=overwrite,
-                progress=step, cancel=cancel,
-            )
-    except (Cancelled, KeyboardInterrupt) as exc:  # Ctrl-C in a shell is a cancel too: the report must say so
-        report.cancelled = True
-        mark_cancelled(cases, exc, out_dir=output_dir, unit="case")
-        if isinstance(exc, Cancelled):
-            raise cancelled_error(report, units="case(s)") from None
-        raise
-    finally:
-        report.seconds = time.perf_counter() - started
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_json(report.to_dict(), output_dir / REPORT, overwrite=True, protected=files)
-    overall(1.0, f"{len(report.ok)} case(s) done, {len(report.failed)} failed")
+    steps = [(f"case {i + 1}/{len(cases)} ({c.name})", c, one(p, c)) for i, (p, c) in enumerate(zip(files, cases))]
+    run_cases(report, steps, unit="case", units="case(s)", started=started, progress=progress, cancel=cancel,
+              protected=files)
     return report
 
 

@@ -151,7 +151,6 @@ def segment_study(
     ``overwrite``); raises ``Cancelled`` after writing the report when cancelled.
     """
     from .io.dicom_series import list_series
-    from .io.writers import write_json
 
     started = time.perf_counter()
     dicom_dir, output_dir = Path(dicom_dir), Path(output_dir)
@@ -180,35 +179,53 @@ def segment_study(
     reader = reader or (lambda series: _read(series, source=dicom_dir))
     report = StudyReport(str(dicom_dir), str(output_dir), prompt_list, model_name, series=outcomes,
                          corrupt_files=corrupt_files, earlier_folders=earlier, **ran)
+    def one(series: Any, outcome: SeriesOutcome) -> Callable[[ProgressCallback], None]:
+        return lambda step: _run_series(
+            series, outcome, reader=reader, out_dir=output_dir, prompts=prompt_list, model=model,
+            model_name=model_name, weights=ran, aux_prompts=aux_prompts, device=device,
+            batch_size=batch_size, threshold=threshold, dicom_seg=dicom_seg, saliency=saliency,
+            saliency_stage=saliency_stage, saliency_layers=saliency_layers, probability_grid=probability_grid,
+            overwrite=overwrite, progress=step, cancel=cancel,
+        )
+
+    cases = [(f"series {i + 1}/{len(todo)} ({o.description or o.modality or o.key})", o, one(s, o))
+             for i, (s, o) in enumerate(todo)]
+    run_cases(report, cases, unit="series", units="series", started=started, progress=progress, cancel=cancel)
+    return report
+
+
+def run_cases(report: "BatchReportMixin", cases: Sequence[tuple[str, Any, Callable[[ProgressCallback], None]]], *,
+              unit: str, units: str, started: float, progress: Optional[ProgressCallback], cancel: Any,
+              protected: Sequence[Path] = ()) -> None:
+    """Run a batch's cases in turn, ``(label, outcome, run(step))`` each, under one progress bar over all of them.
+
+    The report is written whatever happens. A cancel or Ctrl-C marks the cases not finished as such and is
+    raised again; a cancel from Python says that the finished cases were kept (the engine's own message says
+    that nothing was written, true of one case only). ``protected``: inputs the report must never replace.
+    """
+    from .io.writers import write_json
+
+    output_dir = Path(report.output_dir)
     overall = MonotonicProgress(progress)
     try:
-        for i, (series, outcome) in enumerate(todo):
+        for i, (label, _, run) in enumerate(cases):
             check_cancel(cancel)
-            label = f"series {i + 1}/{len(todo)} ({outcome.description or outcome.modality or outcome.key})"
 
             def step(fraction: float, message: str = "", i: int = i, label: str = label) -> None:
-                overall((i + fraction) / len(todo), f"{label}: {message}")
+                overall((i + fraction) / len(cases), f"{label}: {message}")
 
-            _run_series(
-                series, outcome, reader=reader, out_dir=output_dir, prompts=prompt_list, model=model,
-                model_name=model_name, weights=ran, aux_prompts=aux_prompts, device=device,
-                batch_size=batch_size, threshold=threshold, dicom_seg=dicom_seg, saliency=saliency,
-                saliency_stage=saliency_stage, saliency_layers=saliency_layers, probability_grid=probability_grid,
-                overwrite=overwrite,
-                progress=step, cancel=cancel,
-            )
+            run(step)
     except (Cancelled, KeyboardInterrupt) as exc:  # Ctrl-C in a shell is a cancel too: the report must say so
         report.cancelled = True
-        mark_cancelled([outcome for _, outcome in todo], exc, out_dir=output_dir, unit="series")
+        mark_cancelled([outcome for _, outcome, _ in cases], exc, out_dir=output_dir, unit=unit)
         if isinstance(exc, Cancelled):
-            raise cancelled_error(report, units="series") from None
+            raise cancelled_error(report, units=units) from None
         raise
     finally:
         report.seconds = time.perf_counter() - started
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_json(report.to_dict(), output_dir / REPORT, overwrite=True)
-    overall(1.0, f"{len(report.ok)} series done, {len(report.failed)} failed")
-    return report
+        write_json(report.to_dict(), output_dir / REPORT, overwrite=True, protected=protected)
+    overall(1.0, f"{len(report.ok)} {units} done, {len(report.failed)} failed")
 
 
 def checked_prompts(prompts: Any, *, aux_prompts: Any, threshold: float, batch_size: Any,
