@@ -110,6 +110,7 @@ def segment_files(
     reader = reader or _read
     report = FileBatchReport(str(_common_folder(files)), str(output_dir), prompt_list, model_name, cases=cases,
                              earlier_folders=earlier, **ran)
+
     def one(path: Path, case: CaseOutcome) -> Callable[[ProgressCallback], None]:
         return lambda step: run_case(
             case, what=f"case {case.name} ({path})", read=lambda: reader(path),

@@ -179,6 +179,7 @@ def segment_study(
     reader = reader or (lambda series: _read(series, source=dicom_dir))
     report = StudyReport(str(dicom_dir), str(output_dir), prompt_list, model_name, series=outcomes,
                          corrupt_files=corrupt_files, earlier_folders=earlier, **ran)
+
     def one(series: Any, outcome: SeriesOutcome) -> Callable[[ProgressCallback], None]:
         return lambda step: _run_series(
             series, outcome, reader=reader, out_dir=output_dir, prompts=prompt_list, model=model,
