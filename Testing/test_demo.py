@@ -8,7 +8,7 @@ from TextSegmentLib.cli import main
 from TextSegmentLib.demo import dice, run_demo
 from TextSegmentLib.errors import OutputExistsError
 
-# The shipped freqmedclip-tiny-v8 scores Dice 0.89 (L1) and 0.89 (L3) on this phantom (v9: see docs/results.md), tgcnet-tiny-v9
+# The default freqmedclip-tiny-v9 scores Dice 0.89 (L1) and 0.89 (L3) on this phantom (v8 the same), tgcnet-tiny-v9
 # 0.93 and 0.92 (docs/results.md); random weights score below 0.07. The floor sits between with
 # margin: a broken pipeline (flipped masks, wrong windowing, lost weights) falls under it.
 DICE_FLOOR = 0.5
