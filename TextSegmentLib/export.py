@@ -27,6 +27,7 @@ LEGEND = "segmentation.json"
 SLICER_SEGMENTATION = "segmentation.seg.nrrd"
 PROBABILITY_DIR = "probabilities"
 SALIENCY_DIR = "saliency"
+RESULT_NAMES = (LABEL_MAP, SLICER_SEGMENTATION, LEGEND, PROBABILITY_DIR, SALIENCY_DIR)  # what a run puts in its folder
 
 
 def refuse_file_as_folder(out_dir: Path) -> None:
@@ -42,8 +43,7 @@ def check_outputs_free(out_dir: Path, *, overwrite: bool = False) -> None:
     refuse_file_as_folder(out_dir)
     if overwrite or not out_dir.exists():
         return
-    names = (LABEL_MAP, SLICER_SEGMENTATION, LEGEND, PROBABILITY_DIR, SALIENCY_DIR)
-    taken = [out_dir / name for name in names if (out_dir / name).exists()]
+    taken = [out_dir / name for name in RESULT_NAMES if (out_dir / name).exists()]
     if taken:
         raise OutputExistsError(
             f"{out_dir}: holds results already ({', '.join(p.name for p in taken)}); "

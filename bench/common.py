@@ -184,10 +184,9 @@ def check_outputs(
         path = Path(doc)
         if not path.is_file():
             parser.error(f"--doc {path}: no such file (the Markdown file whose bench:{block} block gets the tables)")
-        text = path.read_text(encoding="utf-8")
-        start, end = f"<!-- bench:{block}:start -->", f"<!-- bench:{block}:end -->"
-        if start not in text or end not in text or text.index(start) > text.index(end):
-            parser.error(f"--doc {path}: no {start} … {end} block to replace")
+        missing = _missing_block(path.read_text(encoding="utf-8"), block)
+        if missing:
+            parser.error(f"--doc {path}: {missing}")
 
 
 def command_line(script: str, argv: Sequence[str] | None) -> str:
@@ -236,17 +235,31 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     return path
 
 
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+
+
+def _missing_block(doc: str, name: str) -> str:
+    """What is wrong with ``doc``'s block ``name`` ("" when it has one, start before end): checked before a run
+    (``check_outputs``) and again when its tables are written."""
+    start, end = _markers(name)
+    if start not in doc or end not in doc or doc.index(start) > doc.index(end):
+        return f"no {start} … {end} block to replace"
+    return ""
+
+
 def replace_doc_block(path: str | os.PathLike, name: str, text: str) -> None:
     """Replace what lies between ``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->`` in ``path``.
 
     The rest of the file is kept byte for byte (its line endings included).
     """
-    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+    start, end = _markers(name)
     path = Path(path)
     with open(path, encoding="utf-8", newline="") as f:
         doc = f.read()
-    if start not in doc or end not in doc or doc.index(start) > doc.index(end):
-        raise SystemExit(f"{path}: no {start} … {end} block to replace")
+    missing = _missing_block(doc, name)
+    if missing:
+        raise SystemExit(f"{path}: {missing}")
     newline = "\r\n" if "\r\n" in doc else "\n"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     block = f"{start}\n{text}\n{end}".replace("\r\n", "\n").replace("\n", newline)

@@ -170,10 +170,9 @@ def check_earlier_run(out_dir: Path) -> None:
     """--overwrite replaces an earlier TextSegment run, never a user's own files that happen to share its names
     (TotalSegmentator, for one, also writes segmentation.nii.gz): without our legend beside them, refuse."""
     from ..errors import OutputExistsError
-    from ..export import LABEL_MAP, LEGEND, PROBABILITY_DIR, SALIENCY_DIR, SLICER_SEGMENTATION, holds_earlier_run
+    from ..export import LEGEND, RESULT_NAMES, holds_earlier_run
 
-    taken = [name for name in (LABEL_MAP, SLICER_SEGMENTATION, LEGEND, PROBABILITY_DIR, SALIENCY_DIR)
-             if (out_dir / name).exists()]
+    taken = [name for name in RESULT_NAMES if (out_dir / name).exists()]
     if taken and not holds_earlier_run(out_dir):
         raise OutputExistsError(
             f"{out_dir}: holds {', '.join(taken)} that no TextSegment run wrote (there is no TextSegment {LEGEND} "

@@ -10,7 +10,6 @@ from the shipped file), so the last export is the shipped model made again from 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +111,6 @@ def reproduce(
     the hours the recipes take. Its exports record ``steps_per_phase``; they are not the shipped
     model, and a folder made with one step count is never continued with another.
     """
-    from ..checkpoint import read_checkpoint_info
     from .trainer import export_weights, train
 
     if steps is not None and steps < 1:
@@ -127,8 +125,8 @@ def reproduce(
     for number, phase in enumerate(chain, start=1):
         export = out_dir / f"{phase.weights_id}.safetensors"
         label = f"phase {number}/{len(chain)}: {phase.weights_id} ({phase.recipe})"
-        if export.is_file():
-            _check_same_steps(export, read_checkpoint_info(export).metadata.get("steps_per_phase"), steps)
+        kept, saved = _made_so_far(phase, out_dir=out_dir, steps=steps)
+        if kept:
             report(f"{label}: kept {export}")
             previous = export
             continue
@@ -141,14 +139,10 @@ def reproduce(
             device=device if device is not None else phase.config.device,
             steps=steps if steps is not None else phase.config.steps,
         )
-        saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
         started_from = saved.get("init_weights")
         if previous is not None and started_from and Path(started_from).is_file() and previous.samefile(started_from):
             # the same export named another way (--out given as an absolute path this time): resuming was refused
             config = dataclasses.replace(config, init_weights=started_from)
-        ran = saved.get("steps")
-        if ran is not None and ran != config.steps:
-            raise InputError(f"{run_dir} holds a run of {ran} steps, not {config.steps}: give another --out folder")
         resume = (run_dir / "last.pt").is_file()
         report(f"{label}: {_resuming(run_dir / 'last.pt', config.steps) if resume else f'training {config.steps} steps'} "
                f"into {run_dir}")
@@ -177,30 +171,39 @@ def reproduce(
 def phase_state(phase: Phase, *, out_dir: PathLike, steps: Optional[int] = None) -> str:
     """What ``reproduce`` would do with ``phase`` in ``out_dir`` now: keep its export, resume its run, or train it;
     or refuse ``out_dir``, as ``reproduce`` does, when its export or run was made with another ``steps``."""
-    from ..checkpoint import read_checkpoint_info
     from ..errors import TextSegmentError
 
     out_dir = Path(out_dir)
     export, state = out_dir / f"{phase.weights_id}.safetensors", out_dir / phase.weights_id / "last.pt"
-    if export.is_file():
-        try:
-            made_with = read_checkpoint_info(export).metadata.get("steps_per_phase")
-        except TextSegmentError:  # not an export: reproduce says so when it gets there
-            return f"kept ({export})"
-        try:
-            _check_same_steps(export, made_with, steps)
-        except InputError as error:  # the run would stop here: "kept" promised what it refuses
-            return f"refused ({error})"
+    try:
+        kept, _ = _made_so_far(phase, out_dir=out_dir, steps=steps)
+    except InputError as error:  # the run would stop here: "kept" or "resumes" promised what it refuses
+        return f"refused ({error})"
+    except TextSegmentError:  # an export that is none: reproduce says so when it gets there
+        kept = True
+    if kept:
         return f"kept ({export})"
-    saved = state.with_name("config.json")
-    ran = read_json(saved, "run config").get("steps") if saved.is_file() else None
-    wanted = steps if steps is not None else phase.config.steps
-    if ran is not None and ran != wanted:
-        return f"refused ({state.parent} holds a run of {ran} steps, not {wanted}: give another --out folder)"
     if state.is_file():
         step = saved_step(state)
         return f"resumes {state}" + ("" if step is None else f" at step {step:,}")
     return "to train"
+
+
+def _made_so_far(phase: Phase, *, out_dir: Path, steps: Optional[int]) -> tuple[bool, dict]:
+    """Whether ``out_dir`` holds ``phase``'s export, and its run's saved config (``{}`` when none): what
+    ``reproduce`` continues from and ``--dry-run`` shows. An export or a run made with another step count
+    than ``steps`` (the recipe's when None) is refused: a quick check's folder is never the real run."""
+    from ..checkpoint import read_checkpoint_info
+
+    export, run_dir = out_dir / f"{phase.weights_id}.safetensors", out_dir / phase.weights_id
+    if export.is_file():
+        _check_same_steps(export, read_checkpoint_info(export).metadata.get("steps_per_phase"), steps)
+        return True, {}
+    saved = read_json(run_dir / "config.json", "run config") if (run_dir / "config.json").is_file() else {}
+    ran, wanted = saved.get("steps"), steps if steps is not None else phase.config.steps
+    if ran is not None and ran != wanted:
+        raise InputError(f"{run_dir} holds a run of {ran} steps, not {wanted}: give another --out folder")
+    return False, saved
 
 
 def _resuming(state: Path, steps: int) -> str:
